@@ -1,0 +1,1 @@
+//! MessagingCluster custom resource (filled in by the operator work).
