@@ -1,1 +1,22 @@
-//! chorus-server library
+//! chorus-server: a WebSocket messaging node.
+//!
+//! - [`protocol`]: wire frames and room names (no I/O)
+//! - [`hub`]: the node's room registry and fan-out to local subscribers
+//! - [`broker`]: the message bus between nodes (memory, Redis Pub/Sub)
+//! - [`transport`]: axum routes, the WebSocket connection loop, HTTP API
+//! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain)
+//! - [`config`], [`metrics`], [`auth`], [`shutdown`]
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod shutdown;
+pub mod transport;
+
+pub use config::Config;
+pub use node::Node;
+pub use transport::{app, run};

@@ -1,1 +1,35 @@
-fn main() {}
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use chorus_server::config::{Config, LogFormat};
+use chorus_server::{Node, run, shutdown};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_logs(config.log_format);
+    let node = Node::start(config.clone()).await.context("cannot start")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        node = %node.node_id,
+        broker = node.broker.kind(),
+        delivery = ?config.delivery,
+        "chorus-server listening"
+    );
+    run(listener, node, shutdown::signal()).await.context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,166 @@
+//! The embedded broker: one process, no Redis. Offsets are kept per room in
+//! memory; each room gets a fresh epoch when its counter is (re)created, so a
+//! restart is visible to clients as an epoch change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
+
+use super::{Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published, new_epoch, now_us};
+use crate::protocol::{MessageFrame, RoomName, encode_message};
+
+/// Counters of rooms nobody subscribes to are forgotten once this many rooms
+/// are known, so publishing to ever-new rooms cannot grow memory without bound.
+const MAX_IDLE_ROOMS: usize = 65_536;
+
+pub struct MemoryBroker {
+    /// Room counters. Std mutex: held only for a map lookup, never across `.await`.
+    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomSeq>>>>,
+    deliver: Arc<dyn Deliver>,
+    health: watch::Sender<Health>,
+}
+
+struct RoomSeq {
+    offset: u64,
+    epoch: Arc<str>,
+    /// Local subscriptions (the hub subscribes once per room, but keep a count
+    /// to be robust against a stray duplicate).
+    subscribed: usize,
+}
+
+impl RoomSeq {
+    fn new() -> Self {
+        Self { offset: 0, epoch: new_epoch().into(), subscribed: 0 }
+    }
+}
+
+impl MemoryBroker {
+    pub fn new(deliver: Arc<dyn Deliver>) -> Self {
+        Self { rooms: Mutex::new(HashMap::new()), deliver, health: watch::Sender::new(Health::Up) }
+    }
+
+    fn room(&self, room: &RoomName) -> Arc<Mutex<RoomSeq>> {
+        let mut rooms = lock(&self.rooms);
+        if let Some(seq) = rooms.get(room) {
+            return seq.clone();
+        }
+        if rooms.len() >= MAX_IDLE_ROOMS {
+            rooms.retain(|_, seq| lock(seq).subscribed > 0);
+        }
+        rooms.entry(room.clone()).or_insert_with(|| Arc::new(Mutex::new(RoomSeq::new()))).clone()
+    }
+
+    fn publish_now(&self, req: PublishRequest) -> Published {
+        let seq = self.room(&req.room);
+        // Held while delivering so that concurrent publishers reach the hub in
+        // offset order; delivery only enqueues (never awaits).
+        let mut seq = lock(&seq);
+        seq.offset += 1;
+        let published = Published { offset: seq.offset, epoch: seq.epoch.clone() };
+        if seq.subscribed > 0 {
+            let frame = encode_message(&MessageFrame {
+                room: req.room.as_str(),
+                data: &req.data,
+                offset: seq.offset,
+                epoch: &seq.epoch,
+                from: req.from.as_deref(),
+            });
+            self.deliver.deliver(Delivery {
+                room: req.room,
+                offset: seq.offset,
+                frame: Utf8Bytes::from(frame),
+                published_at_us: now_us(),
+            });
+        }
+        published
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn publish(&self, req: PublishRequest) -> BoxFuture<'static, Result<Published, BrokerError>> {
+        let published = self.publish_now(req);
+        std::future::ready(Ok(published)).boxed()
+    }
+
+    fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>> {
+        lock(&self.room(room)).subscribed += 1;
+        std::future::ready(Ok(())).boxed()
+    }
+
+    fn unsubscribe(&self, room: &RoomName) {
+        let rooms = lock(&self.rooms);
+        if let Some(seq) = rooms.get(room) {
+            let mut seq = lock(seq);
+            seq.subscribed = seq.subscribed.saturating_sub(1);
+        }
+    }
+
+    fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
+        let seq = self.room(room);
+        let seq = lock(&seq);
+        std::future::ready(Ok(Position { offset: seq.offset, epoch: seq.epoch.clone() })).boxed()
+    }
+
+    fn health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (a panicking holder cannot
+/// leave these maps half-updated: every critical section is a single step).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Delivery>>);
+    impl Deliver for Collect {
+        fn deliver(&self, d: Delivery) {
+            lock(&self.0).push(d);
+        }
+    }
+
+    fn req(room: &str, data: &str) -> PublishRequest {
+        PublishRequest {
+            room: RoomName::parse(room).unwrap(),
+            data: RawValue::from_string(data.into()).unwrap(),
+            from: None,
+            key: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_count_from_one_per_room_and_only_subscribed_rooms_deliver() {
+        let sink = Arc::new(Collect::default());
+        let broker = MemoryBroker::new(sink.clone());
+        let a = RoomName::parse("a").unwrap();
+        broker.subscribe(&a).await.unwrap();
+        assert_eq!(broker.publish(req("a", "1")).await.unwrap().offset, 1);
+        assert_eq!(broker.publish(req("a", "2")).await.unwrap().offset, 2);
+        assert_eq!(broker.publish(req("b", "3")).await.unwrap().offset, 1);
+        let got = lock(&sink.0).iter().map(|d| (d.room.to_string(), d.offset)).collect::<Vec<_>>();
+        assert_eq!(got, vec![("a".to_string(), 1), ("a".to_string(), 2)]);
+        let pos = broker.position(&a).await.unwrap();
+        assert_eq!(pos.offset, 2);
+        let frame: serde_json::Value = serde_json::from_str(&lock(&sink.0)[1].frame).unwrap();
+        assert_eq!(frame["data"], 2);
+        assert_eq!(frame["epoch"].as_str(), Some(&*pos.epoch));
+        broker.unsubscribe(&a);
+        broker.publish(req("a", "4")).await.unwrap();
+        assert_eq!(lock(&sink.0).len(), 2);
+    }
+}

@@ -1,0 +1,130 @@
+//! Brokers: how a publish reaches every node that serves the room.
+//!
+//! The [`Broker`] trait is the seam between a node and the message bus.
+//! A broker assigns each message its per-room offset (atomically with the
+//! publish, so every node agrees on the order), delivers each message once to
+//! every node subscribed to the room (through [`Deliver`]), and reports its
+//! health so `/readyz` can follow it.
+//!
+//! Ordering contract: `publish`, `subscribe` and `unsubscribe` take effect in
+//! the order they are *called*, not the order their futures are polled. The
+//! hub relies on this to issue subscribe/unsubscribe in transition order
+//! under its registry lock, and connections rely on it so that one client's
+//! publishes to a room keep their order.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::future::BoxFuture;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use crate::protocol::RoomName;
+
+pub use memory::MemoryBroker;
+
+/// A message to publish.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub room: RoomName,
+    pub data: Box<RawValue>,
+    /// Publisher session (WebSocket publishes only).
+    pub from: Option<Arc<str>>,
+    /// Idempotency key.
+    pub key: Option<String>,
+}
+
+/// What a successful publish was assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// The last offset of a room (0 when nothing was published yet) and its epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// One message as it reaches a node: the `message` frame, already encoded.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub room: RoomName,
+    pub offset: u64,
+    pub frame: Utf8Bytes,
+    /// When the publish was accepted, in microseconds since the Unix epoch
+    /// (for the publish-to-delivery latency histogram).
+    pub published_at_us: u64,
+}
+
+/// Where a broker hands messages for this node's rooms.
+pub trait Deliver: Send + Sync + 'static {
+    fn deliver(&self, delivery: Delivery);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The bus cannot be reached (or is failing over); the client should retry.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The bus did not answer in time.
+    #[error("broker did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Too many requests are waiting for the bus; the client should retry.
+    #[error("broker overloaded: too many requests in flight")]
+    Overloaded,
+}
+
+/// Is the broker usable right now, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down(String),
+}
+
+impl Health {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Health::Up)
+    }
+}
+
+/// The message bus seen from one node.
+pub trait Broker: Send + Sync + 'static {
+    /// Assigns the next offset of the room and delivers the message to every
+    /// node subscribed to it. Resolves within a bounded time.
+    fn publish(&self, req: PublishRequest) -> BoxFuture<'static, Result<Published, BrokerError>>;
+
+    /// Starts receiving the room's messages on this node; resolves once
+    /// messages published after it resolved are certain to be delivered.
+    /// Called once per 0 → 1 transition of local subscribers.
+    fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>>;
+
+    /// Stops receiving the room. Called once per 1 → 0 transition.
+    fn unsubscribe(&self, room: &RoomName);
+
+    /// The room's current last offset and epoch.
+    fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>>;
+
+    /// Follows the broker's health (drives `/readyz`).
+    fn health(&self) -> watch::Receiver<Health>;
+
+    /// Short name for logs and metrics (`memory`, `redis`, …).
+    fn kind(&self) -> &'static str;
+}
+
+/// Microseconds since the Unix epoch, for latency measurement across nodes.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh random epoch identifier (16 hex digits).
+pub fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,158 @@
+//! Command line and environment (`CHORUS_<FLAG>`) of `chorus-server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "chorus-server",
+    version,
+    about = "Chorus WebSocket messaging server: rooms, fan-out across nodes through Redis, graceful drain",
+    long_about = None
+)]
+pub struct Config {
+    /// Address to listen on for WebSocket (/ws), HTTP API, health and metrics.
+    #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Message bus: `memory://` (one process, no Redis), `redis://[:password@]host:port[/db]`,
+    /// or `redis+sentinel://[:password@]host:port[,host:port…]/<master-name>`.
+    #[arg(long, env = "CHORUS_BROKER", default_value = "memory://")]
+    pub broker: String,
+
+    /// `pubsub`: at-most-once live fan-out. `streams`: durable history with recovery (needs Redis).
+    #[arg(long, env = "CHORUS_DELIVERY", value_enum, default_value_t = DeliveryMode::Pubsub)]
+    pub delivery: DeliveryMode,
+
+    /// Messages of history kept per room in streams mode (approximate cap).
+    #[arg(long, env = "CHORUS_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: u64,
+
+    /// How long an idle room's history is kept in streams mode (e.g. `10m`, `1h`).
+    #[arg(long, env = "CHORUS_HISTORY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
+
+    /// This node's name in `welcome` frames, logs and metrics. Default: the host name.
+    #[arg(long, env = "CHORUS_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Key that backends must send as `Authorization: Bearer <key>` to the HTTP publish API.
+    /// Off when neither this nor --api-key-file is set.
+    #[arg(long, env = "CHORUS_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+
+    /// File holding the backend API key (surrounding whitespace is ignored).
+    #[arg(long, env = "CHORUS_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// HS256 secret for client JWTs. When set (or --jwt-secret-file / --jwt-public-key-file),
+    /// WebSocket clients must present a token.
+    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_secret_file")]
+    pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret for client JWTs.
+    #[arg(long, env = "CHORUS_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key (RSA or EC P-256) to verify RS256/ES256 client JWTs.
+    #[arg(long, env = "CHORUS_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Largest accepted client frame in bytes; larger frames get `too_large`.
+    #[arg(long, env = "CHORUS_MAX_FRAME_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
+    pub max_frame_bytes: u32,
+
+    /// Frames queued per connection before it counts as a slow consumer and is closed (1008).
+    #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub send_queue: u32,
+
+    /// Open WebSocket connections accepted; further upgrades get HTTP 503.
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// On SIGTERM/SIGINT, spread `reconnect` frames to clients over this many seconds, then exit.
+    #[arg(long, env = "CHORUS_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+
+    /// Log format.
+    #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// File holding the Redis password (instead of putting it in the --broker URL).
+    #[arg(long, env = "CHORUS_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeliveryMode {
+    Pubsub,
+    Streams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Defaults, as if started with no flags (for tests and embedding).
+    pub fn defaults() -> Self {
+        Self::parse_from(["chorus-server"])
+    }
+
+    /// The node id, falling back to the host name.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = self.node_id.as_deref().filter(|s| !s.is_empty()) {
+            return id.to_string();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "chorus".to_string())
+    }
+}
+
+/// Reads a secret from a file, trimming surrounding whitespace.
+pub fn read_secret(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.broker, "memory://");
+        assert_eq!(c.delivery, DeliveryMode::Pubsub);
+        assert_eq!(c.max_frame_bytes, 65536);
+        assert_eq!(c.history_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn flags_parse_and_bad_values_are_refused() {
+        let c = Config::try_parse_from([
+            "chorus-server",
+            "--send-queue",
+            "8",
+            "--delivery",
+            "streams",
+            "--history-ttl",
+            "1h",
+        ])
+        .unwrap();
+        assert_eq!((c.send_queue, c.delivery, c.history_ttl), (8, DeliveryMode::Streams, Duration::from_secs(3600)));
+        assert!(Config::try_parse_from(["chorus-server", "--send-queue", "0"]).is_err());
+        assert!(Config::try_parse_from(["chorus-server", "--delivery", "carrier-pigeon"]).is_err());
+        assert!(Config::try_parse_from(["chorus-server", "--listen", "nowhere"]).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! The node's room registry and fan-out.
+//!
+//! Each local room holds the send handles of its local subscribers. A
+//! delivery hands the same encoded frame (a cheap reference-counted clone) to
+//! every subscriber's bounded send queue with `try_send`: a full queue marks a
+//! slow consumer, which is told to close (1008) and never stalls the room.
+//!
+//! The hub also owns the node's broker subscriptions: the first local
+//! subscriber of a room subscribes the node, the last one leaving
+//! unsubscribes it. Both calls are made under the registry lock so the broker
+//! sees them in transition order.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{mpsc, watch};
+
+pub use conn::{CloseReason, ConnControl, ConnHandle, ConnId, Outbound};
+
+use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
+use crate::broker::memory::lock;
+use crate::metrics::Metrics;
+use crate::protocol::RoomName;
+
+pub struct Hub {
+    /// Std mutex on purpose: every critical section is a map operation (plus
+    /// a non-blocking broker call); it is never held across `.await`.
+    rooms: Mutex<HashMap<RoomName, Arc<LocalRoom>>>,
+    metrics: Arc<Metrics>,
+}
+
+struct LocalRoom {
+    /// Read-locked for a fan-out (which only `try_send`s), write-locked to
+    /// join or leave.
+    subs: RwLock<HashMap<ConnId, ConnHandle>>,
+    /// Whether the node's broker subscription for the room is active.
+    state: watch::Sender<SubState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SubState {
+    Pending,
+    Active,
+    Failed(BrokerError),
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { rooms: Mutex::new(HashMap::new()), metrics }
+    }
+
+    /// Adds a subscriber to a room, subscribing the node first when it is the
+    /// room's first local subscriber. Resolves when the node's subscription
+    /// is active, or fails (and the subscriber is removed again).
+    pub async fn join(
+        &self,
+        broker: &dyn Broker,
+        room: &RoomName,
+        id: ConnId,
+        handle: ConnHandle,
+    ) -> Result<(), BrokerError> {
+        let (local, subscribing) = {
+            let mut rooms = lock(&self.rooms);
+            let (local, subscribing) = match rooms.get(room) {
+                Some(local) => (local.clone(), None),
+                None => {
+                    let local = Arc::new(LocalRoom {
+                        subs: RwLock::new(HashMap::new()),
+                        state: watch::Sender::new(SubState::Pending),
+                    });
+                    rooms.insert(room.clone(), local.clone());
+                    self.metrics.rooms.set(rooms.len() as i64);
+                    (local, Some(broker.subscribe(room)))
+                }
+            };
+            write(&local.subs).insert(id, handle);
+            (local, subscribing)
+        };
+        let outcome = match subscribing {
+            Some(fut) => {
+                let outcome = fut.await;
+                local.state.send_replace(match &outcome {
+                    Ok(()) => SubState::Active,
+                    Err(e) => SubState::Failed(e.clone()),
+                });
+                outcome
+            }
+            None => {
+                let mut state = local.state.subscribe();
+                match state.wait_for(|s| *s != SubState::Pending).await.map(|s| s.clone()) {
+                    Ok(SubState::Failed(e)) => Err(e),
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(BrokerError::Unavailable("room subscription abandoned".into())),
+                }
+            }
+        };
+        if outcome.is_err() {
+            let mut rooms = lock(&self.rooms);
+            write(&local.subs).remove(&id);
+            // Forget the failed room so the next join tries again.
+            if rooms.get(room).is_some_and(|r| Arc::ptr_eq(r, &local)) {
+                rooms.remove(room);
+                self.metrics.rooms.set(rooms.len() as i64);
+            }
+        }
+        outcome
+    }
+
+    /// Removes a subscriber; unsubscribes the node when it was the last one.
+    /// Returns whether the subscriber was in the room.
+    pub fn leave(&self, broker: &dyn Broker, room: &RoomName, id: ConnId) -> bool {
+        let mut rooms = lock(&self.rooms);
+        let Some(local) = rooms.get(room).cloned() else { return false };
+        let mut subs = write(&local.subs);
+        let was_member = subs.remove(&id).is_some();
+        if subs.is_empty() {
+            drop(subs);
+            rooms.remove(room);
+            self.metrics.rooms.set(rooms.len() as i64);
+            broker.unsubscribe(room);
+        }
+        was_member
+    }
+
+    /// Number of local subscribers of a room (0 when the node does not serve it).
+    pub fn subscribers(&self, room: &RoomName) -> usize {
+        lock(&self.rooms).get(room).map_or(0, |r| read(&r.subs).len())
+    }
+
+    /// Rooms this node currently serves.
+    pub fn rooms(&self) -> Vec<RoomName> {
+        lock(&self.rooms).keys().cloned().collect()
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, d: Delivery) {
+        let Some(local) = lock(&self.rooms).get(&d.room).cloned() else { return };
+        let mut delivered = 0u64;
+        let mut slow = Vec::new();
+        {
+            let subs = read(&local.subs);
+            for handle in subs.values() {
+                match handle.tx.try_send(Outbound::Frame(d.frame.clone())) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(handle.ctl.clone()),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        for ctl in slow {
+            if ctl.close(CloseReason::SlowConsumer) {
+                self.metrics.slow_consumers.inc();
+            }
+        }
+        self.metrics.delivered.inc_by(delivered);
+        let latency_us = now_us().saturating_sub(d.published_at_us);
+        self.metrics.delivery_latency.observe(latency_us as f64 / 1e6);
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::broker::{MemoryBroker, PublishRequest};
+    use serde_json::value::RawValue;
+
+    fn setup() -> (Arc<Hub>, MemoryBroker, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let broker = MemoryBroker::new(hub.clone());
+        (hub, broker, metrics)
+    }
+
+    fn publish(broker: &MemoryBroker, room: &RoomName, n: u64) {
+        let req = PublishRequest {
+            room: room.clone(),
+            data: RawValue::from_string(n.to_string()).unwrap(),
+            from: None,
+            key: None,
+        };
+        drop(broker.publish(req));
+    }
+
+    fn frame_offset(out: Outbound) -> u64 {
+        match out {
+            Outbound::Frame(f) => serde_json::from_str::<serde_json::Value>(&f).unwrap()["offset"].as_u64().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_subscriber_gets_the_same_bytes_in_order() {
+        let (hub, broker, metrics) = setup();
+        let room = RoomName::parse("lobby").unwrap();
+        let (a, mut a_rx) = ConnHandle::new(16);
+        let (b, mut b_rx) = ConnHandle::new(16);
+        hub.join(&broker, &room, ConnId(1), a).await.unwrap();
+        hub.join(&broker, &room, ConnId(2), b).await.unwrap();
+        assert_eq!(hub.subscribers(&room), 2);
+        for n in 1..=3 {
+            publish(&broker, &room, n);
+        }
+        for n in 1..=3 {
+            let (Outbound::Frame(fa), Outbound::Frame(fb)) = (a_rx.recv().await.unwrap(), b_rx.recv().await.unwrap());
+            assert_eq!(fa.as_ptr(), fb.as_ptr(), "one encoding shared by all subscribers");
+            assert_eq!(frame_offset(Outbound::Frame(fa)), n);
+        }
+        assert_eq!(metrics.delivered.get(), 6);
+    }
+
+    #[tokio::test]
+    async fn last_leave_unsubscribes_the_node() {
+        let (hub, broker, metrics) = setup();
+        let room = RoomName::parse("r").unwrap();
+        let (a, mut a_rx) = ConnHandle::new(16);
+        hub.join(&broker, &room, ConnId(1), a).await.unwrap();
+        assert_eq!(metrics.rooms.get(), 1);
+        assert!(hub.leave(&broker, &room, ConnId(1)));
+        assert!(!hub.leave(&broker, &room, ConnId(1)));
+        assert_eq!(metrics.rooms.get(), 0);
+        assert!(hub.rooms().is_empty());
+        publish(&broker, &room, 1);
+        assert!(a_rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_marks_a_slow_consumer_without_stalling_others() {
+        let (hub, broker, metrics) = setup();
+        let room = RoomName::parse("r").unwrap();
+        let (slow, _slow_rx) = ConnHandle::new(2);
+        let slow_ctl = slow.ctl.clone();
+        let (fast, mut fast_rx) = ConnHandle::new(64);
+        hub.join(&broker, &room, ConnId(1), slow).await.unwrap();
+        hub.join(&broker, &room, ConnId(2), fast).await.unwrap();
+        for n in 1..=10 {
+            publish(&broker, &room, n);
+        }
+        for n in 1..=10 {
+            assert_eq!(frame_offset(fast_rx.recv().await.unwrap()), n);
+        }
+        assert_eq!(slow_ctl.reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(metrics.slow_consumers.get(), 1, "counted once, however many messages it missed");
+        assert_eq!(metrics.delivered.get(), 12);
+    }
+}

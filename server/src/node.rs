@@ -1,0 +1,213 @@
+//! A node: the hub, the broker, auth, metrics and the connection registry,
+//! shared by every request handler.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::auth::{AuthConfig, Authenticator};
+use crate::broker::{Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published};
+use crate::broker::memory::lock;
+use crate::config::{Config, DeliveryMode, read_secret};
+use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("unsupported --broker URL `{0}` (expected memory://, redis://… or redis+sentinel://…)")]
+    BrokerUrl(String),
+    #[error("--delivery streams needs a Redis broker (--broker redis://… or redis+sentinel://…)")]
+    StreamsNeedRedis,
+    #[error("cannot read {what} from {path}: {source}")]
+    SecretFile {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("auth configuration: {0}")]
+    Auth(#[from] crate::auth::AuthError),
+}
+
+pub struct Node {
+    pub config: Config,
+    pub node_id: Arc<str>,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub auth: Authenticator,
+    health: watch::Receiver<Health>,
+    /// Open connections, for the drain. Std mutex: insert/remove/snapshot only.
+    conns: Mutex<HashMap<ConnId, Arc<ConnControl>>>,
+    next_conn: AtomicU64,
+    open: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl Node {
+    /// Builds a node from its configuration, connecting the broker.
+    pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let broker: Arc<dyn Broker> = match config.broker.split_once("://").map(|(s, _)| s) {
+            Some("memory") => {
+                if config.delivery == DeliveryMode::Streams {
+                    return Err(StartError::StreamsNeedRedis);
+                }
+                Arc::new(MemoryBroker::new(hub.clone()))
+            }
+            _ => return Err(StartError::BrokerUrl(config.broker.clone())),
+        };
+        let auth = Authenticator::new(auth_config(&config)?)?;
+        Ok(Self::assemble(config, hub, broker, metrics, auth))
+    }
+
+    fn assemble(
+        config: Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+        auth: Authenticator,
+    ) -> Arc<Self> {
+        let health = broker.health();
+        Arc::new(Self {
+            node_id: config.node_id().into(),
+            config,
+            hub,
+            broker,
+            metrics,
+            auth,
+            health,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// `Ok` when the node should receive traffic; otherwise why not.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.is_draining() {
+            return Err("draining".into());
+        }
+        match &*self.health.borrow() {
+            Health::Up => Ok(()),
+            Health::Down(why) => Err(format!("broker {} unavailable: {why}", self.broker.kind())),
+        }
+    }
+
+    pub fn broker_up(&self) -> bool {
+        self.health.borrow().is_up()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Publishes through the broker and counts the outcome.
+    pub fn publish(
+        self: &Arc<Self>,
+        req: PublishRequest,
+    ) -> impl Future<Output = Result<Published, BrokerError>> + Send + 'static {
+        let fut = self.broker.publish(req);
+        let node = self.clone();
+        async move {
+            let res = fut.await;
+            match &res {
+                Ok(_) => node.metrics.published.inc(),
+                Err(_) => node.metrics.publish_errors.inc(),
+            };
+            res
+        }
+    }
+
+    /// Reserves a connection slot, or `None` at the limit.
+    pub(crate) fn reserve_slot(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.config.max_connections;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        self.metrics.connections.inc();
+        Some(Slot { node: self.clone() })
+    }
+
+    pub(crate) fn register(&self, ctl: Arc<ConnControl>) -> ConnId {
+        let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        lock(&self.conns).insert(id, ctl);
+        id
+    }
+
+    pub(crate) fn unregister(&self, id: ConnId) {
+        lock(&self.conns).remove(&id);
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    /// Drains the node: `/readyz` turns 503, new upgrades are refused, every
+    /// client gets `reconnect` (spread over `--drain-seconds`) and is closed.
+    /// Resolves when the connections are gone (or after a grace period).
+    pub async fn drain(&self) {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let conns: Vec<Arc<ConnControl>> = lock(&self.conns).values().cloned().collect();
+        let window = Duration::from_secs(self.config.drain_seconds);
+        tracing::info!(connections = conns.len(), seconds = self.config.drain_seconds, "draining");
+        let start = Instant::now();
+        let n = conns.len().max(1) as u32;
+        for (i, ctl) in conns.iter().enumerate() {
+            tokio::time::sleep_until(start + window * i as u32 / n).await;
+            // A little jitter on top of the spread, so clients told in the same
+            // instant do not reconnect in the same instant.
+            ctl.close(CloseReason::Draining { after_ms: rand::random_range(0..250) });
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(left = self.connections(), "drained");
+    }
+}
+
+/// A reserved connection slot; released on drop.
+pub(crate) struct Slot {
+    node: Arc<Node>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.node.open.fetch_sub(1, Ordering::AcqRel);
+        self.node.metrics.connections.dec();
+    }
+}
+
+fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
+    let file = |what: &'static str, path: &std::path::Path| {
+        read_secret(path).map_err(|source| StartError::SecretFile { what, path: path.display().to_string(), source })
+    };
+    let api_key = match (&config.api_key, &config.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(p)) => Some(file("the API key", p)?),
+        (None, None) => None,
+    };
+    let jwt_secret = match (&config.jwt_secret, &config.jwt_secret_file) {
+        (Some(s), _) => Some(s.clone().into_bytes()),
+        (None, Some(p)) => Some(file("the JWT secret", p)?.into_bytes()),
+        (None, None) => None,
+    };
+    let jwt_public_key_pem = match &config.jwt_public_key_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|source| StartError::SecretFile { what: "the JWT public key", path: p.display().to_string(), source })?,
+        ),
+        None => None,
+    };
+    Ok(AuthConfig { jwt_secret, jwt_public_key_pem, api_key })
+}

@@ -1,0 +1,358 @@
+//! Frame codec: JSON text frames to [`ClientFrame`] and [`ServerFrame`] to text.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use super::{MAX_KEY_CHARS, RoomName};
+
+/// A request from a client, validated.
+#[derive(Debug, Clone)]
+pub enum ClientFrame {
+    Subscribe { id: u64, room: RoomName, since: Option<Since> },
+    Unsubscribe { id: u64, room: RoomName },
+    Publish { id: u64, room: RoomName, data: Box<RawValue>, key: Option<String> },
+    Ping { id: u64 },
+}
+
+impl PartialEq for ClientFrame {
+    fn eq(&self, other: &Self) -> bool {
+        use ClientFrame::*;
+        match (self, other) {
+            (Subscribe { id: a, room: r, since: s }, Subscribe { id: b, room: q, since: t }) => (a, r, s) == (b, q, t),
+            (Unsubscribe { id: a, room: r }, Unsubscribe { id: b, room: q }) => (a, r) == (b, q),
+            (Publish { id: a, room: r, data: d, key: k }, Publish { id: b, room: q, data: e, key: l }) => {
+                (a, r, d.get(), k) == (b, q, e.get(), l)
+            }
+            (Ping { id: a }, Ping { id: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl ClientFrame {
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Subscribe { id, .. }
+            | Self::Unsubscribe { id, .. }
+            | Self::Publish { id, .. }
+            | Self::Ping { id } => *id,
+        }
+    }
+}
+
+/// Where a recovering subscriber left off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Since {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// Error codes of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    BadRoom,
+    TooLarge,
+    RateLimited,
+    Unauthorized,
+    Forbidden,
+    NotSubscribed,
+    Unavailable,
+    HistoryGone,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadFrame => "bad_frame",
+            Self::BadRoom => "bad_room",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotSubscribed => "not_subscribed",
+            Self::Unavailable => "unavailable",
+            Self::HistoryGone => "history_gone",
+        }
+    }
+}
+
+/// Why a client frame was refused; `id` is echoed when the frame had one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct FrameError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { id, code, message: message.into() }
+    }
+}
+
+/// Everything any op may carry; decoded in one pass, borrowing from the frame.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Data<'a>,
+    #[serde(borrow, default)]
+    key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    since: Option<Since>,
+}
+
+/// `data` as raw JSON; unlike `Option<&RawValue>` this keeps an explicit `null`.
+#[derive(Default)]
+struct Data<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|raw| Data(Some(raw)))
+    }
+}
+
+/// Decodes one text frame.
+pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
+        FrameError::new(best_effort_id(text), ErrorCode::BadFrame, format!("invalid frame: {e}"))
+    })?;
+    let id = env.id;
+    let op = env
+        .op
+        .ok_or_else(|| FrameError::new(id, ErrorCode::BadFrame, "missing field `op`"))?;
+    let need_id = || {
+        id.ok_or_else(|| FrameError::new(None, ErrorCode::BadFrame, format!("`{op}` needs an integer `id`")))
+    };
+    let room = |room: Option<Cow<'_, str>>| -> Result<RoomName, FrameError> {
+        let room = room.ok_or_else(|| FrameError::new(id, ErrorCode::BadFrame, format!("`{op}` needs a `room`")))?;
+        RoomName::parse(&room).map_err(|e| FrameError::new(id, ErrorCode::BadRoom, e.to_string()))
+    };
+    match &*op {
+        "subscribe" => Ok(ClientFrame::Subscribe { id: need_id()?, room: room(env.room)?, since: env.since }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe { id: need_id()?, room: room(env.room)? }),
+        "publish" => {
+            let id = need_id()?;
+            let room = room(env.room)?;
+            let data = env
+                .data
+                .0
+                .ok_or_else(|| FrameError::new(Some(id), ErrorCode::BadFrame, "`publish` needs `data`"))?;
+            let key = match env.key {
+                Some(k) if k.is_empty() || k.chars().count() > MAX_KEY_CHARS => {
+                    return Err(FrameError::new(
+                        Some(id),
+                        ErrorCode::BadFrame,
+                        format!("`key` must be 1 to {MAX_KEY_CHARS} characters"),
+                    ));
+                }
+                k => k.map(Cow::into_owned),
+            };
+            Ok(ClientFrame::Publish { id, room, data: data.to_owned(), key })
+        }
+        "ping" => Ok(ClientFrame::Ping { id: need_id()? }),
+        other => Err(FrameError::new(id, ErrorCode::BadFrame, format!("unknown op `{other}`"))),
+    }
+}
+
+/// Pulls `id` out of a frame that did not decode as a whole (e.g. `data` was
+/// cut short), so the error can still be matched to the request.
+fn best_effort_id(text: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct OnlyId {
+        id: u64,
+    }
+    serde_json::from_str::<OnlyId>(text).ok().map(|f| f.id)
+}
+
+/// Frames the server sends, other than `message`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Welcome { session: &'a str, node: &'a str, version: &'a str },
+    Ok {
+        id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        missed: Option<u64>,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: ErrorCode,
+        message: &'a str,
+    },
+    Pong { id: u64 },
+    Reconnect { reason: &'a str, after_ms: u64 },
+}
+
+impl ServerFrame<'_> {
+    pub fn ok(id: u64) -> Self {
+        ServerFrame::Ok { id, offset: None, epoch: None, recovered: None, missed: None }
+    }
+}
+
+/// A `message` frame; encoded once per node and shared by every local subscriber.
+#[derive(Debug, Serialize)]
+pub struct MessageFrame<'a> {
+    pub room: &'a str,
+    pub data: &'a RawValue,
+    pub offset: u64,
+    pub epoch: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Tagged<'a, T> {
+    op: &'static str,
+    #[serde(flatten)]
+    frame: &'a T,
+}
+
+pub fn encode(frame: &ServerFrame<'_>) -> String {
+    // Serialising these plain structs cannot fail (string keys, no maps of
+    // non-string keys, no failing Serialize impls).
+    serde_json::to_string(frame).unwrap_or_default()
+}
+
+pub fn encode_message(frame: &MessageFrame<'_>) -> String {
+    serde_json::to_string(&Tagged { op: "message", frame }).unwrap_or_default()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn err(text: &str) -> FrameError {
+        decode(text).unwrap_err()
+    }
+
+    #[test]
+    fn decodes_every_op() {
+        assert_eq!(
+            decode(r#"{"op":"subscribe","id":1,"room":"lobby"}"#).unwrap(),
+            ClientFrame::Subscribe { id: 1, room: RoomName::parse("lobby").unwrap(), since: None }
+        );
+        assert_eq!(
+            decode(r#"{"id":2,"since":{"epoch":"e1","offset":7},"room":"a","op":"subscribe"}"#).unwrap(),
+            ClientFrame::Subscribe {
+                id: 2,
+                room: RoomName::parse("a").unwrap(),
+                since: Some(Since { epoch: "e1".into(), offset: 7 })
+            }
+        );
+        assert_eq!(
+            decode(r#"{"op":"unsubscribe","id":3,"room":"a"}"#).unwrap(),
+            ClientFrame::Unsubscribe { id: 3, room: RoomName::parse("a").unwrap() }
+        );
+        assert_eq!(decode(r#"{"op":"ping","id":4}"#).unwrap(), ClientFrame::Ping { id: 4 });
+        match decode(r#"{"op":"publish","id":5,"room":"a","data":{"text":"hi","n":[1,2]},"key":"k1"}"#).unwrap() {
+            ClientFrame::Publish { id, room, data, key } => {
+                assert_eq!((id, room.as_str(), key.as_deref()), (5, "a", Some("k1")));
+                assert_eq!(data.get(), r#"{"text":"hi","n":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn publish_keeps_null_and_escaped_strings() {
+        match decode(r#"{"op":"publish","id":1,"room":"r\u003a1","data":null}"#).unwrap() {
+            ClientFrame::Publish { room, data, .. } => {
+                assert_eq!(room.as_str(), "r:1");
+                assert_eq!(data.get(), "null");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_the_right_code_and_id() {
+        let e = err("not json");
+        assert_eq!((e.id, e.code), (None, ErrorCode::BadFrame));
+        let e = err(r#"{"op":"dance","id":9}"#);
+        assert_eq!((e.id, e.code), (Some(9), ErrorCode::BadFrame));
+        assert!(e.message.contains("dance"));
+        let e = err(r#"{"op":"publish","id":3,"room":"a"}"#);
+        assert_eq!((e.id, e.code), (Some(3), ErrorCode::BadFrame));
+        let e = err(r#"{"op":"subscribe","id":4,"room":"no spaces"}"#);
+        assert_eq!((e.id, e.code), (Some(4), ErrorCode::BadRoom));
+        let e = err(r#"{"op":"subscribe","id":4}"#);
+        assert_eq!((e.id, e.code), (Some(4), ErrorCode::BadFrame));
+        let e = err(r#"{"op":"ping"}"#);
+        assert_eq!((e.id, e.code), (None, ErrorCode::BadFrame));
+        let e = err(r#"{"op":"ping","id":-1}"#);
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = err(r#"[1,2]"#);
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let long_key = "k".repeat(129);
+        let e = err(&format!(r#"{{"op":"publish","id":6,"room":"a","data":1,"key":"{long_key}"}}"#));
+        assert_eq!((e.id, e.code), (Some(6), ErrorCode::BadFrame));
+    }
+
+    #[test]
+    fn encodes_server_frames_as_the_protocol_says() {
+        let v: Value = serde_json::from_str(&encode(&ServerFrame::ok(1))).unwrap();
+        assert_eq!(v, json!({"op":"ok","id":1}));
+        let v: Value = serde_json::from_str(&encode(&ServerFrame::Ok {
+            id: 2,
+            offset: Some(10),
+            epoch: Some("ep"),
+            recovered: Some(false),
+            missed: Some(0),
+        }))
+        .unwrap();
+        assert_eq!(v, json!({"op":"ok","id":2,"offset":10,"epoch":"ep","recovered":false,"missed":0}));
+        let v: Value = serde_json::from_str(&encode(&ServerFrame::Error {
+            id: None,
+            code: ErrorCode::TooLarge,
+            message: "big",
+        }))
+        .unwrap();
+        assert_eq!(v, json!({"op":"error","code":"too_large","message":"big"}));
+        let v: Value =
+            serde_json::from_str(&encode(&ServerFrame::Reconnect { reason: "draining", after_ms: 250 })).unwrap();
+        assert_eq!(v, json!({"op":"reconnect","reason":"draining","after_ms":250}));
+        let v: Value = serde_json::from_str(&encode(&ServerFrame::Welcome {
+            session: "s",
+            node: "n",
+            version: "1",
+        }))
+        .unwrap();
+        assert_eq!(v, json!({"op":"welcome","session":"s","node":"n","version":"1"}));
+        let v: Value = serde_json::from_str(&encode(&ServerFrame::Pong { id: 7 })).unwrap();
+        assert_eq!(v, json!({"op":"pong","id":7}));
+    }
+
+    #[test]
+    fn encodes_message_frames_with_raw_data() {
+        let data = RawValue::from_string(r#"{"text":"hé \"q\""}"#.into()).unwrap();
+        let text = encode_message(&MessageFrame { room: "lobby", data: &data, offset: 3, epoch: "e", from: Some("s1") });
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"message","room":"lobby","data":{"text":"hé \"q\""},"offset":3,"epoch":"e","from":"s1"})
+        );
+        let text = encode_message(&MessageFrame { room: "r", data: &data, offset: 1, epoch: "e", from: None });
+        assert!(!text.contains("from"));
+        assert_eq!(ErrorCode::HistoryGone.as_str(), "history_gone");
+    }
+}

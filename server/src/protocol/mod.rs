@@ -1,0 +1,21 @@
+//! Wire protocol v1 (`PROTOCOL.md`): client frames in, server frames out.
+//!
+//! No I/O here. Decoding is lenient about field order and strict about
+//! content: anything that is not a known op with its required fields is a
+//! [`FrameError`] that the transport answers with `bad_frame` (or
+//! `bad_room` / `too_large`) without closing the connection.
+
+mod frames;
+mod room;
+
+pub use frames::{
+    ClientFrame, ErrorCode, FrameError, MessageFrame, ServerFrame, Since, decode, encode,
+    encode_message,
+};
+pub use room::{MAX_ROOM_BYTES, RoomError, RoomName};
+
+/// Sub-protocol name negotiated on the WebSocket upgrade.
+pub const SUBPROTOCOL: &str = "chorus.v1";
+
+/// Longest accepted idempotency key (characters).
+pub const MAX_KEY_CHARS: usize = 128;

@@ -1,0 +1,106 @@
+//! Plain HTTP handlers: backend publish API, health, metrics, demo page.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::broker::{BrokerError, PublishRequest};
+use crate::node::Node;
+use crate::protocol::{ErrorCode, MAX_KEY_CHARS, RoomName};
+
+const DEMO_PAGE: &str = include_str!("../../static/index.html");
+
+pub async fn demo_page() -> Html<&'static str> {
+    Html(DEMO_PAGE)
+}
+
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    match node.ready() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+    }
+}
+
+pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.broker_up.set(i64::from(node.broker_up()));
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    data: Box<RawValue>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// `POST /api/v1/rooms/{room}/messages` → `{"offset", "epoch"}`.
+pub async fn publish(
+    State(node): State<Arc<Node>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Err(e) = node.auth.check_api_key(authorization) {
+        return api_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+    }
+    let room = match RoomName::parse(&room) {
+        Ok(room) => room,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()),
+    };
+    if body.len() > node.config.max_frame_bytes as usize {
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            &format!("body is larger than {} bytes", node.config.max_frame_bytes),
+        );
+    }
+    let body: PublishBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                &format!("expected {{\"data\": <json>, \"key\"?: <string>}}: {e}"),
+            );
+        }
+    };
+    if let Some(key) = &body.key
+        && (key.is_empty() || key.chars().count() > MAX_KEY_CHARS)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            &format!("`key` must be 1 to {MAX_KEY_CHARS} characters"),
+        );
+    }
+    let req = PublishRequest { room, data: body.data, from: None, key: body.key };
+    match node.publish(req).await {
+        Ok(p) => (StatusCode::OK, axum::Json(json!({"offset": p.offset, "epoch": &*p.epoch}))).into_response(),
+        Err(e) => broker_error(&e),
+    }
+}
+
+fn broker_error(e: &BrokerError) -> Response {
+    let mut resp = api_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &e.to_string());
+    resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    resp
+}
+
+fn api_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    (status, axum::Json(json!({"error": {"code": code.as_str(), "message": message}}))).into_response()
+}

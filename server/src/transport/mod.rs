@@ -1,0 +1,41 @@
+//! HTTP and WebSocket transport: the axum router and the serve loop.
+
+mod http;
+mod ws;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::node::Node;
+
+/// The node's routes: `/` (demo page), `/ws`, the backend API, health and metrics.
+pub fn app(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/", get(http::demo_page))
+        .route("/ws", get(ws::upgrade))
+        .route("/api/v1/rooms/{room}/messages", post(http::publish))
+        .route("/healthz", get(http::healthz))
+        .route("/readyz", get(http::readyz))
+        .route("/metrics", get(http::metrics))
+        .with_state(node)
+}
+
+/// Serves `node` on `listener` until `shutdown` resolves, then drains the
+/// node (clients get `reconnect`, `/readyz` answers 503 meanwhile) and stops.
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let drain_node = node.clone();
+    axum::serve(listener, app(node))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            drain_node.drain().await;
+        })
+        .await
+}

@@ -1,0 +1,323 @@
+//! The WebSocket endpoint and the connection loop.
+//!
+//! One task per connection. It reads client frames, writes what the node
+//! queued for it (batched: every frame waiting in the queue goes out in one
+//! flush, so one write syscall carries many messages), keeps up to
+//! [`MAX_INFLIGHT`] publishes in flight with their replies in request order,
+//! and obeys the node's close requests (slow consumer, drain).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::auth::Session;
+use crate::broker::{BrokerError, PublishRequest};
+use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound};
+use crate::node::{Node, Slot};
+use crate::protocol::{self, ClientFrame, ErrorCode, RoomName, SUBPROTOCOL, ServerFrame, Since};
+
+/// Publishes one connection may have waiting for the broker; further frames
+/// are not read until one completes (backpressure on the client).
+const MAX_INFLIGHT: usize = 64;
+/// Most queued frames written in one flush.
+const MAX_BATCH: usize = 256;
+/// Socket read buffer. Small on purpose: it is allocated for every
+/// connection up front (the library default is 128 KiB).
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes buffered before a write reaches the socket even without a flush.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// How long a closing handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Deserialize)]
+pub struct UpgradeQuery {
+    token: Option<String>,
+}
+
+/// `GET /ws`: checks the drain, auth and the connection limit, then upgrades.
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    Query(query): Query<UpgradeQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if node.is_draining() {
+        node.metrics.connections_refused.inc();
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another node\n").into_response();
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let session = match node.auth.authenticate(query.token.as_deref().or(bearer)) {
+        Ok(session) => session,
+        Err(e) => return (StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n")).into_response(),
+    };
+    let Some(slot) = node.reserve_slot() else {
+        node.metrics.connections_refused.inc();
+        return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached: connect to another node\n").into_response();
+    };
+    let max_frame = node.config.max_frame_bytes as usize;
+    ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        // Frames over the limit get `too_large` and the connection stays; far
+        // larger ones are cut off by the library (close 1009) before we buffer them.
+        .max_message_size(max_frame.saturating_mul(4).max(1 << 20))
+        .max_frame_size(max_frame.saturating_mul(4).max(1 << 20))
+        .on_upgrade(move |socket| connection(node, socket, session, slot))
+}
+
+/// Why a connection ended (logged once per connection).
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ClientGone,
+    SlowConsumer,
+    Drained,
+    BinaryFrame,
+    SocketError(String),
+}
+
+impl End {
+    fn as_str(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::ClientGone => "client_gone",
+            End::SlowConsumer => "slow_consumer",
+            End::Drained => "drained",
+            End::BinaryFrame => "binary_frame",
+            End::SocketError(_) => "socket_error",
+        }
+    }
+}
+
+async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slot) {
+    let (handle, queue) = ConnHandle::new(node.config.send_queue as usize);
+    let id = node.register(handle.ctl.clone());
+    let session: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+    tracing::info!(conn = id.0, %session, user = auth.user(), "connection opened");
+    let mut conn = Conn { node: node.clone(), id, session: session.clone(), auth, handle, rooms: HashSet::new() };
+    let end = conn.run(socket, queue).await;
+    for room in std::mem::take(&mut conn.rooms) {
+        node.hub.leave(&*node.broker, &room, id);
+    }
+    node.unregister(id);
+    drop(slot);
+    match &end {
+        End::SocketError(e) => {
+            tracing::info!(conn = id.0, %session, reason = end.as_str(), error = %e, "connection closed")
+        }
+        _ => tracing::info!(conn = id.0, %session, reason = end.as_str(), "connection closed"),
+    }
+}
+
+type Reply = BoxFuture<'static, String>;
+
+struct Conn {
+    node: Arc<Node>,
+    id: ConnId,
+    session: Arc<str>,
+    auth: Session,
+    handle: ConnHandle,
+    rooms: HashSet<RoomName>,
+}
+
+impl Conn {
+    async fn run(&mut self, mut socket: WebSocket, mut queue: mpsc::Receiver<Outbound>) -> End {
+        let ctl = self.handle.ctl.clone();
+        let welcome = protocol::encode(&ServerFrame::Welcome {
+            session: &self.session,
+            node: &self.node.node_id,
+            version: env!("CARGO_PKG_VERSION"),
+        });
+        if let Err(e) = socket.send(Message::Text(welcome.into())).await {
+            return End::SocketError(e.to_string());
+        }
+        let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
+        let mut out: Vec<Message> = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                reason = ctl.closed() => return close(&mut socket, reason).await,
+                Some(first) = queue.recv() => {
+                    out.push(outbound(first));
+                    while out.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(next) => out.push(outbound(next)),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
+                msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
+                    None => return End::ClientGone,
+                    Some(Err(e)) => return End::SocketError(e.to_string()),
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(reply) = self.handle_text(text, &mut inflight).await {
+                            out.push(Message::Text(reply.into()));
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        self.node.metrics.bad_frames.inc();
+                        let frame = CloseFrame {
+                            code: close_code::UNSUPPORTED,
+                            reason: Utf8Bytes::from_static("binary frames are not supported: send JSON text frames"),
+                        };
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+                        return End::BinaryFrame;
+                    }
+                    Some(Ok(Message::Close(_))) => return End::ClientClosed,
+                    // Pings are answered by the library.
+                    Some(Ok(_)) => {}
+                },
+            }
+            if !out.is_empty() {
+                let write = async {
+                    for msg in out.drain(..) {
+                        socket.feed(msg).await?;
+                    }
+                    socket.flush().await
+                };
+                tokio::select! {
+                    biased;
+                    reason = ctl.closed() => return close(&mut socket, reason).await,
+                    res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
+                }
+            }
+        }
+    }
+
+    /// Handles one text frame; returns an immediate reply, or queues a
+    /// deferred one in `inflight`.
+    async fn handle_text(&mut self, text: Utf8Bytes, inflight: &mut FuturesOrdered<Reply>) -> Option<String> {
+        let max = self.node.config.max_frame_bytes as usize;
+        if text.len() > max {
+            self.node.metrics.bad_frames.inc();
+            return Some(error(None, ErrorCode::TooLarge, &format!("frame is larger than {max} bytes")));
+        }
+        let frame = match protocol::decode(&text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.node.metrics.bad_frames.inc();
+                return Some(error(e.id, e.code, &e.message));
+            }
+        };
+        match frame {
+            ClientFrame::Ping { id } => Some(protocol::encode(&ServerFrame::Pong { id })),
+            ClientFrame::Subscribe { id, room, since } => Some(self.subscribe(id, room, since).await),
+            ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room) {
+                self.node.hub.leave(&*self.node.broker, &room, self.id);
+                protocol::encode(&ServerFrame::ok(id))
+            } else {
+                error(Some(id), ErrorCode::NotSubscribed, &format!("not subscribed to `{room}`"))
+            }),
+            ClientFrame::Publish { id, room, data, key } => {
+                if !self.auth.may_publish(room.as_str()) {
+                    return Some(error(Some(id), ErrorCode::Forbidden, &format!("may not publish to `{room}`")));
+                }
+                let fut = self.node.publish(PublishRequest { room, data, from: Some(self.session.clone()), key });
+                inflight.push_back(
+                    async move {
+                        match fut.await {
+                            Ok(p) => protocol::encode(&ServerFrame::Ok {
+                                id,
+                                offset: Some(p.offset),
+                                epoch: Some(&p.epoch),
+                                recovered: None,
+                                missed: None,
+                            }),
+                            Err(e) => broker_error(Some(id), &e),
+                        }
+                    }
+                    .boxed(),
+                );
+                None
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: u64, room: RoomName, since: Option<Since>) -> String {
+        if !self.auth.may_subscribe(room.as_str()) {
+            return error(Some(id), ErrorCode::Forbidden, &format!("may not subscribe to `{room}`"));
+        }
+        let node = self.node.clone();
+        if !self.rooms.contains(&room) {
+            if let Err(e) = node.hub.join(&*node.broker, &room, self.id, self.handle.clone()).await {
+                return broker_error(Some(id), &e);
+            }
+            self.rooms.insert(room.clone());
+        }
+        match node.broker.position(&room).await {
+            Ok(pos) => {
+                // Live fan-out keeps no history: a client is only "recovered"
+                // when it missed nothing.
+                let recovered = since.map(|s| *s.epoch == *pos.epoch && s.offset == pos.offset);
+                protocol::encode(&ServerFrame::Ok {
+                    id,
+                    offset: Some(pos.offset),
+                    epoch: Some(&pos.epoch),
+                    recovered,
+                    missed: recovered.map(|_| 0),
+                })
+            }
+            Err(e) => broker_error(Some(id), &e),
+        }
+    }
+}
+
+fn outbound(out: Outbound) -> Message {
+    match out {
+        Outbound::Frame(frame) => Message::Text(frame),
+    }
+}
+
+fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
+    protocol::encode(&ServerFrame::Error { id, code, message })
+}
+
+fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
+    error(id, ErrorCode::Unavailable, &e.to_string())
+}
+
+/// Closes on the node's request: `reconnect` + 1001 for a drain, 1008 for a
+/// slow consumer (best effort: its socket may be stuck).
+async fn close(socket: &mut WebSocket, reason: CloseReason) -> End {
+    let (frames, end) = match reason {
+        CloseReason::SlowConsumer => (
+            vec![Message::Close(Some(CloseFrame {
+                code: close_code::POLICY,
+                reason: Utf8Bytes::from_static("slow consumer: send queue full"),
+            }))],
+            End::SlowConsumer,
+        ),
+        CloseReason::Draining { after_ms } => (
+            vec![
+                Message::Text(protocol::encode(&ServerFrame::Reconnect { reason: "draining", after_ms }).into()),
+                Message::Close(Some(CloseFrame {
+                    code: close_code::AWAY,
+                    reason: Utf8Bytes::from_static("server draining: reconnect"),
+                })),
+            ],
+            End::Drained,
+        ),
+    };
+    let send = async {
+        for f in frames {
+            socket.feed(f).await?;
+        }
+        socket.flush().await
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, send).await;
+    end
+}
