@@ -1,1 +1,249 @@
-//! Shared helpers for cross-crate integration tests.
+//! Helpers for integration tests: real WebSocket clients, in-process
+//! `chorus-server` nodes on ephemeral ports, free ports for child processes.
+#![allow(clippy::unwrap_used)]
+
+pub mod redis;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_server::{Config, Node};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A port that was free a moment ago (for child processes that need a fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `chorus-server` node running inside the test process.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestNode {
+    /// Starts a node with `chorus-server` flags (`--listen` is chosen here).
+    pub async fn start(flags: &[&str]) -> Self {
+        let mut args = vec!["chorus-server"];
+        args.extend_from_slice(flags);
+        let config = Config::try_parse_from(args).unwrap();
+        let node = Node::start(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(chorus_server::run(listener, node.clone(), async move {
+            let _ = rx.await;
+        }));
+        Self { addr, node, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A connected client that has read its `welcome`.
+    pub async fn client(&self) -> WsClient {
+        WsClient::connect(&self.ws_url()).await.unwrap()
+    }
+
+    /// Drains and stops the node, waiting for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+        }
+    }
+
+    /// Stops the node at once, without a drain (as if the process died).
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// The value of a metric line (`name` or `name{labels}`) in `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&self.http("/metrics"), name).await
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Reads one sample from a Prometheus endpoint; panics when it is missing.
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+}
+
+/// What a client saw next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Frame(Value),
+    Closed(Option<u16>),
+}
+
+/// A real WebSocket client speaking the Chorus protocol.
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+    /// Frames read while waiting for a reply, handed out by `next_*` later.
+    pending: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let mut client = Self { ws, welcome: Value::Null, pending: VecDeque::new(), next_id: 1 };
+        let welcome = client.raw_frame().await;
+        assert_eq!(welcome["op"], "welcome", "first frame must be welcome: {welcome}");
+        client.welcome = welcome;
+        Ok(client)
+    }
+
+    pub fn session(&self) -> String {
+        self.welcome["session"].as_str().unwrap().to_string()
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.ws.send(Message::text(frame.to_string())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_string())).await.unwrap();
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws.send(Message::binary(data)).await.unwrap();
+    }
+
+    /// The next event from the socket (pending frames first).
+    pub async fn event(&mut self) -> Event {
+        if let Some(v) = self.pending.pop_front() {
+            return Event::Frame(v);
+        }
+        self.read_event(WAIT).await.unwrap_or_else(|| panic!("nothing received within {WAIT:?}"))
+    }
+
+    /// The next event, or `None` when nothing comes within `wait`.
+    pub async fn read_event(&mut self, wait: Duration) -> Option<Event> {
+        loop {
+            let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()?;
+            return Some(match msg {
+                None => Event::Closed(None),
+                Some(Err(_)) => Event::Closed(None),
+                Some(Ok(Message::Text(t))) => Event::Frame(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(frame))) => Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+            });
+        }
+    }
+
+    async fn raw_frame(&mut self) -> Value {
+        match self.read_event(WAIT).await {
+            Some(Event::Frame(v)) => v,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame (pending first); panics on close or timeout.
+    pub async fn frame(&mut self) -> Value {
+        match self.event().await {
+            Event::Frame(v) => v,
+            Event::Closed(code) => panic!("connection closed ({code:?}) while waiting for a frame"),
+        }
+    }
+
+    /// The next `message` frame; other frames in between are an error.
+    pub async fn message(&mut self) -> Value {
+        let v = self.frame().await;
+        assert_eq!(v["op"], "message", "expected a message, got {v}");
+        v
+    }
+
+    /// Sends a request with a fresh id and returns the reply with that id;
+    /// messages that arrive meanwhile are kept for `message()`.
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        frame["id"] = json!(id);
+        self.send(frame).await;
+        loop {
+            let v = self.raw_frame().await;
+            if v["id"] == json!(id) && v["op"] != "message" {
+                return v;
+            }
+            self.pending.push_back(v);
+        }
+    }
+
+    pub async fn subscribe(&mut self, room: &str) -> Value {
+        let reply = self.request(json!({"op": "subscribe", "room": room})).await;
+        assert_eq!(reply["op"], "ok", "subscribe {room}: {reply}");
+        reply
+    }
+
+    pub async fn publish(&mut self, room: &str, data: Value) -> Value {
+        self.request(json!({"op": "publish", "room": room, "data": data})).await
+    }
+
+    /// Round-trips a ping: every frame the server queued before the pong is
+    /// kept in `pending`, so after this returns, "nothing pending" means the
+    /// server sent nothing else.
+    pub async fn sync(&mut self) {
+        let reply = self.request(json!({"op": "ping"})).await;
+        assert_eq!(reply["op"], "pong");
+    }
+
+    pub fn pending(&self) -> &VecDeque<Value> {
+        &self.pending
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// Polls `check` until it returns true or `WAIT` passes.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
