@@ -1,1 +1,3 @@
 //! chorus-server library
+
+pub mod auth;
