@@ -58,7 +58,7 @@ pub async fn upgrade(
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(crate::auth::bearer_token);
     let session = match node.auth.authenticate(query.token.as_deref().or(bearer)) {
         Ok(session) => session,
         Err(e) => return (StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n")).into_response(),
