@@ -41,7 +41,12 @@ pub struct Config {
 
     /// Key that backends must send as `Authorization: Bearer <key>` to the HTTP publish API.
     /// Off when neither this nor --api-key-file is set.
-    #[arg(long, env = "CHORUS_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
+    #[arg(
+        long,
+        env = "CHORUS_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
     pub api_key: Option<String>,
 
     /// File holding the backend API key (surrounding whitespace is ignored).
@@ -50,7 +55,12 @@ pub struct Config {
 
     /// HS256 secret for client JWTs. When set (or --jwt-secret-file / --jwt-public-key-file),
     /// WebSocket clients must present a token.
-    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_secret_file")]
+    #[arg(
+        long,
+        env = "CHORUS_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_secret_file"
+    )]
     pub jwt_secret: Option<String>,
 
     /// File holding the HS256 secret for client JWTs.
@@ -150,7 +160,10 @@ mod tests {
             "1h",
         ])
         .unwrap();
-        assert_eq!((c.send_queue, c.delivery, c.history_ttl), (8, DeliveryMode::Streams, Duration::from_secs(3600)));
+        assert_eq!(
+            (c.send_queue, c.delivery, c.history_ttl),
+            (8, DeliveryMode::Streams, Duration::from_secs(3600))
+        );
         assert!(Config::try_parse_from(["chorus-server", "--send-queue", "0"]).is_err());
         assert!(Config::try_parse_from(["chorus-server", "--delivery", "carrier-pigeon"]).is_err());
         assert!(Config::try_parse_from(["chorus-server", "--listen", "nowhere"]).is_err());

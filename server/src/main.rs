@@ -20,7 +20,9 @@ async fn main() -> anyhow::Result<()> {
         delivery = ?config.delivery,
         "chorus-server listening"
     );
-    run(listener, node, shutdown::signal()).await.context("server failed")?;
+    run(listener, node, shutdown::signal())
+        .await
+        .context("server failed")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -35,7 +35,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("chorus");
         let connections = Gauge::default();
-        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
         let connections_refused = Counter::default();
         registry.register(
             "connections_refused",
@@ -43,9 +47,17 @@ impl Metrics {
             connections_refused.clone(),
         );
         let rooms = Gauge::default();
-        registry.register("rooms", "Rooms with at least one subscriber on this node", rooms.clone());
+        registry.register(
+            "rooms",
+            "Rooms with at least one subscriber on this node",
+            rooms.clone(),
+        );
         let published = Counter::default();
-        registry.register("messages_published", "Messages published through this node", published.clone());
+        registry.register(
+            "messages_published",
+            "Messages published through this node",
+            published.clone(),
+        );
         let publish_errors = Counter::default();
         registry.register(
             "publish_errors",
@@ -53,7 +65,11 @@ impl Metrics {
             publish_errors.clone(),
         );
         let delivered = Counter::default();
-        registry.register("messages_delivered", "Messages handed to local subscribers", delivered.clone());
+        registry.register(
+            "messages_delivered",
+            "Messages handed to local subscribers",
+            delivered.clone(),
+        );
         let slow_consumers = Counter::default();
         registry.register(
             "slow_consumers_dropped",
@@ -61,7 +77,11 @@ impl Metrics {
             slow_consumers.clone(),
         );
         let bad_frames = Counter::default();
-        registry.register("bad_frames", "Client frames refused as malformed, too large or binary", bad_frames.clone());
+        registry.register(
+            "bad_frames",
+            "Client frames refused as malformed, too large or binary",
+            bad_frames.clone(),
+        );
         // 50 µs .. ~1.6 s
         let delivery_latency = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         registry.register(
@@ -70,7 +90,11 @@ impl Metrics {
             delivery_latency.clone(),
         );
         let broker_up = Gauge::default();
-        registry.register("broker_up", "1 while the broker is reachable, else 0", broker_up.clone());
+        registry.register(
+            "broker_up",
+            "1 while the broker is reachable, else 0",
+            broker_up.clone(),
+        );
         Self {
             registry,
             connections,

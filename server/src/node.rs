@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::{AuthConfig, Authenticator};
-use crate::broker::{Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published};
 use crate::broker::memory::lock;
+use crate::broker::{Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published};
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
 use crate::metrics::Metrics;
@@ -129,7 +129,9 @@ impl Node {
     pub(crate) fn reserve_slot(self: &Arc<Self>) -> Option<Slot> {
         let max = self.config.max_connections;
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()?;
         self.metrics.connections.inc();
         Some(Slot { node: self.clone() })
@@ -159,14 +161,20 @@ impl Node {
         }
         let conns: Vec<Arc<ConnControl>> = lock(&self.conns).values().cloned().collect();
         let window = Duration::from_secs(self.config.drain_seconds);
-        tracing::info!(connections = conns.len(), seconds = self.config.drain_seconds, "draining");
+        tracing::info!(
+            connections = conns.len(),
+            seconds = self.config.drain_seconds,
+            "draining"
+        );
         let start = Instant::now();
         let n = conns.len().max(1) as u32;
         for (i, ctl) in conns.iter().enumerate() {
             tokio::time::sleep_until(start + window * i as u32 / n).await;
             // A little jitter on top of the spread, so clients told in the same
             // instant do not reconnect in the same instant.
-            ctl.close(CloseReason::Draining { after_ms: rand::random_range(0..250) });
+            ctl.close(CloseReason::Draining {
+                after_ms: rand::random_range(0..250),
+            });
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.connections() > 0 && Instant::now() < deadline {
@@ -190,7 +198,11 @@ impl Drop for Slot {
 
 fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
     let file = |what: &'static str, path: &std::path::Path| {
-        read_secret(path).map_err(|source| StartError::SecretFile { what, path: path.display().to_string(), source })
+        read_secret(path).map_err(|source| StartError::SecretFile {
+            what,
+            path: path.display().to_string(),
+            source,
+        })
     };
     let api_key = match (&config.api_key, &config.api_key_file) {
         (Some(k), _) => Some(k.clone()),
@@ -203,11 +215,16 @@ fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
         (None, None) => None,
     };
     let jwt_public_key_pem = match &config.jwt_public_key_file {
-        Some(p) => Some(
-            std::fs::read(p)
-                .map_err(|source| StartError::SecretFile { what: "the JWT public key", path: p.display().to_string(), source })?,
-        ),
+        Some(p) => Some(std::fs::read(p).map_err(|source| StartError::SecretFile {
+            what: "the JWT public key",
+            path: p.display().to_string(),
+            source,
+        })?),
         None => None,
     };
-    Ok(AuthConfig { jwt_secret, jwt_public_key_pem, api_key })
+    Ok(AuthConfig {
+        jwt_secret,
+        jwt_public_key_pem,
+        api_key,
+    })
 }

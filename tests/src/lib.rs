@@ -25,7 +25,11 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A port that was free a moment ago (for child processes that need a fixed port).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `chorus-server` node running inside the test process.
@@ -49,7 +53,12 @@ impl TestNode {
         let task = tokio::spawn(chorus_server::run(listener, node.clone(), async move {
             let _ = rx.await;
         }));
-        Self { addr, node, shutdown: Some(tx), task: Some(task) }
+        Self {
+            addr,
+            node,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -71,7 +80,11 @@ impl TestNode {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
         }
     }
 
@@ -124,9 +137,17 @@ pub struct WsClient {
 impl WsClient {
     pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-        let mut client = Self { ws, welcome: Value::Null, pending: VecDeque::new(), next_id: 1 };
+        let mut client = Self {
+            ws,
+            welcome: Value::Null,
+            pending: VecDeque::new(),
+            next_id: 1,
+        };
         let welcome = client.raw_frame().await;
-        assert_eq!(welcome["op"], "welcome", "first frame must be welcome: {welcome}");
+        assert_eq!(
+            welcome["op"], "welcome",
+            "first frame must be welcome: {welcome}"
+        );
         client.welcome = welcome;
         Ok(client)
     }
@@ -136,7 +157,10 @@ impl WsClient {
     }
 
     pub async fn send(&mut self, frame: Value) {
-        self.ws.send(Message::text(frame.to_string())).await.unwrap();
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -152,7 +176,9 @@ impl WsClient {
         if let Some(v) = self.pending.pop_front() {
             return Event::Frame(v);
         }
-        self.read_event(WAIT).await.unwrap_or_else(|| panic!("nothing received within {WAIT:?}"))
+        self.read_event(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("nothing received within {WAIT:?}"))
     }
 
     /// The next event, or `None` when nothing comes within `wait`.
@@ -163,7 +189,9 @@ impl WsClient {
                 None => Event::Closed(None),
                 Some(Err(_)) => Event::Closed(None),
                 Some(Ok(Message::Text(t))) => Event::Frame(serde_json::from_str(&t).unwrap()),
-                Some(Ok(Message::Close(frame))) => Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code))),
+                Some(Ok(Message::Close(frame))) => {
+                    Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code)))
+                }
                 Some(Ok(_)) => continue,
             });
         }
@@ -214,7 +242,8 @@ impl WsClient {
     }
 
     pub async fn publish(&mut self, room: &str, data: Value) -> Value {
-        self.request(json!({"op": "publish", "room": room, "data": data})).await
+        self.request(json!({"op": "publish", "room": room, "data": data}))
+            .await
     }
 
     /// Round-trips a ping: every frame the server queued before the pong is
@@ -243,7 +272,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

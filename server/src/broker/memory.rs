@@ -10,7 +10,10 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published, new_epoch, now_us};
+use super::{
+    Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published, new_epoch,
+    now_us,
+};
 use crate::protocol::{MessageFrame, RoomName, encode_message};
 
 /// Counters of rooms nobody subscribes to are forgotten once this many rooms
@@ -34,13 +37,21 @@ struct RoomSeq {
 
 impl RoomSeq {
     fn new() -> Self {
-        Self { offset: 0, epoch: new_epoch().into(), subscribed: 0 }
+        Self {
+            offset: 0,
+            epoch: new_epoch().into(),
+            subscribed: 0,
+        }
     }
 }
 
 impl MemoryBroker {
     pub fn new(deliver: Arc<dyn Deliver>) -> Self {
-        Self { rooms: Mutex::new(HashMap::new()), deliver, health: watch::Sender::new(Health::Up) }
+        Self {
+            rooms: Mutex::new(HashMap::new()),
+            deliver,
+            health: watch::Sender::new(Health::Up),
+        }
     }
 
     fn room(&self, room: &RoomName) -> Arc<Mutex<RoomSeq>> {
@@ -51,7 +62,10 @@ impl MemoryBroker {
         if rooms.len() >= MAX_IDLE_ROOMS {
             rooms.retain(|_, seq| lock(seq).subscribed > 0);
         }
-        rooms.entry(room.clone()).or_insert_with(|| Arc::new(Mutex::new(RoomSeq::new()))).clone()
+        rooms
+            .entry(room.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(RoomSeq::new())))
+            .clone()
     }
 
     fn publish_now(&self, req: PublishRequest) -> Published {
@@ -60,7 +74,10 @@ impl MemoryBroker {
         // offset order; delivery only enqueues (never awaits).
         let mut seq = lock(&seq);
         seq.offset += 1;
-        let published = Published { offset: seq.offset, epoch: seq.epoch.clone() };
+        let published = Published {
+            offset: seq.offset,
+            epoch: seq.epoch.clone(),
+        };
         if seq.subscribed > 0 {
             let frame = encode_message(&MessageFrame {
                 room: req.room.as_str(),
@@ -102,7 +119,11 @@ impl Broker for MemoryBroker {
     fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
         let seq = self.room(room);
         let seq = lock(&seq);
-        std::future::ready(Ok(Position { offset: seq.offset, epoch: seq.epoch.clone() })).boxed()
+        std::future::ready(Ok(Position {
+            offset: seq.offset,
+            epoch: seq.epoch.clone(),
+        }))
+        .boxed()
     }
 
     fn health(&self) -> watch::Receiver<Health> {
@@ -152,7 +173,10 @@ mod tests {
         assert_eq!(broker.publish(req("a", "1")).await.unwrap().offset, 1);
         assert_eq!(broker.publish(req("a", "2")).await.unwrap().offset, 2);
         assert_eq!(broker.publish(req("b", "3")).await.unwrap().offset, 1);
-        let got = lock(&sink.0).iter().map(|d| (d.room.to_string(), d.offset)).collect::<Vec<_>>();
+        let got = lock(&sink.0)
+            .iter()
+            .map(|d| (d.room.to_string(), d.offset))
+            .collect::<Vec<_>>();
         assert_eq!(got, vec![("a".to_string(), 1), ("a".to_string(), 2)]);
         let pos = broker.position(&a).await.unwrap();
         assert_eq!(pos.offset, 2);

@@ -76,6 +76,12 @@ impl ConnHandle {
     /// A handle with a send queue of `capacity` frames, and the queue's receiver.
     pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx, ctl: Arc::new(ConnControl::default()) }, rx)
+        (
+            Self {
+                tx,
+                ctl: Arc::new(ConnControl::default()),
+            },
+            rx,
+        )
     }
 }

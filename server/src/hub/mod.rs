@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, watch};
 
 pub use conn::{CloseReason, ConnControl, ConnHandle, ConnId, Outbound};
 
-use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::broker::memory::lock;
+use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 
@@ -48,7 +48,10 @@ enum SubState {
 
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { rooms: Mutex::new(HashMap::new()), metrics }
+        Self {
+            rooms: Mutex::new(HashMap::new()),
+            metrics,
+        }
     }
 
     /// Adds a subscriber to a room, subscribing the node first when it is the
@@ -89,10 +92,16 @@ impl Hub {
             }
             None => {
                 let mut state = local.state.subscribe();
-                match state.wait_for(|s| *s != SubState::Pending).await.map(|s| s.clone()) {
+                match state
+                    .wait_for(|s| *s != SubState::Pending)
+                    .await
+                    .map(|s| s.clone())
+                {
                     Ok(SubState::Failed(e)) => Err(e),
                     Ok(_) => Ok(()),
-                    Err(_) => Err(BrokerError::Unavailable("room subscription abandoned".into())),
+                    Err(_) => Err(BrokerError::Unavailable(
+                        "room subscription abandoned".into(),
+                    )),
                 }
             }
         };
@@ -112,7 +121,9 @@ impl Hub {
     /// Returns whether the subscriber was in the room.
     pub fn leave(&self, broker: &dyn Broker, room: &RoomName, id: ConnId) -> bool {
         let mut rooms = lock(&self.rooms);
-        let Some(local) = rooms.get(room).cloned() else { return false };
+        let Some(local) = rooms.get(room).cloned() else {
+            return false;
+        };
         let mut subs = write(&local.subs);
         let was_member = subs.remove(&id).is_some();
         if subs.is_empty() {
@@ -126,7 +137,9 @@ impl Hub {
 
     /// Number of local subscribers of a room (0 when the node does not serve it).
     pub fn subscribers(&self, room: &RoomName) -> usize {
-        lock(&self.rooms).get(room).map_or(0, |r| read(&r.subs).len())
+        lock(&self.rooms)
+            .get(room)
+            .map_or(0, |r| read(&r.subs).len())
     }
 
     /// Rooms this node currently serves.
@@ -137,7 +150,9 @@ impl Hub {
 
 impl Deliver for Hub {
     fn deliver(&self, d: Delivery) {
-        let Some(local) = lock(&self.rooms).get(&d.room).cloned() else { return };
+        let Some(local) = lock(&self.rooms).get(&d.room).cloned() else {
+            return;
+        };
         let mut delivered = 0u64;
         let mut slow = Vec::new();
         {
@@ -157,7 +172,9 @@ impl Deliver for Hub {
         }
         self.metrics.delivered.inc_by(delivered);
         let latency_us = now_us().saturating_sub(d.published_at_us);
-        self.metrics.delivery_latency.observe(latency_us as f64 / 1e6);
+        self.metrics
+            .delivery_latency
+            .observe(latency_us as f64 / 1e6);
     }
 }
 
@@ -195,7 +212,9 @@ mod tests {
 
     fn frame_offset(out: Outbound) -> u64 {
         match out {
-            Outbound::Frame(f) => serde_json::from_str::<serde_json::Value>(&f).unwrap()["offset"].as_u64().unwrap(),
+            Outbound::Frame(f) => serde_json::from_str::<serde_json::Value>(&f).unwrap()["offset"]
+                .as_u64()
+                .unwrap(),
         }
     }
 
@@ -212,8 +231,13 @@ mod tests {
             publish(&broker, &room, n);
         }
         for n in 1..=3 {
-            let (Outbound::Frame(fa), Outbound::Frame(fb)) = (a_rx.recv().await.unwrap(), b_rx.recv().await.unwrap());
-            assert_eq!(fa.as_ptr(), fb.as_ptr(), "one encoding shared by all subscribers");
+            let (Outbound::Frame(fa), Outbound::Frame(fb)) =
+                (a_rx.recv().await.unwrap(), b_rx.recv().await.unwrap());
+            assert_eq!(
+                fa.as_ptr(),
+                fb.as_ptr(),
+                "one encoding shared by all subscribers"
+            );
             assert_eq!(frame_offset(Outbound::Frame(fa)), n);
         }
         assert_eq!(metrics.delivered.get(), 6);
@@ -250,7 +274,11 @@ mod tests {
             assert_eq!(frame_offset(fast_rx.recv().await.unwrap()), n);
         }
         assert_eq!(slow_ctl.reason(), Some(CloseReason::SlowConsumer));
-        assert_eq!(metrics.slow_consumers.get(), 1, "counted once, however many messages it missed");
+        assert_eq!(
+            metrics.slow_consumers.get(),
+            1,
+            "counted once, however many messages it missed"
+        );
         assert_eq!(metrics.delivered.get(), 12);
     }
 }

@@ -10,21 +10,57 @@ use super::{MAX_KEY_CHARS, RoomName};
 /// A request from a client, validated.
 #[derive(Debug, Clone)]
 pub enum ClientFrame {
-    Subscribe { id: u64, room: RoomName, since: Option<Since> },
-    Unsubscribe { id: u64, room: RoomName },
-    Publish { id: u64, room: RoomName, data: Box<RawValue>, key: Option<String> },
-    Ping { id: u64 },
+    Subscribe {
+        id: u64,
+        room: RoomName,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        id: u64,
+        room: RoomName,
+    },
+    Publish {
+        id: u64,
+        room: RoomName,
+        data: Box<RawValue>,
+        key: Option<String>,
+    },
+    Ping {
+        id: u64,
+    },
 }
 
 impl PartialEq for ClientFrame {
     fn eq(&self, other: &Self) -> bool {
         use ClientFrame::*;
         match (self, other) {
-            (Subscribe { id: a, room: r, since: s }, Subscribe { id: b, room: q, since: t }) => (a, r, s) == (b, q, t),
+            (
+                Subscribe {
+                    id: a,
+                    room: r,
+                    since: s,
+                },
+                Subscribe {
+                    id: b,
+                    room: q,
+                    since: t,
+                },
+            ) => (a, r, s) == (b, q, t),
             (Unsubscribe { id: a, room: r }, Unsubscribe { id: b, room: q }) => (a, r) == (b, q),
-            (Publish { id: a, room: r, data: d, key: k }, Publish { id: b, room: q, data: e, key: l }) => {
-                (a, r, d.get(), k) == (b, q, e.get(), l)
-            }
+            (
+                Publish {
+                    id: a,
+                    room: r,
+                    data: d,
+                    key: k,
+                },
+                Publish {
+                    id: b,
+                    room: q,
+                    data: e,
+                    key: l,
+                },
+            ) => (a, r, d.get(), k) == (b, q, e.get(), l),
             (Ping { id: a }, Ping { id: b }) => a == b,
             _ => false,
         }
@@ -91,7 +127,11 @@ pub struct FrameError {
 
 impl FrameError {
     fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { id, code, message: message.into() }
+        Self {
+            id,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -125,29 +165,47 @@ impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
 /// Decodes one text frame.
 pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
-        FrameError::new(best_effort_id(text), ErrorCode::BadFrame, format!("invalid frame: {e}"))
+        FrameError::new(
+            best_effort_id(text),
+            ErrorCode::BadFrame,
+            format!("invalid frame: {e}"),
+        )
     })?;
     let id = env.id;
     let op = env
         .op
         .ok_or_else(|| FrameError::new(id, ErrorCode::BadFrame, "missing field `op`"))?;
     let need_id = || {
-        id.ok_or_else(|| FrameError::new(None, ErrorCode::BadFrame, format!("`{op}` needs an integer `id`")))
+        id.ok_or_else(|| {
+            FrameError::new(
+                None,
+                ErrorCode::BadFrame,
+                format!("`{op}` needs an integer `id`"),
+            )
+        })
     };
     let room = |room: Option<Cow<'_, str>>| -> Result<RoomName, FrameError> {
-        let room = room.ok_or_else(|| FrameError::new(id, ErrorCode::BadFrame, format!("`{op}` needs a `room`")))?;
+        let room = room.ok_or_else(|| {
+            FrameError::new(id, ErrorCode::BadFrame, format!("`{op}` needs a `room`"))
+        })?;
         RoomName::parse(&room).map_err(|e| FrameError::new(id, ErrorCode::BadRoom, e.to_string()))
     };
     match &*op {
-        "subscribe" => Ok(ClientFrame::Subscribe { id: need_id()?, room: room(env.room)?, since: env.since }),
-        "unsubscribe" => Ok(ClientFrame::Unsubscribe { id: need_id()?, room: room(env.room)? }),
+        "subscribe" => Ok(ClientFrame::Subscribe {
+            id: need_id()?,
+            room: room(env.room)?,
+            since: env.since,
+        }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            id: need_id()?,
+            room: room(env.room)?,
+        }),
         "publish" => {
             let id = need_id()?;
             let room = room(env.room)?;
-            let data = env
-                .data
-                .0
-                .ok_or_else(|| FrameError::new(Some(id), ErrorCode::BadFrame, "`publish` needs `data`"))?;
+            let data = env.data.0.ok_or_else(|| {
+                FrameError::new(Some(id), ErrorCode::BadFrame, "`publish` needs `data`")
+            })?;
             let key = match env.key {
                 Some(k) if k.is_empty() || k.chars().count() > MAX_KEY_CHARS => {
                     return Err(FrameError::new(
@@ -158,10 +216,19 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
                 }
                 k => k.map(Cow::into_owned),
             };
-            Ok(ClientFrame::Publish { id, room, data: data.to_owned(), key })
+            Ok(ClientFrame::Publish {
+                id,
+                room,
+                data: data.to_owned(),
+                key,
+            })
         }
         "ping" => Ok(ClientFrame::Ping { id: need_id()? }),
-        other => Err(FrameError::new(id, ErrorCode::BadFrame, format!("unknown op `{other}`"))),
+        other => Err(FrameError::new(
+            id,
+            ErrorCode::BadFrame,
+            format!("unknown op `{other}`"),
+        )),
     }
 }
 
@@ -179,7 +246,11 @@ fn best_effort_id(text: &str) -> Option<u64> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ServerFrame<'a> {
-    Welcome { session: &'a str, node: &'a str, version: &'a str },
+    Welcome {
+        session: &'a str,
+        node: &'a str,
+        version: &'a str,
+    },
     Ok {
         id: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -197,13 +268,24 @@ pub enum ServerFrame<'a> {
         code: ErrorCode,
         message: &'a str,
     },
-    Pong { id: u64 },
-    Reconnect { reason: &'a str, after_ms: u64 },
+    Pong {
+        id: u64,
+    },
+    Reconnect {
+        reason: &'a str,
+        after_ms: u64,
+    },
 }
 
 impl ServerFrame<'_> {
     pub fn ok(id: u64) -> Self {
-        ServerFrame::Ok { id, offset: None, epoch: None, recovered: None, missed: None }
+        ServerFrame::Ok {
+            id,
+            offset: None,
+            epoch: None,
+            recovered: None,
+            missed: None,
+        }
     }
 }
 
@@ -232,7 +314,11 @@ pub fn encode(frame: &ServerFrame<'_>) -> String {
 }
 
 pub fn encode_message(frame: &MessageFrame<'_>) -> String {
-    serde_json::to_string(&Tagged { op: "message", frame }).unwrap_or_default()
+    serde_json::to_string(&Tagged {
+        op: "message",
+        frame,
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -249,23 +335,46 @@ mod tests {
     fn decodes_every_op() {
         assert_eq!(
             decode(r#"{"op":"subscribe","id":1,"room":"lobby"}"#).unwrap(),
-            ClientFrame::Subscribe { id: 1, room: RoomName::parse("lobby").unwrap(), since: None }
+            ClientFrame::Subscribe {
+                id: 1,
+                room: RoomName::parse("lobby").unwrap(),
+                since: None
+            }
         );
         assert_eq!(
-            decode(r#"{"id":2,"since":{"epoch":"e1","offset":7},"room":"a","op":"subscribe"}"#).unwrap(),
+            decode(r#"{"id":2,"since":{"epoch":"e1","offset":7},"room":"a","op":"subscribe"}"#)
+                .unwrap(),
             ClientFrame::Subscribe {
                 id: 2,
                 room: RoomName::parse("a").unwrap(),
-                since: Some(Since { epoch: "e1".into(), offset: 7 })
+                since: Some(Since {
+                    epoch: "e1".into(),
+                    offset: 7
+                })
             }
         );
         assert_eq!(
             decode(r#"{"op":"unsubscribe","id":3,"room":"a"}"#).unwrap(),
-            ClientFrame::Unsubscribe { id: 3, room: RoomName::parse("a").unwrap() }
+            ClientFrame::Unsubscribe {
+                id: 3,
+                room: RoomName::parse("a").unwrap()
+            }
         );
-        assert_eq!(decode(r#"{"op":"ping","id":4}"#).unwrap(), ClientFrame::Ping { id: 4 });
-        match decode(r#"{"op":"publish","id":5,"room":"a","data":{"text":"hi","n":[1,2]},"key":"k1"}"#).unwrap() {
-            ClientFrame::Publish { id, room, data, key } => {
+        assert_eq!(
+            decode(r#"{"op":"ping","id":4}"#).unwrap(),
+            ClientFrame::Ping { id: 4 }
+        );
+        match decode(
+            r#"{"op":"publish","id":5,"room":"a","data":{"text":"hi","n":[1,2]},"key":"k1"}"#,
+        )
+        .unwrap()
+        {
+            ClientFrame::Publish {
+                id,
+                room,
+                data,
+                key,
+            } => {
                 assert_eq!((id, room.as_str(), key.as_deref()), (5, "a", Some("k1")));
                 assert_eq!(data.get(), r#"{"text":"hi","n":[1,2]}"#);
             }
@@ -304,7 +413,9 @@ mod tests {
         let e = err(r#"[1,2]"#);
         assert_eq!(e.code, ErrorCode::BadFrame);
         let long_key = "k".repeat(129);
-        let e = err(&format!(r#"{{"op":"publish","id":6,"room":"a","data":1,"key":"{long_key}"}}"#));
+        let e = err(&format!(
+            r#"{{"op":"publish","id":6,"room":"a","data":1,"key":"{long_key}"}}"#
+        ));
         assert_eq!((e.id, e.code), (Some(6), ErrorCode::BadFrame));
     }
 
@@ -320,7 +431,10 @@ mod tests {
             missed: Some(0),
         }))
         .unwrap();
-        assert_eq!(v, json!({"op":"ok","id":2,"offset":10,"epoch":"ep","recovered":false,"missed":0}));
+        assert_eq!(
+            v,
+            json!({"op":"ok","id":2,"offset":10,"epoch":"ep","recovered":false,"missed":0})
+        );
         let v: Value = serde_json::from_str(&encode(&ServerFrame::Error {
             id: None,
             code: ErrorCode::TooLarge,
@@ -328,16 +442,25 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(v, json!({"op":"error","code":"too_large","message":"big"}));
-        let v: Value =
-            serde_json::from_str(&encode(&ServerFrame::Reconnect { reason: "draining", after_ms: 250 })).unwrap();
-        assert_eq!(v, json!({"op":"reconnect","reason":"draining","after_ms":250}));
+        let v: Value = serde_json::from_str(&encode(&ServerFrame::Reconnect {
+            reason: "draining",
+            after_ms: 250,
+        }))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"reconnect","reason":"draining","after_ms":250})
+        );
         let v: Value = serde_json::from_str(&encode(&ServerFrame::Welcome {
             session: "s",
             node: "n",
             version: "1",
         }))
         .unwrap();
-        assert_eq!(v, json!({"op":"welcome","session":"s","node":"n","version":"1"}));
+        assert_eq!(
+            v,
+            json!({"op":"welcome","session":"s","node":"n","version":"1"})
+        );
         let v: Value = serde_json::from_str(&encode(&ServerFrame::Pong { id: 7 })).unwrap();
         assert_eq!(v, json!({"op":"pong","id":7}));
     }
@@ -345,13 +468,25 @@ mod tests {
     #[test]
     fn encodes_message_frames_with_raw_data() {
         let data = RawValue::from_string(r#"{"text":"hé \"q\""}"#.into()).unwrap();
-        let text = encode_message(&MessageFrame { room: "lobby", data: &data, offset: 3, epoch: "e", from: Some("s1") });
+        let text = encode_message(&MessageFrame {
+            room: "lobby",
+            data: &data,
+            offset: 3,
+            epoch: "e",
+            from: Some("s1"),
+        });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             v,
             json!({"op":"message","room":"lobby","data":{"text":"hé \"q\""},"offset":3,"epoch":"e","from":"s1"})
         );
-        let text = encode_message(&MessageFrame { room: "r", data: &data, offset: 1, epoch: "e", from: None });
+        let text = encode_message(&MessageFrame {
+            room: "r",
+            data: &data,
+            offset: 1,
+            epoch: "e",
+            from: None,
+        });
         assert!(!text.contains("from"));
         assert_eq!(ErrorCode::HistoryGone.as_str(), "history_gone");
     }

@@ -67,8 +67,17 @@ mod tests {
 
     #[test]
     fn accepts_the_allowed_alphabet() {
-        for ok in ["a", "chat:lobby", "user:alice@example.com", "x_y-z.1", &"a".repeat(256)] {
-            assert_eq!(RoomName::parse(ok).map(|r| r.to_string()), Ok(ok.to_string()));
+        for ok in [
+            "a",
+            "chat:lobby",
+            "user:alice@example.com",
+            "x_y-z.1",
+            &"a".repeat(256),
+        ] {
+            assert_eq!(
+                RoomName::parse(ok).map(|r| r.to_string()),
+                Ok(ok.to_string())
+            );
         }
     }
 

@@ -27,14 +27,21 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
     match node.ready() {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
 pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.metrics.broker_up.set(i64::from(node.broker_up()));
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         node.metrics.render(),
     )
         .into_response()
@@ -54,9 +61,15 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if let Err(e) = node.auth.check_api_key(authorization) {
-        return api_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            &e.to_string(),
+        );
     }
     let room = match RoomName::parse(&room) {
         Ok(room) => room,
@@ -88,19 +101,37 @@ pub async fn publish(
             &format!("`key` must be 1 to {MAX_KEY_CHARS} characters"),
         );
     }
-    let req = PublishRequest { room, data: body.data, from: None, key: body.key };
+    let req = PublishRequest {
+        room,
+        data: body.data,
+        from: None,
+        key: body.key,
+    };
     match node.publish(req).await {
-        Ok(p) => (StatusCode::OK, axum::Json(json!({"offset": p.offset, "epoch": &*p.epoch}))).into_response(),
+        Ok(p) => (
+            StatusCode::OK,
+            axum::Json(json!({"offset": p.offset, "epoch": &*p.epoch})),
+        )
+            .into_response(),
         Err(e) => broker_error(&e),
     }
 }
 
 fn broker_error(e: &BrokerError) -> Response {
-    let mut resp = api_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &e.to_string());
-    resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    let mut resp = api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        &e.to_string(),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     resp
 }
 
 fn api_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
-    (status, axum::Json(json!({"error": {"code": code.as_str(), "message": message}}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": {"code": code.as_str(), "message": message}})),
+    )
+        .into_response()
 }

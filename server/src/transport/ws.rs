@@ -53,7 +53,11 @@ pub async fn upgrade(
 ) -> Response {
     if node.is_draining() {
         node.metrics.connections_refused.inc();
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another node\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: connect to another node\n",
+        )
+            .into_response();
     }
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -61,11 +65,17 @@ pub async fn upgrade(
         .and_then(crate::auth::bearer_token);
     let session = match node.auth.authenticate(query.token.as_deref().or(bearer)) {
         Ok(session) => session,
-        Err(e) => return (StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n")).into_response(),
+        Err(e) => {
+            return (StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n")).into_response();
+        }
     };
     let Some(slot) = node.reserve_slot() else {
         node.metrics.connections_refused.inc();
-        return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached: connect to another node\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached: connect to another node\n",
+        )
+            .into_response();
     };
     let max_frame = node.config.max_frame_bytes as usize;
     ws.protocols([SUBPROTOCOL])
@@ -107,7 +117,14 @@ async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slo
     let id = node.register(handle.ctl.clone());
     let session: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
     tracing::info!(conn = id.0, %session, user = auth.user(), "connection opened");
-    let mut conn = Conn { node: node.clone(), id, session: session.clone(), auth, handle, rooms: HashSet::new() };
+    let mut conn = Conn {
+        node: node.clone(),
+        id,
+        session: session.clone(),
+        auth,
+        handle,
+        rooms: HashSet::new(),
+    };
     let end = conn.run(socket, queue).await;
     for room in std::mem::take(&mut conn.rooms) {
         node.hub.leave(&*node.broker, &room, id);
@@ -200,11 +217,19 @@ impl Conn {
 
     /// Handles one text frame; returns an immediate reply, or queues a
     /// deferred one in `inflight`.
-    async fn handle_text(&mut self, text: Utf8Bytes, inflight: &mut FuturesOrdered<Reply>) -> Option<String> {
+    async fn handle_text(
+        &mut self,
+        text: Utf8Bytes,
+        inflight: &mut FuturesOrdered<Reply>,
+    ) -> Option<String> {
         let max = self.node.config.max_frame_bytes as usize;
         if text.len() > max {
             self.node.metrics.bad_frames.inc();
-            return Some(error(None, ErrorCode::TooLarge, &format!("frame is larger than {max} bytes")));
+            return Some(error(
+                None,
+                ErrorCode::TooLarge,
+                &format!("frame is larger than {max} bytes"),
+            ));
         }
         let frame = match protocol::decode(&text) {
             Ok(frame) => frame,
@@ -215,18 +240,38 @@ impl Conn {
         };
         match frame {
             ClientFrame::Ping { id } => Some(protocol::encode(&ServerFrame::Pong { id })),
-            ClientFrame::Subscribe { id, room, since } => Some(self.subscribe(id, room, since).await),
+            ClientFrame::Subscribe { id, room, since } => {
+                Some(self.subscribe(id, room, since).await)
+            }
             ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room) {
                 self.node.hub.leave(&*self.node.broker, &room, self.id);
                 protocol::encode(&ServerFrame::ok(id))
             } else {
-                error(Some(id), ErrorCode::NotSubscribed, &format!("not subscribed to `{room}`"))
+                error(
+                    Some(id),
+                    ErrorCode::NotSubscribed,
+                    &format!("not subscribed to `{room}`"),
+                )
             }),
-            ClientFrame::Publish { id, room, data, key } => {
+            ClientFrame::Publish {
+                id,
+                room,
+                data,
+                key,
+            } => {
                 if !self.auth.may_publish(room.as_str()) {
-                    return Some(error(Some(id), ErrorCode::Forbidden, &format!("may not publish to `{room}`")));
+                    return Some(error(
+                        Some(id),
+                        ErrorCode::Forbidden,
+                        &format!("may not publish to `{room}`"),
+                    ));
                 }
-                let fut = self.node.publish(PublishRequest { room, data, from: Some(self.session.clone()), key });
+                let fut = self.node.publish(PublishRequest {
+                    room,
+                    data,
+                    from: Some(self.session.clone()),
+                    key,
+                });
                 inflight.push_back(
                     async move {
                         match fut.await {
@@ -249,11 +294,19 @@ impl Conn {
 
     async fn subscribe(&mut self, id: u64, room: RoomName, since: Option<Since>) -> String {
         if !self.auth.may_subscribe(room.as_str()) {
-            return error(Some(id), ErrorCode::Forbidden, &format!("may not subscribe to `{room}`"));
+            return error(
+                Some(id),
+                ErrorCode::Forbidden,
+                &format!("may not subscribe to `{room}`"),
+            );
         }
         let node = self.node.clone();
         if !self.rooms.contains(&room) {
-            if let Err(e) = node.hub.join(&*node.broker, &room, self.id, self.handle.clone()).await {
+            if let Err(e) = node
+                .hub
+                .join(&*node.broker, &room, self.id, self.handle.clone())
+                .await
+            {
                 return broker_error(Some(id), &e);
             }
             self.rooms.insert(room.clone());
@@ -303,7 +356,13 @@ async fn close(socket: &mut WebSocket, reason: CloseReason) -> End {
         ),
         CloseReason::Draining { after_ms } => (
             vec![
-                Message::Text(protocol::encode(&ServerFrame::Reconnect { reason: "draining", after_ms }).into()),
+                Message::Text(
+                    protocol::encode(&ServerFrame::Reconnect {
+                        reason: "draining",
+                        after_ms,
+                    })
+                    .into(),
+                ),
                 Message::Close(Some(CloseFrame {
                     code: close_code::AWAY,
                     reason: Utf8Bytes::from_static("server draining: reconnect"),

@@ -1,0 +1,140 @@
+//! The `chorus-server` binary as a user runs it: flags, env, SIGTERM drain.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chorus_tests::{Event, WsClient, free_port, wait_until};
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigterm_sends_reconnect_turns_readyz_503_and_exits_0() {
+    let port = free_port();
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_chorus-server"))
+            // Flags may come from the environment too.
+            .env("CHORUS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CHORUS_NODE_ID", "node-under-test")
+            .args(["--drain-seconds", "3", "--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until("the server to be ready", || async {
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let mut first = WsClient::connect(&url).await.unwrap();
+    assert_eq!(first.welcome["node"], "node-under-test");
+    let mut second = WsClient::connect(&url).await.unwrap();
+    first.subscribe("r").await;
+    second.subscribe("r").await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Clients are told one after the other, spread over the drain window;
+    // the first is told at once.
+    let (told, other) = match tokio::time::timeout(Duration::from_secs(5), first.frame()).await {
+        Ok(frame) => (frame, second),
+        Err(_) => (second.frame().await, first),
+    };
+    assert_eq!(told["op"], "reconnect", "{told}");
+    assert_eq!(told["reason"], "draining");
+
+    // While draining: not ready, no new clients, but still alive.
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("draining"));
+    assert!(
+        WsClient::connect(&url).await.is_err(),
+        "upgrades are refused while draining"
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let mut other = other;
+    let r = other.frame().await;
+    assert_eq!(r["op"], "reconnect");
+    assert_eq!(other.event().await, Event::Closed(Some(1001)));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not exit after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(code.success(), "exit status {code}");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus-server"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--broker",
+        "--delivery",
+        "--history-size",
+        "--history-ttl",
+        "--node-id",
+        "--api-key",
+        "--api-key-file",
+        "--jwt-secret",
+        "--jwt-secret-file",
+        "--max-frame-bytes",
+        "--send-queue",
+        "--max-connections",
+        "--drain-seconds",
+        "--log-format",
+        "--redis-password-file",
+    ] {
+        assert!(help.contains(flag), "--help does not mention {flag}");
+    }
+    assert!(
+        help.contains("CHORUS_LISTEN"),
+        "--help names the env variables"
+    );
+}
+
+#[test]
+fn a_bad_flag_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus-server"))
+        .args(["--broker", "kafka://x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kafka://x"), "{err}");
+}
