@@ -94,6 +94,21 @@ pub struct Config {
     /// File holding the Redis password (instead of putting it in the --broker URL).
     #[arg(long, env = "CHORUS_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+
+    /// Bound on each Redis call (connect, publish, subscribe); a publish that
+    /// Redis does not answer in time gets `unavailable`.
+    #[arg(long, env = "CHORUS_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// How often a canary message is sent round through Redis Pub/Sub to prove
+    /// this node's subscription still delivers.
+    #[arg(long, env = "CHORUS_CANARY_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub canary_interval: Duration,
+
+    /// A canary not back within this long marks the subscription dead:
+    /// `/readyz` turns 503 and the node reconnects to Redis.
+    #[arg(long, env = "CHORUS_CANARY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub canary_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,5 +1,7 @@
 //! Prometheus metrics of a node (`GET /metrics`).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -29,6 +31,10 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// 1 while the broker is reachable.
     pub broker_up: Gauge,
+    /// Times the broker link was re-established after a loss.
+    pub broker_reconnects: Counter,
+    /// Last round-trip time of the canary through Redis Pub/Sub.
+    pub canary_rtt: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -95,8 +101,22 @@ impl Metrics {
             "1 while the broker is reachable, else 0",
             broker_up.clone(),
         );
+        let broker_reconnects = Counter::default();
+        registry.register(
+            "broker_reconnects",
+            "Times the broker link was re-established after it was lost",
+            broker_reconnects.clone(),
+        );
+        let canary_rtt = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "redis_canary_rtt_seconds",
+            "Last round trip of the canary message through Redis Pub/Sub",
+            canary_rtt.clone(),
+        );
         Self {
             registry,
+            broker_reconnects,
+            canary_rtt,
             connections,
             connections_refused,
             rooms,

@@ -11,7 +11,10 @@ use tokio::time::Instant;
 
 use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::memory::lock;
-use crate::broker::{Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published};
+use crate::broker::{
+    Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
+    RedisOptions, RedisUrl,
+};
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
 use crate::metrics::Metrics;
@@ -29,6 +32,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    RedisUrl(#[from] crate::broker::redis::UrlError),
+    #[error("--delivery streams is not available in this version")]
+    StreamsNotYet,
     #[error("auth configuration: {0}")]
     Auth(#[from] crate::auth::AuthError),
 }
@@ -59,6 +66,20 @@ impl Node {
                     return Err(StartError::StreamsNeedRedis);
                 }
                 Arc::new(MemoryBroker::new(hub.clone()))
+            }
+            Some("redis" | "redis+sentinel") => {
+                let mut url = RedisUrl::parse(&config.broker)?;
+                if let Some(path) = &config.redis_password_file {
+                    url.password = Some(file_secret("the Redis password", path)?);
+                }
+                let mut opts = RedisOptions::new(url, config.node_id());
+                opts.canary_interval = config.canary_interval;
+                opts.canary_timeout = config.canary_timeout;
+                opts.op_timeout = config.redis_timeout;
+                if config.delivery == DeliveryMode::Streams {
+                    return Err(StartError::StreamsNotYet);
+                }
+                Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
             }
             _ => return Err(StartError::BrokerUrl(config.broker.clone())),
         };
@@ -196,14 +217,16 @@ impl Drop for Slot {
     }
 }
 
+fn file_secret(what: &'static str, path: &std::path::Path) -> Result<String, StartError> {
+    read_secret(path).map_err(|source| StartError::SecretFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
-    let file = |what: &'static str, path: &std::path::Path| {
-        read_secret(path).map_err(|source| StartError::SecretFile {
-            what,
-            path: path.display().to_string(),
-            source,
-        })
-    };
+    let file = file_secret;
     let api_key = match (&config.api_key, &config.api_key_file) {
         (Some(k), _) => Some(k.clone()),
         (None, Some(p)) => Some(file("the API key", p)?),

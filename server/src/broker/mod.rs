@@ -13,6 +13,7 @@
 //! publishes to a room keep their order.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::protocol::RoomName;
 
+pub use self::redis::{RedisBroker, RedisOptions, RedisUrl};
 pub use memory::MemoryBroker;
 
 /// A message to publish.

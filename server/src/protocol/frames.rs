@@ -307,6 +307,26 @@ struct Tagged<'a, T> {
     frame: &'a T,
 }
 
+/// A `message` frame cut around its offset and epoch, for a broker that
+/// assigns those itself: the frame is `head + offset + ,"epoch":"<epoch>" + tail`.
+/// Only valid for epochs that need no JSON escaping (the brokers' hex ids).
+pub fn message_parts(room: &str, data: &RawValue, from: Option<&str>) -> (String, String) {
+    let mut head = String::with_capacity(48 + room.len() + data.get().len());
+    head.push_str(r#"{"op":"message","room":"#);
+    head.push_str(&serde_json::to_string(room).unwrap_or_default());
+    head.push_str(r#","data":"#);
+    head.push_str(data.get());
+    head.push_str(r#","offset":"#);
+    let tail = match from {
+        Some(from) => format!(
+            r#","from":{}}}"#,
+            serde_json::to_string(from).unwrap_or_default()
+        ),
+        None => "}".to_string(),
+    };
+    (head, tail)
+}
+
 pub fn encode(frame: &ServerFrame<'_>) -> String {
     // Serialising these plain structs cannot fail (string keys, no maps of
     // non-string keys, no failing Serialize impls).
@@ -489,5 +509,22 @@ mod tests {
         });
         assert!(!text.contains("from"));
         assert_eq!(ErrorCode::HistoryGone.as_str(), "history_gone");
+    }
+
+    #[test]
+    fn message_parts_assemble_the_same_frame() {
+        let data = RawValue::from_string(r#"[1,{"a":"b"}]"#.into()).unwrap();
+        for from in [Some("s1"), None] {
+            let (head, tail) = message_parts("r:1", &data, from);
+            let assembled = format!(r#"{head}42,"epoch":"e0"{tail}"#);
+            let whole = encode_message(&MessageFrame {
+                room: "r:1",
+                data: &data,
+                offset: 42,
+                epoch: "e0",
+                from,
+            });
+            assert_eq!(assembled, whole);
+        }
     }
 }

@@ -1,0 +1,707 @@
+//! Redis Pub/Sub broker: fan-out across nodes, with Sentinel failover.
+//!
+//! Three tasks per node, sharing [`Shared`]:
+//! - the **publisher** takes publishes in call order from a bounded queue,
+//!   sends whatever is waiting as one pipeline of `EVALSHA` (one round trip,
+//!   order kept) on the multiplexed connection, and answers each caller;
+//! - the **link supervisor** owns the connection lifecycle: find the master
+//!   (directly, or by asking the sentinels and checking `ROLE`), open the
+//!   publish connection and the one pub/sub connection, subscribe every room
+//!   this node serves, then watch the link — pub/sub stream closed, canary
+//!   not coming back, publisher errors, the sentinels naming another master —
+//!   and on trouble mark the broker down and reconnect with jittered backoff;
+//! - the link's **subscription reconciler** (inside the supervisor loop)
+//!   brings the Redis subscriptions to the set of rooms the hub wants.
+//!
+//! While the link is down, publishes and new subscriptions fail at once with
+//! `unavailable`, `/readyz` answers 503, and clients stay connected: when the
+//! link is back every served room is subscribed again and delivery resumes.
+
+mod scripts;
+mod url;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+
+pub use url::{Addr, RedisUrl, Target, UrlError};
+
+use super::{
+    Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published, new_epoch,
+    now_us,
+};
+use crate::broker::memory::lock;
+use crate::metrics::Metrics;
+use crate::protocol::{RoomName, message_parts};
+
+/// Tuning of the Redis link.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub url: RedisUrl,
+    pub node_id: String,
+    /// A room's state (epoch, offset) expires after this long without a publish.
+    pub room_ttl: Duration,
+    /// Bound on every Redis call (connect, publish, subscribe).
+    pub op_timeout: Duration,
+    /// How often the canary goes round through Redis.
+    pub canary_interval: Duration,
+    /// A canary not back within this long means the subscription is dead.
+    pub canary_timeout: Duration,
+}
+
+impl RedisOptions {
+    pub fn new(url: RedisUrl, node_id: String) -> Self {
+        Self {
+            url,
+            node_id,
+            room_ttl: Duration::from_secs(24 * 3600),
+            op_timeout: Duration::from_secs(1),
+            canary_interval: Duration::from_secs(1),
+            canary_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Publishes waiting for the publisher task; more are refused (`Overloaded`).
+const PUBLISH_QUEUE: usize = 16 * 1024;
+/// Publishes sent in one pipeline at most.
+const MAX_PIPELINE: usize = 512;
+/// Rooms subscribed in one SUBSCRIBE command at most.
+const SUBSCRIBE_BATCH: usize = 512;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How often the sentinels are asked whether the master moved.
+const SENTINEL_POLL: Duration = Duration::from_millis(500);
+
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    publish_tx: mpsc::Sender<PublishCmd>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct PublishCmd {
+    req: PublishRequest,
+    reply: oneshot::Sender<Result<Published, BrokerError>>,
+}
+
+type Waiter = oneshot::Sender<Result<(), BrokerError>>;
+
+struct Shared {
+    opts: RedisOptions,
+    /// Rooms the hub wants, with the subscribers waiting for the first
+    /// confirmation. Std mutex: map updates only, never across `.await`.
+    wanted: Mutex<HashMap<RoomName, Vec<Waiter>>>,
+    /// Wakes the reconciler when `wanted` changed.
+    wake: Notify,
+    /// Wakes the supervisor when the publisher saw the link fail.
+    trouble: Notify,
+    health: watch::Sender<Health>,
+    /// The publish connection of the current link, if any.
+    conn: watch::Sender<Option<MultiplexedConnection>>,
+    deliver: Arc<dyn Deliver>,
+    metrics: Arc<Metrics>,
+    canary_channel: String,
+}
+
+impl RedisBroker {
+    /// Starts the broker's tasks; the link comes up in the background
+    /// (`health()` tells when).
+    pub fn start(opts: RedisOptions, deliver: Arc<dyn Deliver>, metrics: Arc<Metrics>) -> Self {
+        let canary_channel = format!(
+            "chorus:canary:{}:{:08x}",
+            opts.node_id,
+            rand::random::<u32>()
+        );
+        let shared = Arc::new(Shared {
+            opts,
+            wanted: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            trouble: Notify::new(),
+            health: watch::Sender::new(Health::Down("connecting".into())),
+            conn: watch::Sender::new(None),
+            deliver,
+            metrics,
+            canary_channel,
+        });
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let tasks = vec![
+            tokio::spawn(publisher(shared.clone(), publish_rx)),
+            tokio::spawn(supervise(shared.clone())),
+        ];
+        Self {
+            shared,
+            publish_tx,
+            tasks,
+        }
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, req: PublishRequest) -> BoxFuture<'static, Result<Published, BrokerError>> {
+        if let Health::Down(why) = &*self.shared.health.borrow() {
+            return std::future::ready(Err(BrokerError::Unavailable(why.clone()))).boxed();
+        }
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.publish_tx.try_send(PublishCmd { req, reply }) {
+            let err = match e {
+                mpsc::error::TrySendError::Full(_) => BrokerError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    BrokerError::Unavailable("publisher stopped".into())
+                }
+            };
+            return std::future::ready(Err(err)).boxed();
+        }
+        // The publisher bounds each pipeline by op_timeout; queueing behind a
+        // full pipeline can add one more.
+        let limit = self.shared.opts.op_timeout * 3;
+        async move {
+            match timeout(limit, rx).await {
+                Ok(Ok(res)) => res,
+                Ok(Err(_)) => Err(BrokerError::Unavailable("publisher stopped".into())),
+                Err(_) => Err(BrokerError::Timeout(limit)),
+            }
+        }
+        .boxed()
+    }
+
+    fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>> {
+        if let Health::Down(why) = &*self.shared.health.borrow() {
+            return std::future::ready(Err(BrokerError::Unavailable(why.clone()))).boxed();
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.wanted)
+            .entry(room.clone())
+            .or_default()
+            .push(tx);
+        self.shared.wake.notify_one();
+        let limit = self.shared.opts.op_timeout * 3;
+        async move {
+            match timeout(limit, rx).await {
+                Ok(Ok(res)) => res,
+                Ok(Err(_)) => Err(BrokerError::Unavailable("link restarted".into())),
+                Err(_) => Err(BrokerError::Timeout(limit)),
+            }
+        }
+        .boxed()
+    }
+
+    fn unsubscribe(&self, room: &RoomName) {
+        lock(&self.shared.wanted).remove(room);
+        self.shared.wake.notify_one();
+    }
+
+    fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
+        let conn = self.shared.conn.borrow().clone();
+        let key = scripts::room_key(room.as_str());
+        let ttl = self.shared.opts.room_ttl.as_secs().max(1);
+        let limit = self.shared.opts.op_timeout;
+        async move {
+            let Some(mut conn) = conn else {
+                return Err(BrokerError::Unavailable("not connected".into()));
+            };
+            let mut inv = scripts::POSITION.key(key);
+            inv.arg(new_epoch()).arg(ttl);
+            match timeout(limit, inv.invoke_async::<(u64, String)>(&mut conn)).await {
+                Ok(Ok((offset, epoch))) => Ok(Position {
+                    offset,
+                    epoch: epoch.into(),
+                }),
+                Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+                Err(_) => Err(BrokerError::Timeout(limit)),
+            }
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> watch::Receiver<Health> {
+        self.shared.health.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+// ---------------------------------------------------------------- publisher
+
+async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
+    let conn_rx = shared.conn.subscribe();
+    let ttl = shared.opts.room_ttl.as_secs().max(1);
+    let hash = scripts::PUBLISH.get_hash().to_string();
+    let mut batch: Vec<PublishCmd> = Vec::with_capacity(MAX_PIPELINE);
+    while rx.recv_many(&mut batch, MAX_PIPELINE).await > 0 {
+        let conn = conn_rx.borrow().clone();
+        let Some(mut conn) = conn else {
+            for cmd in batch.drain(..) {
+                let _ = cmd
+                    .reply
+                    .send(Err(BrokerError::Unavailable("not connected".into())));
+            }
+            continue;
+        };
+        let ts = now_us().to_string();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in &batch {
+            let room = cmd.req.room.as_str();
+            let (head, tail) = message_parts(room, &cmd.req.data, cmd.req.from.as_deref());
+            pipe.cmd("EVALSHA")
+                .arg(&hash)
+                .arg(1)
+                .arg(scripts::room_key(room))
+                .arg(scripts::room_channel(room))
+                .arg(head)
+                .arg(tail)
+                .arg(&ts)
+                .arg(new_epoch())
+                .arg(ttl);
+        }
+        let outcome = timeout(
+            shared.opts.op_timeout,
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(results)) => {
+                let mut noscript = Vec::new();
+                for (cmd, res) in batch.drain(..).zip(results) {
+                    match res.and_then(|v| {
+                        redis::from_redis_value::<(u64, String)>(v).map_err(Into::into)
+                    }) {
+                        Ok((offset, epoch)) => {
+                            let _ = cmd.reply.send(Ok(Published {
+                                offset,
+                                epoch: epoch.into(),
+                            }));
+                        }
+                        Err(e) if e.code() == Some("NOSCRIPT") => noscript.push(cmd),
+                        Err(e) => {
+                            if e.code() == Some("READONLY")
+                                || e.is_io_error()
+                                || e.is_connection_dropped()
+                            {
+                                shared.trouble.notify_one();
+                            }
+                            let _ = cmd.reply.send(Err(BrokerError::Unavailable(e.to_string())));
+                        }
+                    }
+                }
+                // The script cache was flushed under us (Redis restarted on
+                // the same connection?): EVAL loads it again, one at a time to
+                // keep the order.
+                for cmd in noscript {
+                    let room = cmd.req.room.as_str();
+                    let (head, tail) = message_parts(room, &cmd.req.data, cmd.req.from.as_deref());
+                    let mut inv = scripts::PUBLISH.key(scripts::room_key(room));
+                    inv.arg(scripts::room_channel(room))
+                        .arg(head)
+                        .arg(tail)
+                        .arg(&ts)
+                        .arg(new_epoch())
+                        .arg(ttl);
+                    let res = match timeout(
+                        shared.opts.op_timeout,
+                        inv.invoke_async::<(u64, String)>(&mut conn),
+                    )
+                    .await
+                    {
+                        Ok(Ok((offset, epoch))) => Ok(Published {
+                            offset,
+                            epoch: epoch.into(),
+                        }),
+                        Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+                        Err(_) => Err(BrokerError::Timeout(shared.opts.op_timeout)),
+                    };
+                    let _ = cmd.reply.send(res);
+                }
+            }
+            Ok(Err(e)) => {
+                shared.trouble.notify_one();
+                for cmd in batch.drain(..) {
+                    let _ = cmd.reply.send(Err(BrokerError::Unavailable(e.to_string())));
+                }
+            }
+            Err(_) => {
+                shared.trouble.notify_one();
+                for cmd in batch.drain(..) {
+                    let _ = cmd
+                        .reply
+                        .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
+                }
+            }
+        }
+    }
+}
+
+// --------------------------------------------------------------- supervisor
+
+/// One established link to the current master.
+struct Link {
+    master: Addr,
+    conn: MultiplexedConnection,
+    sink: PubSubSink,
+    stream: PubSubStream,
+    /// Rooms subscribed on this link.
+    active: HashSet<RoomName>,
+}
+
+async fn supervise(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut first = true;
+    loop {
+        match connect(&shared).await {
+            Ok(link) => {
+                backoff = BACKOFF_MIN;
+                if !first {
+                    shared.metrics.broker_reconnects.inc();
+                }
+                first = false;
+                let master = link.master.clone();
+                tracing::info!(%master, rooms = link.active.len(), "redis link up");
+                let why = run_link(&shared, link).await;
+                tracing::warn!(%master, reason = %why, "redis link lost; reconnecting");
+                shared.conn.send_replace(None);
+                shared.health.send_replace(Health::Down(why));
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "cannot connect to redis");
+                shared.health.send_replace(Health::Down(why));
+            }
+        }
+        fail_waiters(&shared);
+        // Full jitter between half and the whole backoff.
+        let sleep = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::time::sleep(sleep).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Subscribers waiting for a link that went away are told so; their rooms
+/// are dropped from the wanted set (the hub forgets them on failure).
+fn fail_waiters(shared: &Shared) {
+    let mut wanted = lock(&shared.wanted);
+    wanted.retain(|_, waiters| {
+        if waiters.is_empty() {
+            return true;
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(Err(BrokerError::Unavailable("redis link down".into())));
+        }
+        false
+    });
+}
+
+fn client_for(shared: &Shared, addr: &Addr) -> Result<redis::Client, String> {
+    let url = &shared.opts.url;
+    let mut settings = RedisConnectionInfo::default().set_db(url.db);
+    if let Some(user) = &url.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(pw) = &url.password {
+        settings = settings.set_password(pw);
+    }
+    let info = ConnectionAddr::Tcp(addr.host.clone(), addr.port)
+        .into_connection_info()
+        .map_err(|e| e.to_string())?
+        .set_redis_settings(settings);
+    redis::Client::open(info).map_err(|e| e.to_string())
+}
+
+fn conn_config(shared: &Shared) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(shared.opts.op_timeout))
+        .set_response_timeout(Some(shared.opts.op_timeout))
+}
+
+/// Finds the master, connects, checks its role, loads the scripts and
+/// subscribes every wanted room plus the canary channel.
+async fn connect(shared: &Arc<Shared>) -> Result<Link, String> {
+    let master = match &shared.opts.url.target {
+        Target::Direct(addr) => addr.clone(),
+        Target::Sentinel { sentinels, master } => ask_sentinels(shared, sentinels, master).await?,
+    };
+    let client = client_for(shared, &master)?;
+    let limit = shared.opts.op_timeout;
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&conn_config(shared))
+        .await
+        .map_err(|e| format!("connect {master}: {e}"))?;
+    let role: redis::Value = redis::cmd("ROLE")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("ROLE on {master}: {e}"))?;
+    let role_name = match &role {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    if role_name != "master" {
+        return Err(format!("{master} is a {role_name}, not a master"));
+    }
+    scripts::PUBLISH
+        .load_async(&mut conn)
+        .await
+        .map_err(|e| format!("SCRIPT LOAD on {master}: {e}"))?;
+    let pubsub = timeout(limit, client.get_async_pubsub())
+        .await
+        .map_err(|_| format!("pub/sub connect to {master} timed out"))?
+        .map_err(|e| format!("pub/sub connect to {master}: {e}"))?;
+    let (mut sink, stream) = pubsub.split();
+    timeout(limit, sink.subscribe(&shared.canary_channel))
+        .await
+        .map_err(|_| "canary SUBSCRIBE timed out".to_string())?
+        .map_err(|e| format!("canary SUBSCRIBE: {e}"))?;
+    let mut link = Link {
+        master,
+        conn: conn.clone(),
+        sink,
+        stream,
+        active: HashSet::new(),
+    };
+    reconcile(shared, &mut link).await?;
+    shared.conn.send_replace(Some(conn));
+    shared.health.send_replace(Health::Up);
+    Ok(link)
+}
+
+/// Asks the sentinels, in turn, where the master is.
+async fn ask_sentinels(shared: &Shared, sentinels: &[Addr], name: &str) -> Result<Addr, String> {
+    let mut errors = Vec::new();
+    for s in sentinels {
+        match ask_sentinel(shared, s, name).await {
+            Ok(addr) => return Ok(addr),
+            Err(e) => errors.push(format!("{s}: {e}")),
+        }
+    }
+    Err(format!(
+        "no sentinel named a master for `{name}` ({})",
+        errors.join("; ")
+    ))
+}
+
+async fn ask_sentinel(shared: &Shared, sentinel: &Addr, name: &str) -> Result<Addr, String> {
+    // Sentinels usually have no password of their own; try without first,
+    // then with the Redis password if the sentinel asks for one.
+    let plain = ConnectionAddr::Tcp(sentinel.host.clone(), sentinel.port)
+        .into_connection_info()
+        .map_err(|e| e.to_string())?;
+    let mut attempts = vec![plain.clone()];
+    if let Some(pw) = &shared.opts.url.password {
+        attempts.push(plain.set_redis_settings(RedisConnectionInfo::default().set_password(pw)));
+    }
+    let mut last = String::new();
+    for info in attempts {
+        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+        let mut conn = match client
+            .get_multiplexed_async_connection_with_config(&conn_config(shared))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let reply: redis::RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(Some((host, port))) => return Ok(Addr { host, port }),
+            Ok(None) => return Err(format!("does not know master `{name}`")),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+/// Brings the link's subscriptions to the wanted set; answers waiters.
+async fn reconcile(shared: &Shared, link: &mut Link) -> Result<(), String> {
+    let limit = shared.opts.op_timeout;
+    let (to_sub, to_unsub): (Vec<RoomName>, Vec<RoomName>) = {
+        let wanted = lock(&shared.wanted);
+        (
+            wanted
+                .keys()
+                .filter(|r| !link.active.contains(*r))
+                .cloned()
+                .collect(),
+            link.active
+                .iter()
+                .filter(|r| !wanted.contains_key(*r))
+                .cloned()
+                .collect(),
+        )
+    };
+    for chunk in to_unsub.chunks(SUBSCRIBE_BATCH) {
+        let channels: Vec<String> = chunk
+            .iter()
+            .map(|r| scripts::room_channel(r.as_str()))
+            .collect();
+        timeout(limit, link.sink.unsubscribe(&channels))
+            .await
+            .map_err(|_| "UNSUBSCRIBE timed out".to_string())?
+            .map_err(|e| format!("UNSUBSCRIBE: {e}"))?;
+        for r in chunk {
+            link.active.remove(r);
+        }
+    }
+    for chunk in to_sub.chunks(SUBSCRIBE_BATCH) {
+        let channels: Vec<String> = chunk
+            .iter()
+            .map(|r| scripts::room_channel(r.as_str()))
+            .collect();
+        timeout(limit, link.sink.subscribe(&channels))
+            .await
+            .map_err(|_| "SUBSCRIBE timed out".to_string())?
+            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
+        link.active.extend(chunk.iter().cloned());
+    }
+    // Everyone waiting on a room that is now active can go ahead; a room
+    // that was wanted, then unwanted, then wanted again meanwhile is active too.
+    let mut wanted = lock(&shared.wanted);
+    for (room, waiters) in wanted.iter_mut() {
+        if link.active.contains(room) {
+            for w in waiters.drain(..) {
+                let _ = w.send(Ok(()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs an established link until it fails; returns why.
+async fn run_link(shared: &Arc<Shared>, mut link: Link) -> String {
+    let mut canary_tick = tokio::time::interval(shared.opts.canary_interval);
+    canary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sentinel_tick = tokio::time::interval(SENTINEL_POLL);
+    sentinel_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The canary in flight: its number and when it was sent.
+    let mut canary: Option<(u64, Instant)> = None;
+    let mut canary_seq = 0u64;
+    let (canary_err_tx, mut canary_err_rx) = mpsc::channel::<String>(1);
+    let sentinel_target = match &shared.opts.url.target {
+        Target::Sentinel { sentinels, master } => Some((sentinels.clone(), master.clone())),
+        Target::Direct(_) => None,
+    };
+    loop {
+        tokio::select! {
+            msg = link.stream.next() => {
+                let Some(msg) = msg else { return "pub/sub connection closed".into() };
+                let channel = msg.get_channel_name();
+                if let Some(room) = channel.strip_prefix(scripts::ROOM_CHANNEL_PREFIX) {
+                    deliver(shared, room, msg.get_payload_bytes());
+                } else if channel == shared.canary_channel {
+                    let seq: Option<u64> = std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(|s| s.parse().ok());
+                    if let (Some(seq), Some((want, sent))) = (seq, canary)
+                        && seq == want
+                    {
+                        shared.metrics.canary_rtt.set(sent.elapsed().as_secs_f64());
+                        canary = None;
+                    }
+                }
+            }
+            () = shared.wake.notified() => {
+                if let Err(e) = reconcile(shared, &mut link).await {
+                    return e;
+                }
+            }
+            () = shared.trouble.notified() => {
+                let ping = timeout(shared.opts.op_timeout, redis::cmd("PING").query_async::<String>(&mut link.conn)).await;
+                match ping {
+                    Ok(Ok(_)) => {
+                        // The connection answers; a READONLY error means the
+                        // master was demoted: check the role again.
+                        let role = timeout(shared.opts.op_timeout, redis::cmd("ROLE").query_async::<redis::Value>(&mut link.conn)).await;
+                        if let Ok(Ok(redis::Value::Array(items))) = role
+                            && !matches!(items.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+                        {
+                            return format!("{} is no longer a master", link.master);
+                        }
+                    }
+                    Ok(Err(e)) => return format!("publish connection failed: {e}"),
+                    Err(_) => return "publish connection does not answer".into(),
+                }
+            }
+            _ = canary_tick.tick() => {
+                match canary {
+                    Some((_, sent)) if sent.elapsed() > shared.opts.canary_timeout => {
+                        return format!("canary not delivered within {:?}: subscription is dead", shared.opts.canary_timeout);
+                    }
+                    Some(_) => {}
+                    None => {
+                        canary_seq += 1;
+                        canary = Some((canary_seq, Instant::now()));
+                        let mut conn = link.conn.clone();
+                        let channel = shared.canary_channel.clone();
+                        let seq = canary_seq;
+                        let limit = shared.opts.op_timeout;
+                        let err_tx = canary_err_tx.clone();
+                        tokio::spawn(async move {
+                            let sent = timeout(limit, redis::cmd("PUBLISH").arg(channel).arg(seq).query_async::<i64>(&mut conn)).await;
+                            let err = match sent {
+                                Ok(Ok(_)) => return,
+                                Ok(Err(e)) => format!("canary publish failed: {e}"),
+                                Err(_) => "canary publish timed out".to_string(),
+                            };
+                            let _ = err_tx.try_send(err);
+                        });
+                    }
+                }
+            }
+            Some(err) = canary_err_rx.recv() => return err,
+            _ = sentinel_tick.tick(), if sentinel_target.is_some() => {
+                if let Some((sentinels, name)) = &sentinel_target
+                    && let Ok(now) = ask_sentinels(shared, sentinels, name).await
+                    && now != link.master
+                {
+                    return format!("sentinels moved the master from {} to {now}", link.master);
+                }
+            }
+        }
+    }
+}
+
+fn deliver(shared: &Shared, room: &str, payload: &[u8]) {
+    let Some((published_at_us, offset, frame)) = scripts::split_notification(payload) else {
+        tracing::warn!(room, "ignoring a malformed notification");
+        return;
+    };
+    let (Ok(room), Ok(frame)) = (
+        RoomName::parse(room),
+        Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(frame)),
+    ) else {
+        tracing::warn!(
+            room,
+            "ignoring a notification for a bad room or with bad UTF-8"
+        );
+        return;
+    };
+    shared.deliver.deliver(Delivery {
+        room,
+        offset,
+        frame,
+        published_at_us,
+    });
+}

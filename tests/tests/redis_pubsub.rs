@@ -1,0 +1,338 @@
+//! Fan-out across nodes through a real redis-server (and a Sentinel group).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use chorus_tests::redis::{RedisServer, SentinelGroup};
+use chorus_tests::{TestNode, WsClient, wait_until};
+use serde_json::{Value, json};
+
+async fn nodes(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("node-{i}");
+        let mut flags = vec!["--broker", broker, "--node-id", &id];
+        flags.extend_from_slice(extra);
+        let node = TestNode::start(&flags).await;
+        wait_until("the node to connect to redis", || async {
+            node.node.ready().is_ok()
+        })
+        .await;
+        out.push(node);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_message_published_on_any_node_reaches_subscribers_on_every_node() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(3, &redis.url(), &[]).await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let mut c = node.client().await;
+        let ok = c.subscribe("lobby").await;
+        assert_eq!(ok["offset"], 0);
+        clients.push(c);
+    }
+    let epoch = clients[0].subscribe("lobby").await["epoch"].clone();
+
+    // One publish from a client on each node.
+    for (i, n) in (0..3).zip(1u64..) {
+        let ok = clients[i].publish("lobby", json!({"from_node": i})).await;
+        assert_eq!(
+            (ok["op"].as_str(), ok["offset"].as_u64()),
+            (Some("ok"), Some(n)),
+            "{ok}"
+        );
+        for c in clients.iter_mut() {
+            let m = c.message().await;
+            assert_eq!(m["offset"], n);
+            assert_eq!(m["epoch"], epoch);
+            assert_eq!(m["data"]["from_node"], i);
+        }
+    }
+
+    // HTTP publish on node 0 reaches the subscribers on nodes 1 and 2.
+    let resp = reqwest::Client::new()
+        .post(nodes[0].http("/api/v1/rooms/lobby/messages"))
+        .json(&json!({"data": "from a backend"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["offset"], 4);
+    for c in clients.iter_mut() {
+        let m = c.message().await;
+        assert_eq!(
+            (m["offset"].as_u64(), m["data"].as_str()),
+            (Some(4), Some("from a backend"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_node_receives_nothing_for_rooms_it_does_not_serve() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(3, &redis.url(), &[]).await;
+    let mut a = nodes[0].client().await;
+    let mut b = nodes[1].client().await;
+    let mut c = nodes[2].client().await;
+    a.subscribe("busy").await;
+    b.subscribe("busy").await;
+    c.subscribe("quiet").await;
+    assert_eq!(
+        redis.numsub("chorus:room:busy").await,
+        2,
+        "one subscription per serving node"
+    );
+    assert_eq!(redis.numsub("chorus:room:quiet").await, 1);
+
+    for i in 0..20 {
+        a.publish("busy", json!(i)).await;
+    }
+    for _ in 0..20 {
+        b.message().await;
+    }
+    c.sync().await;
+    assert!(c.pending().is_empty());
+    assert_eq!(
+        nodes[2].metric("chorus_messages_delivered_total").await,
+        0.0
+    );
+    assert_eq!(
+        nodes[2]
+            .metric("chorus_delivery_latency_seconds_count")
+            .await,
+        0.0,
+        "node 2 never got the room's traffic"
+    );
+
+    // The last local subscriber leaving unsubscribes the node.
+    let r = b
+        .request(json!({"op": "unsubscribe", "room": "busy"}))
+        .await;
+    assert_eq!(r["op"], "ok");
+    wait_until("node 1 to unsubscribe", || async {
+        redis.numsub("chorus:room:busy").await == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_publishers_on_different_nodes_produce_one_order_everywhere() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(3, &redis.url(), &[]).await;
+    let mut subs = Vec::new();
+    for node in &nodes {
+        let mut c = node.client().await;
+        c.subscribe("race").await;
+        subs.push(c);
+    }
+    const EACH: u64 = 200;
+    let mut publishers = Vec::new();
+    for (p, node) in nodes.iter().take(2).enumerate() {
+        let mut c = node.client().await;
+        publishers.push(tokio::spawn(async move {
+            // Fire every publish without waiting, then collect the replies.
+            for i in 0..EACH {
+                c.send(
+                    json!({"op": "publish", "id": i + 1, "room": "race", "data": {"p": p, "i": i}}),
+                )
+                .await;
+            }
+            let mut offsets = Vec::new();
+            for _ in 0..EACH {
+                let ok = c.frame().await;
+                assert_eq!(ok["op"], "ok", "{ok}");
+                offsets.push(ok["offset"].as_u64().unwrap());
+            }
+            offsets
+        }));
+    }
+    let mut acked = HashSet::new();
+    for p in publishers {
+        for o in p.await.unwrap() {
+            assert!(acked.insert(o), "offset {o} acknowledged twice");
+        }
+    }
+    assert_eq!(acked, (1..=2 * EACH).collect::<HashSet<_>>());
+
+    let mut sequences = Vec::new();
+    for c in subs.iter_mut() {
+        let mut seq = Vec::new();
+        for _ in 0..2 * EACH {
+            let m = c.message().await;
+            seq.push((m["offset"].as_u64().unwrap(), m["data"].clone()));
+        }
+        sequences.push(seq);
+    }
+    let offsets: Vec<u64> = sequences[0].iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        (1..=2 * EACH).collect::<Vec<_>>(),
+        "offsets in order without gaps"
+    );
+    assert_eq!(sequences[0], sequences[1]);
+    assert_eq!(sequences[0], sequences[2]);
+    // Each publisher's own messages keep their order.
+    for p in 0..2 {
+        let mine: Vec<u64> = sequences[0]
+            .iter()
+            .filter(|(_, d)| d["p"] == p)
+            .map(|(_, d)| d["i"].as_u64().unwrap())
+            .collect();
+        assert_eq!(mine, (0..EACH).collect::<Vec<_>>());
+    }
+}
+
+/// Publishes until one is accepted; returns its offset.
+async fn publish_until_accepted(c: &mut WsClient, room: &str, data: Value) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.publish(room, data.clone()).await;
+        if r["op"] == "ok" {
+            return r["offset"].as_u64().unwrap();
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert!(Instant::now() < deadline, "publishes never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_restart_publishes_fail_fast_then_the_same_connections_recover() {
+    let mut redis = RedisServer::start().await;
+    let nodes = nodes(2, &redis.url(), &["--redis-timeout", "500ms"]).await;
+    let mut a = nodes[0].client().await;
+    let mut b = nodes[1].client().await;
+    a.subscribe("r").await;
+    b.subscribe("r").await;
+    a.publish("r", json!("before")).await;
+    assert_eq!(b.message().await["data"], "before");
+    a.message().await;
+
+    redis.kill();
+    wait_until("/readyz to turn 503", || async {
+        reqwest::get(nodes[1].http("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    let started = Instant::now();
+    let r = a.publish("r", json!("during")).await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{r}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "unavailable took {:?}",
+        started.elapsed()
+    );
+    let resp = reqwest::Client::new()
+        .post(nodes[1].http("/api/v1/rooms/r/messages"))
+        .json(&json!({"data": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(nodes[0].metric("chorus_publish_errors_total").await >= 1.0);
+    assert_eq!(nodes[0].metric("chorus_broker_up").await, 0.0);
+
+    redis.restart().await;
+    let back = Instant::now();
+    let offset = publish_until_accepted(&mut a, "r", json!("after")).await;
+    let m = b.message().await;
+    assert_eq!(
+        (m["data"].as_str(), m["offset"].as_u64()),
+        (Some("after"), Some(offset))
+    );
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "delivery resumed only after {:?}",
+        back.elapsed()
+    );
+    // Redis lost the room (no persistence): a new epoch, offsets from 1.
+    assert_eq!(offset, 1);
+    let first = a.message().await;
+    assert_eq!(first["data"], "after");
+    wait_until("/readyz to turn 200", || async {
+        reqwest::get(nodes[1].http("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(nodes[1].metric("chorus_broker_reconnects_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_killed_subscription_is_noticed_and_healed() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(2, &redis.url(), &[]).await;
+    let mut a = nodes[0].client().await;
+    let mut b = nodes[1].client().await;
+    a.subscribe("k").await;
+    b.subscribe("k").await;
+    let killed: i64 = redis
+        .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
+        .await;
+    assert_eq!(killed, 2);
+    // Publish until node 1's subscriber hears again, without reconnecting the client.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let offset = publish_until_accepted(&mut a, "k", json!("ping")).await;
+        b.sync().await;
+        if b.pending().iter().any(|m| m["offset"] == offset) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 never re-subscribed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redis.numsub("chorus:room:k").await, 2);
+    assert!(nodes[1].metric("chorus_redis_canary_rtt_seconds").await > 0.0);
+}
+
+#[tokio::test]
+async fn sentinel_failover_keeps_the_same_client_connections_working() {
+    let mut group = SentinelGroup::start(1000).await;
+    let url = group.broker_url();
+    let nodes = nodes(2, &url, &["--redis-timeout", "500ms"]).await;
+    let mut a = nodes[0].client().await;
+    let mut b = nodes[1].client().await;
+    a.subscribe("f").await;
+    b.subscribe("f").await;
+    let before = publish_until_accepted(&mut a, "f", json!("before")).await;
+    assert_eq!(b.message().await["offset"], before);
+    a.message().await;
+
+    group.fail_over().await;
+
+    // Publishes recover without restarting any node, and both nodes deliver
+    // to the very same client connections.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut got_a, mut got_b) = (false, false);
+    while !(got_a && got_b) {
+        let offset = publish_until_accepted(&mut a, "f", json!("after")).await;
+        a.sync().await;
+        b.sync().await;
+        got_a |= a
+            .pending()
+            .iter()
+            .any(|m| m["offset"] == offset && m["data"] == "after");
+        got_b |= b
+            .pending()
+            .iter()
+            .any(|m| m["offset"] == offset && m["data"] == "after");
+        assert!(
+            Instant::now() < deadline,
+            "delivery did not resume after the failover (a: {got_a}, b: {got_b})"
+        );
+    }
+    assert_eq!(
+        group.replica.numsub("chorus:room:f").await,
+        2,
+        "both nodes subscribed on the new master"
+    );
+}
