@@ -1,0 +1,126 @@
+//! Redis topology management: one master, the other pods its replicas, every
+//! sentinel monitoring that master.
+//!
+//! The controller calls [`reconcile_topology`] on each reconcile with the
+//! Redis pods' and sentinels' addresses (pod IPs, Redis pods in StatefulSet
+//! order) and puts the returned [`TopologyReport`] into
+//! `status.redis` (`master`, `readyReplicas`, `sentinelsReady`); comparing
+//! `report.master` with the previous status tells it a failover happened.
+//! This module knows nothing about Kubernetes.
+//!
+//! One pass is a pipeline:
+//!
+//! 1. **validate** the config ([`TopologyConfig::validate`]) — pure; the
+//!    only step whose failure is returned as an error.
+//! 2. **observe** — *network*: `INFO replication` on every Redis pod,
+//!    `SENTINEL GET-MASTER-ADDR-BY-NAME` / `MASTER` / `SENTINELS` /
+//!    `REPLICAS` on every sentinel, all concurrently, each connect and each
+//!    command bounded by `call_timeout`. A member that does not answer is
+//!    recorded as unreachable, never fatal.
+//! 3. **plan** ([`plan()`]) — pure: who is master and which [`Action`]s bring
+//!    the group there. The rules are documented in [`plan`](mod@plan); in
+//!    short, Sentinel is never fought (a failover in progress or an
+//!    unreachable agreed master means "wait"), the sentinels' majority wins,
+//!    pod 0 is master on first start, the highest replication offset breaks
+//!    a split without a majority.
+//! 4. **apply** — *network*: the actions, concurrently (each touches a
+//!    different member). A failed action is recorded in the report.
+//! 5. **report** — *network* only if something was applied: the group is
+//!    observed again so the report describes the state after the actions.
+
+mod error;
+mod io;
+mod model;
+pub mod parse;
+pub mod plan;
+
+pub use error::TopologyError;
+pub use model::{
+    Action, ActionOutcome, MasterBasis, MemberKind, NodeAddr, Observed, Plan, Probe, RedisNode,
+    RedisRole, ReplicaStatus, SentinelNode, SentinelView, TopologyConfig, TopologyReport,
+    Unreachable, Waiting,
+};
+pub use plan::plan;
+
+use futures_util::future::join_all;
+
+/// Observes the group, applies the plan and reports what it sees after.
+///
+/// Returns an error only for an invalid config; unreachable members and
+/// failed actions are in the report.
+pub async fn reconcile_topology(config: &TopologyConfig) -> Result<TopologyReport, TopologyError> {
+    config.validate()?;
+    let before = io::observe(config).await;
+    let plan = plan(&before, config);
+    if plan.actions.is_empty() {
+        return Ok(report(plan, Vec::new(), before));
+    }
+    let outcomes = join_all(plan.actions.iter().map(|action| async move {
+        let result = io::apply(action, config).await;
+        if let Err(error) = &result {
+            tracing::warn!(%action, %error, "redis topology action failed");
+        } else {
+            tracing::info!(%action, "redis topology action applied");
+        }
+        ActionOutcome {
+            action: action.clone(),
+            result: result.map_err(|e| e.to_string()),
+        }
+    }))
+    .await;
+    let after = io::observe(config).await;
+    Ok(report(plan, outcomes, after))
+}
+
+/// Only observes and plans: what [`reconcile_topology`] would do, without
+/// doing it (for a dry run or a status-only pass).
+pub async fn inspect_topology(config: &TopologyConfig) -> Result<(Observed, Plan), TopologyError> {
+    config.validate()?;
+    let observed = io::observe(config).await;
+    let plan = plan(&observed, config);
+    Ok((observed, plan))
+}
+
+fn report(plan: Plan, actions: Vec<ActionOutcome>, observed: Observed) -> TopologyReport {
+    let master = plan.master;
+    let master_reachable = master.as_ref().is_some_and(|m| {
+        observed
+            .redis
+            .iter()
+            .any(|n| &n.addr == m && matches!(n.role, Ok(RedisRole::Master { .. })))
+    });
+    let replicas = observed
+        .redis
+        .iter()
+        .filter_map(|n| match &n.role {
+            Ok(RedisRole::Replica {
+                master: of,
+                link_up,
+                ..
+            }) if Some(of) == master.as_ref() => Some(ReplicaStatus {
+                addr: n.addr.clone(),
+                link_up: *link_up,
+            }),
+            _ => None,
+        })
+        .collect();
+    let sentinels_agreeing = observed
+        .sentinels
+        .iter()
+        .filter(|s| match (&s.view, &master) {
+            (Ok(Some(view)), Some(m)) => &view.master == m,
+            _ => false,
+        })
+        .count();
+    TopologyReport {
+        master,
+        basis: plan.basis,
+        master_reachable,
+        replicas,
+        sentinels_agreeing,
+        unreachable: observed.unreachable(),
+        waiting: plan.waiting,
+        actions,
+        observed,
+    }
+}
