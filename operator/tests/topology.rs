@@ -569,3 +569,152 @@ async fn failover_is_recognised_and_the_restarted_old_master_rejoins_as_replica(
             .await;
     }
 }
+
+#[tokio::test]
+async fn second_master_is_demoted_and_a_stale_sentinel_is_repointed() {
+    let _serial = SERIAL.lock().await;
+    let group = Group::start("split", None).await;
+    let pods = group.redis_addrs.clone();
+    let sentinels = group.sentinel_addrs.clone();
+    group
+        .reconcile_until("a converged group", 60, |r| {
+            r.converged() && r.ready_replicas() == 2
+        })
+        .await;
+
+    // Pod 2 turns itself into a master (a split healed badly) and sentinel 2
+    // follows a stale master (pod 1, a replica).
+    let mut promote = redis::cmd("REPLICAOF");
+    promote.arg("NO").arg("ONE");
+    let ok: Option<String> = query(&pods[2], None, promote).await;
+    assert_eq!(ok.as_deref(), Some("OK"));
+    let mut remove = redis::cmd("SENTINEL");
+    remove.arg("REMOVE").arg("chorus");
+    let ok: Option<String> = query(&sentinels[2], None, remove).await;
+    assert_eq!(ok.as_deref(), Some("OK"));
+    let mut monitor = redis::cmd("SENTINEL");
+    monitor
+        .arg("MONITOR")
+        .arg("chorus")
+        .arg(&pods[1].host)
+        .arg(pods[1].port)
+        .arg(2);
+    let ok: Option<String> = query(&sentinels[2], None, monitor).await;
+    assert_eq!(ok.as_deref(), Some("OK"));
+    assert_eq!(
+        sentinel_master(&sentinels[2]).await.as_ref(),
+        Some(&pods[1])
+    );
+
+    let report = reconcile_topology(&group.config())
+        .await
+        .expect("valid config");
+    assert_eq!(report.master.as_ref(), Some(&pods[0]));
+    assert_eq!(report.basis, Some(MasterBasis::SentinelMajority));
+    let actions: Vec<&Action> = report.actions.iter().map(|a| &a.action).collect();
+    assert!(
+        actions.contains(&&Action::ReplicaOf {
+            node: pods[2].clone(),
+            master: pods[0].clone()
+        }),
+        "second master demoted: {actions:#?}"
+    );
+    assert!(
+        actions.contains(&&Action::Remonitor {
+            sentinel: sentinels[2].clone(),
+            stale: pods[1].clone(),
+            master: pods[0].clone()
+        }),
+        "stale sentinel re-pointed: {actions:#?}"
+    );
+    assert!(
+        report.actions.iter().all(|a| a.result.is_ok()),
+        "{report:#?}"
+    );
+
+    assert_eq!(
+        sentinel_master(&sentinels[2]).await.as_ref(),
+        Some(&pods[0])
+    );
+    group
+        .wait_for("pod 2 attached to pod 0 again", 60, async || {
+            is_attached_replica(&pods[2], &pods[0], None)
+                .await
+                .then_some(())
+        })
+        .await;
+    let sentinel_options = {
+        let mut cmd = redis::cmd("SENTINEL");
+        cmd.arg("MASTER").arg("chorus");
+        query::<std::collections::HashMap<String, String>>(&sentinels[2], None, cmd)
+            .await
+            .expect("SENTINEL MASTER")
+    };
+    assert_eq!(
+        sentinel_options
+            .get("down-after-milliseconds")
+            .map(String::as_str),
+        Some("1000"),
+        "options set again after the re-monitor"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_members_are_reported_and_do_not_hang_the_pass() {
+    let _serial = SERIAL.lock().await;
+    let group = Group::start("unreachable", None).await;
+    // A pod that accepts connections but never answers (a hung process),
+    // and a sentinel address where nothing listens.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = NodeAddr::new("127.0.0.1", silent.local_addr().expect("addr").port());
+    let refused = NodeAddr::new("127.0.0.1", free_port());
+
+    let mut config = group.config();
+    config.redis[1] = silent_addr.clone();
+    config.sentinels[2] = refused.clone();
+    config.call_timeout = Duration::from_millis(500);
+
+    let started = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(30), reconcile_topology(&config))
+        .await
+        .expect("reconcile_topology must not hang on a dead member")
+        .expect("valid config");
+    let elapsed = started.elapsed();
+
+    // The rest of the group is set up anyway.
+    let pods = &config.redis;
+    assert_eq!(report.master.as_ref(), Some(&pods[0]));
+    assert_eq!(report.sentinels_agreeing, 2);
+    let mut unreachable: Vec<(MemberKind, &NodeAddr)> = report
+        .unreachable
+        .iter()
+        .map(|u| (u.kind, &u.addr))
+        .collect();
+    unreachable.sort_by_key(|(_, a)| (*a).clone());
+    let mut expected = vec![
+        (MemberKind::Redis, &silent_addr),
+        (MemberKind::Sentinel, &refused),
+    ];
+    expected.sort_by_key(|(_, a)| (*a).clone());
+    assert_eq!(unreachable, expected, "{:#?}", report.unreachable);
+    assert!(
+        report.unreachable.iter().all(|u| !u.reason.is_empty()),
+        "{:#?}",
+        report.unreachable
+    );
+    assert!(!report.converged());
+    group
+        .wait_for("pod 2 attached to pod 0", 60, async || {
+            is_attached_replica(&pods[2], &pods[0], None)
+                .await
+                .then_some(())
+        })
+        .await;
+    // Two observation passes, each bounded by ~1.5 x call_timeout for the
+    // silent pod, plus the actions: far below this on any machine.
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "a pass with a hung pod took {elapsed:?}"
+    );
+    drop(silent);
+}
