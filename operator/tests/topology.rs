@@ -371,7 +371,7 @@ fn sentinels_fully_meshed(report: &TopologyReport) -> bool {
 // -------------------------------------------------------------------- tests
 
 #[tokio::test]
-async fn fresh_group_gets_pod0_as_master_attached_replicas_and_agreeing_sentinels() {
+async fn topology_fresh_group_gets_pod0_as_master_attached_replicas_and_agreeing_sentinels() {
     let _serial = SERIAL.lock().await;
     let group = Group::start("fresh", None).await;
     let pods = group.redis_addrs.clone();
@@ -459,7 +459,7 @@ async fn fresh_group_gets_pod0_as_master_attached_replicas_and_agreeing_sentinel
 }
 
 #[tokio::test]
-async fn failover_is_recognised_and_the_restarted_old_master_rejoins_as_replica() {
+async fn topology_failover_is_recognised_and_the_restarted_old_master_rejoins_as_replica() {
     let _serial = SERIAL.lock().await;
     let password = Some("s3cret");
     let mut group = Group::start("failover", password).await;
@@ -571,7 +571,7 @@ async fn failover_is_recognised_and_the_restarted_old_master_rejoins_as_replica(
 }
 
 #[tokio::test]
-async fn second_master_is_demoted_and_a_stale_sentinel_is_repointed() {
+async fn topology_second_master_is_demoted_and_a_stale_sentinel_is_repointed() {
     let _serial = SERIAL.lock().await;
     let group = Group::start("split", None).await;
     let pods = group.redis_addrs.clone();
@@ -660,7 +660,7 @@ async fn second_master_is_demoted_and_a_stale_sentinel_is_repointed() {
 }
 
 #[tokio::test]
-async fn unreachable_members_are_reported_and_do_not_hang_the_pass() {
+async fn topology_unreachable_members_are_reported_and_do_not_hang_the_pass() {
     let _serial = SERIAL.lock().await;
     let group = Group::start("unreachable", None).await;
     // A pod that accepts connections but never answers (a hung process),

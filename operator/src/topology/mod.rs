@@ -55,19 +55,7 @@ pub async fn reconcile_topology(config: &TopologyConfig) -> Result<TopologyRepor
     if plan.actions.is_empty() {
         return Ok(report(plan, Vec::new(), before));
     }
-    let outcomes = join_all(plan.actions.iter().map(|action| async move {
-        let result = io::apply(action, config).await;
-        if let Err(error) = &result {
-            tracing::warn!(%action, %error, "redis topology action failed");
-        } else {
-            tracing::info!(%action, "redis topology action applied");
-        }
-        ActionOutcome {
-            action: action.clone(),
-            result: result.map_err(|e| e.to_string()),
-        }
-    }))
-    .await;
+    let outcomes = apply_all(&plan.actions, config).await;
     let after = io::observe(config).await;
     Ok(report(plan, outcomes, after))
 }
@@ -79,6 +67,54 @@ pub async fn inspect_topology(config: &TopologyConfig) -> Result<(Observed, Plan
     let observed = io::observe(config).await;
     let plan = plan(&observed, config);
     Ok((observed, plan))
+}
+
+/// Runs the actions and returns their outcomes in plan order.
+///
+/// A promotion goes first, so replicas are pointed at a node that already
+/// is a master. After that, members are worked on concurrently (a dead one
+/// costs one timeout), and the actions for one member run in plan order.
+async fn apply_all(actions: &[Action], config: &TopologyConfig) -> Vec<ActionOutcome> {
+    let run = |action: &Action| {
+        let action = action.clone();
+        async move {
+            let result = io::apply(&action, config).await;
+            match &result {
+                Ok(()) => tracing::info!(%action, "redis topology action applied"),
+                Err(error) => tracing::warn!(%action, %error, "redis topology action failed"),
+            }
+            ActionOutcome {
+                action,
+                result: result.map_err(|e| e.to_string()),
+            }
+        }
+    };
+    let (promotions, rest): (Vec<&Action>, Vec<&Action>) = actions
+        .iter()
+        .partition(|a| matches!(a, Action::Promote { .. }));
+    let mut outcomes = Vec::with_capacity(actions.len());
+    for action in promotions {
+        outcomes.push(run(action).await);
+    }
+    let mut per_member: Vec<(&NodeAddr, Vec<&Action>)> = Vec::new();
+    for action in rest {
+        match per_member.iter_mut().find(|(t, _)| *t == action.target()) {
+            Some((_, list)) => list.push(action),
+            None => per_member.push((action.target(), vec![action])),
+        }
+    }
+    let batches = join_all(per_member.into_iter().map(|(_, list)| async move {
+        let mut done = Vec::with_capacity(list.len());
+        for action in list {
+            done.push(run(action).await);
+        }
+        done
+    }))
+    .await;
+    outcomes.extend(batches.into_iter().flatten());
+    // Back to plan order (each action appears once in a plan).
+    outcomes.sort_by_key(|o| actions.iter().position(|a| a == &o.action));
+    outcomes
 }
 
 fn report(plan: Plan, actions: Vec<ActionOutcome>, observed: Observed) -> TopologyReport {
