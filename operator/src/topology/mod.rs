@@ -27,6 +27,19 @@
 //!    different member). A failed action is recorded in the report.
 //! 5. **report** — *network* only if something was applied: the group is
 //!    observed again so the report describes the state after the actions.
+//!
+//! A pass does what it can and returns; the controller calls it again on
+//! its next reconcile. [`TopologyReport::converged`] says whether anything
+//! is still pending (requeue soon) or the group is healthy (requeue slowly).
+//!
+//! Addresses are compared as `host:port` strings, the way Sentinel reports
+//! them: pass pod IPs (Sentinel runs with `resolve-hostnames no`).
+//!
+//! Not handled: changing the Redis password of a running group (`auth-pass`
+//! and `masterauth` are only written when a sentinel is (re)pointed,
+//! re-configured or a replica re-attached), a master Sentinel agrees on that
+//! has no replica to fail over to once its pod is gone (the plan waits), and
+//! TLS.
 
 mod error;
 mod io;
@@ -158,5 +171,91 @@ fn report(plan: Plan, actions: Vec<ActionOutcome>, observed: Observed) -> Topolo
         waiting: plan.waiting,
         actions,
         observed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u16) -> NodeAddr {
+        NodeAddr::new("10.0.0.1", 6379 + i)
+    }
+
+    fn sentinel_view(master: NodeAddr) -> Option<SentinelView> {
+        Some(SentinelView {
+            master,
+            config_epoch: 1,
+            failover_in_progress: false,
+            quorum: 2,
+            down_after_ms: 5000,
+            failover_timeout_ms: 60000,
+            known_sentinels: vec![],
+            known_replicas: vec![],
+        })
+    }
+
+    #[test]
+    fn report_describes_the_group_around_the_planned_master() {
+        let observed = Observed {
+            redis: vec![
+                RedisNode {
+                    addr: addr(0),
+                    role: Err("connection refused".to_owned()),
+                },
+                RedisNode {
+                    addr: addr(1),
+                    role: Ok(RedisRole::Master { offset: 10 }),
+                },
+                RedisNode {
+                    addr: addr(2),
+                    role: Ok(RedisRole::Replica {
+                        master: addr(1),
+                        link_up: true,
+                        offset: 10,
+                    }),
+                },
+            ],
+            sentinels: vec![
+                SentinelNode {
+                    addr: addr(10),
+                    view: Ok(sentinel_view(addr(1))),
+                },
+                SentinelNode {
+                    addr: addr(11),
+                    view: Ok(sentinel_view(addr(0))),
+                },
+                SentinelNode {
+                    addr: addr(12),
+                    view: Ok(None),
+                },
+            ],
+        };
+        let plan = Plan {
+            master: Some(addr(1)),
+            basis: Some(MasterBasis::SentinelMajority),
+            waiting: None,
+            actions: vec![],
+        };
+        let report = report(plan, vec![], observed);
+        assert_eq!(report.master, Some(addr(1)));
+        assert!(report.master_reachable);
+        assert_eq!(
+            report.replicas,
+            vec![ReplicaStatus {
+                addr: addr(2),
+                link_up: true
+            }]
+        );
+        assert_eq!(report.sentinels_agreeing, 1);
+        assert_eq!(
+            report.unreachable,
+            vec![Unreachable {
+                kind: MemberKind::Redis,
+                addr: addr(0),
+                reason: "connection refused".to_owned()
+            }]
+        );
+        assert!(report.master_changed_since(Some(&addr(0))));
     }
 }

@@ -397,3 +397,119 @@ impl TopologyReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(host: &str, n: u16) -> Vec<NodeAddr> {
+        (0..n).map(|i| NodeAddr::new(host, 6379 + i)).collect()
+    }
+
+    fn valid() -> TopologyConfig {
+        TopologyConfig::new(addrs("10.0.0.1", 3), addrs("10.0.1.1", 3), 2)
+    }
+
+    fn reason(config: &TopologyConfig) -> String {
+        match config.validate() {
+            Err(TopologyError::InvalidConfig { reason }) => reason,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validate_accepts_a_normal_group() {
+        assert!(valid().validate().is_ok());
+    }
+
+    #[test]
+    fn validate_names_what_is_wrong() {
+        let mut c = valid();
+        c.quorum = 0;
+        assert!(reason(&c).contains("quorum 0"));
+        c.quorum = 4;
+        assert!(reason(&c).contains("number of sentinels (3)"));
+
+        let mut c = valid();
+        c.redis.clear();
+        assert!(reason(&c).contains("no Redis"));
+
+        let mut c = valid();
+        c.sentinels.clear();
+        assert!(reason(&c).contains("no Sentinel"));
+
+        let mut c = valid();
+        c.master_name = "chorus main".to_owned();
+        assert!(reason(&c).contains("master name"));
+
+        let mut c = valid();
+        c.sentinels[0] = c.redis[1].clone();
+        assert!(reason(&c).contains("10.0.0.1:6380 is listed twice"));
+
+        let mut c = valid();
+        c.call_timeout = Duration::ZERO;
+        assert!(reason(&c).contains("timeout"));
+    }
+
+    #[test]
+    fn debug_never_prints_passwords() {
+        let mut c = valid();
+        c.password = Some("hunter2".to_owned());
+        c.sentinel_password = Some("hunter3".to_owned());
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn addresses_display_as_host_port() {
+        assert_eq!(NodeAddr::new("10.0.0.1", 6379).to_string(), "10.0.0.1:6379");
+        assert_eq!(NodeAddr::new("fd00::1", 6379).to_string(), "[fd00::1]:6379");
+    }
+
+    fn report(master: Option<NodeAddr>) -> TopologyReport {
+        TopologyReport {
+            master,
+            basis: Some(MasterBasis::SentinelMajority),
+            master_reachable: true,
+            replicas: vec![
+                ReplicaStatus {
+                    addr: NodeAddr::new("10.0.0.2", 6379),
+                    link_up: true,
+                },
+                ReplicaStatus {
+                    addr: NodeAddr::new("10.0.0.3", 6379),
+                    link_up: false,
+                },
+            ],
+            sentinels_agreeing: 3,
+            unreachable: vec![],
+            waiting: None,
+            actions: vec![],
+            observed: Observed {
+                redis: vec![],
+                sentinels: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn failover_seen_only_when_a_known_master_changed() {
+        let a = NodeAddr::new("10.0.0.1", 6379);
+        let b = NodeAddr::new("10.0.0.2", 6379);
+        assert!(report(Some(b.clone())).master_changed_since(Some(&a)));
+        assert!(!report(Some(a.clone())).master_changed_since(Some(&a)));
+        assert!(!report(Some(a.clone())).master_changed_since(None));
+        assert!(!report(None).master_changed_since(Some(&a)));
+    }
+
+    #[test]
+    fn ready_replicas_count_live_links_and_block_convergence() {
+        let r = report(Some(NodeAddr::new("10.0.0.1", 6379)));
+        assert_eq!(r.ready_replicas(), 1);
+        assert!(!r.converged());
+        let mut all_up = r.clone();
+        all_up.replicas[1].link_up = true;
+        assert!(all_up.converged());
+    }
+}
