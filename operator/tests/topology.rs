@@ -718,3 +718,107 @@ async fn topology_unreachable_members_are_reported_and_do_not_hang_the_pass() {
     );
     drop(silent);
 }
+
+/// `SENTINEL SENTINELS chorus` as addresses.
+async fn sentinel_peers(sentinel: &NodeAddr) -> Option<Vec<NodeAddr>> {
+    let mut cmd = redis::cmd("SENTINEL");
+    cmd.arg("SENTINELS").arg("chorus");
+    let peers: Vec<std::collections::HashMap<String, String>> = query(sentinel, None, cmd).await?;
+    peers
+        .iter()
+        .map(|p| {
+            Some(NodeAddr::new(
+                p.get("ip")?.clone(),
+                p.get("port")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn topology_sentinels_that_remember_a_removed_sentinel_are_reset() {
+    let _serial = SERIAL.lock().await;
+    let group = Group::start("stale-peer", None).await;
+    let pods = group.redis_addrs.clone();
+    let sentinels = group.sentinel_addrs.clone();
+    group
+        .reconcile_until("a converged, fully meshed group", 90, |r| {
+            r.converged() && r.ready_replicas() == 2 && sentinels_fully_meshed(r)
+        })
+        .await;
+
+    // A fourth sentinel joins, is discovered by the others, then goes away
+    // for good (a sentinel pod replaced with a new IP looks the same).
+    let extra = NodeAddr::new("127.0.0.1", free_port());
+    let extra_proc = spawn_sentinel(&group.dir.0, extra.port);
+    group.wait_until_answers(&extra, None).await;
+    let mut monitor = redis::cmd("SENTINEL");
+    monitor
+        .arg("MONITOR")
+        .arg("chorus")
+        .arg(&pods[0].host)
+        .arg(pods[0].port)
+        .arg(2);
+    let ok: Option<String> = query(&extra, None, monitor).await;
+    assert_eq!(ok.as_deref(), Some("OK"));
+    for sentinel in &sentinels {
+        group
+            .wait_for(&format!("{sentinel} to discover {extra}"), 60, async || {
+                sentinel_peers(sentinel)
+                    .await
+                    .filter(|peers| peers.contains(&extra))
+            })
+            .await;
+    }
+    drop(extra_proc);
+
+    let reports = group
+        .reconcile_until("every sentinel to forget the removed one", 180, |r| {
+            r.converged()
+                && sentinels_fully_meshed(r)
+                && r.observed
+                    .sentinels
+                    .iter()
+                    .all(|s| matches!(&s.view, Ok(Some(v)) if !v.known_sentinels.contains(&extra)))
+        })
+        .await;
+    let mut reset: Vec<&NodeAddr> = reports
+        .iter()
+        .flat_map(|r| &r.actions)
+        .filter_map(|a| match (&a.action, &a.result) {
+            (Action::Reset { sentinel }, Ok(())) => Some(sentinel),
+            _ => None,
+        })
+        .collect();
+    reset.sort();
+    reset.dedup();
+    let mut expected: Vec<&NodeAddr> = sentinels.iter().collect();
+    expected.sort();
+    assert_eq!(reset, expected, "each sentinel was reset");
+    for report in &reports {
+        let resets = report
+            .actions
+            .iter()
+            .filter(|a| matches!(a.action, Action::Reset { .. }))
+            .count();
+        assert!(
+            resets <= 1,
+            "at most one reset per pass: {:#?}",
+            report.actions
+        );
+    }
+
+    // What redis-cli shows: only the real peers, same master everywhere.
+    for sentinel in &sentinels {
+        let mut peers = sentinel_peers(sentinel).await.expect("SENTINEL SENTINELS");
+        peers.sort();
+        let mut others: Vec<NodeAddr> = sentinels
+            .iter()
+            .filter(|s| *s != sentinel)
+            .cloned()
+            .collect();
+        others.sort();
+        assert_eq!(peers, others, "peers of {sentinel}");
+        assert_eq!(sentinel_master(sentinel).await.as_ref(), Some(&pods[0]));
+    }
+}

@@ -20,11 +20,15 @@
 //!    someone else); a replica of it with its link down is left to sync.
 //!    Every reachable sentinel that monitors nothing gets `MONITOR`, one that
 //!    monitors another address is re-pointed (`REMOVE` + `MONITOR`), one
-//!    whose quorum or timings drifted gets `SET`. At most one sentinel that
-//!    remembers non-member peers or replicas is `RESET` per pass, and only
-//!    when no sentinel was re-pointed in the same pass: a reset sentinel
-//!    forgets its peers until their next hello, and resetting several at once
-//!    could leave too few to authorise a failover.
+//!    whose quorum or timings drifted gets `SET`. A sentinel that remembers
+//!    non-member peers or replicas is `RESET`, but only one per pass, not in
+//!    a pass that re-points a sentinel, and only while every reachable
+//!    sentinel knows all reachable member sentinels and all attached
+//!    replicas: a reset sentinel forgets its peers until their next hello
+//!    (~2 s) and its replicas until the master's next INFO (~10 s), and
+//!    resetting the next one before that could leave too few sentinels
+//!    able to authorise a failover or pick a replica. The wait paces resets
+//!    whatever the controller's requeue interval is.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -179,7 +183,7 @@ pub fn plan(observed: &Observed, config: &TopologyConfig) -> Plan {
             reset = Some(&sentinel.addr);
         }
     }
-    if let (Some(sentinel), false) = (reset, repointed) {
+    if let (Some(sentinel), false, true) = (reset, repointed, mesh_complete(observed, &master)) {
         actions.push(Action::Reset {
             sentinel: sentinel.clone(),
         });
@@ -217,6 +221,35 @@ fn options_drifted(view: &SentinelView, config: &TopologyConfig) -> bool {
         || config
             .failover_timeout
             .is_some_and(|d| millis(d) != view.failover_timeout_ms)
+}
+
+/// Every reachable sentinel knows every other reachable sentinel and every
+/// replica whose link to `master` is up.
+fn mesh_complete(observed: &Observed, master: &NodeAddr) -> bool {
+    let attached: Vec<&NodeAddr> = observed
+        .redis
+        .iter()
+        .filter(|n| {
+            matches!(&n.role, Ok(RedisRole::Replica { master: m, link_up: true, .. }) if m == master)
+        })
+        .map(|n| &n.addr)
+        .collect();
+    let reachable: Vec<&NodeAddr> = observed
+        .sentinels
+        .iter()
+        .filter(|s| s.view.is_ok())
+        .map(|s| &s.addr)
+        .collect();
+    observed.sentinels.iter().all(|s| match &s.view {
+        Err(_) => true,
+        Ok(None) => false,
+        Ok(Some(view)) => {
+            reachable
+                .iter()
+                .all(|peer| *peer == &s.addr || view.known_sentinels.contains(peer))
+                && attached.iter().all(|r| view.known_replicas.contains(r))
+        }
+    })
 }
 
 /// Remembers a sentinel or replica address that is not a member any more.
@@ -280,8 +313,10 @@ mod tests {
             quorum: 2,
             down_after_ms: 5000,
             failover_timeout_ms: 60000,
-            known_sentinels: vec![sentinel(1), sentinel(2)],
-            known_replicas: vec![redis(1), redis(2)],
+            // Test views know every member (their own address included,
+            // which a real sentinel does not list; it does not matter here).
+            known_sentinels: (0..3).map(sentinel).collect(),
+            known_replicas: (0..3).map(redis).collect(),
         }
     }
 
@@ -522,6 +557,35 @@ mod tests {
                 sentinel: sentinel(1)
             }]
         );
+    }
+
+    #[test]
+    fn no_reset_until_the_last_reset_sentinel_has_found_its_peers_again() {
+        let mut stale = view(redis(0), 0);
+        stale
+            .known_sentinels
+            .push(NodeAddr::new("10.0.1.99", 26379));
+        // Sentinel 0 was reset in the previous pass: it has re-learned its
+        // peers from their hellos but not yet the replicas.
+        let mut just_reset = view(redis(0), 0);
+        just_reset.known_replicas.clear();
+        let obs = observed(
+            vec![master(100), replica_of(0, 100), replica_of(0, 100)],
+            vec![
+                Ok(Some(just_reset)),
+                Ok(Some(stale.clone())),
+                Ok(Some(stale.clone())),
+            ],
+        );
+        assert_eq!(plan(&obs, &config()).actions, vec![]);
+
+        let mut no_peers = view(redis(0), 0);
+        no_peers.known_sentinels.clear();
+        let obs = observed(
+            vec![master(100), replica_of(0, 100), replica_of(0, 100)],
+            vec![Ok(Some(no_peers)), Ok(Some(stale.clone())), Ok(Some(stale))],
+        );
+        assert_eq!(plan(&obs, &config()).actions, vec![]);
     }
 
     #[test]
