@@ -23,8 +23,9 @@
 //!    unreachable agreed master means "wait"), the sentinels' majority wins,
 //!    pod 0 is master on first start, the highest replication offset breaks
 //!    a split without a majority.
-//! 4. **apply** — *network*: the actions, concurrently (each touches a
-//!    different member). A failed action is recorded in the report.
+//! 4. **apply** — *network*: a promotion first, then the other actions,
+//!    members concurrently and one member's actions in plan order, each call
+//!    bounded by `call_timeout`. A failed action is recorded in the report.
 //! 5. **report** — *network* only if something was applied: the group is
 //!    observed again so the report describes the state after the actions.
 //!
@@ -44,7 +45,7 @@
 mod error;
 mod io;
 mod model;
-pub mod parse;
+mod parse;
 pub mod plan;
 
 pub use error::TopologyError;
