@@ -336,3 +336,44 @@ async fn sentinel_failover_keeps_the_same_client_connections_working() {
         "both nodes subscribed on the new master"
     );
 }
+
+#[tokio::test]
+async fn a_silently_dead_subscription_is_caught_by_the_canary_and_healed() {
+    use chorus_tests::proxy::SilencingProxy;
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let publisher = nodes(1, &redis.url(), &[]).await.remove(0);
+    let silent = nodes(
+        1,
+        &proxy.url(),
+        &["--canary-interval", "200ms", "--canary-timeout", "1s"],
+    )
+    .await
+    .remove(0);
+    let mut p = publisher.client().await;
+    let mut s = silent.client().await;
+    s.subscribe("quiet").await;
+    p.publish("quiet", json!("before")).await;
+    assert_eq!(s.message().await["data"], "before");
+
+    proxy.silence_subscribers();
+    // The subscription still looks fine to Redis: nothing is closed.
+    assert_eq!(redis.numsub("chorus:room:quiet").await, 1);
+
+    // The node notices through the canary, reconnects and re-subscribes; the
+    // same client connection hears new messages again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let offset = publish_until_accepted(&mut p, "quiet", json!("after")).await;
+        s.sync().await;
+        if s.pending().iter().any(|m| m["offset"] == offset) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent subscription was never replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(silent.metric("chorus_broker_reconnects_total").await >= 1.0);
+}
