@@ -448,7 +448,7 @@ impl Grant {
 
 /// One entry of `rooms` / `publish`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Pattern {
+pub enum Pattern {
     /// `*`
     All,
     /// `prefix:*`, stored as `prefix:`.
@@ -458,7 +458,7 @@ enum Pattern {
 }
 
 impl Pattern {
-    fn parse(s: &str) -> Option<Self> {
+    pub fn parse(s: &str) -> Option<Self> {
         if s == "*" {
             return Some(Self::All);
         }
@@ -469,7 +469,7 @@ impl Pattern {
         is_room_text(s).then(|| Self::Exact(s.to_owned()))
     }
 
-    fn matches(&self, room: &str) -> bool {
+    pub fn matches(&self, room: &str) -> bool {
         match self {
             Self::All => true,
             Self::Prefix(prefix) => room.starts_with(prefix.as_str()),

@@ -105,6 +105,22 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CANARY_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub canary_interval: Duration,
 
+    /// A publish carrying an idempotency `key` that was already published to
+    /// the room within this window returns the first publish's offset and is
+    /// not delivered again.
+    #[arg(long, env = "CHORUS_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// Rooms (names, `prefix:*` or `*`; comma-separated) whose client publishes are
+    /// also appended to the Redis stream `chorus:upstream:<room>` for backend
+    /// consumer groups. Needs a Redis broker.
+    #[arg(long, env = "CHORUS_UPSTREAM_ROOMS", value_delimiter = ',')]
+    pub upstream_rooms: Vec<String>,
+
+    /// Approximate number of entries kept in each upstream stream.
+    #[arg(long, env = "CHORUS_UPSTREAM_MAXLEN", default_value_t = 100_000)]
+    pub upstream_maxlen: u64,
+
     /// A canary not back within this long marks the subscription dead:
     /// `/readyz` turns 503 and the node reconnects to Redis.
     #[arg(long, env = "CHORUS_CANARY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]

@@ -35,6 +35,14 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     /// Last round-trip time of the canary through Redis Pub/Sub.
     pub canary_rtt: Gauge<f64, AtomicU64>,
+    /// Messages a node read from history to fill a gap in its live feed.
+    pub gap_filled: Counter,
+    /// Rooms given a new epoch because the master lacked acknowledged messages.
+    pub epoch_resets: Counter,
+    /// Messages replayed to recovering clients (`subscribe` with `since`).
+    pub replayed: Counter,
+    /// Recoveries refused because the history no longer covered the gap.
+    pub history_gone: Counter,
 }
 
 impl Metrics {
@@ -113,8 +121,36 @@ impl Metrics {
             "Last round trip of the canary message through Redis Pub/Sub",
             canary_rtt.clone(),
         );
+        let gap_filled = Counter::default();
+        registry.register(
+            "gap_filled_messages",
+            "Messages read from history to fill a gap in this node's live feed",
+            gap_filled.clone(),
+        );
+        let epoch_resets = Counter::default();
+        registry.register(
+            "epoch_resets",
+            "Rooms given a new epoch because the Redis master lacked acknowledged messages",
+            epoch_resets.clone(),
+        );
+        let replayed = Counter::default();
+        registry.register(
+            "replayed_messages",
+            "Messages replayed to recovering clients",
+            replayed.clone(),
+        );
+        let history_gone = Counter::default();
+        registry.register(
+            "history_gone",
+            "Recoveries refused because the history no longer covered what the client missed",
+            history_gone.clone(),
+        );
         Self {
             registry,
+            gap_filled,
+            epoch_resets,
+            replayed,
+            history_gone,
             broker_reconnects,
             canary_rtt,
             connections,

@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::auth::{AuthConfig, Authenticator};
+use crate::auth::{AuthConfig, Authenticator, Pattern};
 use crate::broker::memory::lock;
+use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
     Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
     RedisOptions, RedisUrl,
@@ -34,8 +35,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     RedisUrl(#[from] crate::broker::redis::UrlError),
-    #[error("--delivery streams is not available in this version")]
-    StreamsNotYet,
+    #[error("--upstream-rooms needs a Redis broker (--broker redis://… or redis+sentinel://…)")]
+    UpstreamNeedsRedis,
+    #[error("--upstream-rooms: `{0}` is not a room name, `prefix:*` or `*`")]
+    UpstreamPattern(String),
     #[error("auth configuration: {0}")]
     Auth(#[from] crate::auth::AuthError),
 }
@@ -65,7 +68,13 @@ impl Node {
                 if config.delivery == DeliveryMode::Streams {
                     return Err(StartError::StreamsNeedRedis);
                 }
-                Arc::new(MemoryBroker::new(hub.clone()))
+                if !config.upstream_rooms.is_empty() {
+                    return Err(StartError::UpstreamNeedsRedis);
+                }
+                Arc::new(
+                    MemoryBroker::new(hub.clone())
+                        .with_idempotency_window(config.idempotency_window),
+                )
             }
             Some("redis" | "redis+sentinel") => {
                 let mut url = RedisUrl::parse(&config.broker)?;
@@ -76,8 +85,27 @@ impl Node {
                 opts.canary_interval = config.canary_interval;
                 opts.canary_timeout = config.canary_timeout;
                 opts.op_timeout = config.redis_timeout;
+                opts.idempotency_window = config.idempotency_window;
                 if config.delivery == DeliveryMode::Streams {
-                    return Err(StartError::StreamsNotYet);
+                    opts.history = Some(HistoryOptions {
+                        size: config.history_size,
+                    });
+                    // Room state and history expire together.
+                    opts.room_ttl = config.history_ttl;
+                }
+                if !config.upstream_rooms.is_empty() {
+                    let rooms = config
+                        .upstream_rooms
+                        .iter()
+                        .map(|p| {
+                            Pattern::parse(p.trim())
+                                .ok_or_else(|| StartError::UpstreamPattern(p.clone()))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    opts.upstream = Some(UpstreamOptions {
+                        rooms,
+                        maxlen: config.upstream_maxlen,
+                    });
                 }
                 Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
             }

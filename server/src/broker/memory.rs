@@ -2,8 +2,9 @@
 //! memory; each room gets a fresh epoch when its counter is (re)created, so a
 //! restart is visible to clients as an epoch change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::FutureExt;
@@ -25,6 +26,7 @@ pub struct MemoryBroker {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomSeq>>>>,
     deliver: Arc<dyn Deliver>,
     health: watch::Sender<Health>,
+    idempotency_window: Duration,
 }
 
 struct RoomSeq {
@@ -33,6 +35,10 @@ struct RoomSeq {
     /// Local subscriptions (the hub subscribes once per room, but keep a count
     /// to be robust against a stray duplicate).
     subscribed: usize,
+    /// Idempotency keys seen within the window: key → offset, and the keys in
+    /// the order they expire.
+    keys: HashMap<String, u64>,
+    expiry: VecDeque<(Instant, String)>,
 }
 
 impl RoomSeq {
@@ -41,6 +47,19 @@ impl RoomSeq {
             offset: 0,
             epoch: new_epoch().into(),
             subscribed: 0,
+            keys: HashMap::new(),
+            expiry: VecDeque::new(),
+        }
+    }
+
+    fn forget_expired_keys(&mut self, now: Instant) {
+        while let Some((at, _)) = self.expiry.front() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = self.expiry.pop_front() {
+                self.keys.remove(&key);
+            }
         }
     }
 }
@@ -51,7 +70,14 @@ impl MemoryBroker {
             rooms: Mutex::new(HashMap::new()),
             deliver,
             health: watch::Sender::new(Health::Up),
+            idempotency_window: Duration::from_secs(300),
         }
+    }
+
+    /// How long a publish's idempotency key is remembered.
+    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
+        self
     }
 
     fn room(&self, room: &RoomName) -> Arc<Mutex<RoomSeq>> {
@@ -73,22 +99,38 @@ impl MemoryBroker {
         // Held while delivering so that concurrent publishers reach the hub in
         // offset order; delivery only enqueues (never awaits).
         let mut seq = lock(&seq);
+        let now = Instant::now();
+        seq.forget_expired_keys(now);
+        if let Some(offset) = req.key.as_ref().and_then(|k| seq.keys.get(k)) {
+            return Published {
+                offset: *offset,
+                epoch: seq.epoch.clone(),
+                duplicate: true,
+            };
+        }
         seq.offset += 1;
+        let offset = seq.offset;
+        if let Some(key) = req.key {
+            seq.keys.insert(key.clone(), offset);
+            seq.expiry.push_back((now + self.idempotency_window, key));
+        }
         let published = Published {
-            offset: seq.offset,
+            offset,
             epoch: seq.epoch.clone(),
+            duplicate: false,
         };
         if seq.subscribed > 0 {
             let frame = encode_message(&MessageFrame {
                 room: req.room.as_str(),
                 data: &req.data,
-                offset: seq.offset,
+                offset,
                 epoch: &seq.epoch,
                 from: req.from.as_deref(),
             });
             self.deliver.deliver(Delivery {
                 room: req.room,
-                offset: seq.offset,
+                offset,
+                epoch: seq.epoch.clone(),
                 frame: Utf8Bytes::from(frame),
                 published_at_us: now_us(),
             });
@@ -186,5 +228,31 @@ mod tests {
         broker.unsubscribe(&a);
         broker.publish(req("a", "4")).await.unwrap();
         assert_eq!(lock(&sink.0).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_key_returns_the_first_offset_within_the_window_only() {
+        let sink = Arc::new(Collect::default());
+        let broker =
+            MemoryBroker::new(sink.clone()).with_idempotency_window(Duration::from_millis(200));
+        let a = RoomName::parse("a").unwrap();
+        broker.subscribe(&a).await.unwrap();
+        let keyed = |k: &str| PublishRequest {
+            key: Some(k.into()),
+            ..req("a", "1")
+        };
+        let first = broker.publish(keyed("k1")).await.unwrap();
+        let again = broker.publish(keyed("k1")).await.unwrap();
+        assert_eq!((first.offset, first.duplicate), (1, false));
+        assert_eq!((again.offset, again.duplicate), (1, true));
+        assert_eq!(broker.publish(keyed("k2")).await.unwrap().offset, 2);
+        assert_eq!(lock(&sink.0).len(), 2, "the repeat was not delivered");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let later = broker.publish(keyed("k1")).await.unwrap();
+        assert_eq!(
+            (later.offset, later.duplicate),
+            (3, false),
+            "the window passed"
+        );
     }
 }

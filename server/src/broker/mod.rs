@@ -18,6 +18,7 @@ pub mod redis;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
@@ -43,6 +44,9 @@ pub struct PublishRequest {
 pub struct Published {
     pub offset: u64,
     pub epoch: Arc<str>,
+    /// The idempotency key was seen within the window: this is the original
+    /// publish's offset, and nothing was delivered again.
+    pub duplicate: bool,
 }
 
 /// The last offset of a room (0 when nothing was published yet) and its epoch.
@@ -57,10 +61,30 @@ pub struct Position {
 pub struct Delivery {
     pub room: RoomName,
     pub offset: u64,
+    pub epoch: Arc<str>,
     pub frame: Utf8Bytes,
     /// When the publish was accepted, in microseconds since the Unix epoch
     /// (for the publish-to-delivery latency histogram).
     pub published_at_us: u64,
+}
+
+/// What a room keeps, for recovery and the history API (durable delivery).
+#[derive(Debug, Clone)]
+pub struct History {
+    pub epoch: Arc<str>,
+    /// The room's last offset (0 when nothing was published in this epoch).
+    pub last: u64,
+    /// Kept messages after the requested offset, oldest first, up to the
+    /// limit asked for. Their frames are exactly what subscribers were sent.
+    pub messages: Vec<Delivery>,
+}
+
+impl History {
+    /// Whether every message after `after` up to `last` is in `messages`
+    /// (none fell out of the history window).
+    pub fn covers(&self, after: u64) -> bool {
+        after >= self.last || self.messages.first().is_some_and(|m| m.offset == after + 1)
+    }
 }
 
 /// Where a broker hands messages for this node's rooms.
@@ -110,6 +134,23 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The room's current last offset and epoch.
     fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>>;
+
+    /// Whether rooms keep a history (`--delivery streams`).
+    fn durable(&self) -> bool {
+        false
+    }
+
+    /// Up to `limit` kept messages of the room after offset `after`, with the
+    /// room's epoch and last offset. Brokers without history answer
+    /// `Ok(None)`.
+    fn history(
+        &self,
+        _room: &RoomName,
+        _after: u64,
+        _limit: usize,
+    ) -> BoxFuture<'static, Result<Option<History>, BrokerError>> {
+        std::future::ready(Ok(None)).boxed()
+    }
 
     /// Follows the broker's health (drives `/readyz`).
     fn health(&self) -> watch::Receiver<Health>;

@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
+use crate::broker::Delivery;
 use crate::broker::memory::lock;
 
 /// Node-local connection id.
@@ -15,8 +15,9 @@ pub struct ConnId(pub u64);
 /// What travels through a connection's send queue.
 #[derive(Debug)]
 pub enum Outbound {
-    /// An encoded frame, shared with every other recipient.
-    Frame(Utf8Bytes),
+    /// A message of a room: the encoded frame with its room and offset,
+    /// shared with every other local recipient.
+    Message(Arc<Delivery>),
 }
 
 /// Why the node closes a connection.

@@ -153,12 +153,14 @@ impl Deliver for Hub {
         let Some(local) = lock(&self.rooms).get(&d.room).cloned() else {
             return;
         };
+        let published_at_us = d.published_at_us;
+        let d = Arc::new(d);
         let mut delivered = 0u64;
         let mut slow = Vec::new();
         {
             let subs = read(&local.subs);
             for handle in subs.values() {
-                match handle.tx.try_send(Outbound::Frame(d.frame.clone())) {
+                match handle.tx.try_send(Outbound::Message(d.clone())) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => slow.push(handle.ctl.clone()),
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -171,7 +173,7 @@ impl Deliver for Hub {
             }
         }
         self.metrics.delivered.inc_by(delivered);
-        let latency_us = now_us().saturating_sub(d.published_at_us);
+        let latency_us = now_us().saturating_sub(published_at_us);
         self.metrics
             .delivery_latency
             .observe(latency_us as f64 / 1e6);
@@ -212,9 +214,11 @@ mod tests {
 
     fn frame_offset(out: Outbound) -> u64 {
         match out {
-            Outbound::Frame(f) => serde_json::from_str::<serde_json::Value>(&f).unwrap()["offset"]
-                .as_u64()
-                .unwrap(),
+            Outbound::Message(d) => {
+                let v = serde_json::from_str::<serde_json::Value>(&d.frame).unwrap();
+                assert_eq!(v["offset"].as_u64(), Some(d.offset));
+                d.offset
+            }
         }
     }
 
@@ -231,14 +235,13 @@ mod tests {
             publish(&broker, &room, n);
         }
         for n in 1..=3 {
-            let (Outbound::Frame(fa), Outbound::Frame(fb)) =
+            let (Outbound::Message(da), Outbound::Message(db)) =
                 (a_rx.recv().await.unwrap(), b_rx.recv().await.unwrap());
-            assert_eq!(
-                fa.as_ptr(),
-                fb.as_ptr(),
+            assert!(
+                Arc::ptr_eq(&da, &db),
                 "one encoding shared by all subscribers"
             );
-            assert_eq!(frame_offset(Outbound::Frame(fa)), n);
+            assert_eq!(frame_offset(Outbound::Message(da)), n);
         }
         assert_eq!(metrics.delivered.get(), 6);
     }

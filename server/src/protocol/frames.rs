@@ -261,6 +261,9 @@ pub enum ServerFrame<'a> {
         recovered: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
         missed: Option<u64>,
+        /// Why a recovery failed (`history_gone`); the subscription holds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<ErrorCode>,
     },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -285,6 +288,7 @@ impl ServerFrame<'_> {
             epoch: None,
             recovered: None,
             missed: None,
+            code: None,
         }
     }
 }
@@ -449,6 +453,7 @@ mod tests {
             epoch: Some("ep"),
             recovered: Some(false),
             missed: Some(0),
+            code: None,
         }))
         .unwrap();
         assert_eq!(

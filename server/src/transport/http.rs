@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
@@ -113,6 +113,66 @@ pub async fn publish(
             axum::Json(json!({"offset": p.offset, "epoch": &*p.epoch})),
         )
             .into_response(),
+        Err(e) => broker_error(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// Most messages one history request returns.
+const MAX_HISTORY_PAGE: usize = 1000;
+
+/// `GET /api/v1/rooms/{room}/history?since=<offset>&limit=<n>` → the kept
+/// messages after `since` (oldest first), the room's epoch and last offset,
+/// and whether the history still covers everything after `since`.
+pub async fn history(
+    State(node): State<Arc<Node>>,
+    Path(room): Path<String>,
+    Query(query): Query<HistoryQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = node.auth.check_api_key(authorization) {
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            &e.to_string(),
+        );
+    }
+    let room = match RoomName::parse(&room) {
+        Ok(room) => room,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()),
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
+    match node.broker.history(&room, query.since, limit).await {
+        Ok(Some(h)) => {
+            let complete = h.covers(query.since);
+            let messages: Vec<Box<RawValue>> = h
+                .messages
+                .iter()
+                .filter_map(|m| RawValue::from_string(m.frame.to_string()).ok())
+                .collect();
+            let body = json!({
+                "room": room.as_str(),
+                "epoch": &*h.epoch,
+                "last_offset": h.last,
+                "complete": complete,
+                "messages": messages,
+            });
+            (StatusCode::OK, axum::Json(body)).into_response()
+        }
+        Ok(None) => api_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::HistoryGone,
+            "no history is kept: this node runs --delivery pubsub",
+        ),
         Err(e) => broker_error(&e),
     }
 }

@@ -18,6 +18,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/", get(http::demo_page))
         .route("/ws", get(ws::upgrade))
         .route("/api/v1/rooms/{room}/messages", post(http::publish))
+        .route("/api/v1/rooms/{room}/history", get(http::history))
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))

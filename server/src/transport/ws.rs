@@ -6,7 +6,7 @@
 //! [`MAX_INFLIGHT`] publishes in flight with their replies in request order,
 //! and obeys the node's close requests (slow consumer, drain).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::auth::Session;
-use crate::broker::{BrokerError, PublishRequest};
+use crate::broker::{BrokerError, Position, PublishRequest};
 use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound};
 use crate::node::{Node, Slot};
 use crate::protocol::{self, ClientFrame, ErrorCode, RoomName, SUBPROTOCOL, ServerFrame, Since};
@@ -124,6 +124,7 @@ async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slo
         auth,
         handle,
         rooms: HashSet::new(),
+        replayed: HashMap::new(),
     };
     let end = conn.run(socket, queue).await;
     for room in std::mem::take(&mut conn.rooms) {
@@ -148,6 +149,9 @@ struct Conn {
     auth: Session,
     handle: ConnHandle,
     rooms: HashSet<RoomName>,
+    /// Rooms just recovered from history: the last offset replayed (and its
+    /// epoch). Live messages up to it are already sent and are dropped.
+    replayed: HashMap<RoomName, (Arc<str>, u64)>,
 }
 
 impl Conn {
@@ -168,10 +172,10 @@ impl Conn {
                 biased;
                 reason = ctl.closed() => return close(&mut socket, reason).await,
                 Some(first) = queue.recv() => {
-                    out.push(outbound(first));
+                    out.extend(self.outbound(first));
                     while out.len() < MAX_BATCH {
                         match queue.try_recv() {
-                            Ok(next) => out.push(outbound(next)),
+                            Ok(next) => out.extend(self.outbound(next)),
                             Err(_) => break,
                         }
                     }
@@ -181,7 +185,7 @@ impl Conn {
                     None => return End::ClientGone,
                     Some(Err(e)) => return End::SocketError(e.to_string()),
                     Some(Ok(Message::Text(text))) => {
-                        if let Some(reply) = self.handle_text(text, &mut inflight).await {
+                        if let Some(reply) = self.handle_text(text, &mut inflight, &mut out).await {
                             out.push(Message::Text(reply.into()));
                         }
                     }
@@ -221,6 +225,7 @@ impl Conn {
         &mut self,
         text: Utf8Bytes,
         inflight: &mut FuturesOrdered<Reply>,
+        out: &mut Vec<Message>,
     ) -> Option<String> {
         let max = self.node.config.max_frame_bytes as usize;
         if text.len() > max {
@@ -241,7 +246,8 @@ impl Conn {
         match frame {
             ClientFrame::Ping { id } => Some(protocol::encode(&ServerFrame::Pong { id })),
             ClientFrame::Subscribe { id, room, since } => {
-                Some(self.subscribe(id, room, since).await)
+                self.subscribe(id, room, since, out).await;
+                None
             }
             ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room) {
                 self.node.hub.leave(&*self.node.broker, &room, self.id);
@@ -281,6 +287,7 @@ impl Conn {
                                 epoch: Some(&p.epoch),
                                 recovered: None,
                                 missed: None,
+                                code: None,
                             }),
                             Err(e) => broker_error(Some(id), &e),
                         }
@@ -292,46 +299,185 @@ impl Conn {
         }
     }
 
-    async fn subscribe(&mut self, id: u64, room: RoomName, since: Option<Since>) -> String {
+    /// Subscribes (joining the room before anything else, so nothing
+    /// published from now on is missed), answers `ok`, and with `since`
+    /// replays what the client missed right after the `ok`.
+    async fn subscribe(
+        &mut self,
+        id: u64,
+        room: RoomName,
+        since: Option<Since>,
+        out: &mut Vec<Message>,
+    ) {
         if !self.auth.may_subscribe(room.as_str()) {
-            return error(
+            let e = error(
                 Some(id),
                 ErrorCode::Forbidden,
                 &format!("may not subscribe to `{room}`"),
             );
+            out.push(Message::Text(e.into()));
+            return;
         }
         let node = self.node.clone();
-        if !self.rooms.contains(&room) {
+        let joined_now = !self.rooms.contains(&room);
+        if joined_now {
             if let Err(e) = node
                 .hub
                 .join(&*node.broker, &room, self.id, self.handle.clone())
                 .await
             {
-                return broker_error(Some(id), &e);
+                out.push(Message::Text(broker_error(Some(id), &e).into()));
+                return;
             }
             self.rooms.insert(room.clone());
         }
-        match node.broker.position(&room).await {
-            Ok(pos) => {
-                // Live fan-out keeps no history: a client is only "recovered"
-                // when it missed nothing.
-                let recovered = since.map(|s| *s.epoch == *pos.epoch && s.offset == pos.offset);
-                protocol::encode(&ServerFrame::Ok {
-                    id,
-                    offset: Some(pos.offset),
-                    epoch: Some(&pos.epoch),
-                    recovered,
-                    missed: recovered.map(|_| 0),
-                })
+        let outcome = match node.broker.position(&room).await {
+            Ok(pos) => self.recover(&room, since, pos).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((reply, replay)) => {
+                out.push(Message::Text(reply.encode(id).into()));
+                out.extend(replay);
             }
-            Err(e) => broker_error(Some(id), &e),
+            Err(e) => {
+                if joined_now {
+                    self.rooms.remove(&room);
+                    node.hub.leave(&*node.broker, &room, self.id);
+                }
+                out.push(Message::Text(broker_error(Some(id), &e).into()));
+            }
+        }
+    }
+
+    /// What the `ok` of a subscribe says, and the frames to replay.
+    async fn recover(
+        &mut self,
+        room: &RoomName,
+        since: Option<Since>,
+        pos: Position,
+    ) -> Result<(SubscribeOk, Vec<Message>), BrokerError> {
+        let plain = SubscribeOk {
+            offset: pos.offset,
+            epoch: pos.epoch.clone(),
+            recovery: None,
+        };
+        let Some(since) = since else {
+            return Ok((plain, Vec::new()));
+        };
+        let gone = |this: &Self| {
+            this.node.metrics.history_gone.inc();
+            Ok((
+                SubscribeOk {
+                    recovery: Some(Recovery::Gone),
+                    ..plain.clone()
+                },
+                Vec::new(),
+            ))
+        };
+        if *since.epoch != *pos.epoch || since.offset > pos.offset {
+            return gone(self);
+        }
+        if since.offset == pos.offset {
+            return Ok((
+                SubscribeOk {
+                    recovery: Some(Recovery::Done(0)),
+                    ..plain.clone()
+                },
+                Vec::new(),
+            ));
+        }
+        if !self.node.broker.durable() {
+            return gone(self);
+        }
+        let max = self.node.config.history_size.max(1) as usize;
+        let mut replay = Vec::new();
+        let mut after = since.offset;
+        while after < pos.offset {
+            let Some(page) = self
+                .node
+                .broker
+                .history(room, after, REPLAY_PAGE.min(max))
+                .await?
+            else {
+                return gone(self);
+            };
+            if page.epoch != pos.epoch
+                || !page.covers(after)
+                || page.messages.is_empty()
+                || replay.len() >= max
+            {
+                return gone(self);
+            }
+            for m in page.messages {
+                after = m.offset;
+                replay.push(Message::Text(m.frame));
+            }
+        }
+        self.node.metrics.replayed.inc_by(replay.len() as u64);
+        self.replayed
+            .insert(room.clone(), (pos.epoch.clone(), after));
+        let missed = pos.offset - since.offset;
+        Ok((
+            SubscribeOk {
+                recovery: Some(Recovery::Done(missed)),
+                ..plain
+            },
+            replay,
+        ))
+    }
+
+    /// A queued message as it goes out, unless a replay already sent it.
+    fn outbound(&mut self, out: Outbound) -> Option<Message> {
+        match out {
+            Outbound::Message(d) => {
+                if !self.replayed.is_empty()
+                    && let Some((epoch, upto)) = self.replayed.get(&d.room)
+                {
+                    if *epoch == d.epoch && d.offset <= *upto {
+                        return None;
+                    }
+                    self.replayed.remove(&d.room);
+                }
+                Some(Message::Text(d.frame.clone()))
+            }
         }
     }
 }
 
-fn outbound(out: Outbound) -> Message {
-    match out {
-        Outbound::Frame(frame) => Message::Text(frame),
+/// Messages read from history per round trip while replaying.
+const REPLAY_PAGE: usize = 500;
+
+#[derive(Clone)]
+struct SubscribeOk {
+    offset: u64,
+    epoch: Arc<str>,
+    recovery: Option<Recovery>,
+}
+
+#[derive(Clone, Copy)]
+enum Recovery {
+    /// Everything missed follows the `ok` (this many messages).
+    Done(u64),
+    /// The history no longer covers what was missed.
+    Gone,
+}
+
+impl SubscribeOk {
+    fn encode(&self, id: u64) -> String {
+        let (recovered, missed, code) = match self.recovery {
+            None => (None, None, None),
+            Some(Recovery::Done(n)) => (Some(true), Some(n), None),
+            Some(Recovery::Gone) => (Some(false), Some(0), Some(ErrorCode::HistoryGone)),
+        };
+        protocol::encode(&ServerFrame::Ok {
+            id,
+            offset: Some(self.offset),
+            epoch: Some(&self.epoch),
+            recovered,
+            missed,
+            code,
+        })
     }
 }
 

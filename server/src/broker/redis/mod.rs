@@ -16,6 +16,14 @@
 //! While the link is down, publishes and new subscriptions fail at once with
 //! `unavailable`, `/readyz` answers 503, and clients stay connected: when the
 //! link is back every served room is subscribed again and delivery resumes.
+//!
+//! With history (`--delivery streams`) the supervisor also remembers the last
+//! offset it delivered per room and the publisher the last one it had
+//! acknowledged. A live message that skips offsets is preceded by the
+//! missing ones, read from the room's stream, so local subscribers see every
+//! offset in order; after a reconnect the rooms are caught up the same way,
+//! and a master that lacks offsets this node saw acknowledged (asynchronous
+//! replication lost them in a failover) gets a new epoch for the room.
 
 mod scripts;
 mod url;
@@ -39,6 +47,8 @@ use super::{
     Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published, new_epoch,
     now_us,
 };
+use crate::auth::Pattern;
+use crate::broker::History;
 use crate::broker::memory::lock;
 use crate::metrics::Metrics;
 use crate::protocol::{RoomName, message_parts};
@@ -56,6 +66,31 @@ pub struct RedisOptions {
     pub canary_interval: Duration,
     /// A canary not back within this long means the subscription is dead.
     pub canary_timeout: Duration,
+    /// Keep a history per room (`--delivery streams`).
+    pub history: Option<HistoryOptions>,
+    /// How long a publish's idempotency key is remembered.
+    pub idempotency_window: Duration,
+    /// Rooms whose client publishes are also appended for backend consumers.
+    pub upstream: Option<UpstreamOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryOptions {
+    /// Approximate number of messages kept per room.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    pub rooms: Vec<Pattern>,
+    /// Approximate number of entries kept per upstream stream.
+    pub maxlen: u64,
+}
+
+impl UpstreamOptions {
+    fn wants(&self, room: &str) -> bool {
+        self.rooms.iter().any(|p| p.matches(room))
+    }
 }
 
 impl RedisOptions {
@@ -67,6 +102,9 @@ impl RedisOptions {
             op_timeout: Duration::from_secs(1),
             canary_interval: Duration::from_secs(1),
             canary_timeout: Duration::from_secs(3),
+            history: None,
+            idempotency_window: Duration::from_secs(300),
+            upstream: None,
         }
     }
 }
@@ -110,7 +148,20 @@ struct Shared {
     deliver: Arc<dyn Deliver>,
     metrics: Arc<Metrics>,
     canary_channel: String,
+    /// History mode: the last offset this node had acknowledged per room
+    /// (for the epoch check after a reconnect). Capped at [`MAX_TRACKED`].
+    acked: Mutex<HashMap<RoomName, Seen>>,
 }
+
+/// An offset of a room in an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    epoch: Arc<str>,
+    offset: u64,
+}
+
+/// Rooms tracked for acknowledged offsets at most; past it, the map is reset.
+const MAX_TRACKED: usize = 65_536;
 
 impl RedisBroker {
     /// Starts the broker's tasks; the link comes up in the background
@@ -131,6 +182,7 @@ impl RedisBroker {
             deliver,
             metrics,
             canary_channel,
+            acked: Mutex::new(HashMap::new()),
         });
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let tasks = vec![
@@ -209,15 +261,15 @@ impl Broker for RedisBroker {
 
     fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
         let conn = self.shared.conn.borrow().clone();
-        let key = scripts::room_key(room.as_str());
-        let ttl = self.shared.opts.room_ttl.as_secs().max(1);
+        let mut inv = scripts::POSITION.key(scripts::room_key(room.as_str()));
+        inv.key(self.shared.history_key(room.as_str()))
+            .arg(new_epoch())
+            .arg(self.shared.ttl_secs());
         let limit = self.shared.opts.op_timeout;
         async move {
             let Some(mut conn) = conn else {
                 return Err(BrokerError::Unavailable("not connected".into()));
             };
-            let mut inv = scripts::POSITION.key(key);
-            inv.arg(new_epoch()).arg(ttl);
             match timeout(limit, inv.invoke_async::<(u64, String)>(&mut conn)).await {
                 Ok(Ok((offset, epoch))) => Ok(Position {
                     offset,
@@ -226,6 +278,33 @@ impl Broker for RedisBroker {
                 Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
                 Err(_) => Err(BrokerError::Timeout(limit)),
             }
+        }
+        .boxed()
+    }
+
+    fn durable(&self) -> bool {
+        self.shared.opts.history.is_some()
+    }
+
+    fn history(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Option<History>, BrokerError>> {
+        if self.shared.opts.history.is_none() {
+            return std::future::ready(Ok(None)).boxed();
+        }
+        let conn = self.shared.conn.borrow().clone();
+        let room = room.clone();
+        let op_timeout = self.shared.opts.op_timeout;
+        async move {
+            let Some(mut conn) = conn else {
+                return Err(BrokerError::Unavailable("not connected".into()));
+            };
+            read_history(&mut conn, &room, after, limit, op_timeout)
+                .await
+                .map(Some)
         }
         .boxed()
     }
@@ -239,12 +318,107 @@ impl Broker for RedisBroker {
     }
 }
 
+impl Shared {
+    fn ttl_secs(&self) -> u64 {
+        self.opts.room_ttl.as_secs().max(1)
+    }
+
+    /// The room's history stream, or `""` (no key) without history.
+    fn history_key(&self, room: &str) -> String {
+        if self.opts.history.is_some() {
+            scripts::history_key(room)
+        } else {
+            String::new()
+        }
+    }
+
+    fn note_acked(&self, room: &RoomName, epoch: &Arc<str>, offset: u64) {
+        let mut acked = lock(&self.acked);
+        if acked.len() >= MAX_TRACKED && !acked.contains_key(room) {
+            acked.clear();
+        }
+        match acked.get_mut(room) {
+            Some(seen) if seen.epoch == *epoch => seen.offset = seen.offset.max(offset),
+            _ => {
+                acked.insert(
+                    room.clone(),
+                    Seen {
+                        epoch: epoch.clone(),
+                        offset,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Reads the room's epoch, last offset and up to `limit` kept messages after
+/// `after`, in one round trip.
+async fn read_history(
+    conn: &mut MultiplexedConnection,
+    room: &RoomName,
+    after: u64,
+    limit: usize,
+    op_timeout: Duration,
+) -> Result<History, BrokerError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("HMGET")
+        .arg(scripts::room_key(room.as_str()))
+        .arg("o")
+        .arg("e");
+    pipe.cmd("XRANGE")
+        .arg(scripts::history_key(room.as_str()))
+        .arg(format!("0-{}", after.saturating_add(1)))
+        .arg("+")
+        .arg("COUNT")
+        .arg(limit.max(1));
+    let reply = timeout(
+        op_timeout,
+        pipe.query_async::<(
+            (Option<u64>, Option<String>),
+            redis::streams::StreamRangeReply,
+        )>(conn),
+    )
+    .await;
+    let ((last, epoch), range) = match reply {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(BrokerError::Unavailable(e.to_string())),
+        Err(_) => return Err(BrokerError::Timeout(op_timeout)),
+    };
+    let epoch: Arc<str> = epoch.unwrap_or_default().into();
+    let mut messages = Vec::with_capacity(range.ids.len());
+    for entry in range.ids {
+        let (Some(offset), Some(redis::Value::BulkString(frame))) =
+            (scripts::entry_offset(&entry.id), entry.map.get("f"))
+        else {
+            continue;
+        };
+        let Ok(frame) = Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(frame)) else {
+            continue;
+        };
+        messages.push(Delivery {
+            room: room.clone(),
+            offset,
+            epoch: epoch.clone(),
+            frame,
+            published_at_us: 0,
+        });
+    }
+    Ok(History {
+        epoch,
+        last: last.unwrap_or(0),
+        messages,
+    })
+}
+
 // ---------------------------------------------------------------- publisher
 
 async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
     let conn_rx = shared.conn.subscribe();
-    let ttl = shared.opts.room_ttl.as_secs().max(1);
     let hash = scripts::PUBLISH.get_hash().to_string();
+    let history_len = shared.opts.history.as_ref().map_or(0, |h| h.size.max(1));
+    let idem_secs = shared.opts.idempotency_window.as_secs().max(1);
+    let upstream_len = shared.opts.upstream.as_ref().map_or(0, |u| u.maxlen.max(1));
     let mut batch: Vec<PublishCmd> = Vec::with_capacity(MAX_PIPELINE);
     while rx.recv_many(&mut batch, MAX_PIPELINE).await > 0 {
         let conn = conn_rx.borrow().clone();
@@ -257,86 +431,70 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
             continue;
         };
         let ts = now_us().to_string();
+        // Arguments of each script call, kept for a retry with EVAL.
+        let calls: Vec<(Vec<String>, Vec<String>)> = batch
+            .iter()
+            .map(|cmd| {
+                let room = cmd.req.room.as_str();
+                let (head, tail) = message_parts(room, &cmd.req.data, cmd.req.from.as_deref());
+                let upstream = cmd.req.from.is_some()
+                    && shared.opts.upstream.as_ref().is_some_and(|u| u.wants(room));
+                let keys = vec![
+                    scripts::room_key(room),
+                    shared.history_key(room),
+                    cmd.req
+                        .key
+                        .as_deref()
+                        .map(|k| scripts::idempotency_key(room, k))
+                        .unwrap_or_default(),
+                    if upstream {
+                        scripts::upstream_key(room)
+                    } else {
+                        String::new()
+                    },
+                ];
+                let args = vec![
+                    scripts::room_channel(room),
+                    head,
+                    tail,
+                    ts.clone(),
+                    new_epoch(),
+                    shared.ttl_secs().to_string(),
+                    history_len.to_string(),
+                    idem_secs.to_string(),
+                    upstream_len.to_string(),
+                    if upstream {
+                        cmd.req.data.get().to_string()
+                    } else {
+                        String::new()
+                    },
+                    cmd.req.from.as_deref().unwrap_or("").to_string(),
+                ];
+                (keys, args)
+            })
+            .collect();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for cmd in &batch {
-            let room = cmd.req.room.as_str();
-            let (head, tail) = message_parts(room, &cmd.req.data, cmd.req.from.as_deref());
+        for (keys, args) in &calls {
             pipe.cmd("EVALSHA")
                 .arg(&hash)
-                .arg(1)
-                .arg(scripts::room_key(room))
-                .arg(scripts::room_channel(room))
-                .arg(head)
-                .arg(tail)
-                .arg(&ts)
-                .arg(new_epoch())
-                .arg(ttl);
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
         }
         let outcome = timeout(
             shared.opts.op_timeout,
             pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
         )
         .await;
-        match outcome {
-            Ok(Ok(results)) => {
-                let mut noscript = Vec::new();
-                for (cmd, res) in batch.drain(..).zip(results) {
-                    match res.and_then(|v| {
-                        redis::from_redis_value::<(u64, String)>(v).map_err(Into::into)
-                    }) {
-                        Ok((offset, epoch)) => {
-                            let _ = cmd.reply.send(Ok(Published {
-                                offset,
-                                epoch: epoch.into(),
-                            }));
-                        }
-                        Err(e) if e.code() == Some("NOSCRIPT") => noscript.push(cmd),
-                        Err(e) => {
-                            if e.code() == Some("READONLY")
-                                || e.is_io_error()
-                                || e.is_connection_dropped()
-                            {
-                                shared.trouble.notify_one();
-                            }
-                            let _ = cmd.reply.send(Err(BrokerError::Unavailable(e.to_string())));
-                        }
-                    }
-                }
-                // The script cache was flushed under us (Redis restarted on
-                // the same connection?): EVAL loads it again, one at a time to
-                // keep the order.
-                for cmd in noscript {
-                    let room = cmd.req.room.as_str();
-                    let (head, tail) = message_parts(room, &cmd.req.data, cmd.req.from.as_deref());
-                    let mut inv = scripts::PUBLISH.key(scripts::room_key(room));
-                    inv.arg(scripts::room_channel(room))
-                        .arg(head)
-                        .arg(tail)
-                        .arg(&ts)
-                        .arg(new_epoch())
-                        .arg(ttl);
-                    let res = match timeout(
-                        shared.opts.op_timeout,
-                        inv.invoke_async::<(u64, String)>(&mut conn),
-                    )
-                    .await
-                    {
-                        Ok(Ok((offset, epoch))) => Ok(Published {
-                            offset,
-                            epoch: epoch.into(),
-                        }),
-                        Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-                        Err(_) => Err(BrokerError::Timeout(shared.opts.op_timeout)),
-                    };
-                    let _ = cmd.reply.send(res);
-                }
-            }
+        let results = match outcome {
+            Ok(Ok(results)) => results,
             Ok(Err(e)) => {
                 shared.trouble.notify_one();
                 for cmd in batch.drain(..) {
                     let _ = cmd.reply.send(Err(BrokerError::Unavailable(e.to_string())));
                 }
+                continue;
             }
             Err(_) => {
                 shared.trouble.notify_one();
@@ -345,7 +503,61 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
                         .reply
                         .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
                 }
+                continue;
             }
+        };
+        for ((cmd, res), (keys, args)) in batch.drain(..).zip(results).zip(calls) {
+            let res = match res {
+                // The script cache was flushed under us: EVAL loads it again
+                // (one call at a time, so the order is kept).
+                Err(e) if e.code() == Some("NOSCRIPT") => {
+                    let mut inv = scripts::PUBLISH.prepare_invoke();
+                    for k in keys {
+                        inv.key(k);
+                    }
+                    for a in args {
+                        inv.arg(a);
+                    }
+                    match timeout(
+                        shared.opts.op_timeout,
+                        inv.invoke_async::<redis::Value>(&mut conn),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let _ = cmd
+                                .reply
+                                .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
+                            continue;
+                        }
+                    }
+                }
+                other => other,
+            };
+            let reply = match res
+                .and_then(|v| redis::from_redis_value::<(u64, String, u8)>(v).map_err(Into::into))
+            {
+                Ok((offset, epoch, duplicate)) => {
+                    let epoch: Arc<str> = epoch.into();
+                    if history_len > 0 {
+                        shared.note_acked(&cmd.req.room, &epoch, offset);
+                    }
+                    Ok(Published {
+                        offset,
+                        epoch,
+                        duplicate: duplicate == 1,
+                    })
+                }
+                Err(e) => {
+                    if e.code() == Some("READONLY") || e.is_io_error() || e.is_connection_dropped()
+                    {
+                        shared.trouble.notify_one();
+                    }
+                    Err(BrokerError::Unavailable(e.to_string()))
+                }
+            };
+            let _ = cmd.reply.send(reply);
         }
     }
 }
@@ -362,11 +574,17 @@ struct Link {
     active: HashSet<RoomName>,
 }
 
+/// History mode: the last offset delivered to this node's subscribers per
+/// served room. Owned by the supervisor; it outlives links, so a new link
+/// can catch up what the old one missed.
+type Delivered = HashMap<RoomName, Seen>;
+
 async fn supervise(shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
+    let mut delivered = Delivered::new();
     loop {
-        match connect(&shared).await {
+        match connect(&shared, &mut delivered).await {
             Ok(link) => {
                 backoff = BACKOFF_MIN;
                 if !first {
@@ -375,7 +593,7 @@ async fn supervise(shared: Arc<Shared>) {
                 first = false;
                 let master = link.master.clone();
                 tracing::info!(%master, rooms = link.active.len(), "redis link up");
-                let why = run_link(&shared, link).await;
+                let why = run_link(&shared, link, &mut delivered).await;
                 tracing::warn!(%master, reason = %why, "redis link lost; reconnecting");
                 shared.conn.send_replace(None);
                 shared.health.send_replace(Health::Down(why));
@@ -386,7 +604,7 @@ async fn supervise(shared: Arc<Shared>) {
             }
         }
         fail_waiters(&shared);
-        // Full jitter between half and the whole backoff.
+        // Jitter: sleep between half and the whole backoff.
         let sleep = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
         tokio::time::sleep(sleep).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -430,9 +648,10 @@ fn conn_config(shared: &Shared) -> AsyncConnectionConfig {
         .set_response_timeout(Some(shared.opts.op_timeout))
 }
 
-/// Finds the master, connects, checks its role, loads the scripts and
-/// subscribes every wanted room plus the canary channel.
-async fn connect(shared: &Arc<Shared>) -> Result<Link, String> {
+/// Finds the master, connects, checks its role, loads the scripts,
+/// subscribes every wanted room plus the canary channel, and (history mode)
+/// checks epochs and catches up what this node missed.
+async fn connect(shared: &Arc<Shared>, delivered: &mut Delivered) -> Result<Link, String> {
     let master = match &shared.opts.url.target {
         Target::Direct(addr) => addr.clone(),
         Target::Sentinel { sentinels, master } => ask_sentinels(shared, sentinels, master).await?,
@@ -447,21 +666,19 @@ async fn connect(shared: &Arc<Shared>) -> Result<Link, String> {
         .query_async(&mut conn)
         .await
         .map_err(|e| format!("ROLE on {master}: {e}"))?;
-    let role_name = match &role {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-            Some(redis::Value::SimpleString(s)) => s.clone(),
-            _ => String::new(),
-        },
-        _ => String::new(),
-    };
-    if role_name != "master" {
-        return Err(format!("{master} is a {role_name}, not a master"));
+    if !is_master(&role) {
+        return Err(format!("{master} is not a master"));
     }
-    scripts::PUBLISH
-        .load_async(&mut conn)
-        .await
-        .map_err(|e| format!("SCRIPT LOAD on {master}: {e}"))?;
+    for script in [
+        &*scripts::PUBLISH,
+        &*scripts::POSITION,
+        &*scripts::EPOCH_CHECK,
+    ] {
+        script
+            .load_async(&mut conn)
+            .await
+            .map_err(|e| format!("SCRIPT LOAD on {master}: {e}"))?;
+    }
     let pubsub = timeout(limit, client.get_async_pubsub())
         .await
         .map_err(|_| format!("pub/sub connect to {master} timed out"))?
@@ -478,10 +695,138 @@ async fn connect(shared: &Arc<Shared>) -> Result<Link, String> {
         stream,
         active: HashSet::new(),
     };
-    reconcile(shared, &mut link).await?;
+    reconcile(shared, &mut link, delivered).await?;
+    if shared.opts.history.is_some() {
+        check_epochs(shared, &mut link, delivered).await?;
+    }
     shared.conn.send_replace(Some(conn));
     shared.health.send_replace(Health::Up);
     Ok(link)
+}
+
+fn is_master(role: &redis::Value) -> bool {
+    match role {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::BulkString(b)) => b == b"master",
+            Some(redis::Value::SimpleString(s)) => s == "master",
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// After (re)connecting in history mode: for every room this node saw
+/// offsets of, make sure the master still has them (else give the room a new
+/// epoch: acknowledged messages were lost), and deliver what was published
+/// while this node was away.
+async fn check_epochs(
+    shared: &Shared,
+    link: &mut Link,
+    delivered: &mut Delivered,
+) -> Result<(), String> {
+    let mut known: HashMap<RoomName, Seen> = lock(&shared.acked).clone();
+    for (room, seen) in delivered.iter() {
+        match known.get_mut(room) {
+            Some(k) if k.epoch == seen.epoch => k.offset = k.offset.max(seen.offset),
+            _ => {
+                known.insert(room.clone(), seen.clone());
+            }
+        }
+    }
+    if known.is_empty() {
+        return Ok(());
+    }
+    let rooms: Vec<(RoomName, Seen)> = known.into_iter().collect();
+    let mut pipe = redis::pipe();
+    for (room, seen) in &rooms {
+        pipe.cmd("EVALSHA")
+            .arg(scripts::EPOCH_CHECK.get_hash())
+            .arg(2)
+            .arg(scripts::room_key(room.as_str()))
+            .arg(scripts::history_key(room.as_str()))
+            .arg(&*seen.epoch)
+            .arg(seen.offset)
+            .arg(new_epoch());
+    }
+    let replies: Vec<(u8, u64, String)> =
+        timeout(shared.opts.op_timeout * 2, pipe.query_async(&mut link.conn))
+            .await
+            .map_err(|_| "epoch check timed out".to_string())?
+            .map_err(|e| format!("epoch check: {e}"))?;
+    for ((room, seen), (changed, last, epoch)) in rooms.into_iter().zip(replies) {
+        let epoch: Arc<str> = epoch.into();
+        if changed == 1 {
+            shared.metrics.epoch_resets.inc();
+            tracing::warn!(
+                %room, had = seen.offset, master_has = last, old_epoch = %seen.epoch, new_epoch = %epoch,
+                "the master lacks acknowledged messages of the room (lost in a failover): new epoch"
+            );
+            lock(&shared.acked).remove(&room);
+            if delivered.contains_key(&room) {
+                delivered.insert(
+                    room,
+                    Seen {
+                        epoch,
+                        offset: last,
+                    },
+                );
+            }
+            continue;
+        }
+        let Some(mine) = delivered.get(&room).cloned() else {
+            continue;
+        };
+        if epoch.is_empty() || epoch != mine.epoch {
+            // The room is gone or restarted: its next message starts afresh.
+            delivered.remove(&room);
+        } else if last > mine.offset {
+            fill_gap(shared, &mut link.conn, &room, &mine, last, delivered).await;
+        }
+    }
+    Ok(())
+}
+
+/// Delivers the room's kept messages after `seen.offset` up to `upto`, in
+/// order; notes what could not be found (trimmed from the history).
+async fn fill_gap(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    room: &RoomName,
+    seen: &Seen,
+    upto: u64,
+    delivered: &mut Delivered,
+) {
+    let want = upto.saturating_sub(seen.offset) as usize;
+    let history = match read_history(conn, room, seen.offset, want, shared.opts.op_timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
+            return;
+        }
+    };
+    if history.epoch != seen.epoch {
+        return;
+    }
+    let mut next = seen.offset + 1;
+    for m in history
+        .messages
+        .into_iter()
+        .take_while(|m| m.offset <= upto)
+    {
+        if m.offset > next {
+            tracing::warn!(%room, from = next, to = m.offset - 1, "messages missing from history");
+        }
+        next = m.offset + 1;
+        shared.metrics.gap_filled.inc();
+        delivered.insert(
+            room.clone(),
+            Seen {
+                epoch: seen.epoch.clone(),
+                offset: m.offset,
+            },
+        );
+        shared.deliver.deliver(m);
+    }
 }
 
 /// Asks the sentinels, in turn, where the master is.
@@ -537,7 +882,11 @@ async fn ask_sentinel(shared: &Shared, sentinel: &Addr, name: &str) -> Result<Ad
 }
 
 /// Brings the link's subscriptions to the wanted set; answers waiters.
-async fn reconcile(shared: &Shared, link: &mut Link) -> Result<(), String> {
+async fn reconcile(
+    shared: &Shared,
+    link: &mut Link,
+    delivered: &mut Delivered,
+) -> Result<(), String> {
     let limit = shared.opts.op_timeout;
     let (to_sub, to_unsub): (Vec<RoomName>, Vec<RoomName>) = {
         let wanted = lock(&shared.wanted);
@@ -565,6 +914,7 @@ async fn reconcile(shared: &Shared, link: &mut Link) -> Result<(), String> {
             .map_err(|e| format!("UNSUBSCRIBE: {e}"))?;
         for r in chunk {
             link.active.remove(r);
+            delivered.remove(r);
         }
     }
     for chunk in to_sub.chunks(SUBSCRIBE_BATCH) {
@@ -592,7 +942,7 @@ async fn reconcile(shared: &Shared, link: &mut Link) -> Result<(), String> {
 }
 
 /// Runs an established link until it fails; returns why.
-async fn run_link(shared: &Arc<Shared>, mut link: Link) -> String {
+async fn run_link(shared: &Arc<Shared>, mut link: Link, delivered: &mut Delivered) -> String {
     let mut canary_tick = tokio::time::interval(shared.opts.canary_interval);
     canary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sentinel_tick = tokio::time::interval(SENTINEL_POLL);
@@ -611,7 +961,7 @@ async fn run_link(shared: &Arc<Shared>, mut link: Link) -> String {
                 let Some(msg) = msg else { return "pub/sub connection closed".into() };
                 let channel = msg.get_channel_name();
                 if let Some(room) = channel.strip_prefix(scripts::ROOM_CHANNEL_PREFIX) {
-                    deliver(shared, room, msg.get_payload_bytes());
+                    on_notification(shared, &mut link.conn, room, msg.get_payload_bytes(), delivered).await;
                 } else if channel == shared.canary_channel {
                     let seq: Option<u64> = std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(|s| s.parse().ok());
                     if let (Some(seq), Some((want, sent))) = (seq, canary)
@@ -623,7 +973,7 @@ async fn run_link(shared: &Arc<Shared>, mut link: Link) -> String {
                 }
             }
             () = shared.wake.notified() => {
-                if let Err(e) = reconcile(shared, &mut link).await {
+                if let Err(e) = reconcile(shared, &mut link, delivered).await {
                     return e;
                 }
             }
@@ -634,8 +984,8 @@ async fn run_link(shared: &Arc<Shared>, mut link: Link) -> String {
                         // The connection answers; a READONLY error means the
                         // master was demoted: check the role again.
                         let role = timeout(shared.opts.op_timeout, redis::cmd("ROLE").query_async::<redis::Value>(&mut link.conn)).await;
-                        if let Ok(Ok(redis::Value::Array(items))) = role
-                            && !matches!(items.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+                        if let Ok(Ok(role)) = role
+                            && !is_master(&role)
                         {
                             return format!("{} is no longer a master", link.master);
                         }
@@ -683,14 +1033,22 @@ async fn run_link(shared: &Arc<Shared>, mut link: Link) -> String {
     }
 }
 
-fn deliver(shared: &Shared, room: &str, payload: &[u8]) {
-    let Some((published_at_us, offset, frame)) = scripts::split_notification(payload) else {
+/// A live message: in history mode, fill a gap first and drop what was
+/// already delivered; then hand it to the hub.
+async fn on_notification(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    room: &str,
+    payload: &[u8],
+    delivered: &mut Delivered,
+) {
+    let Some(n) = scripts::split_notification(payload) else {
         tracing::warn!(room, "ignoring a malformed notification");
         return;
     };
     let (Ok(room), Ok(frame)) = (
         RoomName::parse(room),
-        Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(frame)),
+        Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(n.frame)),
     ) else {
         tracing::warn!(
             room,
@@ -698,10 +1056,31 @@ fn deliver(shared: &Shared, room: &str, payload: &[u8]) {
         );
         return;
     };
+    let epoch: Arc<str> = n.epoch.into();
+    if shared.opts.history.is_some() {
+        if let Some(seen) = delivered.get(&room).cloned()
+            && seen.epoch == epoch
+        {
+            if n.offset <= seen.offset {
+                return;
+            }
+            if n.offset > seen.offset + 1 {
+                fill_gap(shared, conn, &room, &seen, n.offset - 1, delivered).await;
+            }
+        }
+        delivered.insert(
+            room.clone(),
+            Seen {
+                epoch: epoch.clone(),
+                offset: n.offset,
+            },
+        );
+    }
     shared.deliver.deliver(Delivery {
         room,
-        offset,
+        offset: n.offset,
+        epoch,
         frame,
-        published_at_us,
+        published_at_us: n.published_at_us,
     });
 }

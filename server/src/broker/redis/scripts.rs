@@ -1,51 +1,82 @@
-//! Lua scripts: each runs atomically in Redis, so the offset, the epoch and
-//! the PUBLISH that carries the message are one step — every node sees the
-//! same order.
+//! Lua scripts: each runs atomically in Redis, so the offset, the epoch, the
+//! history entry and the PUBLISH that carries the message are one step —
+//! every node sees the same order, and history never disagrees with what was
+//! delivered.
 //!
-//! Room state lives in one hash per room, `chorus:room:<room>`, with fields
-//! `e` (epoch) and `o` (last offset). The hash expires when the room is idle
-//! for the configured time; a room whose hash is gone (idle expiry, Redis
-//! restarted without persistence, failover to a replica that lacked it)
-//! starts a new epoch with offsets from 1, which clients see.
+//! Keys of a room:
+//! - `chorus:room:<room>`: hash with `e` (epoch) and `o` (last offset),
+//!   expiring after the idle TTL. When it is gone (idle expiry, Redis
+//!   restarted without persistence, a failover to a replica that never got
+//!   it) the next publish starts a new epoch at offset 1 and drops the old
+//!   history.
+//! - `chorus:hist:<room>` (streams delivery): a stream of the room's
+//!   messages, entry id `0-<offset>`, field `f` = the exact `message` frame;
+//!   capped with `MAXLEN ~` and expiring with the hash.
+//! - `chorus:idem:<room>:<key>`: `"<offset> <epoch>"` of a publish with an
+//!   idempotency key, for the idempotency window.
+//! - `chorus:upstream:<room>`: client publishes for backend consumer groups.
 //!
-//! The live notification is `"<published_at_us> <offset> <message frame>"` on
-//! channel `chorus:room:<room>`: the frame is assembled here from a head and a
-//! tail the publishing node encoded, so receiving nodes forward the bytes to
-//! their subscribers without decoding or re-encoding them.
+//! The live notification on channel `chorus:room:<room>` is
+//! `"<published_at_us> <offset> <epoch> <message frame>"`: the frame is
+//! assembled here from a head and a tail the publishing node encoded, so
+//! receiving nodes forward the bytes without decoding or re-encoding them.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS[1] room hash; ARGV: channel, frame head, frame tail, published_at_us,
-/// epoch to use if the room is new, idle TTL in seconds.
-/// Returns `{offset, epoch}`.
+/// KEYS: room hash, history stream, idempotency key, upstream stream (the
+/// last three may be `""` when unused).
+/// ARGV: 1 channel, 2 frame head, 3 frame tail, 4 published_at_us, 5 epoch
+/// for a new room, 6 idle TTL (s), 7 history MAXLEN (0: no history),
+/// 8 idempotency window (s), 9 upstream MAXLEN, 10 data, 11 publisher session.
+/// Returns `{offset, epoch, duplicate}`.
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if KEYS[3] ~= '' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local sp = string.find(prev, ' ', 1, true)
+    return {tonumber(string.sub(prev, 1, sp - 1)), string.sub(prev, sp + 1), 1}
+  end
+end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local frame = ARGV[2] .. offset .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
-redis.call('PUBLISH', ARGV[1], ARGV[4] .. ' ' .. offset .. ' ' .. frame)
-return {offset, epoch}
+if KEYS[2] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '0-' .. offset, 'f', frame)
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'EX', ARGV[8])
+end
+if KEYS[4] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
+    'offset', offset, 'epoch', epoch, 'data', ARGV[10], 'from', ARGV[11], 'ts', ARGV[4])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. ' ' .. frame)
+return {offset, epoch, 0}
 "#,
     )
 });
 
-/// KEYS[1] room hash; ARGV: epoch to use if the room is new, idle TTL.
-/// Returns `{last offset, epoch}` (creating the epoch so that the first
-/// message of a new room carries the epoch its first subscriber was told).
+/// KEYS: room hash, history stream (or `""`). ARGV: epoch for a new room, idle TTL.
+/// Returns `{last offset, epoch}`, creating the epoch so that the first
+/// message of a new room carries the epoch its first subscriber was told.
 pub static POSITION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local created = redis.call('HSETNX', KEYS[1], 'e', ARGV[1])
 if created == 1 then
   redis.call('HSET', KEYS[1], 'o', 0)
+  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local v = redis.call('HMGET', KEYS[1], 'o', 'e')
@@ -54,9 +85,47 @@ return {tonumber(v[1]) or 0, v[2]}
     )
 });
 
+/// Epoch honesty after a failover. KEYS: room hash, history stream.
+/// ARGV: the epoch this node knows, the highest offset it saw acknowledged or
+/// delivered in it, a fresh epoch.
+/// When the master still has that epoch but a lower offset, acknowledged
+/// messages were lost with the old master: the room gets the fresh epoch (and
+/// its history is dropped), so clients are told `history_gone` instead of
+/// finding a silent hole. Returns `{changed, last offset, epoch}`; a room the
+/// master does not know at all answers `{0, 0, ""}`.
+pub static EPOCH_CHECK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = redis.call('HMGET', KEYS[1], 'o', 'e')
+if not v[2] then return {0, 0, ''} end
+local last = tonumber(v[1]) or 0
+if v[2] == ARGV[1] and last < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'e', ARGV[3])
+  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+  return {1, last, ARGV[3]}
+end
+return {0, last, v[2]}
+"#,
+    )
+});
+
 pub fn room_key(room: &str) -> String {
     format!("chorus:room:{room}")
 }
+
+pub fn history_key(room: &str) -> String {
+    format!("chorus:hist:{room}")
+}
+
+pub fn idempotency_key(room: &str, key: &str) -> String {
+    format!("chorus:idem:{room}:{key}")
+}
+
+pub fn upstream_key(room: &str) -> String {
+    format!("{UPSTREAM_PREFIX}{room}")
+}
+
+pub const UPSTREAM_PREFIX: &str = "chorus:upstream:";
 
 pub const ROOM_CHANNEL_PREFIX: &str = "chorus:room:";
 
@@ -64,12 +133,32 @@ pub fn room_channel(room: &str) -> String {
     format!("{ROOM_CHANNEL_PREFIX}{room}")
 }
 
-/// Splits a live notification into `(published_at_us, offset, frame)`.
-pub fn split_notification(payload: &[u8]) -> Option<(u64, u64, &[u8])> {
-    let mut parts = payload.splitn(3, |b| *b == b' ');
-    let ts = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+/// A live notification, split.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Notification<'a> {
+    pub published_at_us: u64,
+    pub offset: u64,
+    pub epoch: &'a str,
+    pub frame: &'a [u8],
+}
+
+/// Splits `"<published_at_us> <offset> <epoch> <frame>"`.
+pub fn split_notification(payload: &[u8]) -> Option<Notification<'_>> {
+    let mut parts = payload.splitn(4, |b| *b == b' ');
+    let published_at_us = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let offset = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-    Some((ts, offset, parts.next()?))
+    let epoch = std::str::from_utf8(parts.next()?).ok()?;
+    Some(Notification {
+        published_at_us,
+        offset,
+        epoch,
+        frame: parts.next()?,
+    })
+}
+
+/// The offset of a history entry id `0-<offset>`.
+pub fn entry_offset(id: &str) -> Option<u64> {
+    id.strip_prefix("0-")?.parse().ok()
 }
 
 #[cfg(test)]
@@ -79,10 +168,17 @@ mod tests {
     #[test]
     fn notifications_split_into_their_parts() {
         assert_eq!(
-            split_notification(b"17 5 {\"op\":\"message\"}"),
-            Some((17, 5, &b"{\"op\":\"message\"}"[..]))
+            split_notification(b"17 5 e1 {\"op\":\"message\"}"),
+            Some(Notification {
+                published_at_us: 17,
+                offset: 5,
+                epoch: "e1",
+                frame: b"{\"op\":\"message\"}"
+            })
         );
-        assert_eq!(split_notification(b"17 x {}"), None);
-        assert_eq!(split_notification(b"17"), None);
+        assert_eq!(split_notification(b"17 x e {}"), None);
+        assert_eq!(split_notification(b"17 1 e"), None);
+        assert_eq!(entry_offset("0-42"), Some(42));
+        assert_eq!(entry_offset("1700000000-0"), None);
     }
 }
