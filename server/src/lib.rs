@@ -16,6 +16,7 @@ pub mod node;
 pub mod protocol;
 pub mod shutdown;
 pub mod transport;
+pub mod upstream;
 
 pub use config::Config;
 pub use node::Node;
