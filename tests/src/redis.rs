@@ -249,7 +249,14 @@ impl SentinelGroup {
     pub async fn start(down_after_ms: u64) -> Self {
         let master = RedisServer::start().await;
         let replicaof = format!("127.0.0.1 {}", master.port);
-        let replica = RedisServer::start_with(&["--replicaof", &replicaof]).await;
+        // DEBUG lets a test freeze the replica (DEBUG SLEEP) to make it miss writes.
+        let replica = RedisServer::start_with(&[
+            "--replicaof",
+            &replicaof,
+            "--enable-debug-command",
+            "local",
+        ])
+        .await;
         let mut sentinels = Vec::new();
         for _ in 0..3 {
             sentinels.push(Sentinel::start(master.port, 2, down_after_ms).await);
@@ -259,6 +266,7 @@ impl SentinelGroup {
             replica,
             sentinels,
         };
+        group.wait_replica_synced().await;
         // Failover needs every sentinel to know the replica and its peers.
         for s in &group.sentinels {
             let deadline = tokio::time::Instant::now() + WAIT * 3;
@@ -278,13 +286,38 @@ impl SentinelGroup {
         group
     }
 
+    /// Waits until the replica finished its sync with the master.
+    pub async fn wait_replica_synced(&self) {
+        let replica = self.replica.url();
+        wait_until("the replica to sync", || {
+            let replica = replica.clone();
+            async move {
+                let Ok(client) = redis::Client::open(replica) else {
+                    return false;
+                };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                info.contains("master_link_status:up")
+                    && !info.contains("master_sync_in_progress:1")
+            }
+        })
+        .await;
+    }
+
     /// `redis+sentinel://…/chorus` for the nodes.
     pub fn broker_url(&self) -> String {
         let addrs: Vec<String> = self.sentinels.iter().map(Sentinel::addr).collect();
         format!("redis+sentinel://{}/{MASTER_NAME}", addrs.join(","))
     }
 
-    /// Kills the master and waits until a majority of sentinels names the replica.
+    /// Kills the master (unless already dead) and waits until a majority of
+    /// sentinels names the replica.
     pub async fn fail_over(&mut self) {
         let old = self.master.port;
         let new = self.replica.port;

@@ -776,9 +776,17 @@ async fn check_epochs(
         let Some(mine) = delivered.get(&room).cloned() else {
             continue;
         };
-        if epoch.is_empty() || epoch != mine.epoch {
-            // The room is gone or restarted: its next message starts afresh.
+        if epoch.is_empty() {
+            // The room is gone: its next message starts a new epoch.
             delivered.remove(&room);
+        } else if epoch != mine.epoch {
+            // A new epoch began while this node was away: its subscribers
+            // have seen none of it yet.
+            let fresh = Seen { epoch, offset: 0 };
+            delivered.insert(room.clone(), fresh.clone());
+            if last > 0 {
+                fill_gap(shared, &mut link.conn, &room, &fresh, last, delivered).await;
+            }
         } else if last > mine.offset {
             fill_gap(shared, &mut link.conn, &room, &mine, last, delivered).await;
         }
