@@ -78,7 +78,7 @@ async fn no_acknowledged_publish_is_lost_silently_in_a_failover() {
     pub_task.await.unwrap();
     let acked = acked.lock().unwrap().clone();
     let mut epochs: BTreeMap<String, (u64, u64, usize)> = BTreeMap::new();
-    for ((e, o), _) in &acked {
+    for (e, o) in acked.keys() {
         let x = epochs.entry(e.clone()).or_insert((u64::MAX, 0, 0));
         x.0 = x.0.min(*o);
         x.1 = x.1.max(*o);
