@@ -3,6 +3,7 @@
 //! restart is visible to clients as an epoch change.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,19 +23,28 @@ use crate::protocol::{MessageFrame, RoomName, encode_message};
 const MAX_IDLE_ROOMS: usize = 65_536;
 
 pub struct MemoryBroker {
-    /// Room counters. Std mutex: held only for a map lookup, never across `.await`.
-    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomSeq>>>>,
+    /// Room counters. Std mutex: held only for a map lookup, never across
+    /// `.await`, and never while taking another lock.
+    rooms: Mutex<HashMap<RoomName, Arc<RoomState>>>,
     deliver: Arc<dyn Deliver>,
     health: watch::Sender<Health>,
     idempotency_window: Duration,
 }
 
+/// Lock order: a publish holds `seq` while it delivers into the hub (which
+/// locks the hub's registry), and the hub calls `subscribe`/`unsubscribe`
+/// holding its registry lock — so those two touch only the atomic count,
+/// never `seq`.
+struct RoomState {
+    /// Local subscriptions (the hub subscribes once per room, but keep a count
+    /// to be robust against a stray duplicate).
+    subscribed: AtomicUsize,
+    seq: Mutex<RoomSeq>,
+}
+
 struct RoomSeq {
     offset: u64,
     epoch: Arc<str>,
-    /// Local subscriptions (the hub subscribes once per room, but keep a count
-    /// to be robust against a stray duplicate).
-    subscribed: usize,
     /// Idempotency keys seen within the window: key → offset, and the keys in
     /// the order they expire.
     keys: HashMap<String, u64>,
@@ -46,7 +56,6 @@ impl RoomSeq {
         Self {
             offset: 0,
             epoch: new_epoch().into(),
-            subscribed: 0,
             keys: HashMap::new(),
             expiry: VecDeque::new(),
         }
@@ -80,25 +89,30 @@ impl MemoryBroker {
         self
     }
 
-    fn room(&self, room: &RoomName) -> Arc<Mutex<RoomSeq>> {
+    fn room(&self, room: &RoomName) -> Arc<RoomState> {
         let mut rooms = lock(&self.rooms);
-        if let Some(seq) = rooms.get(room) {
-            return seq.clone();
+        if let Some(state) = rooms.get(room) {
+            return state.clone();
         }
         if rooms.len() >= MAX_IDLE_ROOMS {
-            rooms.retain(|_, seq| lock(seq).subscribed > 0);
+            rooms.retain(|_, state| state.subscribed.load(Ordering::Acquire) > 0);
         }
         rooms
             .entry(room.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(RoomSeq::new())))
+            .or_insert_with(|| {
+                Arc::new(RoomState {
+                    subscribed: AtomicUsize::new(0),
+                    seq: Mutex::new(RoomSeq::new()),
+                })
+            })
             .clone()
     }
 
     fn publish_now(&self, req: PublishRequest) -> Published {
-        let seq = self.room(&req.room);
+        let state = self.room(&req.room);
         // Held while delivering so that concurrent publishers reach the hub in
         // offset order; delivery only enqueues (never awaits).
-        let mut seq = lock(&seq);
+        let mut seq = lock(&state.seq);
         let now = Instant::now();
         seq.forget_expired_keys(now);
         if let Some(offset) = req.key.as_ref().and_then(|k| seq.keys.get(k)) {
@@ -119,7 +133,7 @@ impl MemoryBroker {
             epoch: seq.epoch.clone(),
             duplicate: false,
         };
-        if seq.subscribed > 0 {
+        if state.subscribed.load(Ordering::Acquire) > 0 {
             let frame = encode_message(&MessageFrame {
                 room: req.room.as_str(),
                 data: &req.data,
@@ -146,21 +160,22 @@ impl Broker for MemoryBroker {
     }
 
     fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>> {
-        lock(&self.room(room)).subscribed += 1;
+        self.room(room).subscribed.fetch_add(1, Ordering::AcqRel);
         std::future::ready(Ok(())).boxed()
     }
 
     fn unsubscribe(&self, room: &RoomName) {
         let rooms = lock(&self.rooms);
-        if let Some(seq) = rooms.get(room) {
-            let mut seq = lock(seq);
-            seq.subscribed = seq.subscribed.saturating_sub(1);
+        if let Some(state) = rooms.get(room) {
+            let _ = state
+                .subscribed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         }
     }
 
     fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
-        let seq = self.room(room);
-        let seq = lock(&seq);
+        let state = self.room(room);
+        let seq = lock(&state.seq);
         std::future::ready(Ok(Position {
             offset: seq.offset,
             epoch: seq.epoch.clone(),

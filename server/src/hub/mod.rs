@@ -284,4 +284,43 @@ mod tests {
         );
         assert_eq!(metrics.delivered.get(), 12);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn joins_leaves_and_publishes_on_one_room_from_many_threads_do_not_deadlock() {
+        let (hub, broker, _) = setup();
+        let broker = Arc::new(broker);
+        let room = RoomName::parse("hot").unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let (hub, broker, room) = (hub.clone(), broker.clone(), room.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..2000u64 {
+                    let id = ConnId(t * 10_000 + i);
+                    let (h, _rx) = ConnHandle::new(4);
+                    hub.join(&*broker, &room, id, h).await.unwrap();
+                    hub.leave(&*broker, &room, id);
+                }
+            }));
+        }
+        let publishers: Vec<_> = (0..2)
+            .map(|_| {
+                let (broker, room) = (broker.clone(), room.clone());
+                std::thread::spawn(move || {
+                    for n in 0..5000 {
+                        publish(&broker, &room, n);
+                    }
+                })
+            })
+            .collect();
+        let joined = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        })
+        .await;
+        assert!(joined.is_ok(), "join/leave stalled: lock-order deadlock");
+        for p in publishers {
+            p.join().unwrap();
+        }
+    }
 }
