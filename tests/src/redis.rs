@@ -137,14 +137,17 @@ async fn ping(url: &str) -> bool {
     else {
         return false;
     };
-    matches!(
-        tokio::time::timeout(
-            Duration::from_millis(500),
-            redis::cmd("PING").query_async::<String>(&mut conn)
-        )
-        .await,
-        Ok(Ok(_))
+    // A server with a password answers NOAUTH: it is up all the same.
+    match tokio::time::timeout(
+        Duration::from_millis(500),
+        redis::cmd("PING").query_async::<String>(&mut conn),
     )
+    .await
+    {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.code() == Some("NOAUTH"),
+        Err(_) => false,
+    }
 }
 
 /// A `redis-sentinel` process monitoring [`MASTER_NAME`].

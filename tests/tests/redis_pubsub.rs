@@ -377,3 +377,44 @@ async fn a_silently_dead_subscription_is_caught_by_the_canary_and_healed() {
     }
     assert!(silent.metric("chorus_broker_reconnects_total").await >= 1.0);
 }
+
+#[tokio::test]
+async fn the_redis_password_comes_from_the_url_or_a_file() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]).await;
+    let in_url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let a = nodes(1, &in_url, &[]).await.remove(0);
+    let file = std::env::temp_dir().join(format!("chorus-test-pw-{}", redis.port));
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let plain = format!("redis://127.0.0.1:{}", redis.port);
+    let b = nodes(
+        1,
+        &plain,
+        &["--redis-password-file", file.to_str().unwrap()],
+    )
+    .await
+    .remove(0);
+    let mut sub = b.client().await;
+    sub.subscribe("auth").await;
+    let mut publ = a.client().await;
+    assert_eq!(publ.publish("auth", json!("hi")).await["op"], "ok");
+    assert_eq!(sub.message().await["data"], "hi");
+
+    // A wrong password keeps the node unready, with the reason in /readyz.
+    let wrong = TestNode::start(&[
+        "--broker",
+        &format!("redis://:nope@127.0.0.1:{}", redis.port),
+    ])
+    .await;
+    wait_until("/readyz to name the auth failure", || async {
+        let resp = reqwest::get(wrong.http("/readyz")).await.unwrap();
+        resp.status() == 503
+            && resp
+                .text()
+                .await
+                .unwrap()
+                .to_lowercase()
+                .contains("password")
+    })
+    .await;
+    let _ = std::fs::remove_file(file);
+}
