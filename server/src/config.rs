@@ -79,6 +79,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub send_queue: u32,
 
+    /// Publishes per second one connection may make (burst: one second's
+    /// worth); more get `rate_limited`. 0 turns the limit off.
+    #[arg(long, env = "CHORUS_MAX_PUBLISH_RATE", default_value_t = 0)]
+    pub max_publish_rate: u32,
+
     /// Open WebSocket connections accepted; further upgrades get HTTP 503.
     #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,

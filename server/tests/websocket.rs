@@ -401,3 +401,54 @@ async fn with_a_jwt_secret_clients_need_a_token_and_keep_to_their_rooms() {
     assert_eq!(c.publish("chat:general", json!(1)).await["op"], "ok");
     assert_eq!(c.message().await["room"], "chat:general");
 }
+
+#[tokio::test]
+async fn publishes_past_the_rate_limit_get_rate_limited() {
+    let node = TestNode::start(&["--max-publish-rate", "5"]).await;
+    let mut c = node.client().await;
+    for i in 0..20 {
+        c.send(json!({"op": "publish", "id": i, "room": "r", "data": i}))
+            .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let f = c.frame().await;
+        codes.push(if f["op"] == "ok" {
+            "ok".to_string()
+        } else {
+            f["code"].as_str().unwrap().to_string()
+        });
+    }
+    let ok = codes.iter().filter(|c| *c == "ok").count();
+    assert!((5..20).contains(&ok), "{codes:?}");
+    assert!(
+        codes.iter().all(|c| c == "ok" || c == "rate_limited"),
+        "{codes:?}"
+    );
+    c.sync().await;
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_its_token_expires() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let node = TestNode::start(&["--jwt-secret", "k"]).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    let token = encode(
+        &Header::default(),
+        &json!({"sub": "u", "exp": exp}),
+        &EncodingKey::from_secret(b"k"),
+    )
+    .unwrap();
+    let mut c = WsClient::connect(&format!("{}?token={token}", node.ws_url()))
+        .await
+        .unwrap();
+    c.subscribe("user:u").await;
+    match c.read_event(Duration::from_secs(10)).await {
+        Some(Event::Closed(code)) => assert_eq!(code, Some(1008)),
+        other => panic!("expected a close at expiry, got {other:?}"),
+    }
+}

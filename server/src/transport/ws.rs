@@ -96,6 +96,7 @@ enum End {
     SlowConsumer,
     Drained,
     BinaryFrame,
+    TokenExpired,
     SocketError(String),
 }
 
@@ -107,6 +108,7 @@ impl End {
             End::SlowConsumer => "slow_consumer",
             End::Drained => "drained",
             End::BinaryFrame => "binary_frame",
+            End::TokenExpired => "token_expired",
             End::SocketError(_) => "socket_error",
         }
     }
@@ -125,6 +127,7 @@ async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slo
         handle,
         rooms: HashSet::new(),
         replayed: HashMap::new(),
+        rate: RateLimit::new(node.config.max_publish_rate),
     };
     let end = conn.run(socket, queue).await;
     for room in std::mem::take(&mut conn.rooms) {
@@ -152,6 +155,41 @@ struct Conn {
     /// Rooms just recovered from history: the last offset replayed (and its
     /// epoch). Live messages up to it are already sent and are dropped.
     replayed: HashMap<RoomName, (Arc<str>, u64)>,
+    rate: RateLimit,
+}
+
+/// Token bucket for a connection's publishes (`--max-publish-rate`; 0 = off):
+/// the rate per second, with a burst of one second's worth.
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.per_second <= 0.0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.per_second);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Conn {
@@ -167,10 +205,29 @@ impl Conn {
         }
         let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
         let mut out: Vec<Message> = Vec::new();
+        // A client's token is good until its `exp`; the connection ends then.
+        let expires = self.auth.expires_at().map(|at| {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
+        let expiry = async move {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
                 reason = ctl.closed() => return close(&mut socket, reason).await,
+                () = &mut expiry => {
+                    let frame = CloseFrame { code: close_code::POLICY, reason: Utf8Bytes::from_static("token expired: reconnect with a fresh token") };
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+                    return End::TokenExpired;
+                }
                 Some(first) = queue.recv() => {
                     out.extend(self.outbound(first));
                     while out.len() < MAX_BATCH {
@@ -265,6 +322,16 @@ impl Conn {
                 data,
                 key,
             } => {
+                if !self.rate.allow() {
+                    return Some(error(
+                        Some(id),
+                        ErrorCode::RateLimited,
+                        &format!(
+                            "more than {} publishes per second",
+                            self.node.config.max_publish_rate
+                        ),
+                    ));
+                }
                 if !self.auth.may_publish(room.as_str()) {
                     return Some(error(
                         Some(id),
