@@ -142,6 +142,8 @@ struct Shared {
     wake: Notify,
     /// Wakes the supervisor when the publisher saw the link fail.
     trouble: Notify,
+    /// Wakes the supervisor when a sentinel announced `+switch-master`.
+    switched: Notify,
     health: watch::Sender<Health>,
     /// The publish connection of the current link, if any.
     conn: watch::Sender<Option<MultiplexedConnection>>,
@@ -177,6 +179,7 @@ impl RedisBroker {
             wanted: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             trouble: Notify::new(),
+            switched: Notify::new(),
             health: watch::Sender::new(Health::Down("connecting".into())),
             conn: watch::Sender::new(None),
             deliver,
@@ -185,10 +188,17 @@ impl RedisBroker {
             acked: Mutex::new(HashMap::new()),
         });
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(publisher(shared.clone(), publish_rx)),
             tokio::spawn(supervise(shared.clone())),
         ];
+        if let Target::Sentinel { sentinels, master } = &shared.opts.url.target {
+            tasks.push(tokio::spawn(watch_switches(
+                shared.clone(),
+                sentinels.clone(),
+                master.clone(),
+            )));
+        }
         Self {
             shared,
             publish_tx,
@@ -606,7 +616,11 @@ async fn supervise(shared: Arc<Shared>) {
         fail_waiters(&shared);
         // Jitter: sleep between half and the whole backoff.
         let sleep = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-        tokio::time::sleep(sleep).await;
+        // A failover that completes meanwhile cuts the wait short.
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = shared.switched.notified() => {}
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
@@ -1029,6 +1043,14 @@ async fn run_link(shared: &Arc<Shared>, mut link: Link, delivered: &mut Delivere
                 }
             }
             Some(err) = canary_err_rx.recv() => return err,
+            () = shared.switched.notified() => {
+                if let Some((sentinels, name)) = &sentinel_target
+                    && let Ok(now) = ask_sentinels(shared, sentinels, name).await
+                    && now != link.master
+                {
+                    return format!("sentinels switched the master from {} to {now}", link.master);
+                }
+            }
             _ = sentinel_tick.tick(), if sentinel_target.is_some() => {
                 if let Some((sentinels, name)) = &sentinel_target
                     && let Ok(now) = ask_sentinels(shared, sentinels, name).await
@@ -1038,6 +1060,44 @@ async fn run_link(shared: &Arc<Shared>, mut link: Link, delivered: &mut Delivere
                 }
             }
         }
+    }
+}
+
+/// Listens to the sentinels' `+switch-master` announcements (one sentinel
+/// at a time, moving on when it fails) and wakes the supervisor, so a node
+/// follows a failover as soon as it completes instead of at its next poll.
+async fn watch_switches(shared: Arc<Shared>, sentinels: Vec<Addr>, name: String) {
+    let prefix = format!("{name} ");
+    let mut turn = 0usize;
+    loop {
+        let sentinel = &sentinels[turn % sentinels.len().max(1)];
+        turn += 1;
+        let subscribed = async {
+            let info = ConnectionAddr::Tcp(sentinel.host.clone(), sentinel.port)
+                .into_connection_info()
+                .ok()?;
+            let client = redis::Client::open(info).ok()?;
+            let mut pubsub = timeout(shared.opts.op_timeout, client.get_async_pubsub())
+                .await
+                .ok()?
+                .ok()?;
+            timeout(shared.opts.op_timeout, pubsub.subscribe("+switch-master"))
+                .await
+                .ok()?
+                .ok()?;
+            Some(pubsub)
+        };
+        if let Some(mut pubsub) = subscribed.await {
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                // "<master-name> <old-ip> <old-port> <new-ip> <new-port>"
+                if msg.get_payload_bytes().starts_with(prefix.as_bytes()) {
+                    tracing::info!(sentinel = %sentinel, announcement = %String::from_utf8_lossy(msg.get_payload_bytes()), "sentinel announced a failover");
+                    shared.switched.notify_one();
+                }
+            }
+        }
+        tokio::time::sleep(BACKOFF_MAX).await;
     }
 }
 
