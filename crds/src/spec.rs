@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::status::MessagingClusterStatus;
 
 /// A horizontally scaled Chorus WebSocket fleet with its Redis Sentinel group.
+#[allow(clippy::duplicated_attributes)] // several `printcolumn(type_ = ...)`: not duplicates
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "chorus.dev",
@@ -53,7 +54,11 @@ use crate::status::MessagingClusterStatus;
         description = "Current Redis master",
         json_path = ".status.redis.master"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MessagingClusterSpec {
@@ -196,7 +201,10 @@ pub struct HistorySpec {
 
 impl Default for HistorySpec {
     fn default() -> Self {
-        Self { size: default_history_size(), ttl: default_history_ttl() }
+        Self {
+            size: default_history_size(),
+            ttl: default_history_ttl(),
+        }
     }
 }
 
@@ -270,7 +278,9 @@ pub struct SessionAffinitySpec {
 
 impl Default for SessionAffinitySpec {
     fn default() -> Self {
-        Self { timeout_seconds: default_affinity_timeout() }
+        Self {
+            timeout_seconds: default_affinity_timeout(),
+        }
     }
 }
 
@@ -375,7 +385,10 @@ pub struct StorageSpec {
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        Self { size: default_storage_size(), storage_class_name: None }
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
     }
 }
 
@@ -502,7 +515,9 @@ pub struct PodDisruptionBudgetSpec {
 
 impl Default for PodDisruptionBudgetSpec {
     fn default() -> Self {
-        Self { max_unavailable: default_max_unavailable() }
+        Self {
+            max_unavailable: default_max_unavailable(),
+        }
     }
 }
 
@@ -553,7 +568,10 @@ mod tests {
         assert_eq!(parsed.redis.mode, RedisMode::Managed);
         assert_eq!((parsed.redis.replicas, parsed.redis.sentinels), (3, 3));
         assert_eq!(parsed.pod_disruption_budget.max_unavailable, 1);
-        assert_eq!(parsed.image(), format!("chorus-server:{}", env!("CARGO_PKG_VERSION")));
+        assert_eq!(
+            parsed.image(),
+            format!("chorus-server:{}", env!("CARGO_PKG_VERSION"))
+        );
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     fn new(field: &str, message: impl Into<String>) -> Self {
-        Self { field: field.to_owned(), message: message.into() }
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -42,7 +45,11 @@ pub fn validate(mc: &MessagingCluster) -> Result<(), Vec<ValidationError>> {
         None => errors.push(ValidationError::new("metadata.name", "is required")),
     }
     check_spec(&mc.spec, &mut errors);
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 fn check_name(name: &str) -> Result<(), ValidationError> {
@@ -90,30 +97,33 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
                 format!("{:?} must be a positive quantity such as 1Gi", storage.size),
             ));
         }
-        if let Some(class) = &storage.storage_class_name {
-            if !is_dns_subdomain(class) {
-                errors.push(ValidationError::new(
-                    "spec.redis.storage.storageClassName",
-                    format!("{class:?} is not a valid StorageClass name"),
-                ));
-            }
-        }
-    }
-    if let Some(ingress) = &spec.ingress {
-        if !is_dns_subdomain(&ingress.host) || !ingress.host.contains('.') {
+        if let Some(class) = &storage.storage_class_name
+            && !is_dns_subdomain(class)
+        {
             errors.push(ValidationError::new(
-                "spec.ingress.host",
-                format!("{:?} must be a fully qualified host name such as chat.example.com", ingress.host),
+                "spec.redis.storage.storageClassName",
+                format!("{class:?} is not a valid StorageClass name"),
             ));
         }
     }
-    if let Some(autoscaling) = &spec.autoscaling {
-        if autoscaling.min_replicas > autoscaling.max_replicas {
-            errors.push(ValidationError::new(
-                "spec.autoscaling.minReplicas",
-                "must not exceed spec.autoscaling.maxReplicas",
-            ));
-        }
+    if let Some(ingress) = &spec.ingress
+        && (!is_dns_subdomain(&ingress.host) || !ingress.host.contains('.'))
+    {
+        errors.push(ValidationError::new(
+            "spec.ingress.host",
+            format!(
+                "{:?} must be a fully qualified host name such as chat.example.com",
+                ingress.host
+            ),
+        ));
+    }
+    if let Some(autoscaling) = &spec.autoscaling
+        && autoscaling.min_replicas > autoscaling.max_replicas
+    {
+        errors.push(ValidationError::new(
+            "spec.autoscaling.minReplicas",
+            "must not exceed spec.autoscaling.maxReplicas",
+        ));
     }
 }
 
@@ -124,10 +134,15 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     } else if let Some(rest) = url.strip_prefix("redis://") {
         (rest, false)
     } else {
-        return Err(format!("{url:?} must start with redis:// or redis+sentinel://"));
+        return Err(format!(
+            "{url:?} must start with redis:// or redis+sentinel://"
+        ));
     };
     if rest.contains('@') {
-        return Err("must not carry a password; put it in a Secret and set spec.redis.passwordSecretRef".into());
+        return Err(
+            "must not carry a password; put it in a Secret and set spec.redis.passwordSecretRef"
+                .into(),
+        );
     }
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     let hosts: Vec<&str> = hosts.split(',').collect();
@@ -139,7 +154,9 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     }
     if sentinel {
         if path.is_empty() || path.contains('/') {
-            return Err(format!("{url:?} must end with /<master-name>, e.g. /mymaster"));
+            return Err(format!(
+                "{url:?} must end with /<master-name>, e.g. /mymaster"
+            ));
         }
     } else if !path.is_empty() && path.parse::<u8>().is_err() {
         return Err(format!("{url:?}: the path must be a database number"));
@@ -151,7 +168,11 @@ fn check_host_port(host_port: &str) -> Result<(), String> {
     let (host, port) = host_port
         .rsplit_once(':')
         .ok_or_else(|| format!("{host_port:?} must be host:port"))?;
-    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c)) {
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+    {
         return Err(format!("{host:?} is not a host name or IP address"));
     }
     match port.parse::<u16>() {
@@ -163,7 +184,8 @@ fn check_host_port(host_port: &str) -> Result<(), String> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -173,10 +195,14 @@ fn is_dns_subdomain(s: &str) -> bool {
 }
 
 fn is_positive_quantity(s: &str) -> bool {
-    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(digits_end);
-    let valid_suffix =
-        ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E"].contains(&suffix);
+    let valid_suffix = [
+        "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E",
+    ]
+    .contains(&suffix);
     valid_suffix && number.parse::<f64>().is_ok_and(|n| n > 0.0)
 }
 
@@ -196,16 +222,31 @@ mod tests {
 
     #[test]
     fn default_spec_is_valid() {
-        assert_eq!(validate(&cluster("chat", MessagingClusterSpec::default())), Ok(()));
+        assert_eq!(
+            validate(&cluster("chat", MessagingClusterSpec::default())),
+            Ok(())
+        );
     }
 
     #[test]
     fn names_that_cannot_name_services_are_refused() {
         let long = "a".repeat(MAX_NAME_LEN + 1);
-        assert_eq!(fields(validate(&cluster(&long, Default::default()))), ["metadata.name"]);
-        assert_eq!(fields(validate(&cluster("1chat", Default::default()))), ["metadata.name"]);
-        assert_eq!(fields(validate(&cluster("chat.eu", Default::default()))), ["metadata.name"]);
-        assert_eq!(validate(&cluster(&"a".repeat(MAX_NAME_LEN), Default::default())), Ok(()));
+        assert_eq!(
+            fields(validate(&cluster(&long, Default::default()))),
+            ["metadata.name"]
+        );
+        assert_eq!(
+            fields(validate(&cluster("1chat", Default::default()))),
+            ["metadata.name"]
+        );
+        assert_eq!(
+            fields(validate(&cluster("chat.eu", Default::default()))),
+            ["metadata.name"]
+        );
+        assert_eq!(
+            validate(&cluster(&"a".repeat(MAX_NAME_LEN), Default::default())),
+            Ok(())
+        );
     }
 
     #[test]
@@ -218,7 +259,10 @@ mod tests {
         };
         assert_eq!(with_url("redis://redis.infra:6379"), Ok(()));
         assert_eq!(with_url("redis://redis.infra:6379/2"), Ok(()));
-        assert_eq!(with_url("redis+sentinel://s1:26379,s2:26379/mymaster"), Ok(()));
+        assert_eq!(
+            with_url("redis+sentinel://s1:26379,s2:26379/mymaster"),
+            Ok(())
+        );
         for bad in [
             "redis+sentinel://s1:26379",
             "redis://a:1,b:2",
@@ -236,17 +280,31 @@ mod tests {
         let mut spec = MessagingClusterSpec::default();
         spec.redis.mode = RedisMode::External;
         let errors = validate(&cluster("chat", spec)).unwrap_err();
-        assert_eq!(errors[0].to_string(), "spec.redis.external: is required when spec.redis.mode is external");
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.redis.external: is required when spec.redis.mode is external"
+        );
     }
 
     #[test]
     fn storage_and_ingress_are_checked() {
         let mut spec = MessagingClusterSpec::default();
-        spec.redis.storage = Some(StorageSpec { size: "0Gi".into(), storage_class_name: Some("Fast_SSD".into()) });
-        spec.ingress = Some(IngressSpec { host: "chat".into(), class_name: None, tls_secret_name: None });
+        spec.redis.storage = Some(StorageSpec {
+            size: "0Gi".into(),
+            storage_class_name: Some("Fast_SSD".into()),
+        });
+        spec.ingress = Some(IngressSpec {
+            host: "chat".into(),
+            class_name: None,
+            tls_secret_name: None,
+        });
         assert_eq!(
             fields(validate(&cluster("chat", spec))),
-            ["spec.redis.storage.size", "spec.redis.storage.storageClassName", "spec.ingress.host"]
+            [
+                "spec.redis.storage.size",
+                "spec.redis.storage.storageClassName",
+                "spec.ingress.host"
+            ]
         );
     }
 }

@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "chorus-operator", version, about = "Kubernetes operator for Chorus MessagingClusters")]
+#[command(
+    name = "chorus-operator",
+    version,
+    about = "Kubernetes operator for Chorus MessagingClusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -7,8 +7,11 @@ use chorus_crds::{Delivery, MessagingCluster, RedisMode, validate};
 use serde_json::Value;
 
 fn load(name: &str) -> (Value, MessagingCluster) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let raw: Value = serde_yaml::from_str(&text).expect("valid YAML");
     let mc: MessagingCluster = serde_json::from_value(raw.clone()).expect("a MessagingCluster");
     (raw, mc)
@@ -20,7 +23,9 @@ fn assert_no_unknown_fields(path: &str, original: &Value, typed: &Value) {
     if let (Value::Object(o), Value::Object(t)) = (original, typed) {
         for (key, value) in o {
             let sub = format!("{path}.{key}");
-            let Some(typed_value) = t.get(key) else { panic!("unknown field {sub}") };
+            let Some(typed_value) = t.get(key) else {
+                panic!("unknown field {sub}")
+            };
             assert_no_unknown_fields(&sub, value, typed_value);
         }
     }

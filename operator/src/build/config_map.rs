@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use chorus_crds::{MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef};
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use super::meta::{Component, Names, SENTINEL_MASTER_NAME, SENTINEL_PORT, SERVER_PORT, object_meta};
 use super::BuildError;
+use super::meta::{
+    Component, Names, SENTINEL_MASTER_NAME, SENTINEL_PORT, SERVER_PORT, object_meta,
+};
 
 /// Where the Redis password Secret is mounted in server pods.
 pub const REDIS_PASSWORD_FILE: &str = "/var/run/chorus/redis/password";
@@ -36,7 +38,10 @@ pub fn redis_password_ref(spec: &MessagingClusterSpec, names: &Names) -> Option<
 pub fn broker_url(spec: &MessagingClusterSpec, names: &Names) -> String {
     match (&spec.redis.external, spec.redis.mode) {
         (Some(external), RedisMode::External) => external.url.clone(),
-        _ => format!("redis+sentinel://{}:{SENTINEL_PORT}/{SENTINEL_MASTER_NAME}", names.sentinel),
+        _ => format!(
+            "redis+sentinel://{}:{SENTINEL_PORT}/{SENTINEL_MASTER_NAME}",
+            names.sentinel
+        ),
     }
 }
 
@@ -51,9 +56,15 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     set("CHORUS_DELIVERY", spec.delivery.as_str().to_owned());
     set("CHORUS_HISTORY_SIZE", spec.history.size.to_string());
     set("CHORUS_HISTORY_TTL", spec.history.ttl.clone());
-    set("CHORUS_MAX_FRAME_BYTES", spec.limits.max_frame_bytes.to_string());
+    set(
+        "CHORUS_MAX_FRAME_BYTES",
+        spec.limits.max_frame_bytes.to_string(),
+    );
     set("CHORUS_SEND_QUEUE", spec.limits.send_queue.to_string());
-    set("CHORUS_MAX_CONNECTIONS", spec.limits.max_connections_per_pod.to_string());
+    set(
+        "CHORUS_MAX_CONNECTIONS",
+        spec.limits.max_connections_per_pod.to_string(),
+    );
     set("CHORUS_DRAIN_SECONDS", spec.drain_seconds.to_string());
     set("CHORUS_LOG_FORMAT", "json".to_owned());
     if redis_password_ref(spec, names).is_some() {
@@ -140,7 +151,10 @@ mod tests {
         assert_eq!(cm.metadata.owner_references.expect("owner")[0].uid, UID);
         let env = cm.data.expect("data");
         assert_eq!(env["CHORUS_LISTEN"], "0.0.0.0:8080");
-        assert_eq!(env["CHORUS_BROKER"], "redis+sentinel://chat-sentinel:26379/chorus");
+        assert_eq!(
+            env["CHORUS_BROKER"],
+            "redis+sentinel://chat-sentinel:26379/chorus"
+        );
         assert_eq!(env["CHORUS_DELIVERY"], "pubsub");
         assert_eq!(env["CHORUS_REDIS_PASSWORD_FILE"], REDIS_PASSWORD_FILE);
         assert_eq!(env["CHORUS_LOG_FORMAT"], "json");
@@ -159,8 +173,14 @@ mod tests {
     #[test]
     fn auth_secrets_are_read_from_files() {
         let mut mc = MessagingCluster::test();
-        mc.spec.auth.jwt_secret_ref = Some(SecretKeyRef { name: "jwt".into(), key: "k".into() });
-        mc.spec.auth.api_key_secret_ref = Some(SecretKeyRef { name: "api".into(), key: "k".into() });
+        mc.spec.auth.jwt_secret_ref = Some(SecretKeyRef {
+            name: "jwt".into(),
+            key: "k".into(),
+        });
+        mc.spec.auth.api_key_secret_ref = Some(SecretKeyRef {
+            name: "api".into(),
+            key: "k".into(),
+        });
         let env = env_of(&mc);
         assert_eq!(env["CHORUS_JWT_SECRET_FILE"], JWT_SECRET_FILE);
         assert_eq!(env["CHORUS_API_KEY_FILE"], API_KEY_FILE);
@@ -182,6 +202,9 @@ mod tests {
         let mut queue = MessagingCluster::test();
         queue.spec.limits.send_queue = 512;
         assert_ne!(base, hash_of(&queue));
-        assert_ne!(base, hash_of(&MessagingCluster::test().with_password_secret("mine", "pw")));
+        assert_ne!(
+            base,
+            hash_of(&MessagingCluster::test().with_password_secret("mine", "pw"))
+        );
     }
 }

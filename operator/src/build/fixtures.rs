@@ -1,8 +1,8 @@
 //! Test fixtures: `MessagingCluster::test().with_replicas(5)`.
 
 use chorus_crds::{
-    AutoscalingSpec, ExternalRedisSpec, IngressSpec, MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef,
-    StorageSpec,
+    AutoscalingSpec, ExternalRedisSpec, IngressSpec, MessagingCluster, MessagingClusterSpec,
+    RedisMode, SecretKeyRef, StorageSpec,
 };
 
 /// uid of the fixture cluster, as the API server would have assigned it.
@@ -36,18 +36,28 @@ impl TestCluster for MessagingCluster {
     }
 
     fn with_autoscaling(mut self, min: i32, max: i32) -> Self {
-        self.spec.autoscaling =
-            Some(AutoscalingSpec { min_replicas: min, max_replicas: max, target_cpu_utilization_percentage: 70 });
+        self.spec.autoscaling = Some(AutoscalingSpec {
+            min_replicas: min,
+            max_replicas: max,
+            target_cpu_utilization_percentage: 70,
+        });
         self
     }
 
     fn with_ingress(mut self, host: &str) -> Self {
-        self.spec.ingress = Some(IngressSpec { host: host.into(), class_name: None, tls_secret_name: None });
+        self.spec.ingress = Some(IngressSpec {
+            host: host.into(),
+            class_name: None,
+            tls_secret_name: None,
+        });
         self
     }
 
     fn with_storage(mut self, size: &str) -> Self {
-        self.spec.redis.storage = Some(StorageSpec { size: size.into(), storage_class_name: None });
+        self.spec.redis.storage = Some(StorageSpec {
+            size: size.into(),
+            storage_class_name: None,
+        });
         self
     }
 
@@ -58,7 +68,10 @@ impl TestCluster for MessagingCluster {
     }
 
     fn with_password_secret(mut self, name: &str, key: &str) -> Self {
-        self.spec.redis.password_secret_ref = Some(SecretKeyRef { name: name.into(), key: key.into() });
+        self.spec.redis.password_secret_ref = Some(SecretKeyRef {
+            name: name.into(),
+            key: key.into(),
+        });
         self
     }
 

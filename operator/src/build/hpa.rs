@@ -4,14 +4,18 @@
 
 use chorus_crds::{API_VERSION, AutoscalingSpec, KIND, MessagingCluster};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
-    ResourceMetricSource,
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
 };
 
 use super::BuildError;
 use super::meta::{Component, Names, object_meta};
 
-pub fn build(mc: &MessagingCluster, names: &Names, spec: &AutoscalingSpec) -> Result<HorizontalPodAutoscaler, BuildError> {
+pub fn build(
+    mc: &MessagingCluster,
+    names: &Names,
+    spec: &AutoscalingSpec,
+) -> Result<HorizontalPodAutoscaler, BuildError> {
     Ok(HorizontalPodAutoscaler {
         metadata: object_meta(mc, names, &names.service, Component::Server)?,
         spec: Some(HorizontalPodAutoscalerSpec {
@@ -53,11 +57,18 @@ mod tests {
         assert_eq!(hpa.metadata.name.as_deref(), Some("chat"));
         assert_eq!(hpa.metadata.owner_references.expect("owner")[0].uid, UID);
         let spec = hpa.spec.expect("spec");
-        assert_eq!(spec.scale_target_ref.api_version.as_deref(), Some("chorus.dev/v1alpha1"));
+        assert_eq!(
+            spec.scale_target_ref.api_version.as_deref(),
+            Some("chorus.dev/v1alpha1")
+        );
         assert_eq!(spec.scale_target_ref.kind, "MessagingCluster");
         assert_eq!(spec.scale_target_ref.name, "chat");
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(3), 12));
-        let target = spec.metrics.expect("metrics")[0].resource.clone().expect("resource").target;
+        let target = spec.metrics.expect("metrics")[0]
+            .resource
+            .clone()
+            .expect("resource")
+            .target;
         assert_eq!(target.average_utilization, Some(70));
     }
 }

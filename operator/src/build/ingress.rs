@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use chorus_crds::{IngressSpec, MessagingCluster};
 use k8s_openapi::api::networking::v1::{
-    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend,
-    IngressSpec as K8sIngressSpec, IngressTLS, ServiceBackendPort,
+    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
+    IngressServiceBackend, IngressSpec as K8sIngressSpec, IngressTLS, ServiceBackendPort,
 };
 
 use super::BuildError;
@@ -22,8 +22,14 @@ pub fn annotations(mc: &MessagingCluster) -> BTreeMap<String, String> {
     [
         ("nginx.ingress.kubernetes.io/affinity", "cookie"),
         ("nginx.ingress.kubernetes.io/affinity-mode", "persistent"),
-        ("nginx.ingress.kubernetes.io/session-cookie-name", AFFINITY_COOKIE),
-        ("nginx.ingress.kubernetes.io/session-cookie-max-age", max_age.as_str()),
+        (
+            "nginx.ingress.kubernetes.io/session-cookie-name",
+            AFFINITY_COOKIE,
+        ),
+        (
+            "nginx.ingress.kubernetes.io/session-cookie-max-age",
+            max_age.as_str(),
+        ),
         ("nginx.ingress.kubernetes.io/proxy-read-timeout", "3600"),
         ("nginx.ingress.kubernetes.io/proxy-send-timeout", "3600"),
     ]
@@ -32,7 +38,11 @@ pub fn annotations(mc: &MessagingCluster) -> BTreeMap<String, String> {
     .collect()
 }
 
-pub fn build(mc: &MessagingCluster, names: &Names, spec: &IngressSpec) -> Result<Ingress, BuildError> {
+pub fn build(
+    mc: &MessagingCluster,
+    names: &Names,
+    spec: &IngressSpec,
+) -> Result<Ingress, BuildError> {
     let mut metadata = object_meta(mc, names, &names.service, Component::Server)?;
     metadata.annotations = Some(annotations(mc));
     Ok(Ingress {
@@ -40,7 +50,10 @@ pub fn build(mc: &MessagingCluster, names: &Names, spec: &IngressSpec) -> Result
         spec: Some(K8sIngressSpec {
             ingress_class_name: spec.class_name.clone(),
             tls: spec.tls_secret_name.as_ref().map(|secret| {
-                vec![IngressTLS { hosts: Some(vec![spec.host.clone()]), secret_name: Some(secret.clone()) }]
+                vec![IngressTLS {
+                    hosts: Some(vec![spec.host.clone()]),
+                    secret_name: Some(secret.clone()),
+                }]
             }),
             rules: Some(vec![IngressRule {
                 host: Some(spec.host.clone()),
@@ -51,7 +64,10 @@ pub fn build(mc: &MessagingCluster, names: &Names, spec: &IngressSpec) -> Result
                         backend: IngressBackend {
                             service: Some(IngressServiceBackend {
                                 name: names.service.clone(),
-                                port: Some(ServiceBackendPort { number: Some(mc.spec.service.port), name: None }),
+                                port: Some(ServiceBackendPort {
+                                    number: Some(mc.spec.service.port),
+                                    name: None,
+                                }),
                             }),
                             ..Default::default()
                         },
@@ -79,14 +95,27 @@ mod tests {
         assert_eq!(ing.metadata.name.as_deref(), Some("chat"));
         assert_eq!(ing.metadata.owner_references.expect("owner")[0].uid, UID);
         let annotations = ing.metadata.annotations.expect("annotations");
-        assert_eq!(annotations["nginx.ingress.kubernetes.io/affinity"], "cookie");
-        assert_eq!(annotations["nginx.ingress.kubernetes.io/session-cookie-max-age"], "600");
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/affinity"],
+            "cookie"
+        );
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/session-cookie-max-age"],
+            "600"
+        );
         let spec = ing.spec.expect("spec");
         let rule = &spec.rules.expect("rules")[0];
         assert_eq!(rule.host.as_deref(), Some("chat.example.com"));
-        let backend = rule.http.clone().expect("http").paths[0].backend.service.clone().expect("service");
+        let backend = rule.http.clone().expect("http").paths[0]
+            .backend
+            .service
+            .clone()
+            .expect("service");
         assert_eq!(backend.name, "chat");
         assert_eq!(backend.port.and_then(|p| p.number), Some(80));
-        assert_eq!(spec.tls.expect("tls")[0].secret_name.as_deref(), Some("chat-tls"));
+        assert_eq!(
+            spec.tls.expect("tls")[0].secret_name.as_deref(),
+            Some("chat-tls")
+        );
     }
 }

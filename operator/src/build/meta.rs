@@ -61,7 +61,11 @@ pub struct Names {
 impl Names {
     pub fn of(mc: &MessagingCluster) -> Result<Self, BuildError> {
         let name = mc.metadata.name.clone().ok_or(BuildError::MissingName)?;
-        let namespace = mc.metadata.namespace.clone().ok_or(BuildError::MissingNamespace)?;
+        let namespace = mc
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(BuildError::MissingNamespace)?;
         Ok(Self {
             server: format!("{name}-server"),
             service: name.clone(),
@@ -75,7 +79,10 @@ impl Names {
 
     /// DNS name of Redis pod `ordinal` through the headless Service.
     pub fn redis_pod_host(&self, ordinal: u32) -> String {
-        format!("{}-{ordinal}.{}.{}.svc", self.redis, self.redis, self.namespace)
+        format!(
+            "{}-{ordinal}.{}.{}.svc",
+            self.redis, self.redis, self.namespace
+        )
     }
 }
 
@@ -84,8 +91,14 @@ impl Names {
 pub fn selector_labels(names: &Names, component: Component) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), APP_NAME.to_owned()),
-        ("app.kubernetes.io/instance".to_owned(), names.instance.clone()),
-        ("app.kubernetes.io/component".to_owned(), component.as_str().to_owned()),
+        (
+            "app.kubernetes.io/instance".to_owned(),
+            names.instance.clone(),
+        ),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.as_str().to_owned(),
+        ),
     ])
 }
 
@@ -93,19 +106,32 @@ pub fn selector_labels(names: &Names, component: Component) -> BTreeMap<String, 
 pub fn labels(names: &Names, component: Component) -> BTreeMap<String, String> {
     let mut labels = selector_labels(names, component);
     labels.insert("app.kubernetes.io/part-of".to_owned(), APP_NAME.to_owned());
-    labels.insert("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned());
-    labels.insert("app.kubernetes.io/version".to_owned(), OPERATOR_VERSION.to_owned());
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        MANAGED_BY.to_owned(),
+    );
+    labels.insert(
+        "app.kubernetes.io/version".to_owned(),
+        OPERATOR_VERSION.to_owned(),
+    );
     labels
 }
 
 /// `matchLabels` selector of a component's pods.
 pub fn label_selector(names: &Names, component: Component) -> LabelSelector {
-    LabelSelector { match_labels: Some(selector_labels(names, component)), ..Default::default() }
+    LabelSelector {
+        match_labels: Some(selector_labels(names, component)),
+        ..Default::default()
+    }
 }
 
 /// The selector string written to `status.selector` (scale subresource).
 pub fn selector_string(names: &Names, component: Component) -> String {
-    selector_labels(names, component).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    selector_labels(names, component)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Controller owner reference to the MessagingCluster, so GC deletes what we made.
@@ -142,7 +168,10 @@ mod tests {
         assert_eq!(names.redis, "chat-redis");
         assert_eq!(names.sentinel, "chat-sentinel");
         assert_eq!(names.redis_auth_secret, "chat-redis-auth");
-        assert_eq!(names.redis_pod_host(0), "chat-redis-0.chat-redis.default.svc");
+        assert_eq!(
+            names.redis_pod_host(0),
+            "chat-redis-0.chat-redis.default.svc"
+        );
     }
 
     #[test]

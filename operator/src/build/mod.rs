@@ -103,8 +103,16 @@ pub fn build(mc: &MessagingCluster) -> Result<Resources, BuildError> {
         server_deployment: server_deployment::build(mc, &names, &config_hash)?,
         service: services::client(mc, &names)?,
         server_pdb: pdb::server(mc, &names)?,
-        hpa: spec.autoscaling.as_ref().map(|a| hpa::build(mc, &names, a)).transpose()?,
-        ingress: spec.ingress.as_ref().map(|i| ingress::build(mc, &names, i)).transpose()?,
+        hpa: spec
+            .autoscaling
+            .as_ref()
+            .map(|a| hpa::build(mc, &names, a))
+            .transpose()?,
+        ingress: spec
+            .ingress
+            .as_ref()
+            .map(|i| ingress::build(mc, &names, i))
+            .transpose()?,
         network_policy: (spec.network_policy.enabled && spec.redis.mode == RedisMode::Managed)
             .then(|| network_policy::build(mc, &names))
             .transpose()?,
@@ -130,13 +138,15 @@ mod tests {
 
     #[test]
     fn external_redis_builds_no_redis_objects() {
-        let resources = build(&MessagingCluster::test().with_external_redis("redis://r:6379")).expect("builds");
+        let resources =
+            build(&MessagingCluster::test().with_external_redis("redis://r:6379")).expect("builds");
         assert!(resources.redis.is_none());
     }
 
     #[test]
     fn user_password_secret_is_not_generated() {
-        let resources = build(&MessagingCluster::test().with_password_secret("mine", "pw")).expect("builds");
+        let resources =
+            build(&MessagingCluster::test().with_password_secret("mine", "pw")).expect("builds");
         assert_eq!(resources.redis.expect("managed").generated_secret, None);
     }
 

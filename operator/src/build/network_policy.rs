@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use chorus_crds::MessagingCluster;
 use k8s_openapi::{
-    api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
+    api::networking::v1::{
+        NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+        NetworkPolicySpec,
+    },
     apimachinery::pkg::{
         apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
         util::intstr::IntOrString,
@@ -20,7 +23,10 @@ fn instance_pods(names: &Names, components: &[Component]) -> LabelSelector {
     LabelSelector {
         match_labels: Some(BTreeMap::from([
             ("app.kubernetes.io/name".to_owned(), "chorus".to_owned()),
-            ("app.kubernetes.io/instance".to_owned(), names.instance.clone()),
+            (
+                "app.kubernetes.io/instance".to_owned(),
+                names.instance.clone(),
+            ),
         ])),
         match_expressions: Some(vec![LabelSelectorRequirement {
             key: "app.kubernetes.io/component".to_owned(),
@@ -39,7 +45,10 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<NetworkPolicy, Buil
     Ok(NetworkPolicy {
         metadata: object_meta(mc, names, &names.redis, Component::Redis)?,
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(instance_pods(names, &[Component::Redis, Component::Sentinel])),
+            pod_selector: Some(instance_pods(
+                names,
+                &[Component::Redis, Component::Sentinel],
+            )),
             policy_types: Some(vec!["Ingress".to_owned()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: Some(vec![
@@ -65,9 +74,8 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<NetworkPolicy, Buil
                 ]),
                 ports: Some(vec![port(REDIS_PORT), port(SENTINEL_PORT)]),
             }]),
-            ..Default::default()
+            egress: None,
         }),
-        ..Default::default()
     })
 }
 
@@ -83,15 +91,45 @@ mod tests {
         assert_eq!(np.metadata.name.as_deref(), Some("chat-redis"));
         assert_eq!(np.metadata.owner_references.expect("owner")[0].uid, UID);
         let spec = np.spec.expect("spec");
-        let protected = spec.pod_selector.expect("selector").match_expressions.expect("exprs")[0].clone();
-        assert_eq!(protected.values, Some(vec!["redis".to_owned(), "sentinel".to_owned()]));
+        let protected = spec
+            .pod_selector
+            .expect("selector")
+            .match_expressions
+            .expect("exprs")[0]
+            .clone();
+        assert_eq!(
+            protected.values,
+            Some(vec!["redis".to_owned(), "sentinel".to_owned()])
+        );
         let rule = &spec.ingress.expect("ingress")[0];
         let from = rule.from.clone().expect("from");
         let clients = from[0].pod_selector.clone().expect("pods");
-        assert_eq!(clients.match_labels.expect("labels")["app.kubernetes.io/instance"], "chat");
-        assert!(clients.match_expressions.expect("exprs")[0].values.clone().expect("values").contains(&"server".to_owned()));
-        assert_eq!(from[1].pod_selector.clone().and_then(|p| p.match_labels).expect("operator")["app.kubernetes.io/name"], "chorus-operator");
-        let ports: Vec<_> = rule.ports.clone().expect("ports").into_iter().filter_map(|p| p.port).collect();
+        assert_eq!(
+            clients.match_labels.expect("labels")["app.kubernetes.io/instance"],
+            "chat"
+        );
+        assert!(
+            clients.match_expressions.expect("exprs")[0]
+                .values
+                .clone()
+                .expect("values")
+                .contains(&"server".to_owned())
+        );
+        assert_eq!(
+            from[1]
+                .pod_selector
+                .clone()
+                .and_then(|p| p.match_labels)
+                .expect("operator")["app.kubernetes.io/name"],
+            "chorus-operator"
+        );
+        let ports: Vec<_> = rule
+            .ports
+            .clone()
+            .expect("ports")
+            .into_iter()
+            .filter_map(|p| p.port)
+            .collect();
         assert_eq!(ports, [IntOrString::Int(6379), IntOrString::Int(26379)]);
     }
 }

@@ -30,7 +30,13 @@ fn pdb(
 }
 
 pub fn server(mc: &MessagingCluster, names: &Names) -> Result<PodDisruptionBudget, BuildError> {
-    pdb(mc, names, &names.server, Component::Server, mc.spec.pod_disruption_budget.max_unavailable)
+    pdb(
+        mc,
+        names,
+        &names.server,
+        Component::Server,
+        mc.spec.pod_disruption_budget.max_unavailable,
+    )
 }
 
 pub fn redis(mc: &MessagingCluster, names: &Names) -> Result<PodDisruptionBudget, BuildError> {
@@ -56,9 +62,22 @@ mod tests {
         assert_eq!(p.metadata.owner_references.expect("owner")[0].uid, UID);
         let spec = p.spec.expect("spec");
         assert_eq!(spec.max_unavailable, Some(IntOrString::Int(2)));
-        let selector = spec.selector.and_then(|s| s.match_labels).expect("selector");
+        let selector = spec
+            .selector
+            .and_then(|s| s.match_labels)
+            .expect("selector");
         assert_eq!(selector["app.kubernetes.io/component"], "server");
-        assert_eq!(redis(&mc, &names).expect("builds").metadata.name.as_deref(), Some("chat-redis"));
-        assert_eq!(sentinel(&mc, &names).expect("builds").metadata.name.as_deref(), Some("chat-sentinel"));
+        assert_eq!(
+            redis(&mc, &names).expect("builds").metadata.name.as_deref(),
+            Some("chat-redis")
+        );
+        assert_eq!(
+            sentinel(&mc, &names)
+                .expect("builds")
+                .metadata
+                .name
+                .as_deref(),
+            Some("chat-sentinel")
+        );
     }
 }

@@ -24,7 +24,10 @@ pub fn build(mc: &MessagingCluster, names: &Names, password: &str) -> Result<Sec
     Ok(Secret {
         metadata: object_meta(mc, names, &names.redis_auth_secret, Component::Redis)?,
         type_: Some("Opaque".to_owned()),
-        string_data: Some(BTreeMap::from([(GENERATED_PASSWORD_KEY.to_owned(), password.to_owned())])),
+        string_data: Some(BTreeMap::from([(
+            GENERATED_PASSWORD_KEY.to_owned(),
+            password.to_owned(),
+        )])),
         ..Default::default()
     })
 }

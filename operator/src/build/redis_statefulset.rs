@@ -9,9 +9,9 @@ use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec},
         core::v1::{
-            Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim,
-            PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Volume, VolumeMount,
-            VolumeResourceRequirements,
+            Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+            PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
+            SecretKeySelector, Volume, VolumeMount, VolumeResourceRequirements,
         },
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
@@ -19,7 +19,9 @@ use k8s_openapi::{
 
 use super::BuildError;
 use super::config_map::redis_password_ref;
-use super::meta::{Component, Names, REDIS_PORT, label_selector, labels, object_meta, selector_labels};
+use super::meta::{
+    Component, Names, REDIS_PORT, label_selector, labels, object_meta, selector_labels,
+};
 
 /// Name of the data volume (and of the PVC template).
 pub const DATA_VOLUME: &str = "data";
@@ -61,7 +63,11 @@ pub fn password_env(mc: &MessagingCluster, names: &Names) -> Vec<EnvVar> {
         .map(|r| EnvVar {
             name: "REDIS_PASSWORD".to_owned(),
             value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector { name: r.name, key: r.key, optional: Some(false) }),
+                secret_key_ref: Some(SecretKeySelector {
+                    name: r.name,
+                    key: r.key,
+                    optional: Some(false),
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -72,7 +78,11 @@ pub fn password_env(mc: &MessagingCluster, names: &Names) -> Vec<EnvVar> {
 
 /// `redis-cli ping` on `port`, for probes.
 pub fn ping_probe(port: i32, with_password: bool) -> Probe {
-    let auth = if with_password { " --no-auth-warning -a \"$REDIS_PASSWORD\"" } else { "" };
+    let auth = if with_password {
+        " --no-auth-warning -a \"$REDIS_PASSWORD\""
+    } else {
+        ""
+    };
     Probe {
         exec: Some(ExecAction {
             command: Some(vec![
@@ -97,7 +107,11 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
     let container = Container {
         name: "redis".to_owned(),
         image: Some(redis.image.clone()),
-        command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script(mc, names)]),
+        command: Some(vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            start_script(mc, names),
+        ]),
         env: Some(password_env(mc, names)),
         ports: Some(vec![ContainerPort {
             name: Some("redis".to_owned()),
@@ -134,7 +148,10 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
                 access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
                 storage_class_name: s.storage_class_name.clone(),
                 resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(s.size.clone()))])),
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        Quantity(s.size.clone()),
+                    )])),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -151,8 +168,15 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
             // Start all pods at once: replicas retry until pod 0 answers.
             pod_management_policy: Some("Parallel".to_owned()),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(names, Component::Redis)), ..Default::default() }),
-                spec: Some(PodSpec { containers: vec![container], volumes, ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(names, Component::Redis)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes,
+                    ..Default::default()
+                }),
             },
             volume_claim_templates: claims,
             ..Default::default()
@@ -181,22 +205,38 @@ mod tests {
         mc.spec.redis.replicas = 5;
         let s = sts(&mc);
         assert_eq!(s.metadata.name.as_deref(), Some("chat-redis"));
-        assert_eq!(s.metadata.owner_references.clone().expect("owner")[0].uid, UID);
+        assert_eq!(
+            s.metadata.owner_references.clone().expect("owner")[0].uid,
+            UID
+        );
         let spec = s.spec.clone().expect("spec");
         assert_eq!(spec.replicas, Some(5));
         assert_eq!(spec.service_name.as_deref(), Some("chat-redis"));
         let c = &spec.template.spec.expect("pod").containers[0];
         assert_eq!(c.image.as_deref(), Some("redis:7.2"));
-        let pw = c.env.clone().expect("env")[0].value_from.clone().and_then(|v| v.secret_key_ref).expect("secret");
-        assert_eq!((pw.name.as_str(), pw.key.as_str()), ("chat-redis-auth", "password"));
+        let pw = c.env.clone().expect("env")[0]
+            .value_from
+            .clone()
+            .and_then(|v| v.secret_key_ref)
+            .expect("secret");
+        assert_eq!(
+            (pw.name.as_str(), pw.key.as_str()),
+            ("chat-redis-auth", "password")
+        );
         assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
     }
 
     #[test]
     fn pod_zero_starts_as_master_and_others_replicate_it() {
         let script = script(&sts(&MessagingCluster::test()));
-        assert!(script.contains(r#"master="chat-redis-0.chat-redis.default.svc""#), "{script}");
-        assert!(script.contains(r#"if [ "$host" != "$master" ]; then echo "replicaof $master 6379""#), "{script}");
+        assert!(
+            script.contains(r#"master="chat-redis-0.chat-redis.default.svc""#),
+            "{script}"
+        );
+        assert!(
+            script.contains(r#"if [ "$host" != "$master" ]; then echo "replicaof $master 6379""#),
+            "{script}"
+        );
         assert!(script.contains("requirepass \"$REDIS_PASSWORD\""));
     }
 
@@ -217,8 +257,20 @@ mod tests {
         assert!(spec.template.spec.clone().expect("pod").volumes.is_none());
         let claim = &spec.volume_claim_templates.expect("claims")[0];
         assert_eq!(claim.metadata.name.as_deref(), Some("data"));
-        assert!(!claim.metadata.labels.clone().expect("labels").contains_key("app.kubernetes.io/version"));
-        let requests = claim.spec.clone().and_then(|s| s.resources).and_then(|r| r.requests).expect("requests");
+        assert!(
+            !claim
+                .metadata
+                .labels
+                .clone()
+                .expect("labels")
+                .contains_key("app.kubernetes.io/version")
+        );
+        let requests = claim
+            .spec
+            .clone()
+            .and_then(|s| s.resources)
+            .and_then(|r| r.requests)
+            .expect("requests");
         assert_eq!(requests["storage"], Quantity("5Gi".to_owned()));
         assert!(script(&s).contains("appendonly yes"));
     }

@@ -6,14 +6,18 @@ use chorus_crds::MessagingCluster;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{Container, ContainerPort, EmptyDirVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount},
+        core::v1::{
+            Container, ContainerPort, EmptyDirVolumeSource, PodSpec, PodTemplateSpec, Volume,
+            VolumeMount,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use super::BuildError;
 use super::meta::{
-    Component, Names, REDIS_PORT, SENTINEL_MASTER_NAME, SENTINEL_PORT, label_selector, labels, object_meta,
+    Component, Names, REDIS_PORT, SENTINEL_MASTER_NAME, SENTINEL_PORT, label_selector, labels,
+    object_meta,
 };
 use super::redis_statefulset::{password_env, ping_probe};
 
@@ -52,7 +56,11 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildEr
     let container = Container {
         name: "sentinel".to_owned(),
         image: Some(mc.spec.redis.image.clone()),
-        command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script(mc, names)]),
+        command: Some(vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            start_script(mc, names),
+        ]),
         env: Some(password_env(mc, names)),
         ports: Some(vec![ContainerPort {
             name: Some("sentinel".to_owned()),
@@ -75,7 +83,10 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildEr
             replicas: Some(mc.spec.redis.sentinels),
             selector: label_selector(names, Component::Sentinel),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(names, Component::Sentinel)), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(names, Component::Sentinel)),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(vec![Volume {
@@ -108,14 +119,26 @@ mod tests {
         mc.spec.redis.sentinels = 5;
         let d = build(&mc, &Names::of(&mc).expect("names")).expect("builds");
         assert_eq!(d.metadata.name.as_deref(), Some("chat-sentinel"));
-        assert_eq!(d.metadata.owner_references.clone().expect("owner")[0].uid, UID);
+        assert_eq!(
+            d.metadata.owner_references.clone().expect("owner")[0].uid,
+            UID
+        );
         let spec = d.spec.expect("spec");
         assert_eq!(spec.replicas, Some(5));
-        assert_eq!(spec.selector.match_labels.expect("selector")["app.kubernetes.io/component"], "sentinel");
+        assert_eq!(
+            spec.selector.match_labels.expect("selector")["app.kubernetes.io/component"],
+            "sentinel"
+        );
         let c = &spec.template.spec.expect("pod").containers[0];
         let script = &c.command.clone().expect("command")[2];
-        assert!(script.contains("sentinel monitor chorus chat-redis-0.chat-redis.default.svc 6379 3"), "{script}");
-        assert!(script.contains("sentinel auth-pass chorus \"$REDIS_PASSWORD\""), "{script}");
+        assert!(
+            script.contains("sentinel monitor chorus chat-redis-0.chat-redis.default.svc 6379 3"),
+            "{script}"
+        );
+        assert!(
+            script.contains("sentinel auth-pass chorus \"$REDIS_PASSWORD\""),
+            "{script}"
+        );
         assert_eq!(c.ports.clone().expect("ports")[0].container_port, 26379);
     }
 }

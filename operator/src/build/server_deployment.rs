@@ -7,9 +7,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
-            ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource, ExecAction,
-            HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-            Probe, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+            ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
+            ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+            PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Volume,
+            VolumeMount,
         },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -27,14 +28,30 @@ pub const PRE_STOP_SECONDS: i32 = 5;
 /// Slack after the drain before the kubelet kills the pod.
 pub const GRACE_SLACK_SECONDS: i32 = 10;
 
-pub fn build(mc: &MessagingCluster, names: &Names, config_hash: &str) -> Result<Deployment, BuildError> {
+pub fn build(
+    mc: &MessagingCluster,
+    names: &Names,
+    config_hash: &str,
+) -> Result<Deployment, BuildError> {
     let spec = &mc.spec;
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     let secret_files = [
-        ("redis-password", redis_password_ref(spec, names), REDIS_PASSWORD_FILE),
-        ("jwt-secret", spec.auth.jwt_secret_ref.clone(), JWT_SECRET_FILE),
-        ("api-key", spec.auth.api_key_secret_ref.clone(), API_KEY_FILE),
+        (
+            "redis-password",
+            redis_password_ref(spec, names),
+            REDIS_PASSWORD_FILE,
+        ),
+        (
+            "jwt-secret",
+            spec.auth.jwt_secret_ref.clone(),
+            JWT_SECRET_FILE,
+        ),
+        (
+            "api-key",
+            spec.auth.api_key_secret_ref.clone(),
+            API_KEY_FILE,
+        ),
     ];
     for (volume, secret, file) in secret_files {
         if let Some(secret) = secret {
@@ -52,13 +69,19 @@ pub fn build(mc: &MessagingCluster, names: &Names, config_hash: &str) -> Result<
         name: "server".to_owned(),
         image: Some(spec.image()),
         env_from: Some(vec![EnvFromSource {
-            config_map_ref: Some(ConfigMapEnvSource { name: names.server.clone(), optional: Some(false) }),
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: names.server.clone(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }]),
         env: Some(vec![EnvVar {
             name: "CHORUS_NODE_ID".to_owned(),
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".to_owned(), ..Default::default() }),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_owned(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -143,13 +166,22 @@ fn secret_file(volume: &str, secret: &SecretKeyRef, file: &str) -> (Volume, Volu
             name: volume.to_owned(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.name.clone()),
-                items: Some(vec![KeyToPath { key: secret.key.clone(), path: file_name.to_owned(), mode: None }]),
+                items: Some(vec![KeyToPath {
+                    key: secret.key.clone(),
+                    path: file_name.to_owned(),
+                    mode: None,
+                }]),
                 default_mode: Some(0o440),
                 ..Default::default()
             }),
             ..Default::default()
         },
-        VolumeMount { name: volume.to_owned(), mount_path: dir.to_owned(), read_only: Some(true), ..Default::default() },
+        VolumeMount {
+            name: volume.to_owned(),
+            mount_path: dir.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        },
     )
 }
 
@@ -165,36 +197,67 @@ mod tests {
     }
 
     fn pod(d: &Deployment) -> PodSpec {
-        d.spec.clone().expect("spec").template.spec.expect("pod spec")
+        d.spec
+            .clone()
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod spec")
     }
 
     #[test]
     fn deployment_runs_the_requested_replicas_with_owner_and_labels() {
         let d = deployment(&MessagingCluster::test().with_replicas(5));
         assert_eq!(d.metadata.name.as_deref(), Some("chat-server"));
-        assert_eq!(d.metadata.owner_references.clone().expect("owner")[0].uid, UID);
+        assert_eq!(
+            d.metadata.owner_references.clone().expect("owner")[0].uid,
+            UID
+        );
         let spec = d.spec.clone().expect("spec");
         assert_eq!(spec.replicas, Some(5));
         let selector = spec.selector.match_labels.expect("selector");
         assert!(!selector.contains_key("app.kubernetes.io/version"));
-        let template_labels = spec.template.metadata.expect("meta").labels.expect("labels");
+        let template_labels = spec
+            .template
+            .metadata
+            .expect("meta")
+            .labels
+            .expect("labels");
         for (k, v) in &selector {
-            assert_eq!(template_labels.get(k), Some(v), "template matches selector on {k}");
+            assert_eq!(
+                template_labels.get(k),
+                Some(v),
+                "template matches selector on {k}"
+            );
         }
     }
 
     #[test]
     fn server_container_has_probes_env_and_node_id() {
         let c = pod(&deployment(&MessagingCluster::test())).containers[0].clone();
-        assert_eq!(c.image, Some(format!("chorus-server:{}", env!("CARGO_PKG_VERSION"))));
+        assert_eq!(
+            c.image,
+            Some(format!("chorus-server:{}", env!("CARGO_PKG_VERSION")))
+        );
         let probe_path = |p: Option<Probe>| p.and_then(|p| p.http_get).and_then(|h| h.path);
         assert_eq!(probe_path(c.readiness_probe), Some("/readyz".to_owned()));
         assert_eq!(probe_path(c.liveness_probe), Some("/healthz".to_owned()));
-        assert_eq!(c.env_from.expect("envFrom")[0].config_map_ref.clone().expect("cm").name, "chat-server");
+        assert_eq!(
+            c.env_from.expect("envFrom")[0]
+                .config_map_ref
+                .clone()
+                .expect("cm")
+                .name,
+            "chat-server"
+        );
         let node_id = &c.env.expect("env")[0];
         assert_eq!(node_id.name, "CHORUS_NODE_ID");
         assert_eq!(
-            node_id.value_from.clone().and_then(|v| v.field_ref).map(|f| f.field_path),
+            node_id
+                .value_from
+                .clone()
+                .and_then(|v| v.field_ref)
+                .map(|f| f.field_path),
             Some("metadata.name".to_owned())
         );
         assert_eq!(c.ports.expect("ports")[0].container_port, 8080);
@@ -207,14 +270,28 @@ mod tests {
         let pod = pod(&deployment(&mc));
         let grace = pod.termination_grace_period_seconds.expect("grace");
         assert!(grace > 60 + i64::from(PRE_STOP_SECONDS), "grace {grace}");
-        let pre_stop = pod.containers[0].lifecycle.clone().and_then(|l| l.pre_stop).and_then(|h| h.exec);
-        assert_eq!(pre_stop.and_then(|e| e.command), Some(vec!["sleep".to_owned(), "5".to_owned()]));
+        let pre_stop = pod.containers[0]
+            .lifecycle
+            .clone()
+            .and_then(|l| l.pre_stop)
+            .and_then(|h| h.exec);
+        assert_eq!(
+            pre_stop.and_then(|e| e.command),
+            Some(vec!["sleep".to_owned(), "5".to_owned()])
+        );
     }
 
     #[test]
     fn config_hash_is_on_the_pod_template() {
         let d = deployment(&MessagingCluster::test());
-        let annotations = d.spec.expect("spec").template.metadata.expect("meta").annotations.expect("annotations");
+        let annotations = d
+            .spec
+            .expect("spec")
+            .template
+            .metadata
+            .expect("meta")
+            .annotations
+            .expect("annotations");
         assert_eq!(annotations[CONFIG_HASH_ANNOTATION], "abc");
     }
 
@@ -222,7 +299,10 @@ mod tests {
     fn resources_and_password_file_are_passed_through() {
         let mut mc = MessagingCluster::test();
         mc.spec.resources = Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([("cpu".to_owned(), Quantity("250m".to_owned()))])),
+            requests: Some(BTreeMap::from([(
+                "cpu".to_owned(),
+                Quantity("250m".to_owned()),
+            )])),
             ..Default::default()
         });
         let pod = pod(&deployment(&mc));
@@ -237,7 +317,9 @@ mod tests {
 
     #[test]
     fn external_redis_without_password_mounts_nothing() {
-        let pod = pod(&deployment(&MessagingCluster::test().with_external_redis("redis://r:6379")));
+        let pod = pod(&deployment(
+            &MessagingCluster::test().with_external_redis("redis://r:6379"),
+        ));
         assert!(pod.volumes.is_none());
         assert!(pod.containers[0].volume_mounts.is_none());
     }

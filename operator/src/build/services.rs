@@ -34,7 +34,9 @@ pub fn client(mc: &MessagingCluster, names: &Names) -> Result<Service, BuildErro
             ports: Some(vec![http]),
             session_affinity: Some("ClientIP".to_owned()),
             session_affinity_config: Some(SessionAffinityConfig {
-                client_ip: Some(ClientIPConfig { timeout_seconds: Some(s.session_affinity.timeout_seconds) }),
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(s.session_affinity.timeout_seconds),
+                }),
             }),
             ..Default::default()
         }),
@@ -85,15 +87,29 @@ mod tests {
         mc.spec.service.session_affinity.timeout_seconds = 600;
         let svc = client(&mc, &Names::of(&mc).expect("names")).expect("builds");
         assert_eq!(svc.metadata.name.as_deref(), Some("chat"));
-        assert_eq!(svc.metadata.owner_references.clone().expect("owner")[0].uid, UID);
+        assert_eq!(
+            svc.metadata.owner_references.clone().expect("owner")[0].uid,
+            UID
+        );
         let spec = svc.spec.expect("spec");
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
-        assert_eq!(spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds), Some(600));
+        assert_eq!(
+            spec.session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
+            Some(600)
+        );
         let ports = spec.ports.expect("ports");
         assert_eq!(ports[0].port, 443);
-        assert_eq!(ports[0].target_port, Some(IntOrString::String("http".to_owned())));
-        assert_eq!(spec.selector.expect("selector")["app.kubernetes.io/component"], "server");
+        assert_eq!(
+            ports[0].target_port,
+            Some(IntOrString::String("http".to_owned()))
+        );
+        assert_eq!(
+            spec.selector.expect("selector")["app.kubernetes.io/component"],
+            "server"
+        );
     }
 
     #[test]
@@ -105,7 +121,10 @@ mod tests {
         let spec = redis.spec.expect("spec");
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
-        assert_eq!(spec.selector.expect("selector")["app.kubernetes.io/component"], "redis");
+        assert_eq!(
+            spec.selector.expect("selector")["app.kubernetes.io/component"],
+            "redis"
+        );
         let sentinel = sentinel(&mc, &names).expect("builds");
         assert_eq!(sentinel.metadata.name.as_deref(), Some("chat-sentinel"));
         let spec = sentinel.spec.expect("spec");
