@@ -20,3 +20,48 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
          # Regenerate: cargo run -p chorus-operator -- crd > {CHART_CRD_PATH}\n{body}"
     ))
 }
+
+/// Installing the CRD at start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("applying CustomResourceDefinition {name}: {source}")]
+    Apply {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("waiting for CustomResourceDefinition {name} to be established: {reason}")]
+    NotEstablished { name: String, reason: String },
+}
+
+/// Applies the CRD by server-side apply (Helm never upgrades a chart's
+/// `crds/`) and waits until the API server serves it.
+pub async fn install(
+    client: kube::Client,
+    timeout: std::time::Duration,
+) -> Result<(), InstallError> {
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions::is_crd_established};
+
+    let crd = crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let params = PatchParams::apply(crate::reconcile::apply::FIELD_MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(&crd))
+        .await
+        .map_err(|source| InstallError::Apply {
+            name: name.clone(),
+            source,
+        })?;
+    match tokio::time::timeout(timeout, await_condition(api, &name, is_crd_established())).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(InstallError::NotEstablished {
+            name,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(InstallError::NotEstablished {
+            name,
+            reason: format!("not established after {timeout:?}"),
+        }),
+    }
+}

@@ -2,11 +2,16 @@
 //! its Redis Sentinel group and Services.
 //!
 //! - [`crd`]: the CRD as installed and printed.
-//! - [`build`]: pure builders, one per object kind.
+//! - [`build`]: pure builders, one per object kind (no client).
 //! - [`reconcile`]: the validate → build → apply → status pipeline.
-//! - [`metrics`]: reconcile metrics.
+//! - [`controller`]: the kube-runtime Controller around it.
+//! - [`leader`]: Lease-based leader election.
+//! - [`metrics`], [`http`]: `/metrics` and `/healthz`.
 
 pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
