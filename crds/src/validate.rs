@@ -5,6 +5,10 @@
 //! knowledge of the names the operator derives from `metadata.name`. The
 //! operator runs [`validate`] first; a failure sets `Degraded` and nothing
 //! is applied.
+//!
+//! The cross-field CEL rules are checked here once more, because the CRD in
+//! the cluster may be older than the operator (installed by Helm, which
+//! never upgrades CRDs, with `--no-install-crd`).
 
 use crate::spec::{MessagingCluster, MessagingClusterSpec, RedisMode};
 

@@ -178,8 +178,11 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, b
     let resources = build::build(mc)?;
     // 3. apply
     let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
+    // The Redis topology step (operator/src/topology/, merged separately)
+    // goes here and reports the master the Sentinels agree on.
+    let observed_master = None;
     // 4. status
-    let new_status = status::compute(mc, &names, &applied, Timestamp::now());
+    let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());
     status::patch(&ctx.client, &names, &new_status).await?;
     for n in status::transitions(mc, &new_status, applied.generated_secret) {
         info!(cluster = %names.instance, namespace = %names.namespace, reason = n.reason, note = %n.note, "event");

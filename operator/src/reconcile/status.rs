@@ -102,11 +102,13 @@ fn endpoints(mc: &MessagingCluster, names: &Names) -> EndpointsStatus {
     }
 }
 
-/// The status after a successful apply.
+/// The status after a successful apply. `observed_master` is the master
+/// the Sentinels agree on, when the Redis topology step has seen one.
 pub fn compute(
     mc: &MessagingCluster,
     names: &Names,
     applied: &Applied,
+    observed_master: Option<String>,
     now: Timestamp,
 ) -> MessagingClusterStatus {
     let old = mc.status.as_ref();
@@ -134,9 +136,9 @@ pub fn compute(
                 .as_ref()
                 .and_then(|s| s.ready_replicas)
                 .unwrap_or(0);
-            // Until the topology module reports the master Sentinel agrees
-            // on, the master is the one the group was configured with.
-            let master = old.and_then(|s| s.redis.master.clone()).or_else(|| {
+            // Without an observation, the master is the one the group was
+            // configured to start with (pod 0), once Redis pods are up.
+            let master = observed_master.or_else(|| {
                 (redis_ready > 0).then(|| format!("{}:{REDIS_PORT}", names.redis_pod_host(0)))
             });
             let ok = redis_ready >= want_redis && sentinels_ready >= want_sentinels;
@@ -466,7 +468,7 @@ mod tests {
     fn healthy_cluster_is_ready_and_not_progressing() {
         let mc = MessagingCluster::test();
         let names = Names::of(&mc).expect("names");
-        let s = compute(&mc, &names, &applied(3, 3, 3), now());
+        let s = compute(&mc, &names, &applied(3, 3, 3), None, now());
         assert_eq!(
             (s.replicas, s.ready_replicas, s.observed_generation),
             (3, 3, Some(1))
@@ -493,9 +495,9 @@ mod tests {
     fn scale_up_is_progressing_and_emits_scaled_once() {
         let mut mc = MessagingCluster::test();
         let names = Names::of(&mc).expect("names");
-        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), now()));
+        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), None, now()));
         mc.spec.replicas = 5;
-        let s = compute(&mc, &names, &applied(3, 3, 3), now());
+        let s = compute(&mc, &names, &applied(3, 3, 3), None, now());
         let p = cond(&s, "Progressing");
         assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "Scaling"));
         assert_eq!(p.message, "scaling server pods from 3 to 5");
@@ -517,9 +519,9 @@ mod tests {
     fn unchanged_conditions_keep_their_transition_time() {
         let mut mc = MessagingCluster::test();
         let names = Names::of(&mc).expect("names");
-        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), now()));
+        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), None, now()));
         let later = Timestamp::from_second(1_800_000_600).expect("timestamp");
-        let s = compute(&mc, &names, &applied(2, 3, 3), later);
+        let s = compute(&mc, &names, &applied(2, 3, 3), None, later);
         assert_eq!(cond(&s, "RedisReady").last_transition_time, Time(now()));
         assert_eq!(cond(&s, "Ready").last_transition_time, Time(later));
     }
@@ -531,6 +533,7 @@ mod tests {
             &mc,
             &Names::of(&mc).expect("names"),
             &applied(3, 3, 1),
+            None,
             now(),
         );
         assert_eq!(cond(&s, "RedisReady").reason, "RedisStarting");
@@ -550,6 +553,7 @@ mod tests {
             &mc,
             &Names::of(&mc).expect("names"),
             &applied(0, 0, 0),
+            None,
             now(),
         );
         let reasons: Vec<_> = transitions(&mc, &s, true)
@@ -581,10 +585,10 @@ mod tests {
     fn master_change_is_a_failover_event() {
         let mut mc = MessagingCluster::test();
         let names = Names::of(&mc).expect("names");
-        let mut old = compute(&mc, &names, &applied(3, 3, 3), now());
-        let new = old.clone();
-        old.redis.master = Some("chat-redis-1.chat-redis.default.svc:6379".into());
-        mc.status = Some(old);
+        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), None, now()));
+        let moved = Some("chat-redis-1.chat-redis.default.svc:6379".to_owned());
+        let new = compute(&mc, &names, &applied(3, 3, 3), moved.clone(), now());
+        assert_eq!(new.redis.master, moved);
         let reasons: Vec<_> = transitions(&mc, &new, false)
             .iter()
             .map(|n| n.reason)

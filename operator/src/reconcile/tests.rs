@@ -312,6 +312,7 @@ fn settled_cluster() -> MessagingCluster {
         &mc,
         &names,
         &applied,
+        None,
         k8s_openapi::jiff::Timestamp::now(),
     ));
     mc
