@@ -252,8 +252,143 @@ impl Elector {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::mock_api::{Reply, expect, pair, serve};
+    use http::Method;
+    use serde_json::json;
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/chorus/leases";
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/chorus/leases/chorus-operator";
+
+    fn config(identity: &str) -> LeaseConfig {
+        LeaseConfig {
+            name: "chorus-operator".into(),
+            namespace: "chorus".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_millis(20),
+        }
+    }
+
+    fn lease_json(holder: &str, renewed: Timestamp) -> serde_json::Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "chorus-operator", "namespace": "chorus", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "renewTime": serde_json::to_value(MicroTime(renewed)).unwrap()}
+        })
+    }
+
+    #[tokio::test]
+    async fn first_candidate_creates_the_lease() {
+        let (client, mut handle) = pair();
+        let elector = Elector::new(client, config("a"));
+        let acquiring = tokio::spawn(async move { elector.acquire().await });
+        let seen = serve(
+            &mut handle,
+            vec![
+                expect(Method::GET, LEASE, Reply::NotFound),
+                expect(Method::POST, LEASES, Reply::Created),
+            ],
+        )
+        .await;
+        acquiring.await.unwrap().unwrap();
+        let spec = &seen[1].body["spec"];
+        assert_eq!(spec["holderIdentity"], "a");
+        assert_eq!(spec["leaseDurationSeconds"], 15);
+    }
+
+    #[tokio::test]
+    async fn standby_waits_for_a_live_lease_then_takes_over_an_expired_one() {
+        let (client, mut handle) = pair();
+        let elector = Elector::new(client, config("a"));
+        let acquiring = tokio::spawn(async move { elector.acquire().await });
+        let live = lease_json("b", Timestamp::now());
+        let expired = lease_json("b", Timestamp::now() - SignedDuration::from_secs(60));
+        let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409});
+        let seen = serve(
+            &mut handle,
+            vec![
+                expect(Method::GET, LEASE, Reply::Json(200, live)),
+                // Another standby wins the race for the expired lease...
+                expect(Method::GET, LEASE, Reply::Json(200, expired.clone())),
+                expect(Method::PUT, LEASE, Reply::Json(409, conflict)),
+                // ...and does not renew it either, so we take it over.
+                expect(Method::GET, LEASE, Reply::Json(200, expired)),
+                expect(Method::PUT, LEASE, Reply::Echo),
+            ],
+        )
+        .await;
+        acquiring.await.unwrap().unwrap();
+        let put = &seen[4].body;
+        assert_eq!(
+            put["metadata"]["resourceVersion"], "7",
+            "optimistic concurrency"
+        );
+        assert_eq!(put["spec"]["holderIdentity"], "a");
+        assert_eq!(put["spec"]["leaseTransitions"], 1);
+    }
+
+    #[tokio::test]
+    async fn leader_notices_when_another_replica_took_the_lease() {
+        let (client, mut handle) = pair();
+        let elector = Elector::new(client, config("a"));
+        let holding = tokio::spawn(async move { elector.hold().await });
+        let theirs = lease_json("b", Timestamp::now());
+        serve(
+            &mut handle,
+            vec![
+                expect(
+                    Method::GET,
+                    LEASE,
+                    Reply::Json(200, lease_json("a", Timestamp::now())),
+                ),
+                expect(Method::PUT, LEASE, Reply::Echo),
+                expect(Method::GET, LEASE, Reply::Json(200, theirs.clone())),
+                expect(Method::GET, LEASE, Reply::Json(200, theirs)),
+            ],
+        )
+        .await;
+        let lost = holding.await.unwrap();
+        assert!(
+            matches!(&lost, LeaderError::Lost { holder, .. } if holder == "b"),
+            "{lost}"
+        );
+    }
+
+    #[tokio::test]
+    async fn release_clears_the_holder_so_a_standby_takes_over_at_once() {
+        let (client, mut handle) = pair();
+        let elector = Elector::new(client, config("a"));
+        let releasing = tokio::spawn(async move { elector.release().await });
+        let seen = serve(
+            &mut handle,
+            vec![
+                expect(
+                    Method::GET,
+                    LEASE,
+                    Reply::Json(200, lease_json("a", Timestamp::now())),
+                ),
+                expect(Method::PUT, LEASE, Reply::Echo),
+            ],
+        )
+        .await;
+        releasing.await.unwrap();
+        assert_eq!(
+            seen[1].body["spec"]["holderIdentity"],
+            serde_json::Value::Null
+        );
+        assert_eq!(
+            decide(
+                Some(&serde_json::from_value(seen[1].body.clone()).unwrap()),
+                "b",
+                Timestamp::now()
+            ),
+            Decision::TakeOver
+        );
+    }
 
     fn lease(holder: Option<&str>, renewed: i64, duration: i32) -> Lease {
         Lease {

@@ -14,4 +14,6 @@ pub mod crd;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+#[cfg(test)]
+mod mock_api;
 pub mod reconcile;

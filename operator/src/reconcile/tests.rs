@@ -8,54 +8,15 @@
 use std::{sync::Arc, time::Duration};
 
 use chorus_crds::MessagingCluster;
-use http::{Method, Request, Response};
-use kube::{Client, client::Body, runtime::controller::Action, runtime::events::Reporter};
+use http::Method;
+use kube::{runtime::controller::Action, runtime::events::Reporter};
 use serde_json::{Value, json};
 use tokio::time::timeout;
-use tower_test::mock::{self, Handle};
 
 use super::{Context, Error, reconcile};
 use crate::build::fixtures::TestCluster;
 use crate::metrics::Metrics;
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-
-/// How the fake API server answers one request.
-enum Reply {
-    /// 200 with the request body (what server-side apply returns, minus status).
-    Echo,
-    /// 200 with the request body plus this `status`.
-    EchoWithStatus(Value),
-    /// 201 with the request body.
-    Created,
-    /// 404 NotFound `Status`.
-    NotFound,
-    /// This code and body.
-    Json(u16, Value),
-}
-
-struct Expect {
-    method: Method,
-    path: String,
-    reply: Reply,
-}
-
-fn expect(method: Method, path: &str, reply: Reply) -> Expect {
-    Expect {
-        method,
-        path: path.to_owned(),
-        reply,
-    }
-}
-
-/// One request as the fake API server saw it.
-#[derive(Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-}
+use crate::mock_api::{Expect, Reply, Seen, expect, pair, serve};
 
 struct Outcome {
     result: Result<Action, Error>,
@@ -103,73 +64,8 @@ impl Outcome {
     }
 }
 
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
-}
-
-async fn serve(handle: &mut ApiHandle, script: Vec<Expect>) -> Vec<Seen> {
-    let mut seen = Vec::new();
-    for (i, step) in script.into_iter().enumerate() {
-        let (request, send) = timeout(Duration::from_secs(1), handle.next_request())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "step {i}: expected {} {}, but no request came within 1 s",
-                    step.method, step.path
-                )
-            })
-            .unwrap_or_else(|| {
-                panic!("step {i}: client gone before {} {}", step.method, step.path)
-            });
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let query = request.uri().query().unwrap_or_default().to_owned();
-        assert_eq!(
-            (&method, path.as_str()),
-            (&step.method, step.path.as_str()),
-            "step {i}"
-        );
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        // A status apply carries no metadata; the API server answers with the whole object.
-        let mut echo = body.clone();
-        if echo.is_object() && echo.get("metadata").is_none() {
-            echo["metadata"] = json!({"name": "chat", "namespace": "default"});
-            echo["spec"] = json!({});
-        }
-        let (code, reply) = match step.reply {
-            Reply::Echo => (200, echo),
-            Reply::EchoWithStatus(status) => {
-                let mut b = body.clone();
-                b["status"] = status;
-                (200, b)
-            }
-            Reply::Created => (201, body.clone()),
-            Reply::NotFound => (404, not_found()),
-            Reply::Json(code, value) => (code, value),
-        };
-        let response = Response::builder()
-            .status(code)
-            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-            .unwrap();
-        send.send_response(response);
-        seen.push(Seen {
-            method,
-            path,
-            query,
-            body,
-        });
-    }
-    seen
-}
-
 async fn run(mc: MessagingCluster, script: Vec<Expect>) -> Outcome {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let (client, mut handle) = pair();
     let metrics = Arc::new(Metrics::default());
     let reporter = Reporter {
         controller: "chorus-operator".into(),
