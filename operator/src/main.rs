@@ -13,7 +13,7 @@ use chorus_operator::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::{Client, runtime::events::Reporter};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -138,6 +138,22 @@ fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + S
     .shared()
 }
 
+/// How long in-flight reconciles may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The controller's graceful shutdown waits for its caches to fill before
+/// it can end, which never happens while the API server is unreachable:
+/// after the shutdown signal, give it [`SHUTDOWN_GRACE`], then drop it.
+async fn bounded(controller: impl Future<Output = ()>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(controller);
+    tokio::select! {
+        () = &mut controller => {}
+        () = async { shutdown.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            warn!(grace = ?SHUTDOWN_GRACE, "controller did not stop in time; stopping anyway");
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let shutdown = shutdown_signal();
@@ -199,7 +215,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         instance: Some(identity),
     };
     let ctx = Arc::new(Context::new(client, reporter, metrics));
-    let controller = controller::run(ctx, args.namespace.clone(), stopped(shutdown.clone()));
+    let controller = bounded(
+        controller::run(ctx, args.namespace.clone(), stopped(shutdown.clone())),
+        stopped(shutdown.clone()),
+    );
     let outcome = match &elector {
         Some(elector) => tokio::select! {
             () = controller => Ok(()),

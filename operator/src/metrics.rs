@@ -49,6 +49,10 @@ impl Default for Metrics {
             "Time spent in one reconciliation",
             duration.clone(),
         );
+        // Export every result from the start, so rates work before the first failure.
+        for result in ["ok", "invalid_spec", "error"] {
+            drop(reconciles.get_or_create(&ResultLabels { result }));
+        }
         Self {
             registry,
             reconciles,
