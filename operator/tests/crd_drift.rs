@@ -94,3 +94,52 @@ fn collect_rules(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
         _ => {}
     }
 }
+
+/// The API server only accepts structural schemas: every node typed (or
+/// int-or-string), no `$ref`, no `properties` beside `additionalProperties`.
+#[test]
+fn crd_schema_is_structural() {
+    let crd = chorus_operator::crd::crd();
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+    let root = &schema["openAPIV3Schema"];
+    let mut problems = Vec::new();
+    check_structural("", root, &mut problems);
+    assert_eq!(problems, Vec::<String>::new());
+}
+
+fn check_structural(path: &str, node: &serde_json::Value, problems: &mut Vec<String>) {
+    let Some(map) = node.as_object() else { return };
+    let typed = map.contains_key("type")
+        || map.get("x-kubernetes-int-or-string") == Some(&serde_json::Value::Bool(true))
+        || map.get("x-kubernetes-preserve-unknown-fields") == Some(&serde_json::Value::Bool(true));
+    if !typed {
+        problems.push(format!("{path}: no type"));
+    }
+    for forbidden in [
+        "$ref",
+        "$schema",
+        "definitions",
+        "$defs",
+        "oneOf",
+        "anyOf",
+        "allOf",
+        "not",
+    ] {
+        if map.contains_key(forbidden) {
+            problems.push(format!("{path}: {forbidden}"));
+        }
+    }
+    if map.contains_key("properties") && map.contains_key("additionalProperties") {
+        problems.push(format!("{path}: properties and additionalProperties"));
+    }
+    if let Some(props) = map.get("properties").and_then(|p| p.as_object()) {
+        for (name, child) in props {
+            check_structural(&format!("{path}.{name}"), child, problems);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(child) = map.get(key).filter(|c| c.is_object()) {
+            check_structural(&format!("{path}[{key}]"), child, problems);
+        }
+    }
+}
