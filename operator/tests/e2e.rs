@@ -21,7 +21,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 use tokio::process::{Child, Command};
@@ -87,9 +87,10 @@ fn basic_example(namespace: &str) -> MessagingCluster {
     mc
 }
 
-/// Creates `spec` as MessagingCluster `name`; returns the API server's refusal message.
-async fn refusal(api: &Api<MessagingCluster>, name: &str, spec: serde_json::Value) -> String {
-    let object: MessagingCluster = serde_json::from_value(json!({
+/// Creates `spec` (raw JSON, so it may break the types too) as
+/// MessagingCluster `name`; returns the API server's refusal message.
+async fn refusal(api: &Api<DynamicObject>, name: &str, spec: serde_json::Value) -> String {
+    let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "chorus.dev/v1alpha1", "kind": "MessagingCluster",
         "metadata": {"name": name}, "spec": spec
     }))
@@ -221,11 +222,16 @@ async fn basic_cluster_end_to_end() {
     );
 
     // Bad manifests are refused by the API server, naming the field.
-    let message = refusal(&mcs, "bad-replicas", json!({"replicas": -1})).await;
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &namespace,
+        &ApiResource::erase::<MessagingCluster>(&()),
+    );
+    let message = refusal(&raw, "bad-replicas", json!({"replicas": -1})).await;
     assert!(message.contains("spec.replicas"), "{message}");
-    let message = refusal(&mcs, "bad-redis", json!({"redis": {"mode": "external"}})).await;
+    let message = refusal(&raw, "bad-redis", json!({"redis": {"mode": "external"}})).await;
     assert!(message.contains("spec.redis.external"), "{message}");
-    let message = refusal(&mcs, "bad-delivery", json!({"delivery": "carrier-pigeon"})).await;
+    let message = refusal(&raw, "bad-delivery", json!({"delivery": "carrier-pigeon"})).await;
     assert!(message.contains("spec.delivery"), "{message}");
 
     // SIGTERM stops the operator cleanly.

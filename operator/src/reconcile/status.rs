@@ -377,8 +377,14 @@ pub fn transitions(
     }
     let old_master = old.and_then(|s| s.redis.master.as_ref());
     let new_master = new.and_then(|s| s.redis.master.as_ref());
+    // Only a managed group fails over; an external URL (`…://…`) changes
+    // with the spec, which is not a failover.
+    let managed = |m: &String| !m.contains("://");
     if let (Some(a), Some(b)) = (old_master, new_master)
         && a != b
+        && managed(a)
+        && managed(b)
+        && mc.spec.redis.mode == RedisMode::Managed
     {
         notice(
             EventType::Normal,

@@ -464,3 +464,108 @@ fn backoff_doubles_up_to_five_minutes() {
     assert_eq!(backoff(9), Duration::from_secs(300));
     assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
 }
+
+#[tokio::test]
+async fn external_redis_removes_the_managed_group_and_reports_the_url() {
+    let mc = settled_cluster().with_external_redis("redis://redis.infra:6379");
+    let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
+    let d = |path: String| expect(Method::DELETE, &path, Reply::NotFound);
+    let mut script = vec![expect(
+        Method::PATCH,
+        &format!("{NS}/configmaps/chat-server"),
+        Reply::Echo,
+    )];
+    script.extend([
+        d(format!("{APPS}/statefulsets/chat-redis")),
+        d(format!("{APPS}/deployments/chat-sentinel")),
+        d(format!("{NS}/services/chat-redis")),
+        d(format!("{NS}/services/chat-sentinel")),
+        d(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
+        d(format!("{POLICY}/poddisruptionbudgets/chat-sentinel")),
+        expect(
+            Method::PATCH,
+            &format!("{APPS}/deployments/chat-server"),
+            Reply::EchoWithStatus(server_status),
+        ),
+        expect(Method::PATCH, &format!("{NS}/services/chat"), Reply::Echo),
+        expect(
+            Method::PATCH,
+            &format!("{POLICY}/poddisruptionbudgets/chat-server"),
+            Reply::Echo,
+        ),
+        d(HPA.to_owned()),
+        d(format!("{NET}/ingresses/chat")),
+        d(format!("{NET}/networkpolicies/chat-redis")),
+        // The master changes from the managed pod to the external URL: no
+        // failover event.
+        expect(Method::PATCH, STATUS, Reply::Echo),
+    ]);
+    let out = run(mc, script).await;
+    assert!(out.result.is_ok(), "{:?}", out.result);
+    let cm = out.body(Method::PATCH, &format!("{NS}/configmaps/chat-server"));
+    assert_eq!(cm["data"]["CHORUS_BROKER"], "redis://redis.infra:6379");
+    assert_eq!(out.status()["redis"]["master"], "redis://redis.infra:6379");
+    assert_eq!(out.condition("RedisReady")["reason"], "ExternalRedis");
+    assert_eq!(out.event_reasons(), Vec::<(String, String)>::new());
+}
+
+#[tokio::test]
+async fn error_policy_warns_and_waits_on_user_errors_and_backs_off_on_transient_ones() {
+    use super::{apply::ApplyError, error_policy};
+    let api_error = |code: u16, reason: &str| {
+        Error::Apply(ApplyError::Apply {
+            kind: "StatefulSet",
+            name: "chat-redis".into(),
+            source: kube::Error::Api(Box::new(
+                serde_json::from_value(
+                    json!({"status": "Failure", "code": code, "reason": reason, "message": "m"}),
+                )
+                .unwrap(),
+            )),
+        })
+    };
+    let (client, mut handle) = pair();
+    let metrics = Arc::new(Metrics::default());
+    let reporter = Reporter {
+        controller: "chorus-operator".into(),
+        instance: None,
+    };
+    let ctx = Arc::new(Context::new(client, reporter, metrics.clone()));
+    let mc = Arc::new(MessagingCluster::test());
+
+    let action = error_policy(mc.clone(), &api_error(422, "Invalid"), ctx.clone());
+    assert_eq!(action, Action::await_change());
+    let seen = serve(
+        &mut handle,
+        vec![expect(Method::POST, EVENTS, Reply::Created)],
+    )
+    .await;
+    assert_eq!(
+        (
+            seen[0].body["type"].as_str(),
+            seen[0].body["reason"].as_str()
+        ),
+        (Some("Warning"), Some("ApplyRefused"))
+    );
+    assert!(
+        seen[0].body["note"]
+            .as_str()
+            .unwrap()
+            .contains("applying StatefulSet chat-redis")
+    );
+
+    let transient = api_error(503, "ServiceUnavailable");
+    assert_eq!(
+        error_policy(mc.clone(), &transient, ctx.clone()),
+        Action::requeue(Duration::from_secs(2))
+    );
+    assert_eq!(
+        error_policy(mc.clone(), &transient, ctx.clone()),
+        Action::requeue(Duration::from_secs(4))
+    );
+    let text = metrics.encode().unwrap();
+    assert!(
+        text.contains(r#"chorus_operator_reconcile_errors_total{error="apply"} 3"#),
+        "{text}"
+    );
+}
