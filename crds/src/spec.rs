@@ -61,6 +61,12 @@ use crate::status::MessagingClusterStatus;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.autoscaling) || (has(self.resources) && has(self.resources.requests) && 'cpu' in self.resources.requests)",
+        "message": "spec.resources.requests.cpu is required when spec.autoscaling is set: the autoscaler measures CPU use against it"
+    }
+]))]
 pub struct MessagingClusterSpec {
     /// Number of WebSocket server pods.
     #[serde(default = "default_replicas")]

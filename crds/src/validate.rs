@@ -121,6 +121,17 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
             ),
         ));
     }
+    let cpu_requested = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .is_some_and(|r| r.contains_key("cpu"));
+    if spec.autoscaling.is_some() && !cpu_requested {
+        errors.push(ValidationError::new(
+            "spec.resources.requests.cpu",
+            "is required when spec.autoscaling is set: the autoscaler measures CPU use against it",
+        ));
+    }
     if let Some(autoscaling) = &spec.autoscaling
         && autoscaling.min_replicas > autoscaling.max_replicas
     {
@@ -288,6 +299,31 @@ mod tests {
             errors[0].to_string(),
             "spec.redis.external: is required when spec.redis.mode is external"
         );
+    }
+
+    #[test]
+    fn autoscaling_needs_a_cpu_request() {
+        let mut spec = MessagingClusterSpec::default();
+        spec.autoscaling = Some(crate::spec::AutoscalingSpec {
+            min_replicas: 2,
+            max_replicas: 5,
+            target_cpu_utilization_percentage: 70,
+        });
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.resources.requests.cpu"]
+        );
+        spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(
+                [(
+                    "cpu".to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("250m".into()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        });
+        assert_eq!(validate(&cluster("chat", spec)), Ok(()));
     }
 
     #[test]

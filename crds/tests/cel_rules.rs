@@ -54,7 +54,7 @@ fn every_rule_compiles() {
     let (mut rules, mut errors) = (0, Vec::new());
     count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
     assert_eq!(errors, Vec::<String>::new());
-    assert_eq!(rules, 4);
+    assert_eq!(rules, 5);
 }
 
 #[test]
@@ -106,14 +106,29 @@ fn even_sentinel_counts_are_refused() {
 
 #[test]
 fn autoscaling_min_above_max_is_refused() {
-    let v = violations(json!({"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}));
+    let cpu = json!({"requests": {"cpu": "250m"}});
+    let v =
+        violations(json!({"resources": cpu, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}));
     assert!(
         v.len() == 1 && v[0].contains("minReplicas must not exceed"),
         "{v:?}"
     );
     assert_eq!(
-        violations(json!({"autoscaling": {"maxReplicas": 3}})),
+        violations(json!({"resources": cpu, "autoscaling": {"maxReplicas": 3}})),
         Vec::<String>::new(),
         "min defaults to 2"
     );
+}
+
+#[test]
+fn autoscaling_without_a_cpu_request_is_refused() {
+    let v = violations(json!({"autoscaling": {"maxReplicas": 3}}));
+    assert!(
+        v.len() == 1 && v[0].contains("spec.resources.requests.cpu is required"),
+        "{v:?}"
+    );
+    let v = violations(
+        json!({"resources": {"requests": {"memory": "1Gi"}}, "autoscaling": {"maxReplicas": 3}}),
+    );
+    assert_eq!(v.len(), 1, "{v:?}");
 }

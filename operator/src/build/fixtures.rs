@@ -8,11 +8,16 @@ use chorus_crds::{
 /// uid of the fixture cluster, as the API server would have assigned it.
 pub const UID: &str = "6f1d0f4e-0000-4000-8000-000000000001";
 
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements, apimachinery::pkg::api::resource::Quantity,
+};
+
 /// Fixture builder methods on `MessagingCluster`.
 pub trait TestCluster: Sized {
     /// `chat` in namespace `default`, generation 1, default spec.
     fn test() -> Self;
     fn with_replicas(self, replicas: i32) -> Self;
+    /// Also requests CPU, which autoscaling needs.
     fn with_autoscaling(self, min: i32, max: i32) -> Self;
     fn with_ingress(self, host: &str) -> Self;
     fn with_storage(self, size: &str) -> Self;
@@ -36,6 +41,12 @@ impl TestCluster for MessagingCluster {
     }
 
     fn with_autoscaling(mut self, min: i32, max: i32) -> Self {
+        // The autoscaler needs a CPU request to measure against.
+        let cpu = Quantity("250m".to_owned());
+        self.spec.resources = Some(ResourceRequirements {
+            requests: Some([("cpu".to_owned(), cpu)].into()),
+            ..Default::default()
+        });
         self.spec.autoscaling = Some(AutoscalingSpec {
             min_replicas: min,
             max_replicas: max,
