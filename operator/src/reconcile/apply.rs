@@ -89,27 +89,10 @@ pub struct AppliedRedis {
     pub sentinel_deployment: Deployment,
 }
 
-trait Kind {
-    const KIND: &'static str;
-}
-macro_rules! kinds {
-    ($($t:ty),*) => { $(impl Kind for $t { const KIND: &'static str = <$t as k8s_openapi::Resource>::KIND; })* };
-}
-kinds!(
-    k8s_openapi::api::core::v1::ConfigMap,
-    Deployment,
-    StatefulSet,
-    Service,
-    PodDisruptionBudget,
-    HorizontalPodAutoscaler,
-    Ingress,
-    NetworkPolicy
-);
-
 async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, ApplyError>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Kind
+        + k8s_openapi::Resource
         + Clone
         + Debug
         + Serialize
@@ -124,7 +107,7 @@ where
     )
     .await
     .map_err(|source| ApplyError::Apply {
-        kind: K::KIND,
+        kind: <K as k8s_openapi::Resource>::KIND,
         name,
         source,
     })
@@ -134,7 +117,7 @@ where
 async fn delete<K>(client: &Client, namespace: &str, name: &str) -> Result<(), ApplyError>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Kind
+        + k8s_openapi::Resource
         + Clone
         + Debug
         + DeserializeOwned,
@@ -144,7 +127,7 @@ where
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         Err(source) => Err(ApplyError::Delete {
-            kind: K::KIND,
+            kind: <K as k8s_openapi::Resource>::KIND,
             name: name.to_owned(),
             source,
         }),
