@@ -65,3 +65,54 @@ pub async fn install(
         }),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::mock_api::{Reply, expect, pair, serve};
+    use http::Method;
+    use serde_json::json;
+
+    const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+
+    #[tokio::test]
+    async fn install_applies_the_crd_and_waits_until_established() {
+        let (client, mut handle) = pair();
+        let installing = tokio::spawn(install(client, std::time::Duration::from_secs(5)));
+        let mut established = serde_json::to_value(crd()).unwrap();
+        established["metadata"]["resourceVersion"] = json!("5");
+        established["status"] = json!({
+            "conditions": [{"type": "Established", "status": "True"}],
+            "acceptedNames": {"kind": "MessagingCluster", "plural": "messagingclusters"},
+            "storedVersions": ["v1alpha1"]
+        });
+        let list = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinitionList",
+                          "metadata": {"resourceVersion": "5"}, "items": [established]});
+        let seen = serve(
+            &mut handle,
+            vec![
+                expect(
+                    Method::PATCH,
+                    &format!("{CRDS}/messagingclusters.chorus.dev"),
+                    Reply::Echo,
+                ),
+                expect(Method::GET, CRDS, Reply::Json(200, list)),
+            ],
+        )
+        .await;
+        installing.await.unwrap().unwrap();
+        assert!(
+            seen[0].query.contains("fieldManager=chorus-operator")
+                && seen[0].query.contains("force=true")
+        );
+        assert_eq!(seen[0].body["spec"]["names"]["shortNames"], json!(["mc"]));
+        assert!(
+            seen[1]
+                .query
+                .contains("fieldSelector=metadata.name%3Dmessagingclusters.chorus.dev"),
+            "{}",
+            seen[1].query
+        );
+    }
+}
