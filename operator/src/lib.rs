@@ -1,4 +1,21 @@
-//! Chorus operator library: the parts of the operator that tests and the
-//! binary share.
+//! The Chorus operator: turns a `MessagingCluster` into the server fleet,
+//! its Redis Sentinel group and Services.
+//!
+//! - [`crd`]: the CRD as installed and printed.
+//! - [`build`]: pure builders, one per object kind (no client).
+//! - [`reconcile`]: the validate → build → apply → status pipeline.
+//! - [`controller`]: the kube-runtime Controller around it.
+//! - [`leader`]: Lease-based leader election.
+//! - [`metrics`], [`http`]: `/metrics` and `/healthz`.
+//! - [`topology`]: brings the Redis pods and sentinels to one master (talks to Redis, not Kubernetes).
 
+pub mod build;
+pub mod controller;
+pub mod crd;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+#[cfg(test)]
+mod mock_api;
+pub mod reconcile;
 pub mod topology;

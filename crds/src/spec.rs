@@ -1,0 +1,598 @@
+//! `MessagingCluster.spec`: the desired fleet.
+//!
+//! Every optional field has a default, written twice on purpose: as a serde
+//! default (so the API server stores it, via the schema's `default`) and in
+//! the `Default` impls (so code that builds a spec in Rust sees the same
+//! values). `spec_defaults_match_empty_manifest` keeps the two in step.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::status::MessagingClusterStatus;
+
+/// A horizontally scaled Chorus WebSocket fleet with its Redis Sentinel group.
+#[allow(clippy::duplicated_attributes)] // several `printcolumn(type_ = ...)`: not duplicates
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "chorus.dev",
+    version = "v1alpha1",
+    kind = "MessagingCluster",
+    plural = "messagingclusters",
+    shortname = "mc",
+    namespaced,
+    status = "MessagingClusterStatus",
+    derive = "PartialEq",
+    doc = "A horizontally scaled Chorus WebSocket messaging fleet",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        description = "Desired WebSocket server pods",
+        json_path = ".spec.replicas"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        description = "Ready WebSocket server pods",
+        json_path = ".status.readyReplicas"
+    ),
+    printcolumn(
+        name = "Delivery",
+        type_ = "string",
+        description = "pubsub (at-most-once) or streams (history + recovery)",
+        json_path = ".spec.delivery"
+    ),
+    printcolumn(
+        name = "Master",
+        type_ = "string",
+        description = "Current Redis master",
+        json_path = ".status.redis.master"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.autoscaling) || (has(self.resources) && has(self.resources.requests) && 'cpu' in self.resources.requests)",
+        "message": "spec.resources.requests.cpu is required when spec.autoscaling is set: the autoscaler measures CPU use against it"
+    }
+]))]
+pub struct MessagingClusterSpec {
+    /// Number of WebSocket server pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Server image. Default: `chorus-server:<operator version>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// Message delivery: `pubsub` (at-most-once fan-out) or `streams`
+    /// (durable history with recovery).
+    #[serde(default)]
+    pub delivery: Delivery,
+
+    /// Per-room history kept when `delivery: streams`.
+    #[serde(default)]
+    pub history: HistorySpec,
+
+    /// Resources of the server containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The client-facing Service.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Redis used for fan-out: a managed Sentinel group, or an external one.
+    #[serde(default)]
+    pub redis: RedisSpec,
+
+    /// Secrets the servers use to authenticate clients.
+    #[serde(default)]
+    pub auth: AuthSpec,
+
+    /// Per-pod limits of the server.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+
+    /// Seconds a stopping pod spends asking its clients to reconnect elsewhere.
+    #[serde(default = "default_drain_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_seconds: i32,
+
+    /// A HorizontalPodAutoscaler on this MessagingCluster; absent: no HPA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Disruption budget of the server pods.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+
+    /// An Ingress with cookie affinity in front of the Service; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressSpec>,
+
+    /// A NetworkPolicy letting only the server pods (and the operator) reach Redis.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+impl Default for MessagingClusterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_replicas(),
+            image: None,
+            delivery: Delivery::default(),
+            history: HistorySpec::default(),
+            resources: None,
+            service: ServiceSpec::default(),
+            redis: RedisSpec::default(),
+            auth: AuthSpec::default(),
+            limits: LimitsSpec::default(),
+            drain_seconds: default_drain_seconds(),
+            autoscaling: None,
+            pod_disruption_budget: PodDisruptionBudgetSpec::default(),
+            ingress: None,
+            network_policy: NetworkPolicySpec::default(),
+        }
+    }
+}
+
+impl MessagingClusterSpec {
+    /// The server image, falling back to the one matching this operator.
+    pub fn image(&self) -> String {
+        self.image.clone().unwrap_or_else(default_server_image)
+    }
+}
+
+/// The server image matching this operator's version.
+pub fn default_server_image() -> String {
+    format!("chorus-server:{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+
+fn default_drain_seconds() -> i32 {
+    30
+}
+
+/// How messages reach subscribers on other pods.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// At-most-once fan-out through Redis Pub/Sub.
+    #[default]
+    Pubsub,
+    /// Durable history with recovery through Redis Streams.
+    Streams,
+}
+
+impl Delivery {
+    /// The value of the server's `--delivery` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Pubsub => "pubsub",
+            Delivery::Streams => "streams",
+        }
+    }
+}
+
+/// Room history kept in Redis Streams.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Messages kept per room.
+    #[serde(default = "default_history_size")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub size: i32,
+    /// How long messages are kept, e.g. `90s`, `10m`, `24h`.
+    #[serde(default = "default_history_ttl")]
+    #[schemars(pattern(r"^[1-9][0-9]{0,6}(s|m|h)$"))]
+    pub ttl: String,
+}
+
+impl Default for HistorySpec {
+    fn default() -> Self {
+        Self {
+            size: default_history_size(),
+            ttl: default_history_ttl(),
+        }
+    }
+}
+
+fn default_history_size() -> i32 {
+    1000
+}
+
+fn default_history_ttl() -> String {
+    "10m".to_owned()
+}
+
+/// The client-facing Service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// `ClusterIP`, `LoadBalancer` or `NodePort`.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Port clients connect to.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Sticky sessions: a client IP keeps reaching the same pod.
+    #[serde(default)]
+    pub session_affinity: SessionAffinitySpec,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+            session_affinity: SessionAffinitySpec::default(),
+        }
+    }
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+/// Kubernetes Service type.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    LoadBalancer,
+    NodePort,
+}
+
+impl ServiceType {
+    /// The Service's `spec.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::NodePort => "NodePort",
+        }
+    }
+}
+
+/// `sessionAffinity: ClientIP` settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinitySpec {
+    /// How long a client IP sticks to its pod (Kubernetes allows up to a day).
+    #[serde(default = "default_affinity_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_seconds: i32,
+}
+
+impl Default for SessionAffinitySpec {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: default_affinity_timeout(),
+        }
+    }
+}
+
+fn default_affinity_timeout() -> i32 {
+    10800
+}
+
+/// Redis used by the servers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.mode != 'external' || has(self.external)",
+        "message": "spec.redis.external (with its url) is required when spec.redis.mode is external"
+    },
+    {
+        "rule": "self.mode != 'managed' || !has(self.external)",
+        "message": "spec.redis.external must not be set when spec.redis.mode is managed"
+    },
+    {
+        "rule": "self.sentinels % 2 == 1",
+        "message": "spec.redis.sentinels must be odd (1, 3, 5...) so that a majority can agree on a failover"
+    }
+]))]
+pub struct RedisSpec {
+    /// `managed` (the operator runs Redis + Sentinel) or `external`.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Redis pods in the managed group (1 master + replicas).
+    #[serde(default = "default_redis_replicas")]
+    #[schemars(range(min = 1, max = 9))]
+    pub replicas: i32,
+    /// Sentinel pods in the managed group (odd).
+    #[serde(default = "default_sentinels")]
+    #[schemars(range(min = 1, max = 9))]
+    pub sentinels: i32,
+    /// Redis image of the managed group (also runs the sentinels).
+    #[serde(default = "default_redis_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// Persistent volumes with AOF persistence; absent: in-memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+    /// The external Redis, required when `mode: external`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRedisSpec>,
+    /// Secret key holding the Redis password; absent: the operator generates
+    /// one in `Secret <name>-redis-auth` and keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+}
+
+impl Default for RedisSpec {
+    fn default() -> Self {
+        Self {
+            mode: RedisMode::default(),
+            replicas: default_redis_replicas(),
+            sentinels: default_sentinels(),
+            image: default_redis_image(),
+            storage: None,
+            external: None,
+            password_secret_ref: None,
+        }
+    }
+}
+
+fn default_redis_replicas() -> i32 {
+    3
+}
+
+fn default_sentinels() -> i32 {
+    3
+}
+
+fn default_redis_image() -> String {
+    "redis:7.2".to_owned()
+}
+
+/// Who runs Redis.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// The operator runs a Redis + Sentinel group for this cluster.
+    #[default]
+    Managed,
+    /// The servers use the Redis given in `external.url`.
+    External,
+}
+
+/// Persistent storage of the managed Redis pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each Redis pod's volume, e.g. `1Gi`.
+    #[serde(default = "default_storage_size")]
+    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+    /// StorageClass of the volumes; absent: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+fn default_storage_size() -> String {
+    "1Gi".to_owned()
+}
+
+/// An existing Redis.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalRedisSpec {
+    /// `redis://host:port[/db]` or
+    /// `redis+sentinel://host:port[,host:port...]/<master-name>`, without a
+    /// password (use `passwordSecretRef`).
+    #[schemars(pattern(r"^redis(\+sentinel)?://[^@\s]+$"))]
+    pub url: String,
+}
+
+/// A key in a Secret of the MessagingCluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Client authentication of the servers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Secret key holding the HMAC secret that client JWTs are signed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding the API key for HTTP publishing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Per-pod limits of the server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Largest WebSocket frame accepted from a client, in bytes.
+    #[serde(default = "default_max_frame_bytes")]
+    #[schemars(range(min = 256, max = 16_777_216))]
+    pub max_frame_bytes: i32,
+    /// Messages queued per subscriber before it counts as a slow consumer.
+    #[serde(default = "default_send_queue")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub send_queue: i32,
+    /// WebSocket connections one pod accepts.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections_per_pod: i32,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: default_max_frame_bytes(),
+            send_queue: default_send_queue(),
+            max_connections_per_pod: default_max_connections(),
+        }
+    }
+}
+
+fn default_max_frame_bytes() -> i32 {
+    65536
+}
+
+fn default_send_queue() -> i32 {
+    256
+}
+
+fn default_max_connections() -> i32 {
+    10000
+}
+
+/// HorizontalPodAutoscaler settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.minReplicas <= self.maxReplicas",
+        "message": "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas"
+    }
+]))]
+pub struct AutoscalingSpec {
+    /// Fewest server pods.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most server pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation the autoscaler aims at.
+    #[serde(default = "default_target_cpu")]
+    #[schemars(range(min = 1, max = 100))]
+    #[serde(rename = "targetCPUUtilizationPercentage")]
+    pub target_cpu_utilization_percentage: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    2
+}
+
+fn default_target_cpu() -> i32 {
+    70
+}
+
+/// Disruption budget of the server pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// Server pods that may be down at once during voluntary disruptions.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 0))]
+    pub max_unavailable: i32,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: default_max_unavailable(),
+        }
+    }
+}
+
+fn default_max_unavailable() -> i32 {
+    1
+}
+
+/// An Ingress in front of the client Service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressSpec {
+    /// Host name clients use, e.g. `chat.example.com`.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// IngressClass; absent: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// Secret with the TLS certificate for `host`; absent: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+}
+
+/// NetworkPolicy for the managed Redis.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create `NetworkPolicy <name>-redis`.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_defaults_match_empty_manifest() {
+        let parsed: MessagingClusterSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(parsed, MessagingClusterSpec::default());
+        assert_eq!(parsed.replicas, 3);
+        assert_eq!(parsed.delivery, Delivery::Pubsub);
+        assert_eq!(parsed.history.size, 1000);
+        assert_eq!(parsed.history.ttl, "10m");
+        assert_eq!(parsed.service.type_, ServiceType::ClusterIP);
+        assert_eq!(parsed.service.port, 80);
+        assert_eq!(parsed.service.session_affinity.timeout_seconds, 10800);
+        assert_eq!(parsed.redis.mode, RedisMode::Managed);
+        assert_eq!((parsed.redis.replicas, parsed.redis.sentinels), (3, 3));
+        assert_eq!(parsed.pod_disruption_budget.max_unavailable, 1);
+        assert_eq!(
+            parsed.image(),
+            format!("chorus-server:{}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    #[test]
+    fn nested_defaults_fill_partial_objects() {
+        let parsed: MessagingClusterSpec = serde_json::from_value(serde_json::json!({
+            "service": {"type": "LoadBalancer"},
+            "autoscaling": {"maxReplicas": 10},
+            "redis": {"storage": {}}
+        }))
+        .unwrap();
+        assert_eq!(parsed.service.type_, ServiceType::LoadBalancer);
+        assert_eq!(parsed.service.port, 80);
+        let autoscaling = parsed.autoscaling.unwrap();
+        assert_eq!(autoscaling.min_replicas, 2);
+        assert_eq!(autoscaling.target_cpu_utilization_percentage, 70);
+        assert_eq!(parsed.redis.storage.unwrap().size, "1Gi");
+    }
+}

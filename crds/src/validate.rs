@@ -1,0 +1,350 @@
+//! Rules the CRD schema cannot express.
+//!
+//! The API server already enforces ranges, enums, patterns and the CEL rules
+//! of the schema. What is left needs real parsing (URLs, host names) or
+//! knowledge of the names the operator derives from `metadata.name`. The
+//! operator runs [`validate`] first; a failure sets `Degraded` and nothing
+//! is applied.
+//!
+//! The cross-field CEL rules are checked here once more, because the CRD in
+//! the cluster may be older than the operator (installed by Helm, which
+//! never upgrades CRDs, with `--no-install-crd`).
+
+use crate::spec::{MessagingCluster, MessagingClusterSpec, RedisMode};
+
+/// Longest `metadata.name` the operator accepts: `<name>-redis` must stay a
+/// valid StatefulSet name whose pods' `controller-revision-hash` label
+/// (`<name>-redis-<10 chars>`) fits in 63 characters, and `<name>-redis-auth`
+/// and `<name>-sentinel` must be valid Service/Secret names.
+pub const MAX_NAME_LEN: usize = 46;
+
+/// A spec the operator refuses, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// Path of the offending field, e.g. `spec.redis.external.url`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl ValidationError {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks what the schema cannot; returns every problem found.
+pub fn validate(mc: &MessagingCluster) -> Result<(), Vec<ValidationError>> {
+    let mut errors = Vec::new();
+    match mc.metadata.name.as_deref() {
+        Some(name) => {
+            if let Err(e) = check_name(name) {
+                errors.push(e);
+            }
+        }
+        None => errors.push(ValidationError::new("metadata.name", "is required")),
+    }
+    check_spec(&mc.spec, &mut errors);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), ValidationError> {
+    let field = "metadata.name";
+    if name.len() > MAX_NAME_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{name:?} is {} characters; at most {MAX_NAME_LEN} are allowed because the \
+                 operator derives names such as {name}-redis-auth from it",
+                name.len()
+            ),
+        ));
+    }
+    if !is_dns_label(name) || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{name:?} must start with a lowercase letter and contain only lowercase \
+                 letters, digits and '-' (it names Services, which are DNS-1035 labels)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
+    if spec.redis.mode == RedisMode::External {
+        match &spec.redis.external {
+            Some(external) => {
+                if let Err(message) = check_redis_url(&external.url) {
+                    errors.push(ValidationError::new("spec.redis.external.url", message));
+                }
+            }
+            None => errors.push(ValidationError::new(
+                "spec.redis.external",
+                "is required when spec.redis.mode is external",
+            )),
+        }
+    }
+    if let Some(storage) = &spec.redis.storage {
+        if !is_positive_quantity(&storage.size) {
+            errors.push(ValidationError::new(
+                "spec.redis.storage.size",
+                format!("{:?} must be a positive quantity such as 1Gi", storage.size),
+            ));
+        }
+        if let Some(class) = &storage.storage_class_name
+            && !is_dns_subdomain(class)
+        {
+            errors.push(ValidationError::new(
+                "spec.redis.storage.storageClassName",
+                format!("{class:?} is not a valid StorageClass name"),
+            ));
+        }
+    }
+    if let Some(ingress) = &spec.ingress
+        && (!is_dns_subdomain(&ingress.host) || !ingress.host.contains('.'))
+    {
+        errors.push(ValidationError::new(
+            "spec.ingress.host",
+            format!(
+                "{:?} must be a fully qualified host name such as chat.example.com",
+                ingress.host
+            ),
+        ));
+    }
+    let cpu_requested = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .is_some_and(|r| r.contains_key("cpu"));
+    if spec.autoscaling.is_some() && !cpu_requested {
+        errors.push(ValidationError::new(
+            "spec.resources.requests.cpu",
+            "is required when spec.autoscaling is set: the autoscaler measures CPU use against it",
+        ));
+    }
+    if let Some(autoscaling) = &spec.autoscaling
+        && autoscaling.min_replicas > autoscaling.max_replicas
+    {
+        errors.push(ValidationError::new(
+            "spec.autoscaling.minReplicas",
+            "must not exceed spec.autoscaling.maxReplicas",
+        ));
+    }
+}
+
+/// `redis://host:port[/db]` or `redis+sentinel://host:port[,host:port...]/<master>`.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let (rest, sentinel) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        (rest, true)
+    } else if let Some(rest) = url.strip_prefix("redis://") {
+        (rest, false)
+    } else {
+        return Err(format!(
+            "{url:?} must start with redis:// or redis+sentinel://"
+        ));
+    };
+    if rest.contains('@') {
+        return Err(
+            "must not carry a password; put it in a Secret and set spec.redis.passwordSecretRef"
+                .into(),
+        );
+    }
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    if !sentinel && hosts.len() != 1 {
+        return Err(format!("{url:?}: redis:// takes exactly one host:port"));
+    }
+    for host in &hosts {
+        check_host_port(host).map_err(|m| format!("{url:?}: {m}"))?;
+    }
+    if sentinel {
+        if path.is_empty() || path.contains('/') {
+            return Err(format!(
+                "{url:?} must end with /<master-name>, e.g. /mymaster"
+            ));
+        }
+    } else if !path.is_empty() && path.parse::<u8>().is_err() {
+        return Err(format!("{url:?}: the path must be a database number"));
+    }
+    Ok(())
+}
+
+fn check_host_port(host_port: &str) -> Result<(), String> {
+    let (host, port) = host_port
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{host_port:?} must be host:port"))?;
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+    {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{port:?} is not a port number")),
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_positive_quantity(s: &str) -> bool {
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let valid_suffix = [
+        "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E",
+    ]
+    .contains(&suffix);
+    valid_suffix && number.parse::<f64>().is_ok_and(|n| n > 0.0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::spec::{ExternalRedisSpec, IngressSpec, StorageSpec};
+
+    fn cluster(name: &str, spec: MessagingClusterSpec) -> MessagingCluster {
+        MessagingCluster::new(name, spec)
+    }
+
+    fn fields(result: Result<(), Vec<ValidationError>>) -> Vec<String> {
+        result.unwrap_err().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn default_spec_is_valid() {
+        assert_eq!(
+            validate(&cluster("chat", MessagingClusterSpec::default())),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn names_that_cannot_name_services_are_refused() {
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            fields(validate(&cluster(&long, Default::default()))),
+            ["metadata.name"]
+        );
+        assert_eq!(
+            fields(validate(&cluster("1chat", Default::default()))),
+            ["metadata.name"]
+        );
+        assert_eq!(
+            fields(validate(&cluster("chat.eu", Default::default()))),
+            ["metadata.name"]
+        );
+        assert_eq!(
+            validate(&cluster(&"a".repeat(MAX_NAME_LEN), Default::default())),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn external_urls_are_parsed() {
+        let with_url = |url: &str| {
+            let mut spec = MessagingClusterSpec::default();
+            spec.redis.mode = RedisMode::External;
+            spec.redis.external = Some(ExternalRedisSpec { url: url.into() });
+            validate(&cluster("chat", spec))
+        };
+        assert_eq!(with_url("redis://redis.infra:6379"), Ok(()));
+        assert_eq!(with_url("redis://redis.infra:6379/2"), Ok(()));
+        assert_eq!(
+            with_url("redis+sentinel://s1:26379,s2:26379/mymaster"),
+            Ok(())
+        );
+        for bad in [
+            "redis+sentinel://s1:26379",
+            "redis://a:1,b:2",
+            "redis://host",
+            "redis://host:99999",
+            "redis://:secret@host:6379",
+            "http://host:6379",
+        ] {
+            assert_eq!(fields(with_url(bad)), ["spec.redis.external.url"], "{bad}");
+        }
+    }
+
+    #[test]
+    fn external_mode_without_url_is_refused() {
+        let mut spec = MessagingClusterSpec::default();
+        spec.redis.mode = RedisMode::External;
+        let errors = validate(&cluster("chat", spec)).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.redis.external: is required when spec.redis.mode is external"
+        );
+    }
+
+    #[test]
+    fn autoscaling_needs_a_cpu_request() {
+        let mut spec = MessagingClusterSpec::default();
+        spec.autoscaling = Some(crate::spec::AutoscalingSpec {
+            min_replicas: 2,
+            max_replicas: 5,
+            target_cpu_utilization_percentage: 70,
+        });
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.resources.requests.cpu"]
+        );
+        spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(
+                [(
+                    "cpu".to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("250m".into()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        });
+        assert_eq!(validate(&cluster("chat", spec)), Ok(()));
+    }
+
+    #[test]
+    fn storage_and_ingress_are_checked() {
+        let mut spec = MessagingClusterSpec::default();
+        spec.redis.storage = Some(StorageSpec {
+            size: "0Gi".into(),
+            storage_class_name: Some("Fast_SSD".into()),
+        });
+        spec.ingress = Some(IngressSpec {
+            host: "chat".into(),
+            class_name: None,
+            tls_secret_name: None,
+        });
+        assert_eq!(
+            fields(validate(&cluster("chat", spec))),
+            [
+                "spec.redis.storage.size",
+                "spec.redis.storage.storageClassName",
+                "spec.ingress.host"
+            ]
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! The CRD's CEL rules (`x-kubernetes-validations`), compiled and evaluated
+//! client-side with kube-cel the way the API server does (defaults first,
+//! then the rules), so a rule that does not compile, or lets a bad
+//! manifest through, fails here instead of in a cluster.
+
+#![allow(clippy::unwrap_used)]
+
+use chorus_crds::MessagingCluster;
+use kube::CustomResourceExt;
+use kube::core::cel::{CompiledSchema, Validator, compile_schema};
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    let crd = MessagingCluster::crd();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn manifest(spec: Value) -> Value {
+    json!({"apiVersion": "chorus.dev/v1alpha1", "kind": "MessagingCluster", "metadata": {"name": "chat"}, "spec": spec})
+}
+
+/// Messages of the rules `spec` breaks, as `path: message`.
+fn violations(spec: Value) -> Vec<String> {
+    match Validator::new().validate(&schema(), &manifest(spec), None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn count_rules_and_errors(node: &CompiledSchema, rules: &mut usize, errors: &mut Vec<String>) {
+    *rules += node.validations.len();
+    errors.extend(node.compilation_errors().iter().map(ToString::to_string));
+    for child in node
+        .properties
+        .values()
+        .chain(node.items.as_deref())
+        .chain(node.additional_properties.as_deref())
+    {
+        count_rules_and_errors(child, rules, errors);
+    }
+}
+
+#[test]
+fn every_rule_compiles() {
+    let (mut rules, mut errors) = (0, Vec::new());
+    count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
+    assert_eq!(errors, Vec::<String>::new());
+    assert_eq!(rules, 5);
+}
+
+#[test]
+fn defaults_and_the_basic_example_pass() {
+    assert_eq!(violations(json!({})), Vec::<String>::new());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/basic.yaml");
+    let example: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(
+        Validator::new()
+            .validate(&schema(), &example, None)
+            .map_err(|e| e.to_string()),
+        Ok(())
+    );
+}
+
+#[test]
+fn external_mode_needs_external_and_managed_mode_refuses_it() {
+    let v = violations(json!({"redis": {"mode": "external"}}));
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(
+        v[0].contains(
+            "spec.redis.external (with its url) is required when spec.redis.mode is external"
+        ),
+        "{v:?}"
+    );
+    assert_eq!(
+        violations(json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379"}}})),
+        Vec::<String>::new()
+    );
+    let v = violations(json!({"redis": {"external": {"url": "redis://r:6379"}}}));
+    assert!(
+        v[0].contains("spec.redis.external must not be set when spec.redis.mode is managed"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn even_sentinel_counts_are_refused() {
+    let v = violations(json!({"redis": {"sentinels": 2}}));
+    assert!(
+        v.len() == 1 && v[0].contains("spec.redis.sentinels must be odd"),
+        "{v:?}"
+    );
+    assert_eq!(
+        violations(json!({"redis": {"sentinels": 5}})),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn autoscaling_min_above_max_is_refused() {
+    let cpu = json!({"requests": {"cpu": "250m"}});
+    let v =
+        violations(json!({"resources": cpu, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}));
+    assert!(
+        v.len() == 1 && v[0].contains("minReplicas must not exceed"),
+        "{v:?}"
+    );
+    assert_eq!(
+        violations(json!({"resources": cpu, "autoscaling": {"maxReplicas": 3}})),
+        Vec::<String>::new(),
+        "min defaults to 2"
+    );
+}
+
+#[test]
+fn autoscaling_without_a_cpu_request_is_refused() {
+    let v = violations(json!({"autoscaling": {"maxReplicas": 3}}));
+    assert!(
+        v.len() == 1 && v[0].contains("spec.resources.requests.cpu is required"),
+        "{v:?}"
+    );
+    let v = violations(
+        json!({"resources": {"requests": {"memory": "1Gi"}}, "autoscaling": {"maxReplicas": 3}}),
+    );
+    assert_eq!(v.len(), 1, "{v:?}");
+}

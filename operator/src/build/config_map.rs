@@ -1,0 +1,210 @@
+//! `ConfigMap <name>-server`: the server's settings as `CHORUS_*` variables
+//! (every server flag `--x-y` reads `CHORUS_X_Y`), loaded with `envFrom`.
+
+use std::collections::BTreeMap;
+
+use chorus_crds::{MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef};
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use super::BuildError;
+use super::meta::{
+    Component, Names, SENTINEL_MASTER_NAME, SENTINEL_PORT, SERVER_PORT, object_meta,
+};
+
+/// Where the Redis password Secret is mounted in server pods.
+pub const REDIS_PASSWORD_FILE: &str = "/var/run/chorus/redis/password";
+/// Where the JWT secret is mounted in server pods.
+pub const JWT_SECRET_FILE: &str = "/var/run/chorus/jwt/secret";
+/// Where the API key is mounted in server pods.
+pub const API_KEY_FILE: &str = "/var/run/chorus/api-key/key";
+/// Key of the generated password in `Secret <name>-redis-auth`.
+pub const GENERATED_PASSWORD_KEY: &str = "password";
+
+/// The Secret key holding the Redis password the servers (and the managed
+/// Redis) use, if any: the user's `passwordSecretRef`, else the generated
+/// Secret in managed mode, else none (external Redis without a password).
+pub fn redis_password_ref(spec: &MessagingClusterSpec, names: &Names) -> Option<SecretKeyRef> {
+    match (&spec.redis.password_secret_ref, spec.redis.mode) {
+        (Some(r), _) => Some(r.clone()),
+        (None, RedisMode::Managed) => Some(SecretKeyRef {
+            name: names.redis_auth_secret.clone(),
+            key: GENERATED_PASSWORD_KEY.to_owned(),
+        }),
+        (None, RedisMode::External) => None,
+    }
+}
+
+/// The broker URL the servers connect to (never carries the password).
+pub fn broker_url(spec: &MessagingClusterSpec, names: &Names) -> String {
+    match (&spec.redis.external, spec.redis.mode) {
+        (Some(external), RedisMode::External) => external.url.clone(),
+        _ => format!(
+            "redis+sentinel://{}:{SENTINEL_PORT}/{SENTINEL_MASTER_NAME}",
+            names.sentinel
+        ),
+    }
+}
+
+/// The server settings, keyed by environment variable.
+pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_owned(), v);
+    };
+    set("CHORUS_LISTEN", format!("0.0.0.0:{SERVER_PORT}"));
+    set("CHORUS_BROKER", broker_url(spec, names));
+    set("CHORUS_DELIVERY", spec.delivery.as_str().to_owned());
+    set("CHORUS_HISTORY_SIZE", spec.history.size.to_string());
+    set("CHORUS_HISTORY_TTL", spec.history.ttl.clone());
+    set(
+        "CHORUS_MAX_FRAME_BYTES",
+        spec.limits.max_frame_bytes.to_string(),
+    );
+    set("CHORUS_SEND_QUEUE", spec.limits.send_queue.to_string());
+    set(
+        "CHORUS_MAX_CONNECTIONS",
+        spec.limits.max_connections_per_pod.to_string(),
+    );
+    set("CHORUS_DRAIN_SECONDS", spec.drain_seconds.to_string());
+    set("CHORUS_LOG_FORMAT", "json".to_owned());
+    if redis_password_ref(spec, names).is_some() {
+        set("CHORUS_REDIS_PASSWORD_FILE", REDIS_PASSWORD_FILE.to_owned());
+    }
+    if spec.auth.jwt_secret_ref.is_some() {
+        set("CHORUS_JWT_SECRET_FILE", JWT_SECRET_FILE.to_owned());
+    }
+    if spec.auth.api_key_secret_ref.is_some() {
+        set("CHORUS_API_KEY_FILE", API_KEY_FILE.to_owned());
+    }
+    env
+}
+
+pub fn build(mc: &MessagingCluster, names: &Names) -> Result<ConfigMap, BuildError> {
+    Ok(ConfigMap {
+        metadata: object_meta(mc, names, &names.server, Component::Server)?,
+        data: Some(server_env(&mc.spec, names)),
+        ..Default::default()
+    })
+}
+
+/// Hash of everything in the server pods' configuration that does not show
+/// in the pod template itself: the ConfigMap's data and which Secret keys
+/// are mounted. Written as an annotation on the pod template so that a
+/// change rolls the pods. FNV-1a, so the value is stable across Rust
+/// releases (a changed hash after an operator upgrade would roll every fleet).
+pub fn hash(config_map: &ConfigMap, spec: &MessagingClusterSpec) -> String {
+    let mut h = Fnv1a::default();
+    for (k, v) in config_map.data.iter().flatten() {
+        h.write(k.as_bytes());
+        h.write(b"=");
+        h.write(v.as_bytes());
+        h.write(b"\n");
+    }
+    let refs = [
+        ("redis", &spec.redis.password_secret_ref),
+        ("jwt", &spec.auth.jwt_secret_ref),
+        ("api-key", &spec.auth.api_key_secret_ref),
+    ];
+    for (what, r) in refs {
+        if let Some(r) = r {
+            h.write(format!("{what}:{}/{}\n", r.name, r.key).as_bytes());
+        }
+    }
+    format!("{:016x}", h.0)
+}
+
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{TestCluster, UID};
+    use super::*;
+    use chorus_crds::{Delivery, SecretKeyRef};
+
+    fn env_of(mc: &MessagingCluster) -> BTreeMap<String, String> {
+        let names = Names::of(mc).expect("names");
+        build(mc, &names).expect("builds").data.expect("data")
+    }
+
+    #[test]
+    fn managed_cluster_env_points_at_its_sentinels() {
+        let mc = MessagingCluster::test();
+        let names = Names::of(&mc).expect("names");
+        let cm = build(&mc, &names).expect("builds");
+        assert_eq!(cm.metadata.name.as_deref(), Some("chat-server"));
+        assert_eq!(cm.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(cm.metadata.owner_references.expect("owner")[0].uid, UID);
+        let env = cm.data.expect("data");
+        assert_eq!(env["CHORUS_LISTEN"], "0.0.0.0:8080");
+        assert_eq!(
+            env["CHORUS_BROKER"],
+            "redis+sentinel://chat-sentinel:26379/chorus"
+        );
+        assert_eq!(env["CHORUS_DELIVERY"], "pubsub");
+        assert_eq!(env["CHORUS_REDIS_PASSWORD_FILE"], REDIS_PASSWORD_FILE);
+        assert_eq!(env["CHORUS_LOG_FORMAT"], "json");
+        assert_eq!(env["CHORUS_DRAIN_SECONDS"], "30");
+        assert_eq!(env["CHORUS_MAX_CONNECTIONS"], "10000");
+        assert!(!env.contains_key("CHORUS_JWT_SECRET_FILE"));
+    }
+
+    #[test]
+    fn external_redis_without_password_sets_no_password_file() {
+        let env = env_of(&MessagingCluster::test().with_external_redis("redis://r.infra:6379/1"));
+        assert_eq!(env["CHORUS_BROKER"], "redis://r.infra:6379/1");
+        assert!(!env.contains_key("CHORUS_REDIS_PASSWORD_FILE"));
+    }
+
+    #[test]
+    fn auth_secrets_are_read_from_files() {
+        let mut mc = MessagingCluster::test();
+        mc.spec.auth.jwt_secret_ref = Some(SecretKeyRef {
+            name: "jwt".into(),
+            key: "k".into(),
+        });
+        mc.spec.auth.api_key_secret_ref = Some(SecretKeyRef {
+            name: "api".into(),
+            key: "k".into(),
+        });
+        let env = env_of(&mc);
+        assert_eq!(env["CHORUS_JWT_SECRET_FILE"], JWT_SECRET_FILE);
+        assert_eq!(env["CHORUS_API_KEY_FILE"], API_KEY_FILE);
+    }
+
+    #[test]
+    fn config_changes_change_the_hash_and_scaling_does_not() {
+        let hash_of = |mc: &MessagingCluster| {
+            let names = Names::of(mc).expect("names");
+            hash(&build(mc, &names).expect("builds"), &mc.spec)
+        };
+        let base = hash_of(&MessagingCluster::test());
+        assert_eq!(base, hash_of(&MessagingCluster::test()), "deterministic");
+        assert_eq!(base.len(), 16);
+        assert_eq!(base, hash_of(&MessagingCluster::test().with_replicas(7)));
+        let mut streams = MessagingCluster::test();
+        streams.spec.delivery = Delivery::Streams;
+        assert_ne!(base, hash_of(&streams));
+        let mut queue = MessagingCluster::test();
+        queue.spec.limits.send_queue = 512;
+        assert_ne!(base, hash_of(&queue));
+        assert_ne!(
+            base,
+            hash_of(&MessagingCluster::test().with_password_secret("mine", "pw"))
+        );
+    }
+}

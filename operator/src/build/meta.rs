@@ -1,0 +1,189 @@
+//! Names, labels and metadata shared by every builder.
+
+use std::collections::BTreeMap;
+
+use chorus_crds::MessagingCluster;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use super::BuildError;
+
+/// Version of this operator, written to `app.kubernetes.io/version`.
+pub const OPERATOR_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// `app.kubernetes.io/name` of every object.
+pub const APP_NAME: &str = "chorus";
+/// `app.kubernetes.io/managed-by` of every object.
+pub const MANAGED_BY: &str = "chorus-operator";
+/// Master name the sentinels monitor (the server's `redis+sentinel://…/chorus`).
+pub const SENTINEL_MASTER_NAME: &str = "chorus";
+/// Port of the server's HTTP, WebSocket, health and metrics endpoints.
+pub const SERVER_PORT: i32 = 8080;
+/// Redis port.
+pub const REDIS_PORT: i32 = 6379;
+/// Sentinel port.
+pub const SENTINEL_PORT: i32 = 26379;
+
+/// What a set of pods (and its objects) does, the `app.kubernetes.io/component` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    Server,
+    Redis,
+    Sentinel,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Server => "server",
+            Component::Redis => "redis",
+            Component::Sentinel => "sentinel",
+        }
+    }
+}
+
+/// The names of everything owned by one MessagingCluster, derived once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub instance: String,
+    pub namespace: String,
+    /// ConfigMap and Deployment of the servers, PDB of the servers.
+    pub server: String,
+    /// Client Service, HPA and Ingress.
+    pub service: String,
+    /// Redis StatefulSet, its headless Service, PDB and NetworkPolicy.
+    pub redis: String,
+    /// Sentinel Deployment, Service and PDB.
+    pub sentinel: String,
+    /// Generated password Secret.
+    pub redis_auth_secret: String,
+}
+
+impl Names {
+    pub fn of(mc: &MessagingCluster) -> Result<Self, BuildError> {
+        let name = mc.metadata.name.clone().ok_or(BuildError::MissingName)?;
+        let namespace = mc
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(BuildError::MissingNamespace)?;
+        Ok(Self {
+            server: format!("{name}-server"),
+            service: name.clone(),
+            redis: format!("{name}-redis"),
+            sentinel: format!("{name}-sentinel"),
+            redis_auth_secret: format!("{name}-redis-auth"),
+            instance: name,
+            namespace,
+        })
+    }
+}
+
+/// Labels that select a component's pods. Never carries the version:
+/// selectors are immutable.
+pub fn selector_labels(names: &Names, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), APP_NAME.to_owned()),
+        (
+            "app.kubernetes.io/instance".to_owned(),
+            names.instance.clone(),
+        ),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.as_str().to_owned(),
+        ),
+    ])
+}
+
+/// The full `app.kubernetes.io/*` label set of an object or pod template.
+pub fn labels(names: &Names, component: Component) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(names, component);
+    labels.insert("app.kubernetes.io/part-of".to_owned(), APP_NAME.to_owned());
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        MANAGED_BY.to_owned(),
+    );
+    labels.insert(
+        "app.kubernetes.io/version".to_owned(),
+        OPERATOR_VERSION.to_owned(),
+    );
+    labels
+}
+
+/// `matchLabels` selector of a component's pods.
+pub fn label_selector(names: &Names, component: Component) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(selector_labels(names, component)),
+        ..Default::default()
+    }
+}
+
+/// The selector string written to `status.selector` (scale subresource).
+pub fn selector_string(names: &Names, component: Component) -> String {
+    selector_labels(names, component)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Controller owner reference to the MessagingCluster, so GC deletes what we made.
+pub fn owner_reference(mc: &MessagingCluster) -> Result<OwnerReference, BuildError> {
+    mc.controller_owner_ref(&()).ok_or(BuildError::MissingUid)
+}
+
+/// Metadata of an owned object: name, namespace, labels, owner reference.
+pub fn object_meta(
+    mc: &MessagingCluster,
+    names: &Names,
+    name: &str,
+    component: Component,
+) -> Result<ObjectMeta, BuildError> {
+    Ok(ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(mc.namespace().unwrap_or_else(|| names.namespace.clone())),
+        labels: Some(labels(names, component)),
+        owner_references: Some(vec![owner_reference(mc)?]),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::TestCluster;
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_cluster_name() {
+        let names = Names::of(&MessagingCluster::test()).expect("names");
+        assert_eq!(names.server, "chat-server");
+        assert_eq!(names.service, "chat");
+        assert_eq!(names.redis, "chat-redis");
+        assert_eq!(names.sentinel, "chat-sentinel");
+        assert_eq!(names.redis_auth_secret, "chat-redis-auth");
+    }
+
+    #[test]
+    fn selectors_never_carry_the_version() {
+        let names = Names::of(&MessagingCluster::test()).expect("names");
+        let selector = selector_labels(&names, Component::Server);
+        assert!(!selector.contains_key("app.kubernetes.io/version"));
+        let all = labels(&names, Component::Server);
+        assert_eq!(all["app.kubernetes.io/version"], OPERATOR_VERSION);
+        assert_eq!(all["app.kubernetes.io/managed-by"], "chorus-operator");
+        assert_eq!(all["app.kubernetes.io/part-of"], "chorus");
+        assert_eq!(
+            selector_string(&names, Component::Server),
+            "app.kubernetes.io/component=server,app.kubernetes.io/instance=chat,app.kubernetes.io/name=chorus"
+        );
+    }
+
+    #[test]
+    fn owner_reference_points_at_the_cluster_as_controller() {
+        let owner = owner_reference(&MessagingCluster::test()).expect("owner");
+        assert_eq!(owner.api_version, "chorus.dev/v1alpha1");
+        assert_eq!(owner.kind, "MessagingCluster");
+        assert_eq!(owner.name, "chat");
+        assert_eq!(owner.uid, super::super::fixtures::UID);
+        assert_eq!(owner.controller, Some(true));
+    }
+}

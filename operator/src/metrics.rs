@@ -1,0 +1,109 @@
+//! Operator metrics (prometheus-client, one explicit registry): reconcile
+//! count by result, reconcile duration, failures by error kind.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok`, `invalid_spec` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The failing step, from `reconcile::Error::metric_label`.
+    pub error: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ResultLabels, Counter>,
+    failures: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("chorus_operator");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        registry.register(
+            "reconciles",
+            "Reconciliations of MessagingClusters, by result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciliations, by failing step",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconciliation",
+            duration.clone(),
+        );
+        // Export every result from the start, so rates work before the first failure.
+        for result in ["ok", "invalid_spec", "error"] {
+            drop(reconciles.get_or_create(&ResultLabels { result }));
+        }
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, result: &'static str, took: Duration) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn failed(&self, error: &'static str) {
+        self.failures.get_or_create(&ErrorLabels { error }).inc();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_durations_show_in_the_text_format() {
+        let m = Metrics::default();
+        m.reconciled("ok", Duration::from_millis(30));
+        m.reconciled("ok", Duration::from_millis(30));
+        m.failed("apply");
+        let text = m.encode().expect("encodes");
+        assert!(
+            text.contains(r#"chorus_operator_reconciles_total{result="ok"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"chorus_operator_reconcile_errors_total{error="apply"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("chorus_operator_reconcile_duration_seconds_count 2"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! Reconciliation of one MessagingCluster, as a named pipeline:
+//!
+//! 1. **validate** (pure): `chorus_crds::validate`; an invalid spec sets
+//!    `Degraded`, publishes a Warning event and touches nothing else.
+//! 2. **build** (pure): [`crate::build::build`], the desired objects.
+//! 3. **apply** (client): [`apply::apply_all`], server-side apply with
+//!    field manager `chorus-operator`, deletion of what is no longer asked
+//!    for, one-time creation of the generated password Secret.
+//! 4. **status** (pure, then client): [`status::compute`] from what apply
+//!    got back, [`status::patch`], and Events for the transitions.
+//!
+//! [`error_policy`] tells a user's mistake (the API server refused what the
+//! spec asked for: Warning event, wait for a change) from a transient
+//! failure (requeue with exponential backoff).
+
+pub mod apply;
+pub mod members;
+pub mod status;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use chorus_crds::MessagingCluster;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Client, Resource, ResourceExt,
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+    },
+};
+use tracing::{info, warn};
+
+use crate::build::{self, BuildError, Names};
+use crate::metrics::Metrics;
+
+/// Requeue interval of a healthy cluster (picks up drift and readiness).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Requeue interval while pods are still coming up.
+pub const PROGRESS_RESYNC: Duration = Duration::from_secs(15);
+/// First retry after a transient failure; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_secs(2);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// A reconciliation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("build: {0}")]
+    Build(#[from] BuildError),
+    #[error("apply: {0}")]
+    Apply(#[from] apply::ApplyError),
+    #[error("status: {0}")]
+    Status(#[from] status::StatusError),
+}
+
+impl Error {
+    /// Label of the `reconcile_errors` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Build(_) => "build",
+            Error::Apply(_) => "apply",
+            Error::Status(_) => "status",
+        }
+    }
+
+    /// The user must change the spec: the API server refused an object
+    /// built from it as invalid (e.g. a change to an immutable field such
+    /// as the Redis storage size). Retrying the same spec cannot help.
+    pub fn is_user_error(&self) -> bool {
+        let kube_error = match self {
+            Error::Apply(e) => e.kube_error(),
+            Error::Status(status::StatusError::Patch { source, .. }) => Some(source),
+            Error::Build(_) => None,
+        };
+        matches!(kube_error, Some(kube::Error::Api(s)) if s.is_invalid() || s.code == 400)
+    }
+}
+
+/// Shared by every reconciliation.
+pub struct Context {
+    pub client: Client,
+    /// The one event recorder of the process.
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per `namespace/name`, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn key(mc: &MessagingCluster) -> String {
+        format!("{}/{}", mc.namespace().unwrap_or_default(), mc.name_any())
+    }
+
+    /// Records a failure and returns how long to wait before the next try.
+    fn next_backoff(&self, mc: &MessagingCluster) -> Duration {
+        // A poisoned lock only means another reconcile panicked mid-update
+        // of a counter; the map is still usable.
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(Self::key(mc)).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff(*n)
+    }
+
+    fn reset_backoff(&self, mc: &MessagingCluster) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.remove(&Self::key(mc));
+    }
+
+    async fn publish(&self, mc: &MessagingCluster, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &mc.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+/// Delay after the `n`th consecutive failure (n ≥ 1).
+pub fn backoff(n: u32) -> Duration {
+    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(16));
+    MIN_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+/// Brings the cluster's objects and status in line with its spec.
+pub async fn reconcile(mc: Arc<MessagingCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = run_pipeline(&mc, &ctx).await;
+    let label = match &result {
+        Ok((_, true)) => "ok",
+        Ok((_, false)) => "invalid_spec",
+        Err(_) => "error",
+    };
+    ctx.metrics.reconciled(label, started.elapsed());
+    if result.is_ok() {
+        ctx.reset_backoff(&mc);
+    }
+    result.map(|(action, _)| action)
+}
+
+/// Returns the next action and whether the spec was valid.
+async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, bool), Error> {
+    let names = Names::of(mc)?;
+    // 1. validate
+    if let Err(errors) = chorus_crds::validate(mc) {
+        let message = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        warn!(cluster = %names.instance, namespace = %names.namespace, %message, "invalid spec; nothing applied");
+        let new_status = status::invalid(mc, message, Timestamp::now());
+        status::patch(&ctx.client, &names, &new_status).await?;
+        for n in status::transitions(mc, &new_status, false) {
+            ctx.publish(mc, n.type_, n.reason, n.note).await;
+        }
+        return Ok((Action::await_change(), false));
+    }
+    // 2. build
+    let resources = build::build(mc)?;
+    // 3. apply
+    let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
+    // The Redis topology step (operator/src/topology/, merged separately)
+    // goes here: `members::observe` gives the Redis and Sentinel pod IPs;
+    // with the password from the Secret, master name `chorus` and
+    // `build::sentinel::quorum`, call `reconcile_topology` and pass the
+    // report's master (`ip:port`) on. Until then no master is reported.
+    let observed_master = None;
+    // 4. status
+    let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());
+    status::patch(&ctx.client, &names, &new_status).await?;
+    for n in status::transitions(mc, &new_status, applied.generated_secret) {
+        info!(cluster = %names.instance, namespace = %names.namespace, reason = n.reason, note = %n.note, "event");
+        ctx.publish(mc, n.type_, n.reason, n.note).await;
+    }
+    let settled = new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == chorus_crds::condition::READY && c.status == "True");
+    Ok((
+        Action::requeue(if settled { RESYNC } else { PROGRESS_RESYNC }),
+        true,
+    ))
+}
+
+/// What to do after a failed reconciliation.
+pub fn error_policy(mc: Arc<MessagingCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(error.metric_label());
+    if error.is_user_error() {
+        warn!(cluster = %mc.name_any(), %error, "the API server refused the spec; waiting for a change");
+        let note = format!("{error}; change the MessagingCluster to fix it");
+        tokio::spawn(async move {
+            ctx.publish(&mc, EventType::Warning, "ApplyRefused", note)
+                .await
+        });
+        Action::await_change()
+    } else {
+        let delay = ctx.next_backoff(&mc);
+        warn!(cluster = %mc.name_any(), %error, retry_in = ?delay, "reconcile failed; will retry");
+        Action::requeue(delay)
+    }
+}
