@@ -15,6 +15,7 @@
 
 pub mod apply;
 pub mod members;
+pub mod redis_group;
 pub mod status;
 
 #[cfg(test)]
@@ -40,8 +41,10 @@ use tracing::{info, warn};
 use crate::build::{self, BuildError, Names};
 use crate::metrics::Metrics;
 
-/// Requeue interval of a healthy cluster (picks up drift and readiness).
-pub const RESYNC: Duration = Duration::from_secs(300);
+/// Requeue interval of a healthy cluster: picks up drift, and re-runs the
+/// Redis topology step so a failover shows in the status and a restarted
+/// Redis pod is re-attached as a replica within a minute.
+pub const RESYNC: Duration = Duration::from_secs(60);
 /// Requeue interval while pods are still coming up.
 pub const PROGRESS_RESYNC: Duration = Duration::from_secs(15);
 /// First retry after a transient failure; doubles up to [`MAX_BACKOFF`].
@@ -57,6 +60,8 @@ pub enum Error {
     Apply(#[from] apply::ApplyError),
     #[error("status: {0}")]
     Status(#[from] status::StatusError),
+    #[error("redis group: {0}")]
+    RedisGroup(#[from] redis_group::GroupError),
 }
 
 impl Error {
@@ -66,6 +71,7 @@ impl Error {
             Error::Build(_) => "build",
             Error::Apply(_) => "apply",
             Error::Status(_) => "status",
+            Error::RedisGroup(_) => "redis_group",
         }
     }
 
@@ -76,7 +82,7 @@ impl Error {
         let kube_error = match self {
             Error::Apply(e) => e.kube_error(),
             Error::Status(status::StatusError::Patch { source, .. }) => Some(source),
-            Error::Build(_) => None,
+            Error::Build(_) | Error::RedisGroup(_) => None,
         };
         matches!(kube_error, Some(kube::Error::Api(s)) if s.is_invalid() || s.code == 400)
     }
@@ -179,12 +185,11 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, b
     let resources = build::build(mc)?;
     // 3. apply
     let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
-    // The Redis topology step (operator/src/topology/, merged separately)
-    // goes here: `members::observe` gives the Redis and Sentinel pod IPs;
-    // with the password from the Secret, master name `chorus` and
-    // `build::sentinel::quorum`, call `reconcile_topology` and pass the
-    // report's master (`ip:port`) on. Until then no master is reported.
-    let observed_master = None;
+    // 3b. the Redis group's topology (managed mode): one master, replicas
+    // attached, every sentinel monitoring it.
+    let observed_master = redis_group::step(&ctx.client, mc, &names)
+        .await?
+        .and_then(|report| report.master.map(|m| m.to_string()));
     // 4. status
     let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());
     status::patch(&ctx.client, &names, &new_status).await?;

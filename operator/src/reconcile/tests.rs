@@ -107,6 +107,10 @@ struct Script {
     events: usize,
 }
 
+fn empty_pod_list() -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
+}
+
 /// Redis and Sentinel pods all ready, as the API server reports them in
 /// the apply response of a settled cluster.
 fn redis_ready() -> Value {
@@ -171,8 +175,16 @@ impl Script {
                 &format!("{NET}/networkpolicies/chat-redis"),
                 Reply::NotFound,
             ),
-            expect(Method::PATCH, STATUS, Reply::Echo),
         ]);
+        // The topology step lists the group's pods: none are up yet.
+        for _ in ["redis", "sentinel"] {
+            steps.push(expect(
+                Method::GET,
+                &format!("{NS}/pods"),
+                Reply::Json(200, empty_pod_list()),
+            ));
+        }
+        steps.push(expect(Method::PATCH, STATUS, Reply::Echo));
         steps.extend((0..self.events).map(|_| expect(Method::POST, EVENTS, Reply::Created)));
         steps
     }
