@@ -4,23 +4,14 @@
 use std::process::{Command, Stdio};
 
 use chorus_tests::redis::RedisServer;
-use chorus_tests::{Event, TestNode, WsClient, free_port, wait_until};
+use chorus_tests::{ChildGuard, Event, TestNode, WsClient, free_port, wait_until};
 use serde_json::json;
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn clients_of_a_killed_node_recover_everything_on_another_node() {
     let redis = RedisServer::start().await;
     let port = free_port();
-    let mut doomed = Child(
+    let mut doomed = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_chorus-server"))
             .args([
                 "--listen",

@@ -4,21 +4,12 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chorus_tests::{Event, WsClient, free_port, wait_until};
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use chorus_tests::{ChildGuard, Event, WsClient, free_port, wait_until};
 
 #[tokio::test]
 async fn sigterm_sends_reconnect_turns_readyz_503_and_exits_0() {
     let port = free_port();
-    let mut child = Child(
+    let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_chorus-server"))
             // Flags may come from the environment too.
             .env("CHORUS_LISTEN", format!("127.0.0.1:{port}"))

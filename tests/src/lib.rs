@@ -33,6 +33,34 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `n` nodes on one broker (node ids `node-0`…), each started with `extra`
+/// flags and ready (its broker link up) before the next starts.
+pub async fn fleet(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("node-{i}");
+        let mut flags = vec!["--broker", broker, "--node-id", &id];
+        flags.extend_from_slice(extra);
+        let node = TestNode::start(&flags).await;
+        wait_until("the node to connect to its broker", || async {
+            node.node.ready().is_ok()
+        })
+        .await;
+        out.push(node);
+    }
+    out
+}
+
 /// A `chorus-server` node running inside the test process.
 pub struct TestNode {
     pub addr: SocketAddr,

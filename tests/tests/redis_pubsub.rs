@@ -9,19 +9,7 @@ use chorus_tests::{TestNode, WsClient, wait_until};
 use serde_json::{Value, json};
 
 async fn nodes(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let id = format!("node-{i}");
-        let mut flags = vec!["--broker", broker, "--node-id", &id];
-        flags.extend_from_slice(extra);
-        let node = TestNode::start(&flags).await;
-        wait_until("the node to connect to redis", || async {
-            node.node.ready().is_ok()
-        })
-        .await;
-        out.push(node);
-    }
-    out
+    chorus_tests::fleet(n, broker, extra).await
 }
 
 #[tokio::test]

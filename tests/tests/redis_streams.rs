@@ -11,26 +11,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 async fn durable_nodes(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let id = format!("node-{i}");
-        let mut flags = vec![
-            "--broker",
-            broker,
-            "--delivery",
-            "streams",
-            "--node-id",
-            &id,
-        ];
-        flags.extend_from_slice(extra);
-        let node = TestNode::start(&flags).await;
-        wait_until("the node to connect to redis", || async {
-            node.node.ready().is_ok()
-        })
-        .await;
-        out.push(node);
-    }
-    out
+    let mut flags = vec!["--delivery", "streams"];
+    flags.extend_from_slice(extra);
+    chorus_tests::fleet(n, broker, &flags).await
 }
 
 /// Publishes to `room` one message after another until stopped; the last

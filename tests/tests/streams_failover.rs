@@ -7,35 +7,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chorus_tests::redis::SentinelGroup;
-use chorus_tests::{Event, TestNode, WsClient, wait_until};
+use chorus_tests::{Event, WsClient, wait_until};
 use serde_json::json;
 
 type Key = (String, u64); // (epoch, offset)
+
+const FLAGS: &[&str] = &["--delivery", "streams", "--redis-timeout", "500ms"];
 
 #[tokio::test]
 async fn no_acknowledged_publish_is_lost_silently_in_a_failover() {
     let mut group = SentinelGroup::start(1000).await;
     let url = group.broker_url();
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let id = format!("node-{i}");
-        let node = TestNode::start(&[
-            "--broker",
-            &url,
-            "--delivery",
-            "streams",
-            "--redis-timeout",
-            "500ms",
-            "--node-id",
-            &id,
-        ])
-        .await;
-        wait_until("the node to connect", || async {
-            node.node.ready().is_ok()
-        })
-        .await;
-        nodes.push(node);
-    }
+    let nodes = chorus_tests::fleet(2, &url, FLAGS).await;
     let mut subs = Vec::new();
     for node in &nodes {
         let mut c = node.client().await;
@@ -164,21 +147,7 @@ async fn drain(sub: &mut WsClient) -> (HashMap<Key, u64>, Vec<String>) {
 async fn acknowledged_messages_the_new_master_lacks_change_the_epoch() {
     let mut group = SentinelGroup::start(1000).await;
     let url = group.broker_url();
-    let node = TestNode::start(&[
-        "--broker",
-        &url,
-        "--delivery",
-        "streams",
-        "--redis-timeout",
-        "500ms",
-        "--node-id",
-        "n0",
-    ])
-    .await;
-    wait_until("the node to connect", || async {
-        node.node.ready().is_ok()
-    })
-    .await;
+    let node = chorus_tests::fleet(1, &url, FLAGS).await.remove(0);
     let mut publisher = node.client().await;
     let epoch = publisher.subscribe("ledger").await["epoch"]
         .as_str()

@@ -61,19 +61,9 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = node.auth.check_api_key(authorization) {
-        return api_error(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            &e.to_string(),
-        );
-    }
-    let room = match RoomName::parse(&room) {
+    let room = match backend_room(&node, &headers, &room) {
         Ok(room) => room,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()),
+        Err(refused) => return refused,
     };
     if body.len() > node.config.max_frame_bytes as usize {
         return api_error(
@@ -136,19 +126,9 @@ pub async fn history(
     Query(query): Query<HistoryQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = node.auth.check_api_key(authorization) {
-        return api_error(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            &e.to_string(),
-        );
-    }
-    let room = match RoomName::parse(&room) {
+    let room = match backend_room(&node, &headers, &room) {
         Ok(room) => room,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()),
+        Err(refused) => return refused,
     };
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
     match node.broker.history(&room, query.since, limit).await {
@@ -175,6 +155,24 @@ pub async fn history(
         ),
         Err(e) => broker_error(&e),
     }
+}
+
+/// Checks a backend call's API key and the room in its path; the error is
+/// the response to send.
+#[allow(clippy::result_large_err)]
+fn backend_room(node: &Node, headers: &HeaderMap, room: &str) -> Result<RoomName, Response> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = node.auth.check_api_key(authorization) {
+        return Err(api_error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            &e.to_string(),
+        ));
+    }
+    RoomName::parse(room)
+        .map_err(|e| api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()))
 }
 
 fn broker_error(e: &BrokerError) -> Response {

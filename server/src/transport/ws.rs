@@ -152,8 +152,10 @@ struct Conn {
     auth: Session,
     handle: ConnHandle,
     rooms: HashSet<RoomName>,
-    /// Rooms just recovered from history: the last offset replayed (and its
-    /// epoch). Live messages up to it are already sent and are dropped.
+    /// Rooms just subscribed (or recovered from history): the offset the
+    /// client was told (or the last replayed), with its epoch. Live
+    /// messages up to it are already sent or precede the subscription, and
+    /// are dropped; the entry goes with the first later message.
     replayed: HashMap<RoomName, (Arc<str>, u64)>,
     rate: RateLimit,
 }
@@ -404,6 +406,19 @@ impl Conn {
         };
         match outcome {
             Ok((reply, replay)) => {
+                // After `ok` with offset N (or a replay through M > N) the
+                // client gets exactly what follows: a message that was
+                // published before but reaches this node just after the
+                // join is not sent again.
+                let sent_upto = self
+                    .replayed
+                    .get(&room)
+                    .filter(|(e, _)| *e == reply.epoch)
+                    .map_or(0, |(_, o)| *o);
+                self.replayed.insert(
+                    room.clone(),
+                    (reply.epoch.clone(), sent_upto.max(reply.offset)),
+                );
                 out.push(Message::Text(reply.encode(id).into()));
                 out.extend(replay);
             }
