@@ -41,6 +41,34 @@ pub fn cpu_total(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| cpu_seconds(p)).sum()
 }
 
+/// Busy CPU seconds of the whole machine (all cores, everything but idle
+/// and iowait), from the first line of `/proc/stat`.
+pub fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    // cpu user nice system idle iowait irq softirq steal ...
+    line.split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .take(7)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / USER_HZ
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// CPU seconds of this process.
 pub fn self_cpu() -> f64 {
     cpu_seconds(std::process::id()).unwrap_or(0.0)

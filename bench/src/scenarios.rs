@@ -30,6 +30,8 @@ pub struct CpuSnap {
     redis: f64,
     sentinels: f64,
     bench: f64,
+    /// Every busy CPU second on the machine (ours and other users').
+    machine: f64,
     at: Option<std::time::Instant>,
 }
 
@@ -40,6 +42,7 @@ impl CpuSnap {
             redis: procfs::cpu_total(&fleet.redis_pids()),
             sentinels: procfs::cpu_total(&fleet.sentinel_pids()),
             bench: procfs::self_cpu(),
+            machine: procfs::machine_busy_seconds(),
             at: Some(std::time::Instant::now()),
         }
     }
@@ -50,6 +53,7 @@ impl CpuSnap {
             redis: self.redis - before.redis,
             sentinels: self.sentinels - before.sentinels,
             bench: self.bench - before.bench,
+            machine: self.machine - before.machine,
             at: None,
         }
     }
@@ -369,7 +373,27 @@ pub fn report_cpu(r: &mut Report, fleet: &Fleet, cpu: &CpuSnap, wall: f64, deliv
         num(redis_per_msg),
         show(redis_per_msg, ""),
     );
+    report_machine(r, cpu, wall);
     report_memory(r, fleet);
+}
+
+/// How busy the shared machine was: CPU used by processes outside this
+/// benchmark (other users' builds) makes every figure noisier.
+fn report_machine(r: &mut Report, cpu: &CpuSnap, wall: f64) {
+    let ours = cpu.servers + cpu.redis + cpu.sentinels + cpu.bench;
+    let others = (cpu.machine - ours).max(0.0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let load = procfs::loadavg();
+    r.put(
+        "machine",
+        "machine: busy cores (others) / loadavg",
+        serde_json::json!({"busy_cores": num(Some(cpu.machine / wall.max(1e-9))), "others_cores": num(Some(others / wall.max(1e-9))), "cores": cores, "loadavg1": load}),
+        format!(
+            "{:.2} of {cores} ({:.2} not ours) / {load:.2}",
+            cpu.machine / wall.max(1e-9),
+            others / wall.max(1e-9)
+        ),
+    );
 }
 
 pub fn report_memory(r: &mut Report, fleet: &Fleet) {
