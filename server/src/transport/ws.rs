@@ -18,11 +18,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use crate::auth::Session;
 use crate::broker::{BrokerError, PublishRequest};
-use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound};
+use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound, QueueRx};
 use crate::node::{Node, Slot};
 use crate::protocol::{self, ClientFrame, ErrorCode, RoomName, SUBPROTOCOL, ServerFrame, Since};
 
@@ -151,7 +150,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(&mut self, mut socket: WebSocket, mut queue: mpsc::Receiver<Outbound>) -> End {
+    async fn run(&mut self, mut socket: WebSocket, mut queue: QueueRx) -> End {
         let ctl = self.handle.ctl.clone();
         let welcome = protocol::encode(&ServerFrame::Welcome {
             session: &self.session,
@@ -163,19 +162,12 @@ impl Conn {
         }
         let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
         let mut out: Vec<Message> = Vec::new();
+        let mut batch: Vec<Outbound> = Vec::new();
         loop {
             tokio::select! {
                 biased;
                 reason = ctl.closed() => return close(&mut socket, reason).await,
-                Some(first) = queue.recv() => {
-                    out.push(outbound(first));
-                    while out.len() < MAX_BATCH {
-                        match queue.try_recv() {
-                            Ok(next) => out.push(outbound(next)),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                _ = queue.recv_many(&mut batch, MAX_BATCH) => out.extend(batch.drain(..).map(outbound)),
                 Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
                 msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
                     None => return End::ClientGone,
