@@ -31,8 +31,11 @@ const MAX_INFLIGHT: usize = 64;
 /// Most queued frames written in one flush.
 const MAX_BATCH: usize = 256;
 /// Socket read buffer. Small on purpose: it is allocated for every
-/// connection up front (the library default is 128 KiB).
-const READ_BUFFER: usize = 4 * 1024;
+/// connection up front (the library default is 128 KiB), and the library
+/// zeroes it on every read attempt — including the one the connection loop
+/// makes each time it wakes to write a delivery. Client frames are small;
+/// a larger one is read in several chunks.
+const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write reaches the socket even without a flush.
 const WRITE_BUFFER: usize = 64 * 1024;
 /// How long a closing handshake may take before the socket is dropped.
@@ -152,6 +155,11 @@ struct Conn {
 impl Conn {
     async fn run(&mut self, mut socket: WebSocket, mut queue: QueueRx) -> End {
         let ctl = self.handle.ctl.clone();
+        // One close-request future for the connection's life: re-creating
+        // it each turn of the loop would register and unregister a waiter
+        // on every delivery.
+        let closed = ctl.closed();
+        tokio::pin!(closed);
         let welcome = protocol::encode(&ServerFrame::Welcome {
             session: &self.session,
             node: &self.node.node_id,
@@ -166,7 +174,7 @@ impl Conn {
         loop {
             tokio::select! {
                 biased;
-                reason = ctl.closed() => return close(&mut socket, reason).await,
+                reason = &mut closed => return close(&mut socket, reason).await,
                 _ = queue.recv_many(&mut batch, MAX_BATCH) => out.extend(batch.drain(..).map(outbound)),
                 Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
                 msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
@@ -200,7 +208,7 @@ impl Conn {
                 };
                 tokio::select! {
                     biased;
-                    reason = ctl.closed() => return close(&mut socket, reason).await,
+                    reason = &mut closed => return close(&mut socket, reason).await,
                     res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
                 }
             }
