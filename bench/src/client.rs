@@ -25,7 +25,10 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// clock, so no wall-clock step can distort a latency.
 pub fn now_us() -> u64 {
     static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
 }
 
 /// Connects and reads the `welcome`. Buffers are small: the idle scenario

@@ -36,7 +36,10 @@ impl FleetSpec {
         match self.broker {
             BrokerKind::Memory => format!("{} node(s), memory broker", self.nodes),
             BrokerKind::Redis => format!("{} nodes + 1 redis", self.nodes),
-            BrokerKind::Sentinel => format!("{} nodes + sentinel group (2 redis, 3 sentinels)", self.nodes),
+            BrokerKind::Sentinel => format!(
+                "{} nodes + sentinel group (2 redis, 3 sentinels)",
+                self.nodes
+            ),
         }
     }
 }
@@ -50,7 +53,8 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: String, port: u16, program: &Path, args: &[String], log: &Path) -> Result<Self> {
-        let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
@@ -109,7 +113,9 @@ pub struct Fleet {
 }
 
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The `chorus-server` next to this executable (both live in target/<profile>/).
@@ -250,7 +256,9 @@ impl Fleet {
                 let master = fleet.start_redis(&dir, None).await?;
                 fleet.start_redis(&dir, Some(master)).await?;
                 for _ in 0..3 {
-                    fleet.start_sentinel(&dir, master, spec.down_after_ms).await?;
+                    fleet
+                        .start_sentinel(&dir, master, spec.down_after_ms)
+                        .await?;
                 }
                 for s in &fleet.sentinels {
                     let port = s.port;
@@ -332,7 +340,11 @@ impl Fleet {
             args.extend(["--replicaof".into(), format!("127.0.0.1 {master}")]);
         }
         let log = dir.join(format!("redis-{port}.log"));
-        let name = if replica_of.is_some() { "redis-replica" } else { "redis" };
+        let name = if replica_of.is_some() {
+            "redis-replica"
+        } else {
+            "redis"
+        };
         self.redis.push(Proc::spawn(
             name.into(),
             port,
@@ -340,9 +352,11 @@ impl Fleet {
             &args,
             &log,
         )?);
-        wait_for("redis-server to answer PING", Duration::from_secs(10), || {
-            redis_ping(port)
-        })
+        wait_for(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || redis_ping(port),
+        )
         .await?;
         Ok(port)
     }
@@ -372,9 +386,11 @@ impl Fleet {
             &[conf.display().to_string()],
             &log,
         )?);
-        wait_for("redis-sentinel to answer PING", Duration::from_secs(10), || {
-            redis_ping(port)
-        })
+        wait_for(
+            "redis-sentinel to answer PING",
+            Duration::from_secs(10),
+            || redis_ping(port),
+        )
         .await
     }
 
@@ -400,8 +416,18 @@ impl Fleet {
     /// A numeric field of the master's `INFO` (e.g. `total_net_output_bytes`).
     pub async fn redis_stat(&self, field: &str) -> Option<u64> {
         let mut conn = redis_conn(self.redis.first()?.port).await?;
-        let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.ok()?;
-        info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        info.lines().find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// A counter from a node's `/metrics` (summed over label sets).

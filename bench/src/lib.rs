@@ -129,7 +129,10 @@ fn latency(r: &Report, q: &str) -> Option<f64> {
 
 fn compare(multi: &Report, single: &Report) -> (Value, String) {
     let mut out = serde_json::Map::new();
-    let mut shown = format!("== {}: {} vs {} ==\n", multi.scenario, multi.fleet, single.fleet);
+    let mut shown = format!(
+        "== {}: {} vs {} ==\n",
+        multi.scenario, multi.fleet, single.fleet
+    );
     for key in COMPARED {
         let (Some(m), Some(s)) = (
             multi.get(key).and_then(Value::as_f64),
@@ -138,13 +141,20 @@ fn compare(multi: &Report, single: &Report) -> (Value, String) {
             continue;
         };
         let ratio = m / s;
-        out.insert((*key).into(), json!({"fleet": m, "single": s, "ratio": report::num(Some(ratio))}));
-        shown.push_str(&format!("  {key:<32} fleet {m:>10.3}  single {s:>10.3}  ratio {ratio:.2}\n"));
+        out.insert(
+            (*key).into(),
+            json!({"fleet": m, "single": s, "ratio": report::num(Some(ratio))}),
+        );
+        shown.push_str(&format!(
+            "  {key:<32} fleet {m:>10.3}  single {s:>10.3}  ratio {ratio:.2}\n"
+        ));
     }
     for q in ["p50", "p99"] {
         if let (Some(m), Some(s)) = (latency(multi, q), latency(single, q)) {
             out.insert(format!("latency_{q}_ms"), json!({"fleet": m, "single": s}));
-            shown.push_str(&format!("  latency {q:<24} fleet {m:>8.2} ms  single {s:>8.2} ms\n"));
+            shown.push_str(&format!(
+                "  latency {q:<24} fleet {m:>8.2} ms  single {s:>8.2} ms\n"
+            ));
         }
     }
     (Value::Object(out), shown)
@@ -169,7 +179,10 @@ pub async fn run(cli: Cli) -> Result<Vec<Value>> {
             (false, BrokerArg::Memory) => BrokerKind::Memory,
             (false, BrokerArg::Redis) => BrokerKind::Redis,
         },
-        server_bin: cli.server_bin.clone().unwrap_or_else(fleet::default_server_bin),
+        server_bin: cli
+            .server_bin
+            .clone()
+            .unwrap_or_else(fleet::default_server_bin),
         server_args: cli.server_args.clone(),
         down_after_ms: cli.down_after_ms,
     };

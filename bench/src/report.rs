@@ -23,7 +23,13 @@ impl Report {
     }
 
     /// Adds a figure: `key` in the JSON line, `label` and `shown` in the table.
-    pub fn put(&mut self, key: &str, label: &str, value: impl Into<Value>, shown: impl Into<String>) {
+    pub fn put(
+        &mut self,
+        key: &str,
+        label: &str,
+        value: impl Into<Value>,
+        shown: impl Into<String>,
+    ) {
         self.json.insert(key.into(), value.into());
         self.rows.push((label.into(), shown.into()));
     }

@@ -108,7 +108,11 @@ pub struct DeliveryPlan {
 
 /// Runs `plan`; `during` runs alongside the publishers (the failover kills
 /// the master there) and its result is handed back.
-pub async fn run_delivery<F, T>(fleet: &mut Fleet, plan: DeliveryPlan, during: F) -> Result<(Delivery, T)>
+pub async fn run_delivery<F, T>(
+    fleet: &mut Fleet,
+    plan: DeliveryPlan,
+    during: F,
+) -> Result<(Delivery, T)>
 where
     F: AsyncFnOnce(&mut Fleet) -> T,
 {
@@ -156,8 +160,15 @@ where
         subs.push(t.await.context("subscriber task")?);
     }
     let after = CpuSnap::take(fleet);
-    let last = subs.iter().map(|s| s.last_frame_at).max().unwrap_or(start_us);
-    let server_delivered = match (delivered_before, fleet.metric("chorus_messages_delivered_total").await) {
+    let last = subs
+        .iter()
+        .map(|s| s.last_frame_at)
+        .max()
+        .unwrap_or(start_us);
+    let server_delivered = match (
+        delivered_before,
+        fleet.metric("chorus_messages_delivered_total").await,
+    ) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
@@ -166,17 +177,20 @@ where
         (Some(a), Some(b)) => (b - a).as_secs_f64(),
         _ => 0.0,
     };
-    Ok((Delivery {
-        subs,
-        pubs,
-        cpu: after.delta(&before),
-        active_secs: last.saturating_sub(start_us) as f64 / 1e6,
-        wall_secs,
-        rooms: plan.rooms.len(),
-        server_delivered,
-        slow_consumers,
-        start_us,
-    }, during))
+    Ok((
+        Delivery {
+            subs,
+            pubs,
+            cpu: after.delta(&before),
+            active_secs: last.saturating_sub(start_us) as f64 / 1e6,
+            wall_secs,
+            rooms: plan.rooms.len(),
+            server_delivered,
+            slow_consumers,
+            start_us,
+        },
+        during,
+    ))
 }
 
 /// Loss accounting against what the broker acknowledged.
@@ -239,12 +253,18 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         "published_ok",
         "publishes acknowledged",
         a.acked,
-        format!("{} (errors {publish_errors}, unanswered {unanswered})", a.acked),
+        format!(
+            "{} (errors {publish_errors}, unanswered {unanswered})",
+            a.acked
+        ),
     );
     let mut errs = serde_json::Map::new();
     for p in &d.pubs {
         for (code, n) in &p.errors {
-            let prev = errs.get(code).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            let prev = errs
+                .get(code)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
             errs.insert(code.clone(), (prev + n).into());
         }
     }
@@ -306,7 +326,11 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         "publish_ack_ms",
         "publish → ok p50 / p99",
         serde_json::json!({"p50": ms(ack.quantile(0.5)), "p99": ms(ack.quantile(0.99))}),
-        format!("{:.2} / {:.2} ms", ms(ack.quantile(0.5)), ms(ack.quantile(0.99))),
+        format!(
+            "{:.2} / {:.2} ms",
+            ms(ack.quantile(0.5)),
+            ms(ack.quantile(0.99))
+        ),
     );
     let lag = d.pubs.iter().map(|p| p.max_lag_us).max().unwrap_or(0);
     r.put(
@@ -329,11 +353,16 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
 }
 
 /// CPU seconds per million deliveries (and per million messages for Redis).
-pub fn report_cpu(r: &mut Report, fleet: &Fleet, cpu: &CpuSnap, wall: f64, deliveries: u64, messages: u64) {
+pub fn report_cpu(
+    r: &mut Report,
+    fleet: &Fleet,
+    cpu: &CpuSnap,
+    wall: f64,
+    deliveries: u64,
+    messages: u64,
+) {
     let measurable = fleet.measurable();
-    let per_m = |secs: f64| {
-        (measurable && deliveries > 0).then(|| secs / deliveries as f64 * 1e6)
-    };
+    let per_m = |secs: f64| (measurable && deliveries > 0).then(|| secs / deliveries as f64 * 1e6);
     let servers = measurable.then_some(cpu.servers);
     let redis = measurable.then_some(cpu.redis);
     r.put(
@@ -532,7 +561,6 @@ pub async fn saturate(fleet: &mut Fleet, args: &SaturateArgs) -> Result<Report> 
     Ok(r)
 }
 
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct RoomsArgs {
     /// Rooms.
@@ -561,7 +589,10 @@ pub async fn rooms(fleet: &mut Fleet, args: &RoomsArgs) -> Result<Report> {
     let publishers = (0..pubs)
         .map(|p| PubSpec {
             url: fleet.nodes[p].ws_url.clone(),
-            rooms: (p..args.rooms).step_by(pubs).map(|r| (r, names[r].clone())).collect(),
+            rooms: (p..args.rooms)
+                .step_by(pubs)
+                .map(|r| (r, names[r].clone()))
+                .collect(),
             rate: Some(args.rate / pubs as f64),
             count: Some(args.messages / pubs as u64),
             duration: None,
@@ -628,10 +659,16 @@ pub struct IdleArgs {
 pub async fn idle(fleet: &mut Fleet, args: &IdleArgs) -> Result<Report> {
     let n = fleet.nodes.len();
     let rss = |fleet: &Fleet| -> Vec<Option<u64>> {
-        fleet.nodes.iter().map(|x| x.pid().and_then(procfs::rss_bytes)).collect()
+        fleet
+            .nodes
+            .iter()
+            .map(|x| x.pid().and_then(procfs::rss_bytes))
+            .collect()
     };
     let names: Vec<String> = (0..args.rooms).map(|r| format!("bench-idle-{r}")).collect();
-    let placement: Vec<_> = (0..args.per_node * n).map(|i| (i % n, i % args.rooms)).collect();
+    let placement: Vec<_> = (0..args.per_node * n)
+        .map(|i| (i % n, i % args.rooms))
+        .collect();
     let before = rss(fleet);
     let bench_before = procfs::rss_bytes(std::process::id());
     let cpu_before = CpuSnap::take(fleet);
@@ -673,7 +710,12 @@ pub async fn idle(fleet: &mut Fleet, args: &IdleArgs) -> Result<Report> {
                 node.name.clone(),
                 serde_json::json!({"rss_before_mib": num(Some(b as f64 / 1048576.0)), "rss_after_mib": num(Some(a as f64 / 1048576.0)), "kib_per_conn": num(Some(per))}),
             );
-            shown.push(format!("{} {:.0}→{:.0} MiB", node.name, b as f64 / 1048576.0, a as f64 / 1048576.0));
+            shown.push(format!(
+                "{} {:.0}→{:.0} MiB",
+                node.name,
+                b as f64 / 1048576.0,
+                a as f64 / 1048576.0
+            ));
         }
     }
     let mean = (!deltas.is_empty()).then(|| deltas.iter().sum::<f64>() / deltas.len() as f64);
@@ -758,7 +800,10 @@ pub async fn failover(fleet: &mut Fleet, args: &FailoverArgs) -> Result<Report> 
         while Instant::now() < deadline {
             let mut agree = 0;
             for &p in &ports {
-                if crate::fleet::sentinel_master_port(p).await.is_some_and(|m| m != old) {
+                if crate::fleet::sentinel_master_port(p)
+                    .await
+                    .is_some_and(|m| m != old)
+                {
                     agree += 1;
                 }
             }
@@ -789,9 +834,20 @@ pub async fn failover(fleet: &mut Fleet, args: &FailoverArgs) -> Result<Report> 
         num(promoted_us.map(since_kill)),
         show(promoted_us.map(since_kill), " s"),
     );
-    let timeline: Vec<(u64, bool)> = d.pubs.iter().flat_map(|p| p.timeline.iter().copied()).collect();
-    let first_ok = timeline.iter().filter(|(t, ok)| *ok && *t > kill_us).map(|(t, _)| *t).min();
-    let failed_after = timeline.iter().filter(|(t, ok)| !*ok && *t > kill_us).count();
+    let timeline: Vec<(u64, bool)> = d
+        .pubs
+        .iter()
+        .flat_map(|p| p.timeline.iter().copied())
+        .collect();
+    let first_ok = timeline
+        .iter()
+        .filter(|(t, ok)| *ok && *t > kill_us)
+        .map(|(t, _)| *t)
+        .min();
+    let failed_after = timeline
+        .iter()
+        .filter(|(t, ok)| !*ok && *t > kill_us)
+        .count();
     r.put(
         "publish_resumed_s",
         "publishes succeed again after",
