@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
-pub use conn::{CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx, QueueTx, TrySendError};
+pub use conn::{
+    CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx, QueueTx, TrySendError,
+};
 
 use crate::broker::memory::lock;
 use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
