@@ -212,27 +212,40 @@ async fn the_same_idempotency_key_on_two_nodes_is_delivered_once() {
 
 #[tokio::test]
 async fn a_node_whose_subscription_dropped_fills_the_gap_from_history() {
+    use chorus_tests::proxy::SilencingProxy;
     let redis = RedisServer::start().await;
-    let nodes = durable_nodes(2, &redis.url(), &[]).await;
-    let mut sub = nodes[1].client().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
+    // The subscriber's node reaches Redis through a proxy that can silence
+    // its subscription; its canary notices within half a second.
+    let node = durable_nodes(
+        1,
+        &proxy.url(),
+        &["--canary-interval", "100ms", "--canary-timeout", "500ms"],
+    )
+    .await
+    .remove(0);
+    let mut sub = node.client().await;
     sub.subscribe("gap").await;
-    let publisher = Publisher::start(nodes[0].client().await, "gap");
+    let publisher = Publisher::start(publisher_node.client().await, "gap");
     publisher.wait_for(20).await;
-    // Drop every subscription while messages keep coming: node 1 misses some
-    // live notifications and must take them from the stream.
-    for _ in 0..3 {
-        let _: i64 = redis
-            .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
-            .await;
-        let now = publisher.acked.load(Ordering::SeqCst);
-        publisher.wait_for(now + 20).await;
-    }
+    // Live notifications stop reaching the node while messages keep coming:
+    // it must take what it missed from the stream when it reconnects.
+    proxy.silence_subscribers();
+    let silenced_at = publisher.acked.load(Ordering::SeqCst);
+    publisher.wait_for(silenced_at + 100).await;
+    // And a plain dropped subscription on top.
+    let _: i64 = redis
+        .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
+        .await;
+    let now = publisher.acked.load(Ordering::SeqCst);
+    publisher.wait_for(now + 50).await;
     let last = publisher.stop().await;
     // The same client connection sees every offset, in order, once.
     read_contiguous(&mut sub, 1, last).await;
-    assert!(nodes[1].metric("chorus_broker_reconnects_total").await >= 1.0);
+    assert!(node.metric("chorus_broker_reconnects_total").await >= 1.0);
     assert!(
-        nodes[1].metric("chorus_gap_filled_messages_total").await > 0.0,
+        node.metric("chorus_gap_filled_messages_total").await > 0.0,
         "the missed notifications came from history"
     );
 }

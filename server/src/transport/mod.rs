@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::node::Node;
@@ -33,6 +34,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let drain_node = node.clone();
+    // Nagle off: a frame queued behind an unacknowledged one would otherwise
+    // wait for the peer's delayed ACK (up to 40 ms on Linux) — most
+    // deliveries are one small frame per write.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(node))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -18,11 +18,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use crate::auth::Session;
 use crate::broker::{BrokerError, Position, PublishRequest};
-use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound};
+use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound, QueueRx};
 use crate::node::{Node, Slot};
 use crate::protocol::{self, ClientFrame, ErrorCode, RoomName, SUBPROTOCOL, ServerFrame, Since};
 
@@ -32,8 +31,11 @@ const MAX_INFLIGHT: usize = 64;
 /// Most queued frames written in one flush.
 const MAX_BATCH: usize = 256;
 /// Socket read buffer. Small on purpose: it is allocated for every
-/// connection up front (the library default is 128 KiB).
-const READ_BUFFER: usize = 4 * 1024;
+/// connection up front (the library default is 128 KiB), and the library
+/// zeroes it on every read attempt — including the one the connection loop
+/// makes each time it wakes to write a delivery. Client frames are small;
+/// a larger one is read in several chunks.
+const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write reaches the socket even without a flush.
 const WRITE_BUFFER: usize = 64 * 1024;
 /// How long a closing handshake may take before the socket is dropped.
@@ -195,8 +197,13 @@ impl RateLimit {
 }
 
 impl Conn {
-    async fn run(&mut self, mut socket: WebSocket, mut queue: mpsc::Receiver<Outbound>) -> End {
+    async fn run(&mut self, mut socket: WebSocket, mut queue: QueueRx) -> End {
         let ctl = self.handle.ctl.clone();
+        // One close-request future for the connection's life: re-creating
+        // it each turn of the loop would register and unregister a waiter
+        // on every delivery.
+        let closed = ctl.closed();
+        tokio::pin!(closed);
         let welcome = protocol::encode(&ServerFrame::Welcome {
             session: &self.session,
             node: &self.node.node_id,
@@ -207,6 +214,7 @@ impl Conn {
         }
         let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
         let mut out: Vec<Message> = Vec::new();
+        let mut batch: Vec<Outbound> = Vec::new();
         // A client's token is good until its `exp`; the connection ends then.
         let expires = self.auth.expires_at().map(|at| {
             let left = at
@@ -224,19 +232,15 @@ impl Conn {
         loop {
             tokio::select! {
                 biased;
-                reason = ctl.closed() => return close(&mut socket, reason).await,
+                reason = &mut closed => return close(&mut socket, reason).await,
                 () = &mut expiry => {
                     let frame = CloseFrame { code: close_code::POLICY, reason: Utf8Bytes::from_static("token expired: reconnect with a fresh token") };
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
                     return End::TokenExpired;
                 }
-                Some(first) = queue.recv() => {
-                    out.extend(self.outbound(first));
-                    while out.len() < MAX_BATCH {
-                        match queue.try_recv() {
-                            Ok(next) => out.extend(self.outbound(next)),
-                            Err(_) => break,
-                        }
+                _ = queue.recv_many(&mut batch, MAX_BATCH) => {
+                    for item in batch.drain(..) {
+                        out.extend(self.outbound(item));
                     }
                 }
                 Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
@@ -271,7 +275,7 @@ impl Conn {
                 };
                 tokio::select! {
                     biased;
-                    reason = ctl.closed() => return close(&mut socket, reason).await,
+                    reason = &mut closed => return close(&mut socket, reason).await,
                     res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
                 }
             }
