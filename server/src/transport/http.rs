@@ -15,9 +15,15 @@ use crate::node::Node;
 use crate::protocol::{ErrorCode, MAX_KEY_CHARS, RoomName};
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
+const JS_CLIENT: &str = include_str!("../../static/chorus.js");
 
 pub async fn demo_page() -> Html<&'static str> {
     Html(DEMO_PAGE)
+}
+
+/// `GET /chorus.js`: the browser client (an ES module).
+pub async fn js_client() -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], JS_CLIENT).into_response()
 }
 
 pub async fn healthz() -> &'static str {

@@ -17,6 +17,7 @@ use crate::node::Node;
 pub fn app(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(http::demo_page))
+        .route("/chorus.js", get(http::js_client))
         .route("/ws", get(ws::upgrade))
         .route("/api/v1/rooms/{room}/messages", post(http::publish))
         .route("/api/v1/rooms/{room}/history", get(http::history))

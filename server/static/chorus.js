@@ -1,0 +1,171 @@
+// Chorus WebSocket client (protocol v1), served by every node at /chorus.js.
+//
+//   import { Chorus } from "/chorus.js";
+//   const chorus = new Chorus("wss://chat.example.com/ws", { token });
+//   await chorus.subscribe("lobby", (msg) => console.log(msg.offset, msg.data));
+//   const { offset } = await chorus.publish("lobby", { text: "hi" });
+//
+// What it takes care of:
+// - reconnects with exponential backoff (0.5 s doubling to 10 s, with jitter),
+//   and after `after_ms` when a draining node sends `reconnect`;
+// - re-subscribes every room after a reconnect with `since` = the last
+//   message it delivered, so a node in durable mode replays what was missed;
+// - reports what it could not recover: `onGap(room, missed)` when offsets
+//   jump (pubsub mode loses messages in outages), `onReset(room)` when the
+//   server answers `history_gone` or the room's epoch changed — reload the
+//   room's state from your backend then;
+// - requests time out (default 10 s) and reject with the server's error.
+
+export class ChorusError extends Error {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.code = code;
+  }
+}
+
+export class Chorus {
+  constructor(url, options = {}) {
+    this.url = url;
+    this.token = options.token;
+    this.timeoutMs = options.timeoutMs ?? 10000;
+    this.onStatus = options.onStatus ?? (() => {});
+    this.onGap = options.onGap ?? (() => {});
+    this.onReset = options.onReset ?? (() => {});
+    this.rooms = new Map(); // room -> { handler, epoch, offset }
+    this.pending = new Map(); // id -> { resolve, reject, timer }
+    this.nextId = 1;
+    this.backoffMs = 500;
+    this.closedByUser = false;
+    this.session = null;
+    this.node = null;
+    this.ready = null;
+    this.connect();
+  }
+
+  connect() {
+    const url = this.token ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this.token)}` : this.url;
+    const ws = new WebSocket(url, "chorus.v1");
+    this.ws = ws;
+    this.ready = new Promise((resolve) => (this.markReady = resolve));
+    ws.onmessage = (ev) => this.onFrame(JSON.parse(ev.data));
+    ws.onclose = () => this.onClose();
+  }
+
+  onFrame(f) {
+    switch (f.op) {
+      case "welcome":
+        this.session = f.session;
+        this.node = f.node;
+        this.backoffMs = 500;
+        this.onStatus({ connected: true, node: f.node, session: f.session });
+        this.markReady();
+        for (const room of this.rooms.keys()) this.resubscribe(room);
+        break;
+      case "message":
+        this.deliver(f);
+        break;
+      case "reconnect":
+        this.onStatus({ connected: false, draining: true, afterMs: f.after_ms });
+        setTimeout(() => this.ws.close(), f.after_ms);
+        break;
+      case "error":
+      case "ok":
+      case "pong": {
+        const p = f.id !== undefined && this.pending.get(f.id);
+        if (!p) break;
+        this.pending.delete(f.id);
+        clearTimeout(p.timer);
+        if (f.op === "error") p.reject(new ChorusError(f.code, f.message));
+        else p.resolve(f);
+        break;
+      }
+    }
+  }
+
+  deliver(f) {
+    const r = this.rooms.get(f.room);
+    if (!r) return;
+    if (r.epoch !== undefined && r.epoch !== f.epoch) {
+      this.onReset(f.room);
+    } else if (r.offset !== undefined && f.offset > r.offset + 1) {
+      this.onGap(f.room, f.offset - r.offset - 1);
+    } else if (r.offset !== undefined && f.offset <= r.offset) {
+      return; // already delivered
+    }
+    r.epoch = f.epoch;
+    r.offset = f.offset;
+    r.handler({ room: f.room, data: f.data, offset: f.offset, epoch: f.epoch, from: f.from });
+  }
+
+  onClose() {
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(new ChorusError("unavailable", "connection closed"));
+    }
+    this.pending.clear();
+    if (this.closedByUser) return;
+    const wait = this.backoffMs * (0.5 + Math.random() / 2);
+    this.backoffMs = Math.min(this.backoffMs * 2, 10000);
+    this.onStatus({ connected: false, retryInMs: Math.round(wait) });
+    setTimeout(() => this.connect(), wait);
+  }
+
+  async request(frame) {
+    await this.ready;
+    return new Promise((resolve, reject) => {
+      const id = this.nextId++;
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new ChorusError("timeout", `no reply to ${frame.op} within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      this.pending.set(id, { resolve, reject, timer });
+      this.ws.send(JSON.stringify({ ...frame, id }));
+    });
+  }
+
+  /** Joins a room; `handler` gets every message after the current offset. */
+  async subscribe(room, handler) {
+    this.rooms.set(room, { handler, epoch: undefined, offset: undefined });
+    const ok = await this.request({ op: "subscribe", room });
+    const r = this.rooms.get(room);
+    if (r && r.offset === undefined) {
+      r.epoch = ok.epoch;
+      r.offset = ok.offset;
+    }
+    return ok;
+  }
+
+  async resubscribe(room) {
+    const r = this.rooms.get(room);
+    if (!r) return;
+    const frame = { op: "subscribe", room };
+    if (r.epoch !== undefined) frame.since = { epoch: r.epoch, offset: r.offset };
+    try {
+      const ok = await this.request(frame);
+      if (frame.since && ok.recovered === true) return; // the replay follows the ok
+      if (frame.since) this.onReset(room); // history_gone: reload the room's state
+      r.epoch = ok.epoch;
+      r.offset = ok.offset;
+    } catch (e) {
+      // The next reconnect tries again.
+    }
+  }
+
+  async unsubscribe(room) {
+    this.rooms.delete(room);
+    return this.request({ op: "unsubscribe", room });
+  }
+
+  /** Publishes; resolves with `{offset, epoch}`. `key` makes it idempotent. */
+  async publish(room, data, { key } = {}) {
+    const frame = { op: "publish", room, data };
+    if (key !== undefined) frame.key = key;
+    const ok = await this.request(frame);
+    return { offset: ok.offset, epoch: ok.epoch };
+  }
+
+  close() {
+    this.closedByUser = true;
+    this.ws.close();
+  }
+}
