@@ -1,4 +1,4 @@
-//! Authentication and room permissions (PROTOCOL.md, "Auth").
+//! Authentication and room permissions (README, "Auth").
 //!
 //! Pure: no I/O. The only outside input is the system clock, which
 //! `jsonwebtoken` reads to check `exp`/`nbf`. Build one [`Authenticator`] at
@@ -60,7 +60,7 @@ use subtle::ConstantTimeEq;
 /// token issuer and this node).
 pub const EXP_LEEWAY_SECS: u64 = 30;
 
-/// Longest room name the protocol allows, in bytes (PROTOCOL.md `bad_room`).
+/// Longest room name the protocol allows, in bytes (`bad_room`).
 const MAX_ROOM_LEN: usize = 256;
 
 /// Prefix of a user's personal room: `user:<sub>`.
@@ -505,7 +505,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The protocol error code to send (PROTOCOL.md "Error codes").
+    /// The protocol error code to send (README, "Protocol").
     pub fn code(&self) -> &'static str {
         "unauthorized"
     }

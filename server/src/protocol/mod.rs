@@ -1,4 +1,4 @@
-//! Wire protocol v1 (`PROTOCOL.md`): client frames in, server frames out.
+//! Wire protocol v1 (README, "Protocol"): client frames in, server frames out.
 //!
 //! No I/O here. Decoding is lenient about field order and strict about
 //! content: anything that is not a known op with its required fields is a
