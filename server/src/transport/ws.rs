@@ -6,7 +6,7 @@
 //! [`MAX_INFLIGHT`] publishes in flight with their replies in request order,
 //! and obeys the node's close requests (slow consumer, drain).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,7 +128,7 @@ async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slo
         auth,
         handle,
         rooms: HashSet::new(),
-        replayed: HashMap::new(),
+        replayed: SentUpTo::default(),
         rate: RateLimit::new(node.config.max_publish_rate),
     };
     let end = conn.run(socket, queue).await;
@@ -158,7 +158,7 @@ struct Conn {
     /// client was told (or the last replayed), with its epoch. Live
     /// messages up to it are already sent or precede the subscription, and
     /// are dropped; the entry goes with the first later message.
-    replayed: HashMap<RoomName, (Arc<str>, u64)>,
+    replayed: SentUpTo,
     rate: RateLimit,
 }
 
@@ -414,15 +414,7 @@ impl Conn {
                 // client gets exactly what follows: a message that was
                 // published before but reaches this node just after the
                 // join is not sent again.
-                let sent_upto = self
-                    .replayed
-                    .get(&room)
-                    .filter(|(e, _)| *e == reply.epoch)
-                    .map_or(0, |(_, o)| *o);
-                self.replayed.insert(
-                    room.clone(),
-                    (reply.epoch.clone(), sent_upto.max(reply.offset)),
-                );
+                self.replayed.raise(&room, &reply.epoch, reply.offset);
                 out.push(Message::Text(reply.encode(id).into()));
                 out.extend(replay);
             }
@@ -501,8 +493,7 @@ impl Conn {
             }
         }
         self.node.metrics.replayed.inc_by(replay.len() as u64);
-        self.replayed
-            .insert(room.clone(), (pos.epoch.clone(), after));
+        self.replayed.raise(room, &pos.epoch, after);
         let missed = pos.offset - since.offset;
         Ok((
             SubscribeOk {
@@ -517,17 +508,42 @@ impl Conn {
     fn outbound(&mut self, out: Outbound) -> Option<Message> {
         match out {
             Outbound::Message(d) => {
-                if !self.replayed.is_empty()
-                    && let Some((epoch, upto)) = self.replayed.get(&d.room)
-                {
-                    if *epoch == d.epoch && d.offset <= *upto {
-                        return None;
-                    }
-                    self.replayed.remove(&d.room);
+                if self.replayed.already_sent(&d.room, &d.epoch, d.offset) {
+                    return None;
                 }
                 Some(Message::Text(d.frame.clone()))
             }
         }
+    }
+}
+
+/// Per room, the offset (in an epoch) up to which a client already has the
+/// messages: the `ok` told it N, or a replay sent through M. A small vector:
+/// a connection is in few rooms, and an idle one should not pay for a map.
+#[derive(Default)]
+struct SentUpTo(Vec<(RoomName, Arc<str>, u64)>);
+
+impl SentUpTo {
+    fn raise(&mut self, room: &RoomName, epoch: &Arc<str>, offset: u64) {
+        match self.0.iter_mut().find(|(r, _, _)| r == room) {
+            Some(entry) if entry.1 == *epoch => entry.2 = entry.2.max(offset),
+            Some(entry) => *entry = (room.clone(), epoch.clone(), offset),
+            None => self.0.push((room.clone(), epoch.clone(), offset)),
+        }
+    }
+
+    /// Whether a live message was already sent (or precedes the
+    /// subscription); the room's entry goes with the first one that was not.
+    fn already_sent(&mut self, room: &RoomName, epoch: &Arc<str>, offset: u64) -> bool {
+        let Some(i) = self.0.iter().position(|(r, _, _)| r == room) else { return false };
+        if self.0[i].1 == *epoch && offset <= self.0[i].2 {
+            return true;
+        }
+        self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        false
     }
 }
 
