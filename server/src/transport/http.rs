@@ -23,7 +23,11 @@ pub async fn demo_page() -> Html<&'static str> {
 
 /// `GET /chorus.js`: the browser client (an ES module).
 pub async fn js_client() -> Response {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], JS_CLIENT).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        JS_CLIENT,
+    )
+        .into_response()
 }
 
 pub async fn healthz() -> &'static str {

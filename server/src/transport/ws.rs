@@ -215,25 +215,20 @@ impl Conn {
         let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
         let mut out: Vec<Message> = Vec::new();
         let mut batch: Vec<Outbound> = Vec::new();
-        // A client's token is good until its `exp`; the connection ends then.
-        let expires = self.auth.expires_at().map(|at| {
+        // A client's token is good until its `exp`; the connection ends
+        // then. Boxed, and only for tokens with an expiry: an anonymous idle
+        // connection carries no timer.
+        let mut expiry = self.auth.expires_at().map(|at| {
             let left = at
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::Instant::now() + left
+            Box::pin(tokio::time::sleep(left))
         });
-        let expiry = async move {
-            match expires {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
                 reason = &mut closed => return close(&mut socket, reason).await,
-                () = &mut expiry => {
+                () = async { if let Some(timer) = expiry.as_mut() { timer.await } }, if expiry.is_some() => {
                     let frame = CloseFrame { code: close_code::POLICY, reason: Utf8Bytes::from_static("token expired: reconnect with a fresh token") };
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
                     return End::TokenExpired;
@@ -528,14 +523,20 @@ impl SentUpTo {
         match self.0.iter_mut().find(|(r, _, _)| r == room) {
             Some(entry) if entry.1 == *epoch => entry.2 = entry.2.max(offset),
             Some(entry) => *entry = (room.clone(), epoch.clone(), offset),
-            None => self.0.push((room.clone(), epoch.clone(), offset)),
+            None => {
+                // One entry's room at a time: most connections are in one room.
+                self.0.reserve_exact(1);
+                self.0.push((room.clone(), epoch.clone(), offset));
+            }
         }
     }
 
     /// Whether a live message was already sent (or precedes the
     /// subscription); the room's entry goes with the first one that was not.
     fn already_sent(&mut self, room: &RoomName, epoch: &Arc<str>, offset: u64) -> bool {
-        let Some(i) = self.0.iter().position(|(r, _, _)| r == room) else { return false };
+        let Some(i) = self.0.iter().position(|(r, _, _)| r == room) else {
+            return false;
+        };
         if self.0[i].1 == *epoch && offset <= self.0[i].2 {
             return true;
         }
