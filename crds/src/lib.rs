@@ -4,7 +4,7 @@
 //!   field and the schema rules the API server enforces (ranges, enums,
 //!   patterns, CEL `x-kubernetes-validations`).
 //! - [`status`]: what the operator reports back.
-//! - [`validate`]: the rules a schema cannot express; the operator runs them
+//! - [`mod@validate`]: the rules a schema cannot express; the operator runs them
 //!   before touching anything.
 
 pub mod spec;

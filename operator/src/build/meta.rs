@@ -76,14 +76,6 @@ impl Names {
             namespace,
         })
     }
-
-    /// DNS name of Redis pod `ordinal` through the headless Service.
-    pub fn redis_pod_host(&self, ordinal: u32) -> String {
-        format!(
-            "{}-{ordinal}.{}.{}.svc",
-            self.redis, self.redis, self.namespace
-        )
-    }
 }
 
 /// Labels that select a component's pods. Never carries the version:
@@ -168,10 +160,6 @@ mod tests {
         assert_eq!(names.redis, "chat-redis");
         assert_eq!(names.sentinel, "chat-sentinel");
         assert_eq!(names.redis_auth_secret, "chat-redis-auth");
-        assert_eq!(
-            names.redis_pod_host(0),
-            "chat-redis-0.chat-redis.default.svc"
-        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! `StatefulSet <name>-redis`: the managed Redis pods. On first start pod 0
-//! is the master and the others replicate it; after that the topology
-//! module and Sentinel own who is master.
+//! `StatefulSet <name>-redis`: the managed Redis pods. Every pod starts as
+//! a standalone Redis with the password; who is master and who replicates
+//! it is set at run time by the operator's Redis topology step (pod 0 on
+//! first start, then whatever Sentinel agrees on), which addresses pods by
+//! IP, as Sentinel does (`resolve-hostnames no`). Nothing here pins a role,
+//! so a restarted pod never comes back claiming a role it lost.
 
 use std::collections::BTreeMap;
 
@@ -28,7 +31,7 @@ pub const DATA_VOLUME: &str = "data";
 
 /// The container's start script. Redis reads the password from the
 /// environment into a config file so it never shows in `ps`.
-fn start_script(mc: &MessagingCluster, names: &Names) -> String {
+fn start_script(mc: &MessagingCluster) -> String {
     let persistence = if mc.spec.redis.storage.is_some() {
         "appendonly yes\nappendfsync everysec"
     } else {
@@ -36,8 +39,6 @@ fn start_script(mc: &MessagingCluster, names: &Names) -> String {
     };
     format!(
         r#"set -eu
-host="$(hostname).{svc}.{ns}.svc"
-master="{master}"
 umask 077
 cat > /tmp/redis.conf <<END_OF_CONFIG
 port {port}
@@ -45,19 +46,14 @@ dir /data
 {persistence}
 requirepass "$REDIS_PASSWORD"
 masterauth "$REDIS_PASSWORD"
-replica-announce-ip $host
 END_OF_CONFIG
-if [ "$host" != "$master" ]; then echo "replicaof $master {port}" >> /tmp/redis.conf; fi
 exec redis-server /tmp/redis.conf
 "#,
-        svc = names.redis,
-        ns = names.namespace,
-        master = names.redis_pod_host(0),
         port = REDIS_PORT,
     )
 }
 
-/// `REDIS_PASSWORD` from the password Secret, shared by Redis and Sentinel pods.
+/// `REDIS_PASSWORD` from the password Secret.
 pub fn password_env(mc: &MessagingCluster, names: &Names) -> Vec<EnvVar> {
     redis_password_ref(&mc.spec, names)
         .map(|r| EnvVar {
@@ -107,11 +103,7 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
     let container = Container {
         name: "redis".to_owned(),
         image: Some(redis.image.clone()),
-        command: Some(vec![
-            "sh".to_owned(),
-            "-c".to_owned(),
-            start_script(mc, names),
-        ]),
+        command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script(mc)]),
         env: Some(password_env(mc, names)),
         ports: Some(vec![ContainerPort {
             name: Some("redis".to_owned()),
@@ -165,7 +157,7 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
             replicas: Some(redis.replicas),
             service_name: Some(names.redis.clone()),
             selector: label_selector(names, Component::Redis),
-            // Start all pods at once: replicas retry until pod 0 answers.
+            // Start all pods at once: roles are assigned afterwards.
             pod_management_policy: Some("Parallel".to_owned()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -227,17 +219,22 @@ mod tests {
     }
 
     #[test]
-    fn pod_zero_starts_as_master_and_others_replicate_it() {
+    fn pods_start_with_the_password_and_no_fixed_role() {
         let script = script(&sts(&MessagingCluster::test()));
         assert!(
-            script.contains(r#"master="chat-redis-0.chat-redis.default.svc""#),
+            script.contains("requirepass \"$REDIS_PASSWORD\""),
             "{script}"
         );
         assert!(
-            script.contains(r#"if [ "$host" != "$master" ]; then echo "replicaof $master 6379""#),
+            script.contains("masterauth \"$REDIS_PASSWORD\""),
             "{script}"
         );
-        assert!(script.contains("requirepass \"$REDIS_PASSWORD\""));
+        // Roles are set by the topology step, by IP; a pinned `replicaof`
+        // or a host name announce would fight it.
+        assert!(
+            !script.contains("replicaof") && !script.contains("announce"),
+            "{script}"
+        );
     }
 
     #[test]

@@ -1,6 +1,11 @@
-//! `Deployment <name>-sentinel`: the Sentinel group monitoring master
-//! `chorus`. Sentinels rewrite their config, so each writes a fresh one to
-//! an emptyDir at start; a restarted sentinel rediscovers the group.
+//! `Deployment <name>-sentinel`: the Sentinel group for master `chorus`.
+//!
+//! Sentinels start monitoring nothing, with `resolve-hostnames no`: the
+//! operator's Redis topology step tells them (`SENTINEL MONITOR chorus <ip>
+//! 6379 <quorum>`, `auth-pass`, timings) which pod is master, by pod IP, and
+//! re-points or resets them when they follow a stale master. Sentinel
+//! rewrites its config file, so it lives on an emptyDir that survives
+//! container restarts; it is only written when missing.
 
 use chorus_crds::MessagingCluster;
 use k8s_openapi::{
@@ -15,53 +20,37 @@ use k8s_openapi::{
 };
 
 use super::BuildError;
-use super::meta::{
-    Component, Names, REDIS_PORT, SENTINEL_MASTER_NAME, SENTINEL_PORT, label_selector, labels,
-    object_meta,
-};
-use super::redis_statefulset::{password_env, ping_probe};
+use super::meta::{Component, Names, SENTINEL_PORT, label_selector, labels, object_meta};
+use super::redis_statefulset::ping_probe;
 
-/// Sentinels that must agree before a failover: a majority.
+/// Sentinels that must agree before a failover: a majority. The topology
+/// step passes it to `SENTINEL MONITOR`.
 pub fn quorum(sentinels: i32) -> i32 {
     sentinels / 2 + 1
 }
 
-fn start_script(mc: &MessagingCluster, names: &Names) -> String {
+fn start_script() -> String {
     format!(
         r#"set -eu
 umask 077
+if [ ! -f /data/sentinel.conf ]; then
 cat > /data/sentinel.conf <<END_OF_CONFIG
-port {sport}
-sentinel resolve-hostnames yes
-sentinel announce-hostnames yes
-sentinel monitor {master_name} {master} {port} {quorum}
-sentinel auth-pass {master_name} "$REDIS_PASSWORD"
-sentinel down-after-milliseconds {master_name} 5000
-sentinel failover-timeout {master_name} 60000
-sentinel parallel-syncs {master_name} 1
+port {SENTINEL_PORT}
+sentinel resolve-hostnames no
 END_OF_CONFIG
+fi
 exec redis-sentinel /data/sentinel.conf
-"#,
-        sport = SENTINEL_PORT,
-        master_name = SENTINEL_MASTER_NAME,
-        master = names.redis_pod_host(0),
-        port = REDIS_PORT,
-        quorum = quorum(mc.spec.redis.sentinels),
+"#
     )
 }
 
 pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildError> {
-    // Sentinels themselves do not require the password.
+    // Sentinels themselves do not require a password.
     let probe = ping_probe(SENTINEL_PORT, false);
     let container = Container {
         name: "sentinel".to_owned(),
         image: Some(mc.spec.redis.image.clone()),
-        command: Some(vec![
-            "sh".to_owned(),
-            "-c".to_owned(),
-            start_script(mc, names),
-        ]),
-        env: Some(password_env(mc, names)),
+        command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script()]),
         ports: Some(vec![ContainerPort {
             name: Some("sentinel".to_owned()),
             container_port: SENTINEL_PORT,
@@ -114,7 +103,7 @@ mod tests {
     }
 
     #[test]
-    fn sentinels_monitor_pod_zero_as_master_chorus() {
+    fn sentinels_start_unconfigured_and_address_by_ip() {
         let mut mc = MessagingCluster::test();
         mc.spec.redis.sentinels = 5;
         let d = build(&mc, &Names::of(&mc).expect("names")).expect("builds");
@@ -131,14 +120,16 @@ mod tests {
         );
         let c = &spec.template.spec.expect("pod").containers[0];
         let script = &c.command.clone().expect("command")[2];
+        assert!(script.contains("sentinel resolve-hostnames no"), "{script}");
         assert!(
-            script.contains("sentinel monitor chorus chat-redis-0.chat-redis.default.svc 6379 3"),
-            "{script}"
+            !script.contains("sentinel monitor"),
+            "the topology step monitors: {script}"
         );
         assert!(
-            script.contains("sentinel auth-pass chorus \"$REDIS_PASSWORD\""),
+            script.contains("if [ ! -f /data/sentinel.conf ]"),
             "{script}"
         );
         assert_eq!(c.ports.clone().expect("ports")[0].container_port, 26379);
+        assert!(c.env.is_none(), "sentinel pods need no password");
     }
 }

@@ -179,7 +179,11 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, b
     // 3. apply
     let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
     // The Redis topology step (operator/src/topology/, merged separately)
-    // goes here and reports the master the Sentinels agree on.
+    // goes here: list the Redis and Sentinel pods (label selectors from
+    // `build::meta::selector_labels`) for their IPs, read the password from
+    // the Secret, call `reconcile_topology` with master name `chorus` and
+    // `build::sentinel::quorum`, and pass the report's master (`ip:port`)
+    // on. Until then no master is reported.
     let observed_master = None;
     // 4. status
     let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());

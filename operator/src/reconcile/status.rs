@@ -18,7 +18,7 @@ use kube::{
 };
 
 use super::apply::{Applied, FIELD_MANAGER};
-use crate::build::meta::{Component, REDIS_PORT, selector_string};
+use crate::build::meta::{Component, selector_string};
 use crate::build::{Names, config_map::broker_url};
 
 /// Writing the status failed.
@@ -136,16 +136,19 @@ pub fn compute(
                 .as_ref()
                 .and_then(|s| s.ready_replicas)
                 .unwrap_or(0);
-            // Without an observation, the master is the one the group was
-            // configured to start with (pod 0), once Redis pods are up.
-            let master = observed_master.or_else(|| {
-                (redis_ready > 0).then(|| format!("{}:{REDIS_PORT}", names.redis_pod_host(0)))
-            });
+            // Only the topology step knows the master (by pod IP).
+            let master = observed_master;
             let ok = redis_ready >= want_redis && sentinels_ready >= want_sentinels;
+            let master_note = match &master {
+                Some(m) => format!("master {m}"),
+                None => "no master reported yet".to_owned(),
+            };
             let (reason, message) = if ok {
                 (
                     "RedisGroupReady",
-                    format!("{redis_ready} Redis pods and {sentinels_ready} sentinels are ready"),
+                    format!(
+                        "{redis_ready} Redis pods and {sentinels_ready} sentinels are ready; {master_note}"
+                    ),
                 )
             } else {
                 (
@@ -483,10 +486,7 @@ mod tests {
             s.selector,
             "app.kubernetes.io/component=server,app.kubernetes.io/instance=chat,app.kubernetes.io/name=chorus"
         );
-        assert_eq!(
-            s.redis.master.as_deref(),
-            Some("chat-redis-0.chat-redis.default.svc:6379")
-        );
+        assert_eq!(s.redis.master.as_deref(), None);
         assert_eq!(
             s.endpoints.websocket.as_deref(),
             Some("ws://chat.default.svc:80/ws")
@@ -591,10 +591,21 @@ mod tests {
     fn master_change_is_a_failover_event() {
         let mut mc = MessagingCluster::test();
         let names = Names::of(&mc).expect("names");
-        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), None, now()));
-        let moved = Some("chat-redis-1.chat-redis.default.svc:6379".to_owned());
+        let first = Some("10.0.0.5:6379".to_owned());
+        mc.status = Some(compute(&mc, &names, &applied(3, 3, 3), first, now()));
+        let moved = Some("10.0.0.6:6379".to_owned());
         let new = compute(&mc, &names, &applied(3, 3, 3), moved.clone(), now());
         assert_eq!(new.redis.master, moved);
+        let ready = new
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "RedisReady")
+            .expect("RedisReady");
+        assert!(
+            ready.message.ends_with("master 10.0.0.6:6379"),
+            "{}",
+            ready.message
+        );
         let reasons: Vec<_> = transitions(&mc, &new, false)
             .iter()
             .map(|n| n.reason)
