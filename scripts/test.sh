@@ -37,4 +37,4 @@ fi
 
 echo "test.sh: redis $(redis-server --version | awk '{print $3}')"
 cargo test --workspace --locked "$@"
-python3 -m pytest charts/chorus/tests -q
+python3 -m pytest charts/chorus/tests -q -p no:cacheprovider

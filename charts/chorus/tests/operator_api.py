@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -256,8 +255,9 @@ def functions(text: str) -> list[str]:
 
 
 @cache
-def _k8s_openapi_dir() -> Path:
-    meta = json.loads(
+def cargo_metadata() -> dict:
+    """``cargo metadata`` of the workspace (packages, resolved features)."""
+    return json.loads(
         subprocess.run(
             ["cargo", "metadata", "--format-version", "1", "--locked"],
             cwd=ROOT,
@@ -266,13 +266,22 @@ def _k8s_openapi_dir() -> Path:
             text=True,
         ).stdout
     )
-    manifests = [p["manifest_path"] for p in meta["packages"] if p["name"] == "k8s-openapi"]
-    assert len(manifests) == 1, f"one k8s-openapi in the workspace, found {manifests}"
-    workspace = tomllib.loads((ROOT / "Cargo.toml").read_text())
-    features = workspace["workspace"]["dependencies"]["k8s-openapi"]["features"]
-    versions = [f for f in features if re.fullmatch(r"v1_\d+", f)]
-    assert len(versions) == 1, f"one k8s-openapi version feature, found {versions}"
-    return Path(manifests[0]).parent / "src" / versions[0]
+
+
+def operator_version() -> str:
+    (version,) = {p["version"] for p in cargo_metadata()["packages"] if p["name"] == "chorus-operator"}
+    return version
+
+
+@cache
+def _k8s_openapi_dir() -> Path:
+    meta = cargo_metadata()
+    packages = [p for p in meta["packages"] if p["name"] == "k8s-openapi"]
+    assert len(packages) == 1, f"one k8s-openapi in the workspace, found {[p['id'] for p in packages]}"
+    (node,) = [n for n in meta["resolve"]["nodes"] if n["id"] == packages[0]["id"]]
+    versions = [f for f in node["features"] if re.fullmatch(r"v1_\d+", f)]
+    assert len(versions) == 1, f"one k8s-openapi version feature enabled, found {versions}"
+    return Path(packages[0]["manifest_path"]).parent / "src" / versions[0]
 
 
 @cache

@@ -5,13 +5,12 @@ expects, and refuses wrong values at install time."""
 from __future__ import annotations
 
 import re
-import tomllib
 
 import helm_python
 import pytest
 import yaml
 from conftest import CHART, CUSTOM_VALUES, NAMESPACE, RELEASE, notes, objects, one, render
-from operator_api import OPERATOR_SRC, ROOT, operator_sources
+from operator_api import OPERATOR_SRC, operator_sources, operator_version
 
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -58,7 +57,7 @@ def test_default_deployment_runs_one_operator_without_leader_election(chart):
     deployment, c = operator_container(render(chart))
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    version = operator_version()
     assert c["image"] == f"chorus-operator:{version}"
     assert c["args"] == ["run", "--metrics-listen=0.0.0.0:9090", "--log-format=json", "--no-leader-election"]
     assert {"name": "RUST_LOG", "value": "info,kube=warn"} in c["env"]
@@ -188,7 +187,7 @@ def test_chart_ships_the_generated_crd(chart):
 
 
 def test_app_version_is_the_operator_version(chart):
-    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    version = operator_version()
     assert chart.metadata["appVersion"] == version
 
 
