@@ -287,3 +287,17 @@ fn the_schema_check_catches_what_the_api_server_refuses() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn every_example_is_described_in_the_kubernetes_docs() {
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/kubernetes.md"),
+    )
+    .unwrap();
+    for example in EXAMPLES {
+        assert!(
+            docs.contains(&format!("`examples/{example}`")),
+            "docs/kubernetes.md does not mention examples/{example}"
+        );
+    }
+}
