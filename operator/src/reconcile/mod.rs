@@ -14,6 +14,7 @@
 //! failure (requeue with exponential backoff).
 
 pub mod apply;
+pub mod members;
 pub mod status;
 
 #[cfg(test)]
@@ -179,11 +180,10 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, b
     // 3. apply
     let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
     // The Redis topology step (operator/src/topology/, merged separately)
-    // goes here: list the Redis and Sentinel pods (label selectors from
-    // `build::meta::selector_labels`) for their IPs, read the password from
-    // the Secret, call `reconcile_topology` with master name `chorus` and
-    // `build::sentinel::quorum`, and pass the report's master (`ip:port`)
-    // on. Until then no master is reported.
+    // goes here: `members::observe` gives the Redis and Sentinel pod IPs;
+    // with the password from the Secret, master name `chorus` and
+    // `build::sentinel::quorum`, call `reconcile_topology` and pass the
+    // report's master (`ip:port`) on. Until then no master is reported.
     let observed_master = None;
     // 4. status
     let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());
