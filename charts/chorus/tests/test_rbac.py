@@ -137,3 +137,13 @@ def test_watching_one_namespace_grants_nothing_cluster_wide_but_the_crd(chart):
 def test_without_rbac_create_no_roles_are_rendered(chart):
     kinds = {o["kind"] for o in objects(render(chart, {"rbac": {"create": False}}))}
     assert kinds == {"Deployment", "Service", "ServiceAccount"}
+
+
+def test_releases_in_two_namespaces_share_no_cluster_scoped_object(chart):
+    def cluster_scoped(namespace):
+        rendered = render(chart, {"watchNamespace": namespace}, namespace=namespace)
+        return {(o["kind"], o["metadata"]["name"]) for o in objects(rendered) if o["kind"].startswith("Cluster")}
+
+    a, b = cluster_scoped("team-a"), cluster_scoped("team-b")
+    assert a and b
+    assert a.isdisjoint(b)
