@@ -11,10 +11,10 @@ API calls by their shape:
   plus ``create`` when the object does not exist yet (the API server
   authorises that create separately);
 - ``delete::<K>(…)``: K is deleted when no longer asked for;
-- any function (or struct field) holding a concrete ``Api<K>``: the ``Api``
-  methods called there (``get_opt`` → get, ``replace`` → update,
-  ``patch_status`` → patch on ``k/status``, ``await_condition`` → list and
-  watch, …);
+- a variable, parameter or struct field of a concrete type ``Api<K>``: the
+  ``Api`` methods called on it (``get_opt`` → get, ``replace`` → update,
+  ``patch_status`` → patch on ``k/status``, …) and the watch helpers it is
+  given (``await_condition`` → list and watch);
 - ``Recorder::new``: kube-runtime's event recorder (events.k8s.io/v1 Events:
   create, then patch for a repeated one — kube-runtime ``src/events.rs``);
 - ``controller_owner_ref`` (owner references with ``blockOwnerDeletion``):
@@ -398,28 +398,42 @@ def required_permissions(crd_name: str, lease_name: str) -> set[Permission]:
                 found.append(("status", method))
         return found
 
+    def record(kind: Kind, path: Path, found: list[tuple[str, str]], server_side_apply: bool):
+        for sub, method in found:
+            verbs = API_METHOD_VERBS.get(method) or STATUS_METHOD_VERBS[method]
+            if method == "patch" and server_side_apply:
+                verbs = verbs + ("create",)
+            # A plain create is authorised before the object has a name.
+            name = lease_name if _scope(kind, path) == LEASE and method != "create" else None
+            need(kind, path, verbs, sub, name)
+
     for path, text in sources.items():
         uses = imports(text)
+        # Variables (and parameters) bound to a concrete Api<K> in a function:
+        # the Api methods called on them, and the watch helpers given them.
         for body in functions(text):
-            kinds = {k for t in re.findall(r"\bApi\s*(?:::)?<\s*(\w+)\s*>", body) if (k := resolve(t, uses))}
-            for kind in kinds:
-                server_side_apply = "Patch::Apply" in body
-                for sub, method in calls(body):
-                    verbs = API_METHOD_VERBS.get(method) or STATUS_METHOD_VERBS[method]
-                    if method == "patch" and server_side_apply:
-                        verbs = verbs + ("create",)
-                    name = lease_name if _scope(kind, path) == LEASE and method != "create" else None
-                    need(kind, path, verbs, sub, name)
-                if any(re.search(r"\b" + h + r"\s*\(", body) for h in WATCHING_HELPERS):
+            bound = {
+                var: kind
+                for var, type_name in re.findall(r"\b(\w+)\s*:\s*&?\s*Api\s*<\s*(\w+)\s*>", body)
+                + re.findall(r"\blet\s+(?:mut\s+)?(\w+)\s*=\s*Api::<\s*(\w+)\s*>", body)
+                if (kind := resolve(type_name, uses))
+            }
+            mentioned = {k for t in re.findall(r"\bApi\s*(?:::)?<\s*(\w+)\s*>", body) if (k := resolve(t, uses))}
+            assert mentioned <= set(bound.values()), (
+                f"{path}: a concrete Api of {sorted(k.name for k in mentioned - set(bound.values()))} is used "
+                "without a variable; the derivation cannot tell which calls go through it"
+            )
+            for var, kind in bound.items():
+                record(kind, path, calls(body, r"\b" + var), "Patch::Apply" in body)
+                if any(re.search(r"\b" + h + r"\s*\(\s*&?" + var + r"\b", body) for h in WATCHING_HELPERS):
                     need(kind, path, ("list", "watch"))
-        for field, type_name in re.findall(r"\b(\w+)\s*:\s*Api\s*<\s*(\w+)\s*>", text):
-            kind = resolve(type_name, uses)
-            if not kind:
-                continue
-            for sub, method in calls(text, r"self\s*\.\s*" + field):
-                verbs = API_METHOD_VERBS.get(method) or STATUS_METHOD_VERBS[method]
-                name = lease_name if _scope(kind, path) == LEASE and method != "create" else None
-                need(kind, path, verbs, sub, name)
+        # Struct fields of a concrete Api<K>: the calls on self.<field>.
+        for struct in re.finditer(r"\bstruct\s+\w+\s*(?:<[^>{]*>)?\s*\{", text):
+            fields = text[struct.end() : _matching_brace(text, struct.end() - 1)]
+            for field, type_name in re.findall(r"\b(\w+)\s*:\s*Api\s*<\s*(\w+)\s*>", fields):
+                kind = resolve(type_name, uses)
+                if kind:
+                    record(kind, path, calls(text, r"self\s*\.\s*" + field), "Patch::Apply" in text)
 
     # kube-runtime's Recorder: events.k8s.io/v1 Events, created, then patched
     # when the same event repeats.
