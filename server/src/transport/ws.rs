@@ -174,7 +174,7 @@ impl Conn {
         loop {
             tokio::select! {
                 biased;
-                reason = &mut closed => return close(&mut socket, reason).await,
+                reason = &mut closed => return Box::pin(close(&mut socket, reason)).await,
                 _ = queue.recv_many(&mut batch, MAX_BATCH) => out.extend(batch.drain(..).map(outbound)),
                 Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
                 msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
@@ -208,7 +208,7 @@ impl Conn {
                 };
                 tokio::select! {
                     biased;
-                    reason = &mut closed => return close(&mut socket, reason).await,
+                    reason = &mut closed => return Box::pin(close(&mut socket, reason)).await,
                     res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
                 }
             }
@@ -241,7 +241,9 @@ impl Conn {
         match frame {
             ClientFrame::Ping { id } => Some(protocol::encode(&ServerFrame::Pong { id })),
             ClientFrame::Subscribe { id, room, since } => {
-                Some(self.subscribe(id, room, since).await)
+                // Boxed: subscribing is rare, and its future would otherwise
+                // be part of every connection's task for its whole life.
+                Some(Box::pin(self.subscribe(id, room, since)).await)
             }
             ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room) {
                 self.node.hub.leave(&*self.node.broker, &room, self.id);
