@@ -594,7 +594,10 @@ pub async fn rooms(fleet: &mut Fleet, args: &RoomsArgs) -> Result<Report> {
                 .map(|r| (r, names[r].clone()))
                 .collect(),
             rate: Some(args.rate / pubs as f64),
-            count: Some(args.messages / pubs as u64),
+            // Spread the remainder so exactly `messages` are published.
+            count: Some(
+                args.messages / pubs as u64 + u64::from((p as u64) < args.messages % pubs as u64),
+            ),
             duration: None,
             window: 64,
             payload: args.payload,
@@ -669,6 +672,15 @@ pub async fn idle(fleet: &mut Fleet, args: &IdleArgs) -> Result<Report> {
     let placement: Vec<_> = (0..args.per_node * n)
         .map(|i| (i % n, i % args.rooms))
         .collect();
+    if let Some(limit) = procfs::open_files_limit()
+        && placement.len() as u64 + 256 > limit
+    {
+        anyhow::bail!(
+            "{} connections need more file descriptors than this process may open ({limit}): \
+             raise `ulimit -n` or lower --per-node",
+            placement.len()
+        );
+    }
     let before = rss(fleet);
     let bench_before = procfs::rss_bytes(std::process::id());
     let cpu_before = CpuSnap::take(fleet);
