@@ -206,6 +206,8 @@ pub struct Accounting {
     pub offset_gaps: u64,
     pub closed: usize,
     pub latency: Histogram,
+    /// Acknowledged messages lost, summed over each node's subscribers.
+    pub lost_per_node: std::collections::BTreeMap<usize, u64>,
 }
 
 pub fn account(d: &Delivery) -> Accounting {
@@ -227,6 +229,7 @@ pub fn account(d: &Delivery) -> Accounting {
         offset_gaps: 0,
         closed: 0,
         latency: Histogram::default(),
+        lost_per_node: Default::default(),
     };
     for s in &d.subs {
         let acked = &per_room[s.room];
@@ -235,6 +238,7 @@ pub fn account(d: &Delivery) -> Accounting {
         a.received_distinct += s.seen.len();
         a.frames += s.frames;
         a.lost += acked.len() as u64 - got;
+        *a.lost_per_node.entry(s.node).or_default() += acked.len() as u64 - got;
         a.unacked_delivered += s.seen.len() - got;
         a.duplicates += s.duplicates;
         a.out_of_order += s.out_of_order;
@@ -288,6 +292,12 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         a.lost,
         format!("{} / {} / {}", a.lost, a.duplicates, a.out_of_order),
     );
+    let per_node: serde_json::Map<String, serde_json::Value> = a
+        .lost_per_node
+        .iter()
+        .map(|(&n, &lost)| (fleet.nodes[n].name.clone(), lost.into()))
+        .collect();
+    r.put_json("lost_per_node", per_node);
     r.put_json("duplicates", a.duplicates);
     r.put_json("out_of_order", a.out_of_order);
     r.put_json("offset_gaps", a.offset_gaps);
