@@ -114,7 +114,7 @@ impl End {
     }
 }
 
-async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slot) {
+async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot: Slot) {
     let (handle, queue) = ConnHandle::new(node.config.send_queue as usize);
     let id = node.register(handle.ctl.clone());
     let session: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
@@ -127,7 +127,9 @@ async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slo
         handle,
         rooms: HashSet::new(),
     };
-    let end = conn.run(socket, queue).await;
+    // The socket lives here, not in `run`'s state: a future that owns a
+    // parameter keeps it twice (368 bytes each, in every connection's task).
+    let end = conn.run(&mut socket, queue).await;
     for room in std::mem::take(&mut conn.rooms) {
         node.hub.leave(&*node.broker, &room, id);
     }
@@ -153,7 +155,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(&mut self, mut socket: WebSocket, mut queue: QueueRx) -> End {
+    async fn run(&mut self, socket: &mut WebSocket, mut queue: QueueRx) -> End {
         let ctl = self.handle.ctl.clone();
         // One close-request future for the connection's life: re-creating
         // it each turn of the loop would register and unregister a waiter
@@ -174,7 +176,7 @@ impl Conn {
         loop {
             tokio::select! {
                 biased;
-                reason = &mut closed => return Box::pin(close(&mut socket, reason)).await,
+                reason = &mut closed => return Box::pin(close(socket, reason)).await,
                 _ = queue.recv_many(&mut batch, MAX_BATCH) => out.extend(batch.drain(..).map(outbound)),
                 Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
                 msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
@@ -208,7 +210,7 @@ impl Conn {
                 };
                 tokio::select! {
                     biased;
-                    reason = &mut closed => return Box::pin(close(&mut socket, reason)).await,
+                    reason = &mut closed => return Box::pin(close(socket, reason)).await,
                     res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
                 }
             }
