@@ -318,7 +318,7 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         "latency p50 / p90 / p99 / max",
         serde_json::json!({
             "p50": ms(h.quantile(0.5)), "p90": ms(h.quantile(0.9)),
-            "p99": ms(h.quantile(0.99)), "max": ms(h.max()), "mean": (h.mean() / 1000.0 * 1000.0).round() / 1000.0,
+            "p99": ms(h.quantile(0.99)), "max": ms(h.max()), "mean": num(Some(h.mean() / 1000.0)),
         }),
         format!(
             "{:.2} / {:.2} / {:.2} / {:.2} ms",
