@@ -206,6 +206,8 @@ pub struct Accounting {
     pub offset_gaps: u64,
     pub closed: usize,
     pub latency: Histogram,
+    /// Acknowledged messages lost, summed over each node's subscribers.
+    pub lost_per_node: std::collections::BTreeMap<usize, u64>,
 }
 
 pub fn account(d: &Delivery) -> Accounting {
@@ -227,6 +229,7 @@ pub fn account(d: &Delivery) -> Accounting {
         offset_gaps: 0,
         closed: 0,
         latency: Histogram::default(),
+        lost_per_node: Default::default(),
     };
     for s in &d.subs {
         let acked = &per_room[s.room];
@@ -235,6 +238,7 @@ pub fn account(d: &Delivery) -> Accounting {
         a.received_distinct += s.seen.len();
         a.frames += s.frames;
         a.lost += acked.len() as u64 - got;
+        *a.lost_per_node.entry(s.node).or_default() += acked.len() as u64 - got;
         a.unacked_delivered += s.seen.len() - got;
         a.duplicates += s.duplicates;
         a.out_of_order += s.out_of_order;
@@ -288,6 +292,12 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         a.lost,
         format!("{} / {} / {}", a.lost, a.duplicates, a.out_of_order),
     );
+    let per_node: serde_json::Map<String, serde_json::Value> = a
+        .lost_per_node
+        .iter()
+        .map(|(&n, &lost)| (fleet.nodes[n].name.clone(), lost.into()))
+        .collect();
+    r.put_json("lost_per_node", per_node);
     r.put_json("duplicates", a.duplicates);
     r.put_json("out_of_order", a.out_of_order);
     r.put_json("offset_gaps", a.offset_gaps);
@@ -308,7 +318,7 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         "latency p50 / p90 / p99 / max",
         serde_json::json!({
             "p50": ms(h.quantile(0.5)), "p90": ms(h.quantile(0.9)),
-            "p99": ms(h.quantile(0.99)), "max": ms(h.max()), "mean": (h.mean() / 1000.0 * 1000.0).round() / 1000.0,
+            "p99": ms(h.quantile(0.99)), "max": ms(h.max()), "mean": num(Some(h.mean() / 1000.0)),
         }),
         format!(
             "{:.2} / {:.2} / {:.2} / {:.2} ms",
@@ -594,7 +604,10 @@ pub async fn rooms(fleet: &mut Fleet, args: &RoomsArgs) -> Result<Report> {
                 .map(|r| (r, names[r].clone()))
                 .collect(),
             rate: Some(args.rate / pubs as f64),
-            count: Some(args.messages / pubs as u64),
+            // Spread the remainder so exactly `messages` are published.
+            count: Some(
+                args.messages / pubs as u64 + u64::from((p as u64) < args.messages % pubs as u64),
+            ),
             duration: None,
             window: 64,
             payload: args.payload,
@@ -669,6 +682,15 @@ pub async fn idle(fleet: &mut Fleet, args: &IdleArgs) -> Result<Report> {
     let placement: Vec<_> = (0..args.per_node * n)
         .map(|i| (i % n, i % args.rooms))
         .collect();
+    if let Some(limit) = procfs::open_files_limit()
+        && placement.len() as u64 + 256 > limit
+    {
+        anyhow::bail!(
+            "{} connections need more file descriptors than this process may open ({limit}): \
+             raise `ulimit -n` or lower --per-node",
+            placement.len()
+        );
+    }
     let before = rss(fleet);
     let bench_before = procfs::rss_bytes(std::process::id());
     let cpu_before = CpuSnap::take(fleet);

@@ -3,11 +3,11 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use tokio::sync::Notify;
 
 use crate::broker::Delivery;
 use crate::broker::memory::lock;
@@ -34,10 +34,16 @@ pub enum CloseReason {
 }
 
 /// Shared between the connection task and whoever may ask it to close.
+///
+/// Only the connection's own task waits on [`ConnControl::closed`], and it
+/// polls that future on every turn of its loop (every delivery): the check
+/// is an atomic load and a waker registration, no lock.
 #[derive(Debug, Default)]
 pub struct ConnControl {
     reason: Mutex<Option<CloseReason>>,
-    notify: Notify,
+    /// Set (after `reason`) once a close was requested.
+    requested: AtomicBool,
+    waker: AtomicWaker,
 }
 
 impl ConnControl {
@@ -50,8 +56,8 @@ impl ConnControl {
         }
         *current = Some(reason);
         drop(current);
-        // notify_one keeps a permit when the task is not waiting right now.
-        self.notify.notify_one();
+        self.requested.store(true, Ordering::Release);
+        self.waker.wake();
         true
     }
 
@@ -59,14 +65,22 @@ impl ConnControl {
         *lock(&self.reason)
     }
 
-    /// Resolves once `close` was called.
+    /// Resolves once `close` was called. For the connection's own task.
     pub async fn closed(&self) -> CloseReason {
-        loop {
-            if let Some(reason) = self.reason() {
-                return reason;
+        poll_fn(|cx| {
+            if !self.requested.load(Ordering::Acquire) {
+                self.waker.register(cx.waker());
+                // A close between the first check and the registration.
+                if !self.requested.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
             }
-            self.notify.notified().await;
-        }
+            match self.reason() {
+                Some(reason) => Poll::Ready(reason),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 
@@ -244,6 +258,19 @@ mod tests {
         assert_eq!(h.tx.try_send(frame("3")), Err(TrySendError::Full));
         drop(rx);
         assert_eq!(h.tx.try_send(frame("4")), Err(TrySendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_close_request_wakes_the_connection_once() {
+        let (h, _rx) = ConnHandle::new(1);
+        let ctl = h.ctl.clone();
+        let task = tokio::spawn(async move { ctl.closed().await });
+        tokio::task::yield_now().await;
+        assert!(h.ctl.close(CloseReason::SlowConsumer));
+        assert!(!h.ctl.close(CloseReason::Draining { after_ms: 0 }));
+        assert_eq!(task.await.unwrap(), CloseReason::SlowConsumer);
+        // Asked before anyone waits: resolves at once.
+        assert_eq!(h.ctl.closed().await, CloseReason::SlowConsumer);
     }
 
     #[tokio::test]

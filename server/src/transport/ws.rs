@@ -116,7 +116,7 @@ impl End {
     }
 }
 
-async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slot) {
+async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot: Slot) {
     let (handle, queue) = ConnHandle::new(node.config.send_queue as usize);
     let id = node.register(handle.ctl.clone());
     let session: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
@@ -131,7 +131,9 @@ async fn connection(node: Arc<Node>, socket: WebSocket, auth: Session, slot: Slo
         replayed: SentUpTo::default(),
         rate: RateLimit::new(node.config.max_publish_rate),
     };
-    let end = conn.run(socket, queue).await;
+    // The socket lives here, not in `run`'s state: a future that owns a
+    // parameter keeps it twice (368 bytes each, in every connection's task).
+    let end = conn.run(&mut socket, queue).await;
     for room in std::mem::take(&mut conn.rooms) {
         node.hub.leave(&*node.broker, &room, id);
     }
@@ -197,7 +199,7 @@ impl RateLimit {
 }
 
 impl Conn {
-    async fn run(&mut self, mut socket: WebSocket, mut queue: QueueRx) -> End {
+    async fn run(&mut self, socket: &mut WebSocket, mut queue: QueueRx) -> End {
         let ctl = self.handle.ctl.clone();
         // One close-request future for the connection's life: re-creating
         // it each turn of the loop would register and unregister a waiter
@@ -227,7 +229,7 @@ impl Conn {
         loop {
             tokio::select! {
                 biased;
-                reason = &mut closed => return close(&mut socket, reason).await,
+                reason = &mut closed => return Box::pin(close(socket, reason)).await,
                 () = async { if let Some(timer) = expiry.as_mut() { timer.await } }, if expiry.is_some() => {
                     let frame = CloseFrame { code: close_code::POLICY, reason: Utf8Bytes::from_static("token expired: reconnect with a fresh token") };
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
@@ -270,7 +272,7 @@ impl Conn {
                 };
                 tokio::select! {
                     biased;
-                    reason = &mut closed => return close(&mut socket, reason).await,
+                    reason = &mut closed => return Box::pin(close(socket, reason)).await,
                     res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
                 }
             }
@@ -304,7 +306,9 @@ impl Conn {
         match frame {
             ClientFrame::Ping { id } => Some(protocol::encode(&ServerFrame::Pong { id })),
             ClientFrame::Subscribe { id, room, since } => {
-                self.subscribe(id, room, since, out).await;
+                // Boxed: subscribing is rare, and its future would otherwise
+                // be part of every connection's task for its whole life.
+                Box::pin(self.subscribe(id, room, since, out)).await;
                 None
             }
             ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room) {
