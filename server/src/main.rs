@@ -20,6 +20,17 @@ async fn main() -> anyhow::Result<()> {
         delivery = ?config.delivery,
         "chorus-server listening"
     );
+    if !config.listen.ip().is_loopback() {
+        if !node.auth.clients_need_token() {
+            tracing::warn!(
+                "client auth is off: anyone who can reach this port may subscribe to and publish in any room \
+                 (set --jwt-secret[-file] or --jwt-public-key-file)"
+            );
+        }
+        if !node.auth.backend_needs_api_key() {
+            tracing::warn!("the HTTP publish API needs no key (set --api-key or --api-key-file)");
+        }
+    }
     run(listener, node, shutdown::signal())
         .await
         .context("server failed")?;
