@@ -710,6 +710,8 @@ async fn connect(shared: &Arc<Shared>, delivered: &mut Delivered) -> Result<Link
         active: HashSet::new(),
     };
     reconcile(shared, &mut link, delivered).await?;
+    // Rooms left while the link was down are no longer tracked.
+    delivered.retain(|room, _| link.active.contains(room));
     if shared.opts.history.is_some() {
         check_epochs(shared, &mut link, delivered).await?;
     }
