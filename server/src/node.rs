@@ -10,7 +10,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::{AuthConfig, Authenticator, Pattern};
-use crate::broker::memory::lock;
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
     Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
@@ -19,6 +18,7 @@ use crate::broker::{
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
 use crate::metrics::Metrics;
+use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

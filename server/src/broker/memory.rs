@@ -17,6 +17,7 @@ use super::{
     now_us,
 };
 use crate::protocol::{MessageFrame, RoomName, encode_message};
+use crate::sync::lock;
 
 /// Counters of rooms nobody subscribes to are forgotten once this many rooms
 /// are known, so publishing to ever-new rooms cannot grow memory without bound.
@@ -190,12 +191,6 @@ impl Broker for MemoryBroker {
     fn kind(&self) -> &'static str {
         "memory"
     }
-}
-
-/// Locks a std mutex, recovering from poisoning (a panicking holder cannot
-/// leave these maps half-updated: every critical section is a single step).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

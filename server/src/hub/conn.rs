@@ -10,7 +10,7 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 
 use crate::broker::Delivery;
-use crate::broker::memory::lock;
+use crate::sync::lock;
 
 /// Node-local connection id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

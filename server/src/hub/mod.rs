@@ -21,10 +21,10 @@ pub use conn::{
     CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx, QueueTx, TrySendError,
 };
 
-use crate::broker::memory::lock;
 use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
+use crate::sync::{lock, read, write};
 
 pub struct Hub {
     /// Std mutex on purpose: every critical section is a map operation (plus
@@ -180,14 +180,6 @@ impl Deliver for Hub {
             .delivery_latency
             .observe(latency_us as f64 / 1e6);
     }
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

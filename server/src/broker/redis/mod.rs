@@ -49,9 +49,9 @@ use super::{
 };
 use crate::auth::Pattern;
 use crate::broker::History;
-use crate::broker::memory::lock;
 use crate::metrics::Metrics;
 use crate::protocol::{RoomName, message_parts};
+use crate::sync::lock;
 
 /// Tuning of the Redis link.
 #[derive(Debug, Clone)]
