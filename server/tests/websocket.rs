@@ -166,6 +166,30 @@ async fn http_publish_reaches_websocket_subscribers_and_checks_the_api_key() {
         resp.json::<Value>().await.unwrap()["error"]["code"],
         "too_large"
     );
+    let resp = http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .json(&json!({"data": 2, "key": "k".repeat(129)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "bad_frame");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("key"),
+        "{err}"
+    );
+    // None of the refused requests was published: the next offset is 2.
+    let resp = http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .json(&json!({"data": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.json::<Value>().await.unwrap()["offset"], 2);
+    assert_eq!(sub.message().await["data"], 3);
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::{MAX_KEY_CHARS, RoomName};
+use super::{RoomName, check_key};
 
 /// A request from a client, validated.
 #[derive(Debug, Clone)]
@@ -206,16 +206,10 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             let data = env.data.0.ok_or_else(|| {
                 FrameError::new(Some(id), ErrorCode::BadFrame, "`publish` needs `data`")
             })?;
-            let key = match env.key {
-                Some(k) if k.is_empty() || k.chars().count() > MAX_KEY_CHARS => {
-                    return Err(FrameError::new(
-                        Some(id),
-                        ErrorCode::BadFrame,
-                        format!("`key` must be 1 to {MAX_KEY_CHARS} characters"),
-                    ));
-                }
-                k => k.map(Cow::into_owned),
-            };
+            if let Some(k) = &env.key {
+                check_key(k).map_err(|why| FrameError::new(Some(id), ErrorCode::BadFrame, why))?;
+            }
+            let key = env.key.map(Cow::into_owned);
             Ok(ClientFrame::Publish {
                 id,
                 room,

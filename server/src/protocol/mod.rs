@@ -19,3 +19,12 @@ pub const SUBPROTOCOL: &str = "chorus.v1";
 
 /// Longest accepted idempotency key (characters).
 pub const MAX_KEY_CHARS: usize = 128;
+
+/// Checks an idempotency key (WebSocket `publish` and the HTTP API alike);
+/// the error says what a key must be.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.chars().count() > MAX_KEY_CHARS {
+        return Err(format!("`key` must be 1 to {MAX_KEY_CHARS} characters"));
+    }
+    Ok(())
+}

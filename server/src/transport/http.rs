@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 
 use crate::broker::{BrokerError, PublishRequest};
 use crate::node::Node;
-use crate::protocol::{ErrorCode, MAX_KEY_CHARS, RoomName};
+use crate::protocol::{ErrorCode, RoomName, check_key};
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const JS_CLIENT: &str = include_str!("../../static/chorus.js");
@@ -92,14 +92,8 @@ pub async fn publish(
             );
         }
     };
-    if let Some(key) = &body.key
-        && (key.is_empty() || key.chars().count() > MAX_KEY_CHARS)
-    {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadFrame,
-            &format!("`key` must be 1 to {MAX_KEY_CHARS} characters"),
-        );
+    if let Some(Err(why)) = body.key.as_deref().map(check_key) {
+        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &why);
     }
     let req = PublishRequest {
         room,
