@@ -232,15 +232,7 @@ impl Broker for RedisBroker {
         }
         // The publisher bounds each pipeline by op_timeout; queueing behind a
         // full pipeline can add one more.
-        let limit = self.shared.opts.op_timeout * 3;
-        async move {
-            match timeout(limit, rx).await {
-                Ok(Ok(res)) => res,
-                Ok(Err(_)) => Err(BrokerError::Unavailable("publisher stopped".into())),
-                Err(_) => Err(BrokerError::Timeout(limit)),
-            }
-        }
-        .boxed()
+        await_reply(self.shared.opts.op_timeout * 3, rx, "publisher stopped").boxed()
     }
 
     fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>> {
@@ -253,15 +245,7 @@ impl Broker for RedisBroker {
             .or_default()
             .push(tx);
         self.shared.wake.notify_one();
-        let limit = self.shared.opts.op_timeout * 3;
-        async move {
-            match timeout(limit, rx).await {
-                Ok(Ok(res)) => res,
-                Ok(Err(_)) => Err(BrokerError::Unavailable("link restarted".into())),
-                Err(_) => Err(BrokerError::Timeout(limit)),
-            }
-        }
-        .boxed()
+        await_reply(self.shared.opts.op_timeout * 3, rx, "link restarted").boxed()
     }
 
     fn unsubscribe(&self, room: &RoomName) {
@@ -280,14 +264,12 @@ impl Broker for RedisBroker {
             let Some(mut conn) = conn else {
                 return Err(BrokerError::Unavailable("not connected".into()));
             };
-            match timeout(limit, inv.invoke_async::<(u64, String)>(&mut conn)).await {
-                Ok(Ok((offset, epoch))) => Ok(Position {
-                    offset,
-                    epoch: epoch.into(),
-                }),
-                Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-                Err(_) => Err(BrokerError::Timeout(limit)),
-            }
+            let (offset, epoch) =
+                bounded(limit, inv.invoke_async::<(u64, String)>(&mut conn)).await?;
+            Ok(Position {
+                offset,
+                epoch: epoch.into(),
+            })
         }
         .boxed()
     }
@@ -325,6 +307,32 @@ impl Broker for RedisBroker {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+/// A Redis call bounded in time, its failure as a broker error.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, BrokerError> {
+    match timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+        Err(_) => Err(BrokerError::Timeout(limit)),
+    }
+}
+
+/// The answer one of the broker's tasks sends back, waited for at most
+/// `limit`; `gone` says why there is none when the task dropped the request.
+async fn await_reply<T>(
+    limit: Duration,
+    rx: oneshot::Receiver<Result<T, BrokerError>>,
+    gone: &'static str,
+) -> Result<T, BrokerError> {
+    match timeout(limit, rx).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(_)) => Err(BrokerError::Unavailable(gone.into())),
+        Err(_) => Err(BrokerError::Timeout(limit)),
     }
 }
 
@@ -382,19 +390,14 @@ async fn read_history(
         .arg("+")
         .arg("COUNT")
         .arg(limit.max(1));
-    let reply = timeout(
+    let ((last, epoch), range) = bounded(
         op_timeout,
         pipe.query_async::<(
             (Option<u64>, Option<String>),
             redis::streams::StreamRangeReply,
         )>(conn),
     )
-    .await;
-    let ((last, epoch), range) = match reply {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(BrokerError::Unavailable(e.to_string())),
-        Err(_) => return Err(BrokerError::Timeout(op_timeout)),
-    };
+    .await?;
     let epoch: Arc<str> = epoch.unwrap_or_default().into();
     let mut messages = Vec::with_capacity(range.ids.len());
     for entry in range.ids {
