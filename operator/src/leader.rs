@@ -141,21 +141,14 @@ impl Elector {
                     .create(&PostParams::default(), &claimed(None, &self.cfg, now, true))
                     .await
             }
-            Decision::Renew => {
+            // Renewing keeps our acquire time; taking over starts a new term.
+            decision @ (Decision::Renew | Decision::TakeOver) => {
+                let take_over = matches!(decision, Decision::TakeOver);
                 self.api
                     .replace(
                         name,
                         &PostParams::default(),
-                        &claimed(current, &self.cfg, now, false),
-                    )
-                    .await
-            }
-            Decision::TakeOver => {
-                self.api
-                    .replace(
-                        name,
-                        &PostParams::default(),
-                        &claimed(current, &self.cfg, now, true),
+                        &claimed(current, &self.cfg, now, take_over),
                     )
                     .await
             }
