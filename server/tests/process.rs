@@ -129,3 +129,43 @@ fn a_bad_flag_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kafka://x"), "{err}");
 }
+
+#[test]
+fn a_configuration_that_cannot_work_is_refused_at_start_with_the_reason() {
+    let refused = |args: &[&str], says: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_chorus-server"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        err.into_owned()
+    };
+    refused(
+        &["--delivery", "streams"],
+        "--delivery streams needs a Redis broker",
+    );
+    refused(
+        &["--upstream-rooms", "orders:*"],
+        "--upstream-rooms needs a Redis broker",
+    );
+    refused(
+        &[
+            "--broker",
+            "redis://127.0.0.1:1",
+            "--upstream-rooms",
+            "orders:*,no spaces",
+        ],
+        "`no spaces` is not a room name",
+    );
+    let err = refused(
+        &["--broker", "redis://:hunter2@127.0.0.1:notaport"],
+        "bad Redis URL",
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the password is not echoed: {err}"
+    );
+    refused(&["--api-key-file", "/nonexistent/key"], "/nonexistent/key");
+}
