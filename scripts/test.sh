@@ -4,11 +4,19 @@
 # First installs what the tests need and is missing (redis-server and
 # redis-sentinel from Debian's packages, pytest, helm-python-sdk and PyYAML
 # from PyPI for the chart tests), so a fresh Debian machine with a Rust
-# toolchain, python3 and pip needs nothing else. Tests start their
+# toolchain, Go, python3 and pip needs nothing else. Tests start their
 # own redis-server / redis-sentinel processes on free ports; nothing is
 # expected to be running beforehand.
+#
+# Then the end-to-end suite (tests/tests/e2e.rs) runs on a real one-node
+# Kubernetes cluster that scripts/cluster.sh builds (cached under
+# ~/.cache/chorus: the first run builds Kubernetes from its Go module, in
+# the background while the other tests run) and starts with images of this
+# tree. It needs root (or sudo). CHORUS_E2E=0 leaves it out; a cluster this
+# script started is stopped again at the end (CHORUS_KEEP_CLUSTER=1 keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+e2e=${CHORUS_E2E:-1}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -36,5 +44,34 @@ if [ "${#py_missing[@]}" -gt 0 ]; then
 fi
 
 echo "test.sh: redis $(redis-server --version | awk '{print $3}')"
+
+if [ "$e2e" = 1 ]; then
+  # The Kubernetes build is long on a cold machine and mostly waits on
+  # downloads at first: start it now, below the tests' priority.
+  build_log=$(mktemp)
+  nice -n 10 bash scripts/cluster/build.sh >"$build_log" 2>&1 &
+  build_pid=$!
+fi
+
 cargo test --workspace --locked "$@"
 python3 -m pytest charts/chorus/tests -q -p no:cacheprovider
+
+if [ "$e2e" != 1 ]; then
+  echo "test.sh: end-to-end suite skipped (CHORUS_E2E=$e2e)"
+  exit 0
+fi
+if ! wait "$build_pid"; then
+  cat "$build_log"
+  echo "test.sh: building Kubernetes failed" >&2
+  exit 1
+fi
+tail -n 1 "$build_log"
+was_up=0
+bash scripts/cluster.sh status 2>/dev/null | grep -q '^kubelet .*running' && was_up=1
+# The images take the debug binaries the tests above just built.
+cluster_env=$(CHORUS_PROFILE=debug bash scripts/cluster.sh up | tail -n 2)
+eval "$cluster_env"
+if [ "$was_up" = 0 ] && [ "${CHORUS_KEEP_CLUSTER:-0}" != 1 ]; then
+  trap 'bash scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
+fi
+CHORUS_E2E=1 cargo test -p chorus-tests --test e2e --locked -- --nocapture

@@ -362,7 +362,7 @@ fn default_sentinels() -> i32 {
 }
 
 fn default_redis_image() -> String {
-    "redis:7.2".to_owned()
+    "redis:7.0".to_owned()
 }
 
 /// Who runs Redis.

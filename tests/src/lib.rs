@@ -2,6 +2,7 @@
 //! `chorus-server` nodes on ephemeral ports, free ports for child processes.
 #![allow(clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod proxy;
 pub mod redis;
 

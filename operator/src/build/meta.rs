@@ -109,6 +109,16 @@ pub fn labels(names: &Names, component: Component) -> BTreeMap<String, String> {
     labels
 }
 
+/// Labels of a pod template: the full set without the operator's version,
+/// so that upgrading the operator never rolls pods (a new server image
+/// rolls the servers by itself; Redis and Sentinel pods must not move at
+/// all).
+pub fn pod_labels(names: &Names, component: Component) -> BTreeMap<String, String> {
+    let mut labels = labels(names, component);
+    labels.remove("app.kubernetes.io/version");
+    labels
+}
+
 /// `matchLabels` selector of a component's pods.
 pub fn label_selector(names: &Names, component: Component) -> LabelSelector {
     LabelSelector {
@@ -171,6 +181,9 @@ mod tests {
         assert_eq!(all["app.kubernetes.io/version"], OPERATOR_VERSION);
         assert_eq!(all["app.kubernetes.io/managed-by"], "chorus-operator");
         assert_eq!(all["app.kubernetes.io/part-of"], "chorus");
+        let pod = pod_labels(&names, Component::Redis);
+        assert!(!pod.contains_key("app.kubernetes.io/version"));
+        assert_eq!(pod["app.kubernetes.io/part-of"], "chorus");
         assert_eq!(
             selector_string(&names, Component::Server),
             "app.kubernetes.io/component=server,app.kubernetes.io/instance=chat,app.kubernetes.io/name=chorus"

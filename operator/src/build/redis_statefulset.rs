@@ -23,7 +23,7 @@ use k8s_openapi::{
 use super::BuildError;
 use super::config_map::redis_password_ref;
 use super::meta::{
-    Component, Names, REDIS_PORT, label_selector, labels, object_meta, selector_labels,
+    Component, Names, REDIS_PORT, label_selector, object_meta, pod_labels, selector_labels,
 };
 
 /// Name of the data volume (and of the PVC template).
@@ -161,7 +161,7 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
             pod_management_policy: Some("Parallel".to_owned()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(names, Component::Redis)),
+                    labels: Some(pod_labels(names, Component::Redis)),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -205,7 +205,7 @@ mod tests {
         assert_eq!(spec.replicas, Some(5));
         assert_eq!(spec.service_name.as_deref(), Some("chat-redis"));
         let c = &spec.template.spec.expect("pod").containers[0];
-        assert_eq!(c.image.as_deref(), Some("redis:7.2"));
+        assert_eq!(c.image.as_deref(), Some("redis:7.0"));
         let pw = c.env.clone().expect("env")[0]
             .value_from
             .clone()

@@ -20,7 +20,7 @@ use k8s_openapi::{
 };
 
 use super::BuildError;
-use super::meta::{Component, Names, SENTINEL_PORT, label_selector, labels, object_meta};
+use super::meta::{Component, Names, SENTINEL_PORT, label_selector, object_meta, pod_labels};
 use super::redis_statefulset::ping_probe;
 
 /// Sentinels that must agree before a failover: a majority. The topology
@@ -73,7 +73,7 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildEr
             selector: label_selector(names, Component::Sentinel),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(names, Component::Sentinel)),
+                    labels: Some(pod_labels(names, Component::Sentinel)),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {

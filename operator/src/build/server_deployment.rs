@@ -18,7 +18,7 @@ use k8s_openapi::{
 
 use super::BuildError;
 use super::config_map::{API_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, redis_password_ref};
-use super::meta::{Component, Names, SERVER_PORT, label_selector, labels, object_meta};
+use super::meta::{Component, Names, SERVER_PORT, label_selector, object_meta, pod_labels};
 
 /// Pod template annotation carrying the configuration hash.
 pub const CONFIG_HASH_ANNOTATION: &str = "chorus.dev/config-hash";
@@ -136,7 +136,7 @@ pub fn build(
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(names, Component::Server)),
+                    labels: Some(pod_labels(names, Component::Server)),
                     annotations: Some(BTreeMap::from([(
                         CONFIG_HASH_ANNOTATION.to_owned(),
                         config_hash.to_owned(),
