@@ -30,9 +30,8 @@ use chorus_tests::cluster::{
 };
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use k8s_openapi::api::{
-    apps::v1::{Deployment, StatefulSet},
-    core::v1::{ConfigMap, Namespace, Pod, Secret, Service},
-    policy::v1::PodDisruptionBudget,
+    apps::v1::Deployment,
+    core::v1::{Namespace, Pod, Secret, Service},
 };
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -72,6 +71,19 @@ impl Run {
     fn timed(&self, what: &str, took: Duration) {
         say(format!("{what}: {:.1} s", took.as_secs_f64()));
         self.timings.lock().unwrap().push((what.to_owned(), took));
+    }
+
+    /// `kubectl patch mc/chat --type=merge -p <patch>`.
+    async fn patch(&self, patch: &str) {
+        kubectl(&[
+            "patch",
+            &self.ns_flag(),
+            "mc/chat",
+            "--type=merge",
+            "-p",
+            patch,
+        ])
+        .await;
     }
 
     fn ns_flag(&self) -> String {
@@ -406,70 +418,31 @@ async fn apply_basic(run: &Run) {
     // Every object the cluster owns exists, owned by it.
     let mc = run.mc().await;
     let uid = mc.uid().unwrap();
-    let owned = |meta: &kube::core::ObjectMeta, what: &str| {
-        let owners = meta.owner_references.clone().unwrap_or_default();
-        assert!(
-            owners
-                .iter()
-                .any(|o| o.uid == uid && o.controller == Some(true)),
-            "{what} is not owned by MessagingCluster chat: {owners:?}"
-        );
-    };
+    let pdbs = kubectl(&["get", &run.ns_flag(), "poddisruptionbudgets", "-o", "name"]).await;
+    assert!(!pdbs.trim().is_empty(), "no PodDisruptionBudget");
+    let objects = [
+        "configmap/chat-server",
+        "deployment/chat-server",
+        "service/chat",
+        "statefulset/chat-redis",
+        "service/chat-redis",
+        "deployment/chat-sentinel",
+        "service/chat-sentinel",
+        "secret/chat-redis-auth",
+    ];
+    for object in objects.iter().copied().chain(pdbs.lines()) {
+        let owner = kubectl(&[
+            "get",
+            &run.ns_flag(),
+            object,
+            "-o",
+            "jsonpath={.metadata.ownerReferences[?(@.controller==true)].uid}",
+        ])
+        .await;
+        assert_eq!(owner, uid, "{object} is not owned by MessagingCluster chat");
+    }
     let c = &run.client;
     let ns = &run.ns;
-    owned(
-        &Api::<ConfigMap>::namespaced(c.clone(), ns)
-            .get("chat-server")
-            .await
-            .unwrap()
-            .metadata,
-        "ConfigMap chat-server",
-    );
-    owned(
-        &Api::<Deployment>::namespaced(c.clone(), ns)
-            .get("chat-server")
-            .await
-            .unwrap()
-            .metadata,
-        "Deployment chat-server",
-    );
-    for svc in ["chat", "chat-redis", "chat-sentinel"] {
-        owned(
-            &Api::<Service>::namespaced(c.clone(), ns)
-                .get(svc)
-                .await
-                .unwrap()
-                .metadata,
-            &format!("Service {svc}"),
-        );
-    }
-    owned(
-        &Api::<StatefulSet>::namespaced(c.clone(), ns)
-            .get("chat-redis")
-            .await
-            .unwrap()
-            .metadata,
-        "StatefulSet chat-redis",
-    );
-    owned(
-        &Api::<Secret>::namespaced(c.clone(), ns)
-            .get("chat-redis-auth")
-            .await
-            .unwrap()
-            .metadata,
-        "Secret chat-redis-auth",
-    );
-    let pdbs = Api::<PodDisruptionBudget>::namespaced(c.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap();
-    assert!(!pdbs.items.is_empty(), "no PodDisruptionBudget");
-    for pdb in &pdbs.items {
-        owned(
-            &pdb.metadata,
-            &format!("PodDisruptionBudget {}", pdb.name_any()),
-        );
-    }
     let service = Api::<Service>::namespaced(c.clone(), ns)
         .get("chat")
         .await
@@ -999,19 +972,12 @@ async fn upgrade_operator(run: &Run) {
 async fn streams_roll(run: &Run) {
     // Switching delivery rolls the servers once.
     let started = Instant::now();
-    kubectl(&[
-        "patch",
-        &run.ns_flag(),
-        "mc/chat",
-        "--type=merge",
-        "-p",
-        r#"{"spec": {"delivery": "streams", "drainSeconds": 10}}"#,
-    ])
-    .await;
+    run.patch(r#"{"spec": {"delivery": "streams", "drainSeconds": 10}}"#)
+        .await;
     eventually("every server pod in streams mode", POD_WAIT, || async {
         let servers = run.servers().await;
         let ok = servers.len() == 2
-            && servers.iter().all(|p| is_ready(p))
+            && servers.iter().all(is_ready)
             && futures_util::future::join_all(servers.iter().map(|p| async {
                 let url = format!(
                     "http://{}:8080/api/v1/rooms/probe/history",
@@ -1079,15 +1045,8 @@ async fn streams_roll(run: &Run) {
     });
 
     let started = Instant::now();
-    kubectl(&[
-        "patch",
-        &run.ns_flag(),
-        "mc/chat",
-        "--type=merge",
-        "-p",
-        r#"{"spec": {"limits": {"sendQueue": 2048}}}"#,
-    ])
-    .await;
+    run.patch(r#"{"spec": {"limits": {"sendQueue": 2048}}}"#)
+        .await;
     // The roll is over when two new pods serve and every subscriber has
     // moved to one of them.
     eventually(
@@ -1176,52 +1135,17 @@ async fn delete_cluster(run: &Run) {
         "everything the cluster owned to be collected",
         POD_WAIT,
         || async {
-            let lp = kube::api::ListParams::default().labels(selector);
-            let counts = [
-                Api::<Deployment>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-                Api::<StatefulSet>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-                Api::<Service>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-                Api::<ConfigMap>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-                Api::<Secret>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-                Api::<PodDisruptionBudget>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-                Api::<Pod>::namespaced(c.clone(), ns)
-                    .list(&lp)
-                    .await
-                    .ok()?
-                    .items
-                    .len(),
-            ];
-            counts.iter().all(|n| *n == 0).then_some(())
+            let left = kubectl(&[
+                "get",
+                &run.ns_flag(),
+                "deployments,statefulsets,services,configmaps,secrets,poddisruptionbudgets,pods",
+                "-l",
+                selector,
+                "-o",
+                "name",
+            ])
+            .await;
+            left.trim().is_empty().then_some(())
         },
     )
     .await;
