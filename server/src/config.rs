@@ -84,6 +84,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_PUBLISH_RATE", default_value_t = 0)]
     pub max_publish_rate: u32,
 
+    /// Rooms one connection may be subscribed to at once; a `subscribe` past
+    /// it gets `too_many_rooms` (the connection stays, in its rooms).
+    #[arg(long, env = "CHORUS_MAX_ROOMS_PER_CONNECTION", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rooms_per_connection: u32,
+
     /// Open WebSocket connections accepted; further upgrades get HTTP 503.
     #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -182,6 +187,7 @@ mod tests {
         assert_eq!(c.delivery, DeliveryMode::Pubsub);
         assert_eq!(c.max_frame_bytes, 65536);
         assert_eq!(c.history_ttl, Duration::from_secs(600));
+        assert_eq!(c.max_rooms_per_connection, 128);
     }
 
     #[test]

@@ -220,6 +220,9 @@ impl WsClient {
                 Some(Err(_)) => Event::Closed(None),
                 Some(Ok(Message::Text(t))) => Event::Frame(serde_json::from_str(&t).unwrap()),
                 Some(Ok(Message::Close(frame))) => {
+                    // Answer the close frame at once, as browsers do (the
+                    // library only queued the reply).
+                    let _ = self.ws.flush().await;
                     Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code)))
                 }
                 Some(Ok(_)) => continue,

@@ -98,6 +98,7 @@ pub enum ErrorCode {
     NotSubscribed,
     Unavailable,
     HistoryGone,
+    TooManyRooms,
 }
 
 impl ErrorCode {
@@ -112,6 +113,7 @@ impl ErrorCode {
             Self::NotSubscribed => "not_subscribed",
             Self::Unavailable => "unavailable",
             Self::HistoryGone => "history_gone",
+            Self::TooManyRooms => "too_many_rooms",
         }
     }
 }
@@ -162,8 +164,25 @@ impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
     }
 }
 
+/// Whether `text` is a JSON object (its first non-whitespace character is
+/// `{`). serde reads a struct from an array too, by position (`["ping",1]`
+/// would be a ping): frames and HTTP bodies must be one JSON object, so
+/// anything else is refused before it is decoded.
+pub fn is_json_object(text: &[u8]) -> bool {
+    text.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|b| *b == b'{')
+}
+
 /// Decodes one text frame.
 pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
+    if !is_json_object(text.as_bytes()) {
+        return Err(FrameError::new(
+            None,
+            ErrorCode::BadFrame,
+            "a frame must be one JSON object",
+        ));
+    }
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
         FrameError::new(
             best_effort_id(text),
@@ -430,6 +449,18 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadFrame);
         let e = err(r#"[1,2]"#);
         assert_eq!(e.code, ErrorCode::BadFrame);
+        // serde would read these structs by position: refused all the same.
+        for array in [
+            r#"["ping",1]"#,
+            r#" ["subscribe",2,"lobby"]"#,
+            "\n[]",
+            "1",
+            r#""ping""#,
+        ] {
+            let e = err(array);
+            assert_eq!((e.id, e.code), (None, ErrorCode::BadFrame), "{array}");
+        }
+        assert!(decode(" \t\r\n{\"op\":\"ping\",\"id\":1}").is_ok());
         let long_key = "k".repeat(129);
         let e = err(&format!(
             r#"{{"op":"publish","id":6,"room":"a","data":1,"key":"{long_key}"}}"#

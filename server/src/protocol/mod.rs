@@ -10,7 +10,7 @@ mod room;
 
 pub use frames::{
     ClientFrame, ErrorCode, FrameError, MessageFrame, ServerFrame, Since, decode, encode,
-    encode_message, message_parts,
+    encode_message, is_json_object, message_parts,
 };
 pub use room::{MAX_ROOM_BYTES, RoomError, RoomName};
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -12,7 +13,7 @@ use serde_json::value::RawValue;
 
 use crate::broker::{BrokerError, PublishRequest};
 use crate::node::Node;
-use crate::protocol::{ErrorCode, RoomName, check_key};
+use crate::protocol::{ErrorCode, RoomName, check_key, is_json_object};
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const JS_CLIENT: &str = include_str!("../../static/chorus.js");
@@ -65,22 +66,35 @@ struct PublishBody {
 }
 
 /// `POST /api/v1/rooms/{room}/messages` → `{"offset", "epoch"}`.
+///
+/// The body is at most `--max-frame-bytes` (the router's body limit), one
+/// JSON object; every refusal is the documented JSON error body.
 pub async fn publish(
     State(node): State<Arc<Node>>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let room = match backend_room(&node, &headers, &room) {
+    let room = match backend_room(&node, &headers, room) {
         Ok(room) => room,
         Err(refused) => return refused,
     };
-    if body.len() > node.config.max_frame_bytes as usize {
-        return api_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::TooLarge,
-            &format!("body is larger than {} bytes", node.config.max_frame_bytes),
-        );
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                &format!("body is larger than {} bytes", node.config.max_frame_bytes),
+            );
+        }
+        Err(e) => {
+            return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &e.body_text());
+        }
+    };
+    const EXPECTED: &str = r#"expected one JSON object {"data": <json>, "key"?: <string>}"#;
+    if !is_json_object(&body) {
+        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED);
     }
     let body: PublishBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -88,7 +102,7 @@ pub async fn publish(
             return api_error(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::BadFrame,
-                &format!("expected {{\"data\": <json>, \"key\"?: <string>}}: {e}"),
+                &format!("{EXPECTED}: {e}"),
             );
         }
     };
@@ -126,13 +140,17 @@ const MAX_HISTORY_PAGE: usize = 1000;
 /// and whether the history still covers everything after `since`.
 pub async fn history(
     State(node): State<Arc<Node>>,
-    Path(room): Path<String>,
-    Query(query): Query<HistoryQuery>,
+    room: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let room = match backend_room(&node, &headers, &room) {
+    let room = match backend_room(&node, &headers, room) {
         Ok(room) => room,
         Err(refused) => return refused,
+    };
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &e.body_text()),
     };
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
     match node.broker.history(&room, query.since, limit).await {
@@ -161,10 +179,15 @@ pub async fn history(
     }
 }
 
-/// Checks a backend call's API key and the room in its path; the error is
-/// the response to send.
+/// Checks a backend call's API key and the room in its path (a path that
+/// does not decode, e.g. bad percent-encoding, is a `bad_room` too); the
+/// error is the response to send.
 #[allow(clippy::result_large_err)]
-fn backend_room(node: &Node, headers: &HeaderMap, room: &str) -> Result<RoomName, Response> {
+fn backend_room(
+    node: &Node,
+    headers: &HeaderMap,
+    room: Result<Path<String>, PathRejection>,
+) -> Result<RoomName, Response> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -175,8 +198,9 @@ fn backend_room(node: &Node, headers: &HeaderMap, room: &str) -> Result<RoomName
             &e.to_string(),
         ));
     }
-    RoomName::parse(room)
-        .map_err(|e| api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()))
+    let bad_room = |why: &str| api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, why);
+    let Path(room) = room.map_err(|e| bad_room(&e.body_text()))?;
+    RoomName::parse(&room).map_err(|e| bad_room(&e.to_string()))
 }
 
 fn broker_error(e: &BrokerError) -> Response {

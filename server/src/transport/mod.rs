@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -15,6 +16,9 @@ use crate::node::Node;
 
 /// The node's routes: `/` (demo page), `/ws`, the backend API, health and metrics.
 pub fn app(node: Arc<Node>) -> Router {
+    // HTTP bodies larger than a frame are refused (413, `too_large`) as they
+    // arrive, before they are buffered whole.
+    let max_body = node.config.max_frame_bytes as usize;
     Router::new()
         .route("/", get(http::demo_page))
         .route("/chorus.js", get(http::js_client))
@@ -24,6 +28,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
+        .layer(DefaultBodyLimit::max(max_body))
         .with_state(node)
 }
 

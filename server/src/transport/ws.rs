@@ -38,8 +38,9 @@ const MAX_BATCH: usize = 256;
 const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write reaches the socket even without a flush.
 const WRITE_BUFFER: usize = 64 * 1024;
-/// How long a closing handshake may take before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing handshake may take before the socket is dropped: the
+/// close frame waits behind what the socket still holds for a slow reader.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 pub struct UpgradeQuery {
@@ -90,15 +91,24 @@ pub async fn upgrade(
         .on_upgrade(move |socket| connection(node, socket, session, slot))
 }
 
-/// Why a connection ended (logged once per connection).
+/// Why a connection ended (logged once per connection), and so which close
+/// frame it ends with.
 #[derive(Debug)]
 enum End {
     ClientClosed,
     ClientGone,
     SlowConsumer,
-    Drained,
+    Drained {
+        after_ms: u64,
+    },
     BinaryFrame,
     TokenExpired,
+    /// The client broke the WebSocket protocol.
+    ProtocolError {
+        code: u16,
+        reason: &'static str,
+        error: String,
+    },
     SocketError(String),
 }
 
@@ -108,10 +118,64 @@ impl End {
             End::ClientClosed => "client_closed",
             End::ClientGone => "client_gone",
             End::SlowConsumer => "slow_consumer",
-            End::Drained => "drained",
+            End::Drained { .. } => "drained",
             End::BinaryFrame => "binary_frame",
             End::TokenExpired => "token_expired",
+            End::ProtocolError { .. } => "protocol_error",
             End::SocketError(_) => "socket_error",
+        }
+    }
+
+    /// The close frame the node sends (code, reason); `None` when the
+    /// client closed (its close frame was answered already) or is gone.
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            End::SlowConsumer => (close_code::POLICY, "slow consumer: send queue full"),
+            End::Drained { .. } => (close_code::AWAY, "server draining: reconnect"),
+            End::BinaryFrame => (
+                close_code::UNSUPPORTED,
+                "binary frames are not supported: send JSON text frames",
+            ),
+            End::TokenExpired => (
+                close_code::POLICY,
+                "token expired: reconnect with a fresh token",
+            ),
+            End::ProtocolError { code, reason, .. } => (*code, *reason),
+            End::ClientClosed | End::ClientGone | End::SocketError(_) => return None,
+        })
+    }
+
+    /// What the node asked for.
+    fn requested(reason: CloseReason) -> Self {
+        match reason {
+            CloseReason::SlowConsumer => End::SlowConsumer,
+            CloseReason::Draining { after_ms } => End::Drained { after_ms },
+        }
+    }
+
+    /// A failed read: the client broke the protocol — 1007 for text that is
+    /// not UTF-8, 1009 for a frame or message over the size limit, 1002 for
+    /// any other violation (bad continuation, reserved opcode or bits,
+    /// unmasked frame, …) — or the socket failed.
+    fn read_error(e: axum::Error) -> Self {
+        use tungstenite::Error as WsError;
+        use tungstenite::error::ProtocolError;
+        let (code, reason) = match std::error::Error::source(&e)
+            .and_then(|inner| inner.downcast_ref::<WsError>())
+        {
+            // The client closed the TCP connection without a close frame.
+            Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                return End::ClientGone;
+            }
+            Some(WsError::Utf8(_)) => (close_code::INVALID, "text frame is not valid UTF-8"),
+            Some(WsError::Capacity(_)) => (close_code::SIZE, "frame or message too large"),
+            Some(WsError::Protocol(_)) => (close_code::PROTOCOL, "WebSocket protocol violation"),
+            _ => return End::SocketError(e.to_string()),
+        };
+        End::ProtocolError {
+            code,
+            reason,
+            error: e.to_string(),
         }
     }
 }
@@ -134,14 +198,30 @@ async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot:
     // The socket lives here, not in `run`'s state: a future that owns a
     // parameter keeps it twice (368 bytes each, in every connection's task).
     let end = conn.run(&mut socket, queue).await;
+    // Out of its rooms (and its send queue gone with `run`) before the
+    // closing handshake, which may wait on a slow client.
     for room in std::mem::take(&mut conn.rooms) {
         node.hub.leave(&*node.broker, &room, id);
+    }
+    drop(conn);
+    if let Some((code, reason)) = end.close_frame() {
+        let before = match end {
+            End::Drained { after_ms } => Some(Message::Text(
+                protocol::encode(&ServerFrame::Reconnect {
+                    reason: "draining",
+                    after_ms,
+                })
+                .into(),
+            )),
+            _ => None,
+        };
+        shut(&mut socket, before, code, reason).await;
     }
     node.unregister(id);
     drop(slot);
     match &end {
-        End::SocketError(e) => {
-            tracing::info!(conn = id.0, %session, reason = end.as_str(), error = %e, "connection closed")
+        End::SocketError(error) | End::ProtocolError { error, .. } => {
+            tracing::info!(conn = id.0, %session, reason = end.as_str(), %error, "connection closed")
         }
         _ => tracing::info!(conn = id.0, %session, reason = end.as_str(), "connection closed"),
     }
@@ -229,10 +309,8 @@ impl Conn {
         loop {
             tokio::select! {
                 biased;
-                reason = &mut closed => return Box::pin(close(socket, reason)).await,
+                reason = &mut closed => return End::requested(reason),
                 () = async { if let Some(timer) = expiry.as_mut() { timer.await } }, if expiry.is_some() => {
-                    let frame = CloseFrame { code: close_code::POLICY, reason: Utf8Bytes::from_static("token expired: reconnect with a fresh token") };
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
                     return End::TokenExpired;
                 }
                 _ = queue.recv_many(&mut batch, MAX_BATCH) => {
@@ -243,7 +321,7 @@ impl Conn {
                 Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
                 msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
                     None => return End::ClientGone,
-                    Some(Err(e)) => return End::SocketError(e.to_string()),
+                    Some(Err(e)) => return End::read_error(e),
                     Some(Ok(Message::Text(text))) => {
                         if let Some(reply) = self.handle_text(text, &mut inflight, &mut out).await {
                             out.push(Message::Text(reply.into()));
@@ -251,14 +329,15 @@ impl Conn {
                     }
                     Some(Ok(Message::Binary(_))) => {
                         self.node.metrics.bad_frames.inc();
-                        let frame = CloseFrame {
-                            code: close_code::UNSUPPORTED,
-                            reason: Utf8Bytes::from_static("binary frames are not supported: send JSON text frames"),
-                        };
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
                         return End::BinaryFrame;
                     }
-                    Some(Ok(Message::Close(_))) => return End::ClientClosed,
+                    Some(Ok(Message::Close(_))) => {
+                        // The library queued the echo of the client's close
+                        // frame: send it, completing the closing handshake
+                        // (the server then closes the TCP connection first).
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                        return End::ClientClosed;
+                    }
                     // Pings are answered by the library.
                     Some(Ok(_)) => {}
                 },
@@ -272,7 +351,7 @@ impl Conn {
                 };
                 tokio::select! {
                     biased;
-                    reason = &mut closed => return Box::pin(close(socket, reason)).await,
+                    reason = &mut closed => return End::requested(reason),
                     res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
                 }
             }
@@ -392,6 +471,18 @@ impl Conn {
         }
         let node = self.node.clone();
         let joined_now = !self.rooms.contains(&room);
+        let max_rooms = node.config.max_rooms_per_connection as usize;
+        if joined_now && self.rooms.len() >= max_rooms {
+            let e = error(
+                Some(id),
+                ErrorCode::TooManyRooms,
+                &format!(
+                    "a connection may be in at most {max_rooms} rooms: unsubscribe from one first"
+                ),
+            );
+            out.push(Message::Text(e.into()));
+            return;
+        }
         if joined_now {
             if let Err(e) = node
                 .hub
@@ -596,40 +687,28 @@ fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
     error(id, ErrorCode::Unavailable, &e.to_string())
 }
 
-/// Closes on the node's request: `reconnect` + 1001 for a drain, 1008 for a
-/// slow consumer (best effort: its socket may be stuck).
-async fn close(socket: &mut WebSocket, reason: CloseReason) -> End {
-    let (frames, end) = match reason {
-        CloseReason::SlowConsumer => (
-            vec![Message::Close(Some(CloseFrame {
-                code: close_code::POLICY,
-                reason: Utf8Bytes::from_static("slow consumer: send queue full"),
-            }))],
-            End::SlowConsumer,
-        ),
-        CloseReason::Draining { after_ms } => (
-            vec![
-                Message::Text(
-                    protocol::encode(&ServerFrame::Reconnect {
-                        reason: "draining",
-                        after_ms,
-                    })
-                    .into(),
-                ),
-                Message::Close(Some(CloseFrame {
-                    code: close_code::AWAY,
-                    reason: Utf8Bytes::from_static("server draining: reconnect"),
-                })),
-            ],
-            End::Drained,
-        ),
-    };
-    let send = async {
-        for f in frames {
-            socket.feed(f).await?;
+/// Sends `before` (if any) and a close frame, then completes the closing
+/// handshake: reads on, discarding, until the client's close frame or the
+/// end of the stream, so that the client finds the close frame behind
+/// whatever its socket still holds, and the connection ends with a FIN
+/// rather than a reset. All of it within [`CLOSE_TIMEOUT`] (a client that
+/// reads nothing never gets the frame; its socket is dropped then).
+async fn shut(socket: &mut WebSocket, before: Option<Message>, code: u16, reason: &'static str) {
+    let handshake = async {
+        if let Some(msg) = before {
+            socket.feed(msg).await?;
         }
-        socket.flush().await
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        socket.send(Message::Close(Some(frame))).await?;
+        while let Some(msg) = socket.recv().await {
+            if let Message::Close(_) = msg? {
+                break;
+            }
+        }
+        Ok::<(), axum::Error>(())
     };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, send).await;
-    end
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }
