@@ -79,6 +79,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub send_queue: u32,
 
+    /// A connection whose socket takes nothing for this long (its client
+    /// does not read) is closed as a slow consumer (1008), whether or not
+    /// more traffic would overflow its send queue.
+    #[arg(long, env = "CHORUS_SEND_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+
     /// Publishes per second one connection may make (burst: one second's
     /// worth); more get `rate_limited`. 0 turns the limit off.
     #[arg(long, env = "CHORUS_MAX_PUBLISH_RATE", default_value_t = 0)]
@@ -188,6 +194,7 @@ mod tests {
         assert_eq!(c.max_frame_bytes, 65536);
         assert_eq!(c.history_ttl, Duration::from_secs(600));
         assert_eq!(c.max_rooms_per_connection, 128);
+        assert_eq!(c.send_timeout, Duration::from_secs(10));
     }
 
     #[test]

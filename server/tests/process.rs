@@ -106,6 +106,7 @@ fn help_explains_every_flag() {
         "--jwt-secret-file",
         "--max-frame-bytes",
         "--send-queue",
+        "--send-timeout",
         "--max-rooms-per-connection",
         "--max-connections",
         "--drain-seconds",

@@ -141,13 +141,16 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Up to `limit` kept messages of the room after offset `after`, with the
-    /// room's epoch and last offset. Brokers without history answer
-    /// `Ok(None)`.
+    /// room's epoch and last offset; no more than `max_bytes` of frames, but
+    /// always the first message when there is one, however large (a page:
+    /// the caller asks again after the last offset it got). Brokers without
+    /// history answer `Ok(None)`.
     fn history(
         &self,
         _room: &RoomName,
         _after: u64,
         _limit: usize,
+        _max_bytes: usize,
     ) -> BoxFuture<'static, Result<Option<History>, BrokerError>> {
         std::future::ready(Ok(None)).boxed()
     }

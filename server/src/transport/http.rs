@@ -7,7 +7,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -132,8 +132,21 @@ pub struct HistoryQuery {
     limit: Option<usize>,
 }
 
+/// The body of a history answer.
+#[derive(Serialize)]
+struct HistoryPage<'a> {
+    room: &'a str,
+    epoch: &'a str,
+    last_offset: u64,
+    complete: bool,
+    messages: Vec<&'a RawValue>,
+}
+
 /// Most messages one history request returns.
 const MAX_HISTORY_PAGE: usize = 1000;
+/// Most bytes of message frames one history request returns (a larger
+/// message comes alone): what each concurrent read may pin.
+const MAX_HISTORY_PAGE_BYTES: usize = 1024 * 1024;
 
 /// `GET /api/v1/rooms/{room}/history?since=<offset>&limit=<n>` → the kept
 /// messages after `since` (oldest first), the room's epoch and last offset,
@@ -153,21 +166,24 @@ pub async fn history(
         Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &e.body_text()),
     };
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
-    match node.broker.history(&room, query.since, limit).await {
+    match node
+        .broker
+        .history(&room, query.since, limit, MAX_HISTORY_PAGE_BYTES)
+        .await
+    {
         Ok(Some(h)) => {
-            let complete = h.covers(query.since);
-            let messages: Vec<Box<RawValue>> = h
-                .messages
-                .iter()
-                .filter_map(|m| RawValue::from_string(m.frame.to_string()).ok())
-                .collect();
-            let body = json!({
-                "room": room.as_str(),
-                "epoch": &*h.epoch,
-                "last_offset": h.last,
-                "complete": complete,
-                "messages": messages,
-            });
+            // The kept frames go into the body as they are, borrowed.
+            let body = HistoryPage {
+                room: room.as_str(),
+                epoch: &h.epoch,
+                last_offset: h.last,
+                complete: h.covers(query.since),
+                messages: h
+                    .messages
+                    .iter()
+                    .filter_map(|m| serde_json::from_str(&m.frame).ok())
+                    .collect(),
+            };
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Ok(None) => api_error(

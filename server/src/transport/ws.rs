@@ -4,7 +4,11 @@
 //! queued for it (batched: every frame waiting in the queue goes out in one
 //! flush, so one write syscall carries many messages), keeps up to
 //! [`MAX_INFLIGHT`] publishes in flight with their replies in request order,
-//! and obeys the node's close requests (slow consumer, drain).
+//! streams replays a page at a time, and obeys the node's close requests
+//! (slow consumer, drain). What a connection holds beyond its socket is one
+//! batch or one replay page: a write the socket does not take within
+//! `--send-timeout` makes a slow consumer. Every close it initiates
+//! completes the WebSocket closing handshake.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,8 +24,9 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 
 use crate::auth::Session;
-use crate::broker::{BrokerError, Position, PublishRequest};
+use crate::broker::{Broker, BrokerError, History, Position, PublishRequest};
 use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound, QueueRx};
+use crate::metrics::Metrics;
 use crate::node::{Node, Slot};
 use crate::protocol::{self, ClientFrame, ErrorCode, RoomName, SUBPROTOCOL, ServerFrame, Since};
 
@@ -103,6 +108,8 @@ enum End {
     },
     BinaryFrame,
     TokenExpired,
+    /// A replay could not be read to its end (closed 1011).
+    ReplayFailed,
     /// The client broke the WebSocket protocol.
     ProtocolError {
         code: u16,
@@ -121,6 +128,7 @@ impl End {
             End::Drained { .. } => "drained",
             End::BinaryFrame => "binary_frame",
             End::TokenExpired => "token_expired",
+            End::ReplayFailed => "replay_failed",
             End::ProtocolError { .. } => "protocol_error",
             End::SocketError(_) => "socket_error",
         }
@@ -139,6 +147,10 @@ impl End {
             End::TokenExpired => (
                 close_code::POLICY,
                 "token expired: reconnect with a fresh token",
+            ),
+            End::ReplayFailed => (
+                close_code::ERROR,
+                "replay interrupted: subscribe again with since",
             ),
             End::ProtocolError { code, reason, .. } => (*code, *reason),
             End::ClientClosed | End::ClientGone | End::SocketError(_) => return None,
@@ -193,6 +205,7 @@ async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot:
         handle,
         rooms: HashSet::new(),
         replayed: SentUpTo::default(),
+        replay: None,
         rate: RateLimit::new(node.config.max_publish_rate),
     };
     // The socket lives here, not in `run`'s state: a future that owns a
@@ -241,7 +254,56 @@ struct Conn {
     /// messages up to it are already sent or precede the subscription, and
     /// are dropped; the entry goes with the first later message.
     replayed: SentUpTo,
+    /// A replay still going out (boxed: most connections never replay).
+    replay: Option<Box<Replay>>,
     rate: RateLimit,
+}
+
+/// What is left of a replay: the missed messages of a recovering
+/// subscription go out one page at a time, each read from history only once
+/// the page before it has left for the socket.
+struct Replay {
+    room: RoomName,
+    epoch: Arc<str>,
+    /// The last offset sent.
+    after: u64,
+    /// The last offset to replay: the room's offset in the `ok`.
+    until: u64,
+}
+
+impl Replay {
+    /// Adds `page` to `out` if it carries on from `after` (same epoch, no
+    /// message trimmed in between); `false` when it does not.
+    fn take(&mut self, page: History, out: &mut Vec<Message>, metrics: &Metrics) -> bool {
+        if page.epoch != self.epoch || !page.covers(self.after) || page.messages.is_empty() {
+            return false;
+        }
+        let before = out.len();
+        for m in page
+            .messages
+            .into_iter()
+            .take_while(|m| m.offset <= self.until)
+        {
+            self.after = m.offset;
+            out.push(Message::Text(m.frame));
+        }
+        metrics.replayed.inc_by((out.len() - before) as u64);
+        true
+    }
+
+    /// The next page: at most [`REPLAY_PAGE`] messages and about
+    /// [`REPLAY_PAGE_BYTES`].
+    fn next_page(
+        &self,
+        broker: &dyn Broker,
+    ) -> BoxFuture<'static, Result<Option<History>, BrokerError>> {
+        let want = (self.until - self.after).min(REPLAY_PAGE as u64) as usize;
+        broker.history(&self.room, self.after, want, REPLAY_PAGE_BYTES)
+    }
+
+    fn done(&self) -> bool {
+        self.after >= self.until
+    }
 }
 
 /// Token bucket for a connection's publishes (`--max-publish-rate`; 0 = off):
@@ -291,11 +353,9 @@ impl Conn {
             node: &self.node.node_id,
             version: env!("CARGO_PKG_VERSION"),
         });
-        if let Err(e) = socket.send(Message::Text(welcome.into())).await {
-            return End::SocketError(e.to_string());
-        }
+        let send_timeout = self.node.config.send_timeout;
         let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
-        let mut out: Vec<Message> = Vec::new();
+        let mut out: Vec<Message> = vec![Message::Text(welcome.into())];
         let mut batch: Vec<Outbound> = Vec::new();
         // A client's token is good until its `exp`; the connection ends
         // then. Boxed, and only for tokens with an expiry: an anonymous idle
@@ -307,52 +367,80 @@ impl Conn {
             Box::pin(tokio::time::sleep(left))
         });
         loop {
-            tokio::select! {
-                biased;
-                reason = &mut closed => return End::requested(reason),
-                () = async { if let Some(timer) = expiry.as_mut() { timer.await } }, if expiry.is_some() => {
-                    return End::TokenExpired;
-                }
-                _ = queue.recv_many(&mut batch, MAX_BATCH) => {
-                    for item in batch.drain(..) {
-                        out.extend(self.outbound(item));
-                    }
-                }
-                Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
-                msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
-                    None => return End::ClientGone,
-                    Some(Err(e)) => return End::read_error(e),
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(reply) = self.handle_text(text, &mut inflight, &mut out).await {
-                            out.push(Message::Text(reply.into()));
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        self.node.metrics.bad_frames.inc();
-                        return End::BinaryFrame;
-                    }
-                    Some(Ok(Message::Close(_))) => {
-                        // The library queued the echo of the client's close
-                        // frame: send it, completing the closing handshake
-                        // (the server then closes the TCP connection first).
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
-                        return End::ClientClosed;
-                    }
-                    // Pings are answered by the library.
-                    Some(Ok(_)) => {}
-                },
-            }
             if !out.is_empty() {
-                let write = async {
-                    for msg in out.drain(..) {
-                        socket.feed(msg).await?;
-                    }
-                    socket.flush().await
-                };
+                // A client that takes nothing for `--send-timeout` is a slow
+                // consumer, whether or not more traffic would overflow its
+                // queue: what it holds is this batch, no more.
                 tokio::select! {
                     biased;
-                    reason = &mut closed => return End::requested(reason),
-                    res = write => if let Err(e) = res { return End::SocketError(e.to_string()) },
+                    end = stopped(closed.as_mut(), &mut expiry) => return end,
+                    res = write_all(socket, &mut out, send_timeout) => match res {
+                        Ok(()) => {}
+                        Err(WriteError::Stalled) => {
+                            if ctl.close(CloseReason::SlowConsumer) {
+                                self.node.metrics.slow_consumers.inc();
+                            }
+                            return End::SlowConsumer;
+                        }
+                        Err(WriteError::Socket(e)) => return End::SocketError(e.to_string()),
+                    },
+                }
+            } else if let Some(replay) = self.replay.as_deref_mut() {
+                // The next page of a replay, now that the last one went out.
+                // Live messages wait in the send queue meanwhile (a queue that
+                // overflows makes a slow consumer, as ever), and the client's
+                // next requests in its socket.
+                let page = replay.next_page(&*self.node.broker);
+                let page = tokio::select! {
+                    biased;
+                    end = stopped(closed.as_mut(), &mut expiry) => return end,
+                    page = page => page,
+                };
+                let metrics = &self.node.metrics;
+                let taken = page
+                    .ok()
+                    .flatten()
+                    .is_some_and(|page| replay.take(page, &mut out, metrics));
+                if !taken {
+                    // Its `ok` promised these messages: the client must
+                    // subscribe again with `since` (from another node, maybe).
+                    return End::ReplayFailed;
+                }
+                if replay.done() {
+                    self.replay = None;
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    end = stopped(closed.as_mut(), &mut expiry) => return end,
+                    _ = queue.recv_many(&mut batch, MAX_BATCH) => {
+                        for item in batch.drain(..) {
+                            out.extend(self.outbound(item));
+                        }
+                    }
+                    Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(Message::Text(reply.into())),
+                    msg = socket.recv(), if inflight.len() < MAX_INFLIGHT => match msg {
+                        None => return End::ClientGone,
+                        Some(Err(e)) => return End::read_error(e),
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(reply) = self.handle_text(text, &mut inflight, &mut out).await {
+                                out.push(Message::Text(reply.into()));
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            self.node.metrics.bad_frames.inc();
+                            return End::BinaryFrame;
+                        }
+                        Some(Ok(Message::Close(_))) => {
+                            // The library queued the echo of the client's close
+                            // frame: send it, completing the closing handshake
+                            // (the server then closes the TCP connection first).
+                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                            return End::ClientClosed;
+                        }
+                        // Pings are answered by the library.
+                        Some(Ok(_)) => {}
+                    },
                 }
             }
         }
@@ -558,39 +646,30 @@ impl Conn {
         if !self.node.broker.durable() {
             return gone(self);
         }
-        let max = self.node.config.history_size.max(1) as usize;
-        let mut replay = Vec::new();
-        let mut after = since.offset;
-        while after < pos.offset {
-            let Some(page) = self
-                .node
-                .broker
-                .history(room, after, REPLAY_PAGE.min(max))
-                .await?
-            else {
-                return gone(self);
-            };
-            if page.epoch != pos.epoch
-                || !page.covers(after)
-                || page.messages.is_empty()
-                || replay.len() >= max
-            {
-                return gone(self);
-            }
-            for m in page.messages {
-                after = m.offset;
-                replay.push(Message::Text(m.frame));
-            }
+        // The first page now, so that `ok` can say whether the history still
+        // covers what was missed; the rest follows page by page.
+        let mut replay = Replay {
+            room: room.clone(),
+            epoch: pos.epoch.clone(),
+            after: since.offset,
+            until: pos.offset,
+        };
+        let mut frames = Vec::new();
+        let page = replay.next_page(&*self.node.broker).await?;
+        let metrics = &self.node.metrics;
+        if !page.is_some_and(|page| replay.take(page, &mut frames, metrics)) {
+            return gone(self);
         }
-        self.node.metrics.replayed.inc_by(replay.len() as u64);
-        self.replayed.raise(room, &pos.epoch, after);
+        if !replay.done() {
+            self.replay = Some(Box::new(replay));
+        }
         let missed = pos.offset - since.offset;
         Ok((
             SubscribeOk {
                 recovery: Some(Recovery::Done(missed)),
                 ..plain
             },
-            replay,
+            frames,
         ))
     }
 
@@ -645,6 +724,9 @@ impl SentUpTo {
 
 /// Messages read from history per round trip while replaying.
 const REPLAY_PAGE: usize = 500;
+/// Bytes of frames in one replay page (a larger message comes alone): what a
+/// replaying client that does not read pins, beside its socket buffers.
+const REPLAY_PAGE_BYTES: usize = 256 * 1024;
 
 #[derive(Clone)]
 struct SubscribeOk {
@@ -685,6 +767,50 @@ fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
 
 fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
     error(id, ErrorCode::Unavailable, &e.to_string())
+}
+
+/// The connection must end for a reason other than the client's frames: the
+/// node asks (slow consumer, drain), or the token expires.
+async fn stopped(
+    closed: std::pin::Pin<&mut impl Future<Output = CloseReason>>,
+    expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+) -> End {
+    let expired = async {
+        match expiry.as_mut() {
+            Some(timer) => timer.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        reason = closed => End::requested(reason),
+        () = expired => End::TokenExpired,
+    }
+}
+
+enum WriteError {
+    /// The socket took no frame for the whole send timeout.
+    Stalled,
+    Socket(axum::Error),
+}
+
+/// Writes `out` (emptying it) in one flush; each frame, and the flush, must
+/// be taken by the socket within `limit`.
+async fn write_all(
+    socket: &mut WebSocket,
+    out: &mut Vec<Message>,
+    limit: Duration,
+) -> Result<(), WriteError> {
+    for msg in out.drain(..) {
+        tokio::time::timeout(limit, socket.feed(msg))
+            .await
+            .map_err(|_| WriteError::Stalled)?
+            .map_err(WriteError::Socket)?;
+    }
+    tokio::time::timeout(limit, socket.flush())
+        .await
+        .map_err(|_| WriteError::Stalled)?
+        .map_err(WriteError::Socket)
 }
 
 /// Sends `before` (if any) and a close frame, then completes the closing

@@ -283,6 +283,7 @@ impl Broker for RedisBroker {
         room: &RoomName,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'static, Result<Option<History>, BrokerError>> {
         if self.shared.opts.history.is_none() {
             return std::future::ready(Ok(None)).boxed();
@@ -294,7 +295,7 @@ impl Broker for RedisBroker {
             let Some(mut conn) = conn else {
                 return Err(BrokerError::Unavailable("not connected".into()));
             };
-            read_history(&mut conn, &room, after, limit, op_timeout)
+            read_history(&mut conn, &room, after, limit, max_bytes, op_timeout)
                 .await
                 .map(Some)
         }
@@ -371,42 +372,33 @@ impl Shared {
 }
 
 /// Reads the room's epoch, last offset and up to `limit` kept messages after
-/// `after`, in one round trip.
+/// `after` (no more than `max_bytes` of frames, but at least one), in one
+/// round trip.
 async fn read_history(
     conn: &mut MultiplexedConnection,
     room: &RoomName,
     after: u64,
     limit: usize,
+    max_bytes: usize,
     op_timeout: Duration,
 ) -> Result<History, BrokerError> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("HMGET")
-        .arg(scripts::room_key(room.as_str()))
-        .arg("o")
-        .arg("e");
-    pipe.cmd("XRANGE")
-        .arg(scripts::history_key(room.as_str()))
-        .arg(format!("0-{}", after.saturating_add(1)))
-        .arg("+")
-        .arg("COUNT")
-        .arg(limit.max(1));
-    let ((last, epoch), range) = bounded(
+    let mut inv = scripts::HISTORY.key(scripts::room_key(room.as_str()));
+    inv.key(scripts::history_key(room.as_str()))
+        .arg(after)
+        .arg(limit.max(1))
+        .arg(max_bytes);
+    let (last, epoch, entries) = bounded(
         op_timeout,
-        pipe.query_async::<(
-            (Option<u64>, Option<String>),
-            redis::streams::StreamRangeReply,
-        )>(conn),
+        inv.invoke_async::<(Option<u64>, Option<String>, Vec<(String, Vec<u8>)>)>(conn),
     )
     .await?;
     let epoch: Arc<str> = epoch.unwrap_or_default().into();
-    let mut messages = Vec::with_capacity(range.ids.len());
-    for entry in range.ids {
-        let (Some(offset), Some(redis::Value::BulkString(frame))) =
-            (scripts::entry_offset(&entry.id), entry.map.get("f"))
-        else {
+    let mut messages = Vec::with_capacity(entries.len());
+    for (id, frame) in entries {
+        let Some(offset) = scripts::entry_offset(&id) else {
             continue;
         };
-        let Ok(frame) = Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(frame)) else {
+        let Ok(frame) = Utf8Bytes::try_from(bytes::Bytes::from(frame)) else {
             continue;
         };
         messages.push(Delivery {
@@ -824,7 +816,16 @@ async fn fill_gap(
     delivered: &mut Delivered,
 ) {
     let want = upto.saturating_sub(seen.offset) as usize;
-    let history = match read_history(conn, room, seen.offset, want, shared.opts.op_timeout).await {
+    let history = match read_history(
+        conn,
+        room,
+        seen.offset,
+        want,
+        usize::MAX,
+        shared.opts.op_timeout,
+    )
+    .await
+    {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(%room, error = %e, "cannot read history to fill a gap");

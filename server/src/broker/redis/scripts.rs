@@ -109,6 +109,40 @@ return {0, last, v[2]}
     )
 });
 
+/// One page of a room's history. KEYS: room hash, history stream.
+/// ARGV: 1 the offset to read after, 2 most entries, 3 most bytes of frames
+/// (the first entry is returned whatever its size).
+/// Returns `{last offset, epoch, {{entry id, frame}, …}}`, read in small
+/// chunks so that neither Redis nor the node holds more than about a page.
+pub static HISTORY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = redis.call('HMGET', KEYS[1], 'o', 'e')
+local left = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
+local from = tonumber(ARGV[1]) + 1
+local out, bytes = {}, 0
+while left > 0 do
+  local chunk = redis.call('XRANGE', KEYS[2], string.format('0-%d', from), '+',
+    'COUNT', math.min(left, 32))
+  if #chunk == 0 then break end
+  for _, e in ipairs(chunk) do
+    local frame = e[2][2]
+    if #out > 0 and bytes + #frame > cap then
+      return {v[1], v[2], out}
+    end
+    bytes = bytes + #frame
+    out[#out + 1] = {e[1], frame}
+    left = left - 1
+    if left == 0 then break end
+  end
+  from = tonumber(string.sub(chunk[#chunk][1], 3)) + 1
+end
+return {v[1], v[2], out}
+"#,
+    )
+});
+
 pub fn room_key(room: &str) -> String {
     format!("chorus:room:{room}")
 }
