@@ -82,7 +82,7 @@ pub struct Config {
     /// A connection whose socket takes nothing for this long (its client
     /// does not read) is closed as a slow consumer (1008), whether or not
     /// more traffic would overflow its send queue.
-    #[arg(long, env = "CHORUS_SEND_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CHORUS_SEND_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub send_timeout: Duration,
 
     /// Publishes per second one connection may make (burst: one second's
@@ -98,6 +98,22 @@ pub struct Config {
     /// Open WebSocket connections accepted; further upgrades get HTTP 503.
     #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// Plain HTTP connections (not yet, or never, upgraded to WebSocket) open
+    /// at once; further ones get a 503 and are closed.
+    #[arg(long, env = "CHORUS_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_http_connections: u32,
+
+    /// Time a client has to send a request's head, from connecting or from
+    /// the previous response on a kept-alive connection: an HTTP connection
+    /// idle for this long is closed.
+    #[arg(long, env = "CHORUS_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Time a client has to send a request's body, from the end of its head;
+    /// a body not complete by then gets 408.
+    #[arg(long, env = "CHORUS_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub http_body_timeout: Duration,
 
     /// On SIGTERM/SIGINT, spread `reconnect` frames to clients over this many seconds, then exit.
     #[arg(long, env = "CHORUS_DRAIN_SECONDS", default_value_t = 10)]
@@ -175,6 +191,15 @@ impl Config {
     }
 }
 
+/// A duration above zero (`10s`, `1m`).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Reads a secret from a file, trimming surrounding whitespace.
 pub fn read_secret(path: &std::path::Path) -> std::io::Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_string())
@@ -195,6 +220,11 @@ mod tests {
         assert_eq!(c.history_ttl, Duration::from_secs(600));
         assert_eq!(c.max_rooms_per_connection, 128);
         assert_eq!(c.send_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_http_connections, 1024);
+        assert_eq!(
+            (c.http_header_timeout, c.http_body_timeout),
+            (Duration::from_secs(30), Duration::from_secs(30))
+        );
     }
 
     #[test]
@@ -216,5 +246,6 @@ mod tests {
         assert!(Config::try_parse_from(["chorus-server", "--send-queue", "0"]).is_err());
         assert!(Config::try_parse_from(["chorus-server", "--delivery", "carrier-pigeon"]).is_err());
         assert!(Config::try_parse_from(["chorus-server", "--listen", "nowhere"]).is_err());
+        assert!(Config::try_parse_from(["chorus-server", "--http-header-timeout", "0s"]).is_err());
     }
 }

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub replayed: Counter,
     /// Recoveries refused because the history no longer covered the gap.
     pub history_gone: Counter,
+    /// Open plain HTTP connections (not yet, or never, upgraded).
+    pub http_connections: Gauge,
+    /// HTTP connections refused at `--max-http-connections`.
+    pub http_connections_refused: Counter,
 }
 
 impl Metrics {
@@ -145,8 +149,22 @@ impl Metrics {
             "Recoveries refused because the history no longer covered what the client missed",
             history_gone.clone(),
         );
+        let http_connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Open plain HTTP connections (WebSocket connections count once upgraded, in chorus_connections)",
+            http_connections.clone(),
+        );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections refused because --max-http-connections were open",
+            http_connections_refused.clone(),
+        );
         Self {
             registry,
+            http_connections,
+            http_connections_refused,
             gap_filled,
             epoch_resets,
             replayed,

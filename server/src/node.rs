@@ -203,10 +203,11 @@ impl Node {
 
     /// Drains the node: `/readyz` turns 503, new upgrades are refused, every
     /// client gets `reconnect` (spread over `--drain-seconds`) and is closed.
-    /// Resolves when the connections are gone (or after a grace period).
-    pub async fn drain(&self) {
+    /// Resolves when the connections are gone, or at the returned deadline
+    /// ([`DRAIN_GRACE`] after the spread), by which the node must stop.
+    pub async fn drain(&self) -> Instant {
         if self.draining.swap(true, Ordering::AcqRel) {
-            return;
+            return Instant::now();
         }
         let conns: Vec<Arc<ConnControl>> = lock(&self.conns).values().cloned().collect();
         let window = Duration::from_secs(self.config.drain_seconds);
@@ -225,13 +226,18 @@ impl Node {
                 after_ms: rand::random_range(0..250),
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + DRAIN_GRACE;
         while self.connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!(left = self.connections(), "drained");
+        deadline
     }
 }
+
+/// After the drain's spread, how long closing handshakes and HTTP requests
+/// in flight may still take before the node stops regardless.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// A reserved connection slot; released on drop.
 pub(crate) struct Slot {

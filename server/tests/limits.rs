@@ -2,12 +2,14 @@
 //! it: rooms per connection, replays and history pages, HTTP time limits.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use chorus_tests::redis::RedisServer;
-use chorus_tests::{ChildGuard, TestNode, free_port, metric, wait_until};
+use chorus_tests::{ChildGuard, TestNode, WAIT, metric, spawn_server, wait_until};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A message of about 60 KB, as an HTTP publish body.
@@ -34,6 +36,21 @@ async fn publish_large(base: &str, room: &str, count: u64) -> String {
     epoch
 }
 
+async fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (ChildGuard, u16) {
+    spawn_server(env!("CARGO_BIN_EXE_chorus-server"), args, env).await
+}
+
+/// A connection to `addr` that sent `bytes` and nothing more.
+async fn sent(addr: impl tokio::net::ToSocketAddrs, bytes: &[u8]) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    tcp
+}
+
+/// A publish whose body stops after 8 of its 100 bytes.
+const HALF_BODY: &[u8] = b"POST /api/v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n\
+                           content-length: 100\r\n\r\n{\"data\":";
+
 /// Peak resident memory of a process (`VmHWM`), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -50,24 +67,12 @@ async fn replays_to_clients_that_never_read_pin_a_page_each_and_end_as_slow_cons
     const CLIENTS: usize = 10;
     const MESSAGES: u64 = 300; // × 60 KB: 18 MB of history
     let redis = RedisServer::start().await;
-    let port = free_port();
-    let child = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_chorus-server"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--broker", &redis.url(), "--delivery", "streams"])
-            .env("CHORUS_SEND_TIMEOUT", "1s")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_until("the node to be ready", || async {
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
+    let (child, port) = spawn_node(
+        &["--broker", &redis.url(), "--delivery", "streams"],
+        &[("CHORUS_SEND_TIMEOUT", "1s")],
+    )
     .await;
+    let base = format!("http://127.0.0.1:{port}");
     let epoch = publish_large(&base, "big", MESSAGES).await;
     let before = peak_rss(child.0.id());
 
@@ -208,4 +213,109 @@ async fn a_connection_joins_at_most_max_rooms_per_connection_rooms() {
     c.subscribe("c").await;
     other.publish("c", json!("now it is")).await;
     assert_eq!(c.message().await["data"], "now it is");
+}
+
+/// Everything the node sends on `tcp` until it closes the connection.
+async fn read_until_closed(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut got))
+        .await
+        .expect("the node kept the connection open")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_http_requests_are_reaped() {
+    let node = TestNode::start(&[
+        "--http-header-timeout",
+        "300ms",
+        "--http-body-timeout",
+        "300ms",
+    ])
+    .await;
+    // Nothing sent at all; half a request head.
+    let mut silent = TcpStream::connect(node.addr).await.unwrap();
+    let mut half_head = sent(node.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    for tcp in [&mut silent, &mut half_head] {
+        read_until_closed(tcp).await;
+    }
+    // A kept-alive connection, idle after its answer.
+    let mut idle = sent(node.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let answer = read_until_closed(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A body that stops half-way: 408 with the JSON error body.
+    let mut half_body = sent(node.addr, HALF_BODY).await;
+    let answer = read_until_closed(&mut half_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "bad_frame", "{body}");
+    assert_eq!(node.node.metrics.http_connections.get(), 0);
+}
+
+#[tokio::test]
+async fn plain_http_connections_are_capped_and_upgraded_ones_leave_the_count() {
+    let node = TestNode::start(&["--max-http-connections", "2"]).await;
+    let ws = node.client().await; // upgraded: counted as a WebSocket connection
+    let _idle: Vec<TcpStream> = vec![
+        TcpStream::connect(node.addr).await.unwrap(),
+        TcpStream::connect(node.addr).await.unwrap(),
+    ];
+    let mut third = TcpStream::connect(node.addr).await.unwrap();
+    let answer = read_until_closed(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let metrics = &node.node.metrics;
+    assert_eq!(
+        (
+            metrics.http_connections.get(),
+            metrics.http_connections_refused.get(),
+            node.node.connections()
+        ),
+        (2, 1, 1)
+    );
+    drop(_idle);
+    wait_until("the idle connections to be gone", || async {
+        metrics.http_connections.get() == 0
+    })
+    .await;
+    let ok = reqwest::get(node.http("/healthz")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    ws.close().await;
+}
+
+#[tokio::test]
+async fn a_half_sent_request_does_not_keep_a_sigtermed_node_alive() {
+    let (mut child, port) = spawn_node(&["--drain-seconds", "1"], &[]).await;
+    // Half a head, and a head with half its body: both well within the
+    // default header and body timeouts (30 s) when the node is told to stop.
+    let _half_head = sent(
+        ("127.0.0.1", port),
+        b"POST /api/v1/rooms/r/messages HTTP/1.1\r\n",
+    )
+    .await;
+    let _half_body = sent(("127.0.0.1", port), HALF_BODY).await;
+    // And a WebSocket client that never answers the node's close frame.
+    let (_ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The drain spreads over 1 s, then everything has 5 s: the node is gone
+    // well before the 30 s timeouts would have reaped the requests.
+    let exited = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the node is still running 20 s after SIGTERM");
+    assert!(exited.success(), "{exited}");
 }

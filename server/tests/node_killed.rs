@@ -1,36 +1,18 @@
 //! A node dies (SIGKILL) under its clients; they recover on another node.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
-
 use chorus_tests::redis::RedisServer;
-use chorus_tests::{ChildGuard, Event, TestNode, WsClient, free_port, wait_until};
+use chorus_tests::{Event, TestNode, WsClient, spawn_server, wait_until};
 use serde_json::json;
 
 #[tokio::test]
 async fn clients_of_a_killed_node_recover_everything_on_another_node() {
     let redis = RedisServer::start().await;
-    let port = free_port();
-    let mut doomed = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_chorus-server"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--broker",
-                &redis.url(),
-                "--delivery",
-                "streams",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the node to be ready", || async {
-        reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
+    let (mut doomed, port) = spawn_server(
+        env!("CARGO_BIN_EXE_chorus-server"),
+        &["--broker", &redis.url(), "--delivery", "streams"],
+        &[],
+    )
     .await;
     let survivor = TestNode::start(&["--broker", &redis.url(), "--delivery", "streams"]).await;
     wait_until("the survivor to be ready", || async {

@@ -44,6 +44,30 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The `chorus-server` binary at `exe` (a test's
+/// `env!("CARGO_BIN_EXE_chorus-server")`) started with `args` and `env` on a
+/// free port, once it is ready; and its port.
+pub async fn spawn_server(exe: &str, args: &[&str], env: &[(&str, &str)]) -> (ChildGuard, u16) {
+    let port = free_port();
+    let child = ChildGuard(
+        std::process::Command::new(exe)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the node to be ready", || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    (child, port)
+}
+
 /// `n` nodes on one broker (node ids `node-0`…), each started with `extra`
 /// flags and ready (its broker link up) before the next starts.
 pub async fn fleet(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {

@@ -10,6 +10,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
+use tower_http::timeout::TimeoutError;
 
 use crate::broker::{BrokerError, PublishRequest};
 use crate::node::Node;
@@ -86,6 +87,16 @@ pub async fn publish(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::TooLarge,
                 &format!("body is larger than {} bytes", node.config.max_frame_bytes),
+            );
+        }
+        Err(e) if timed_out(&e) => {
+            return api_error(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadFrame,
+                &format!(
+                    "the body did not arrive within {:?} (--http-body-timeout)",
+                    node.config.http_body_timeout
+                ),
             );
         }
         Err(e) => {
@@ -217,6 +228,18 @@ fn backend_room(
     let bad_room = |why: &str| api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, why);
     let Path(room) = room.map_err(|e| bad_room(&e.body_text()))?;
     RoomName::parse(&room).map_err(|e| bad_room(&e.to_string()))
+}
+
+/// Whether reading a body failed on the body deadline (`--http-body-timeout`).
+fn timed_out(e: &BytesRejection) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(e) = cause {
+        if e.is::<TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn broker_error(e: &BrokerError) -> Response {
