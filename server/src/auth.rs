@@ -16,10 +16,12 @@
 //!   key) are refused. Configuring both a secret and a public key is a
 //!   start-up error.
 //! - **`sub`** (string, required, non-empty): the user id.
-//! - **`exp`** (integer seconds since the epoch, required): checked with
-//!   [`EXP_LEEWAY_SECS`] of leeway for clock skew. `nbf`, if present, is
-//!   checked too. `aud`/`iss` are not checked (no audience/issuer is
-//!   configured).
+//! - **`exp`** (integer seconds since the epoch, required): a token is good
+//!   strictly before its `exp`, by this node's clock, with no leeway — the
+//!   same instant at which a connection opened with it is closed, so an
+//!   expired token never gets a session that ends at once. `nbf`, if
+//!   present, is checked with [`NBF_LEEWAY_SECS`] of leeway for clock skew.
+//!   `aud`/`iss` are not checked (no audience/issuer is configured).
 //! - **`rooms`** (optional list of patterns): rooms the client may subscribe to.
 //!   **Absent (or `null`) → any room.** Present → only matching rooms; `[]`
 //!   means only the personal room.
@@ -56,9 +58,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-/// Leeway, in seconds, when checking `exp` and `nbf` (clock skew between the
-/// token issuer and this node).
-pub const EXP_LEEWAY_SECS: u64 = 30;
+/// Leeway, in seconds, when checking `nbf` (clock skew between the token
+/// issuer and this node). `exp` has none.
+pub const NBF_LEEWAY_SECS: u64 = 30;
 
 /// Longest room name the protocol allows, in bytes (`bad_room`).
 const MAX_ROOM_LEN: usize = 256;
@@ -114,9 +116,10 @@ struct JwtCheck {
 impl JwtCheck {
     fn new(key: DecodingKey, algorithm: Algorithm) -> Self {
         let mut validation = Validation::new(algorithm);
-        validation.leeway = EXP_LEEWAY_SECS;
+        validation.leeway = NBF_LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.validate_exp = true;
+        // Checked here, without the leeway (see `authenticate`).
+        validation.validate_exp = false;
         validation.validate_nbf = true;
         // No audience is configured; with this on, jsonwebtoken would refuse
         // every token that carries an `aud` claim.
@@ -262,6 +265,13 @@ impl Authenticator {
             .ok_or(AuthError::MissingToken)?;
         let data = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
             .map_err(|e| token_error(&e, jwt.algorithm))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if data.claims.exp <= now {
+            return Err(AuthError::Expired);
+        }
         Session::from_claims(data.claims)
     }
 
@@ -779,9 +789,17 @@ RQIDAQAB
     }
 
     #[test]
-    fn just_expired_token_is_within_leeway() {
+    fn a_token_expires_at_its_exp_with_no_leeway() {
+        for ago in [5, 0] {
+            let mut c = claims("alice");
+            c.exp = get_current_timestamp() - ago;
+            let err = secret_auth()
+                .authenticate(Some(&hs256(&c, SECRET)))
+                .unwrap_err();
+            assert!(matches!(err, AuthError::Expired), "{ago}s ago: {err}");
+        }
         let mut c = claims("alice");
-        c.exp = get_current_timestamp() - 5;
+        c.exp = get_current_timestamp() + 5;
         assert!(secret_auth().authenticate(Some(&hs256(&c, SECRET))).is_ok());
     }
 

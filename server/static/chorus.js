@@ -1,13 +1,22 @@
 // Chorus WebSocket client (protocol v1), served by every node at /chorus.js.
 //
 //   import { Chorus } from "/chorus.js";
-//   const chorus = new Chorus("wss://chat.example.com/ws", { token });
+//   const chorus = new Chorus("wss://chat.example.com/ws", {
+//     token: () => fetch("/my-token").then((r) => r.text()), // or a fixed string
+//   });
 //   await chorus.subscribe("lobby", (msg) => console.log(msg.offset, msg.data));
 //   const { offset } = await chorus.publish("lobby", { text: "hi" });
 //
 // What it takes care of:
-// - reconnects with exponential backoff (0.5 s doubling to 10 s, with jitter),
-//   and after `after_ms` when a draining node sends `reconnect`;
+// - tokens: `token` is a JWT, or a function returning one (or a promise of
+//   one), called for every connection and before the token in use expires:
+//   the fresh one is handed to the node (`refresh`), so the connection and
+//   its rooms carry on; with a fixed string the node closes the connection
+//   at the token's `exp`;
+// - reconnects with exponential backoff (0.5 s doubling to 10 s, with
+//   jitter), reset only by a connection that lasted (so a node that refuses
+//   the token, or closes at once, is not hammered), and after `after_ms`
+//   when a draining node sends `reconnect`;
 // - re-subscribes every room after a reconnect with `since` = the last
 //   message it delivered, so a node in durable mode replays what was missed;
 // - reports what it could not recover: `onGap(room, missed)` when offsets
@@ -22,6 +31,20 @@ export class ChorusError extends Error {
     this.code = code;
   }
 }
+
+/** Seconds until a JWT's `exp` (read, not verified); undefined without one. */
+function secondsLeft(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const { exp } = JSON.parse(atob(part));
+    return typeof exp === "number" ? exp - Date.now() / 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A connection that stayed up this long resets the backoff. */
+const STABLE_MS = 5000;
 
 export class Chorus {
   constructor(url, options = {}) {
@@ -38,17 +61,66 @@ export class Chorus {
     this.closedByUser = false;
     this.session = null;
     this.node = null;
-    this.ready = null;
+    this.notReady();
     this.connect();
   }
 
+  /** The current token: the fixed one, or a fresh one from the provider. */
+  async freshToken() {
+    return typeof this.token === "function" ? await this.token() : this.token;
+  }
+
+  /** Requests wait for the next `welcome` (they are sent once connected). */
+  notReady() {
+    this.ready = new Promise((resolve) => (this.markReady = resolve));
+  }
+
   connect() {
-    const url = this.token ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this.token)}` : this.url;
+    this.openedAt = undefined;
+    this.freshToken().then(
+      (token) => this.open(token),
+      () => this.onClose(), // the provider failed: back off and ask again
+    );
+  }
+
+  open(token) {
+    if (this.closedByUser) return;
+    const url = token ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : this.url;
     const ws = new WebSocket(url, "chorus.v1");
     this.ws = ws;
-    this.ready = new Promise((resolve) => (this.markReady = resolve));
+    this.tokenInUse = token;
     ws.onmessage = (ev) => this.onFrame(JSON.parse(ev.data));
-    ws.onclose = () => this.onClose();
+    // Once per socket: a refused upgrade (401, 503) may fire only `error`.
+    let ended = false;
+    ws.onclose = ws.onerror = () => {
+      if (ended) return;
+      ended = true;
+      this.onClose();
+    };
+  }
+
+  /** With a token provider, hands the node a fresh token before this one expires. */
+  scheduleRefresh() {
+    clearTimeout(this.refreshTimer);
+    if (typeof this.token !== "function") return;
+    const left = secondsLeft(this.tokenInUse);
+    if (left === undefined) return;
+    const margin = Math.min(30, left / 5);
+    this.refreshTimer = setTimeout(() => this.refresh(), Math.max(0, left - margin) * 1000);
+  }
+
+  async refresh() {
+    const ws = this.ws;
+    try {
+      const token = await this.freshToken();
+      await this.request({ op: "refresh", token });
+      if (ws !== this.ws) return;
+      this.tokenInUse = token;
+      this.scheduleRefresh();
+    } catch (e) {
+      // Refused or no answer: the node closes the connection at the old
+      // token's expiry, and the reconnect asks the provider again.
+    }
   }
 
   onFrame(f) {
@@ -56,9 +128,10 @@ export class Chorus {
       case "welcome":
         this.session = f.session;
         this.node = f.node;
-        this.backoffMs = 500;
+        this.openedAt = Date.now();
         this.onStatus({ connected: true, node: f.node, session: f.session });
         this.markReady();
+        this.scheduleRefresh();
         for (const room of this.rooms.keys()) this.resubscribe(room);
         break;
       case "message":
@@ -98,12 +171,18 @@ export class Chorus {
   }
 
   onClose() {
+    clearTimeout(this.refreshTimer);
     for (const p of this.pending.values()) {
       clearTimeout(p.timer);
       p.reject(new ChorusError("unavailable", "connection closed"));
     }
     this.pending.clear();
     if (this.closedByUser) return;
+    if (this.openedAt !== undefined) this.notReady();
+    // Only a connection that lasted resets the backoff: one refused at the
+    // upgrade (a bad or expired token: 401) or closed at once keeps it growing.
+    if (this.openedAt !== undefined && Date.now() - this.openedAt >= STABLE_MS) this.backoffMs = 500;
+    this.openedAt = undefined;
     const wait = this.backoffMs * (0.5 + Math.random() / 2);
     this.backoffMs = Math.min(this.backoffMs * 2, 10000);
     this.onStatus({ connected: false, retryInMs: Math.round(wait) });
@@ -166,6 +245,7 @@ export class Chorus {
 
   close() {
     this.closedByUser = true;
-    this.ws.close();
+    clearTimeout(this.refreshTimer);
+    this.ws?.close();
   }
 }

@@ -28,6 +28,21 @@ pub enum ClientFrame {
     Ping {
         id: u64,
     },
+    /// A fresh token for the connection, before its current one expires.
+    Refresh {
+        id: u64,
+        token: Token,
+    },
+}
+
+/// A client's token as it came in a frame; its `Debug` form hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 impl PartialEq for ClientFrame {
@@ -62,6 +77,7 @@ impl PartialEq for ClientFrame {
                 },
             ) => (a, r, d.get(), k) == (b, q, e.get(), l),
             (Ping { id: a }, Ping { id: b }) => a == b,
+            (Refresh { id: a, token: t }, Refresh { id: b, token: u }) => (a, t) == (b, u),
             _ => false,
         }
     }
@@ -73,7 +89,8 @@ impl ClientFrame {
             Self::Subscribe { id, .. }
             | Self::Unsubscribe { id, .. }
             | Self::Publish { id, .. }
-            | Self::Ping { id } => *id,
+            | Self::Ping { id }
+            | Self::Refresh { id, .. } => *id,
         }
     }
 }
@@ -152,6 +169,8 @@ struct Envelope<'a> {
     key: Option<Cow<'a, str>>,
     #[serde(default)]
     since: Option<Since>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// `data` as raw JSON; unlike `Option<&RawValue>` this keeps an explicit `null`.
@@ -237,6 +256,16 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             })
         }
         "ping" => Ok(ClientFrame::Ping { id: need_id()? }),
+        "refresh" => {
+            let id = need_id()?;
+            let token = env.token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                FrameError::new(Some(id), ErrorCode::BadFrame, "`refresh` needs a `token`")
+            })?;
+            Ok(ClientFrame::Refresh {
+                id,
+                token: Token(token.into_owned()),
+            })
+        }
         other => Err(FrameError::new(
             id,
             ErrorCode::BadFrame,
@@ -401,6 +430,20 @@ mod tests {
             decode(r#"{"op":"ping","id":4}"#).unwrap(),
             ClientFrame::Ping { id: 4 }
         );
+        let refresh = decode(r#"{"op":"refresh","id":6,"token":"a.b.c"}"#).unwrap();
+        assert_eq!(
+            refresh,
+            ClientFrame::Refresh {
+                id: 6,
+                token: Token("a.b.c".into())
+            }
+        );
+        assert!(
+            !format!("{refresh:?}").contains("a.b.c"),
+            "tokens stay out of logs"
+        );
+        let e = err(r#"{"op":"refresh","id":7}"#);
+        assert_eq!((e.id, e.code), (Some(7), ErrorCode::BadFrame));
         match decode(
             r#"{"op":"publish","id":5,"room":"a","data":{"text":"hi","n":[1,2]},"key":"k1"}"#,
         )

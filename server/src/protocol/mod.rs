@@ -9,7 +9,7 @@ mod frames;
 mod room;
 
 pub use frames::{
-    ClientFrame, ErrorCode, FrameError, MessageFrame, ServerFrame, Since, decode, encode,
+    ClientFrame, ErrorCode, FrameError, MessageFrame, ServerFrame, Since, Token, decode, encode,
     encode_message, is_json_object, message_parts,
 };
 pub use room::{MAX_ROOM_BYTES, RoomError, RoomName};

@@ -19,8 +19,18 @@ use crate::protocol::{ErrorCode, RoomName, check_key, is_json_object};
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const JS_CLIENT: &str = include_str!("../../static/chorus.js");
 
-pub async fn demo_page() -> Html<&'static str> {
-    Html(DEMO_PAGE)
+/// `GET /`: the demo chat; with client auth on, it says so and asks for a token.
+pub async fn demo_page(State(node): State<Arc<Node>>) -> Html<String> {
+    let page = if node.auth.clients_need_token() {
+        DEMO_PAGE.replacen(
+            r#"<body data-auth="off">"#,
+            r#"<body data-auth="required">"#,
+            1,
+        )
+    } else {
+        DEMO_PAGE.to_owned()
+    };
+    Html(page)
 }
 
 /// `GET /chorus.js`: the browser client (an ES module).

@@ -11,6 +11,7 @@
 //! completes the WebSocket closing handshake.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
+use tokio::time::Sleep;
 
 use crate::auth::Session;
 use crate::broker::{Broker, BrokerError, History, Position, PublishRequest};
@@ -206,6 +208,7 @@ async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot:
         rooms: HashSet::new(),
         replayed: SentUpTo::default(),
         replay: None,
+        expiry: None,
         rate: RateLimit::new(node.config.max_publish_rate),
     };
     // The socket lives here, not in `run`'s state: a future that owns a
@@ -256,6 +259,9 @@ struct Conn {
     replayed: SentUpTo,
     /// A replay still going out (boxed: most connections never replay).
     replay: Option<Box<Replay>>,
+    /// Fires at the token's `exp` (reset by `refresh`); `None` for tokens
+    /// without one, so an anonymous idle connection carries no timer.
+    expiry: Option<Pin<Box<Sleep>>>,
     rate: RateLimit,
 }
 
@@ -357,15 +363,7 @@ impl Conn {
         let mut inflight: FuturesOrdered<Reply> = FuturesOrdered::new();
         let mut out: Vec<Message> = vec![Message::Text(welcome.into())];
         let mut batch: Vec<Outbound> = Vec::new();
-        // A client's token is good until its `exp`; the connection ends
-        // then. Boxed, and only for tokens with an expiry: an anonymous idle
-        // connection carries no timer.
-        let mut expiry = self.auth.expires_at().map(|at| {
-            let left = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            Box::pin(tokio::time::sleep(left))
-        });
+        self.expiry = expiry_timer(&self.auth);
         loop {
             if !out.is_empty() {
                 // A client that takes nothing for `--send-timeout` is a slow
@@ -373,7 +371,7 @@ impl Conn {
                 // queue: what it holds is this batch, no more.
                 tokio::select! {
                     biased;
-                    end = stopped(closed.as_mut(), &mut expiry) => return end,
+                    end = stopped(closed.as_mut(), &mut self.expiry) => return end,
                     res = write_all(socket, &mut out, send_timeout) => match res {
                         Ok(()) => {}
                         Err(WriteError::Stalled) => {
@@ -393,7 +391,7 @@ impl Conn {
                 let page = replay.next_page(&*self.node.broker);
                 let page = tokio::select! {
                     biased;
-                    end = stopped(closed.as_mut(), &mut expiry) => return end,
+                    end = stopped(closed.as_mut(), &mut self.expiry) => return end,
                     page = page => page,
                 };
                 let metrics = &self.node.metrics;
@@ -412,7 +410,7 @@ impl Conn {
             } else {
                 tokio::select! {
                     biased;
-                    end = stopped(closed.as_mut(), &mut expiry) => return end,
+                    end = stopped(closed.as_mut(), &mut self.expiry) => return end,
                     _ = queue.recv_many(&mut batch, MAX_BATCH) => {
                         for item in batch.drain(..) {
                             out.extend(self.outbound(item));
@@ -472,6 +470,7 @@ impl Conn {
         };
         match frame {
             ClientFrame::Ping { id } => Some(protocol::encode(&ServerFrame::Pong { id })),
+            ClientFrame::Refresh { id, token } => Some(self.refresh(id, &token.0)),
             ClientFrame::Subscribe { id, room, since } => {
                 // Boxed: subscribing is rare, and its future would otherwise
                 // be part of every connection's task for its whole life.
@@ -536,6 +535,34 @@ impl Conn {
                 None
             }
         }
+    }
+
+    /// Takes a fresh token for the connection: same user, and every room the
+    /// connection is in still allowed; its `exp` is the connection's end
+    /// from now on. Refused (`unauthorized`, `forbidden`), the connection
+    /// keeps its current token, and ends at that one's `exp`.
+    fn refresh(&mut self, id: u64, token: &str) -> String {
+        let fresh = match self.node.auth.authenticate(Some(token)) {
+            Ok(fresh) => fresh,
+            Err(e) => return error(Some(id), ErrorCode::Unauthorized, &e.to_string()),
+        };
+        if fresh.user() != self.auth.user() {
+            return error(
+                Some(id),
+                ErrorCode::Forbidden,
+                "the token is for another user: connect again with it",
+            );
+        }
+        if let Some(room) = self.rooms.iter().find(|r| !fresh.may_subscribe(r.as_str())) {
+            return error(
+                Some(id),
+                ErrorCode::Forbidden,
+                &format!("the token does not allow `{room}`: unsubscribe from it first"),
+            );
+        }
+        self.auth = fresh;
+        self.expiry = expiry_timer(&self.auth);
+        protocol::encode(&ServerFrame::ok(id))
     }
 
     /// Subscribes (joining the room before anything else, so nothing
@@ -769,11 +796,21 @@ fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
     error(id, ErrorCode::Unavailable, &e.to_string())
 }
 
+/// A timer for the session's `exp`; `None` for a session without one.
+fn expiry_timer(session: &Session) -> Option<Pin<Box<Sleep>>> {
+    session.expires_at().map(|at| {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        Box::pin(tokio::time::sleep(left))
+    })
+}
+
 /// The connection must end for a reason other than the client's frames: the
 /// node asks (slow consumer, drain), or the token expires.
 async fn stopped(
-    closed: std::pin::Pin<&mut impl Future<Output = CloseReason>>,
-    expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    closed: Pin<&mut impl Future<Output = CloseReason>>,
+    expiry: &mut Option<Pin<Box<Sleep>>>,
 ) -> End {
     let expired = async {
         match expiry.as_mut() {
