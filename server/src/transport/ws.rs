@@ -839,15 +839,25 @@ async fn write_all(
     limit: Duration,
 ) -> Result<(), WriteError> {
     for msg in out.drain(..) {
-        tokio::time::timeout(limit, socket.feed(msg))
-            .await
-            .map_err(|_| WriteError::Stalled)?
-            .map_err(WriteError::Socket)?;
+        within(limit, socket.feed(msg)).await?;
     }
-    tokio::time::timeout(limit, socket.flush())
-        .await
-        .map_err(|_| WriteError::Stalled)?
-        .map_err(WriteError::Socket)
+    within(limit, socket.flush()).await
+}
+
+/// A socket write, given at most `limit` when it cannot complete at once. The
+/// timer is set only then: most writes go straight into the buffer, and this
+/// is on every delivery's path.
+async fn within<F>(limit: Duration, mut write: F) -> Result<(), WriteError>
+where
+    F: Future<Output = Result<(), axum::Error>> + Unpin,
+{
+    let done = match (&mut write).now_or_never() {
+        Some(done) => done,
+        None => tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| WriteError::Stalled)?,
+    };
+    done.map_err(WriteError::Socket)
 }
 
 /// Sends `before` (if any) and a close frame, then completes the closing
