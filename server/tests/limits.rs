@@ -63,7 +63,7 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 #[tokio::test]
-async fn replays_to_clients_that_never_read_pin_a_page_each_and_end_as_slow_consumers() {
+async fn replays_and_history_reads_pin_a_page_each_and_non_readers_end_as_slow_consumers() {
     const CLIENTS: usize = 10;
     const MESSAGES: u64 = 300; // × 60 KB: 18 MB of history
     let redis = RedisServer::start().await;
@@ -101,6 +101,26 @@ async fn replays_to_clients_that_never_read_pin_a_page_each_and_end_as_slow_cons
         grown >> 20
     );
     assert!(replayed < (CLIENTS as u64 * MESSAGES) as f64, "{replayed}");
+
+    // 20 backends reading the whole history at once get a page of about
+    // 1 MiB each, and the node's peak grows by about that much per reader.
+    let before = peak_rss(child.0.id());
+    let url = format!("{base}/api/v1/rooms/big/history?since=0&limit=1000");
+    let reads = (0..20).map(|_| async {
+        let page: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        page["messages"].as_array().unwrap().len()
+    });
+    let got = futures_util::future::join_all(reads).await;
+    let grown = peak_rss(child.0.id()).saturating_sub(before);
+    assert!(
+        got.iter().all(|n| (1..MESSAGES as usize).contains(n)),
+        "{got:?}"
+    );
+    assert!(
+        grown < 64 << 20,
+        "peak RSS grew by {} MiB for 20 history reads",
+        grown >> 20
+    );
 }
 
 #[tokio::test]
