@@ -21,7 +21,7 @@ const done = (result) => {
 setTimeout(() => done({ error: "timed out" }), 20000);
 
 if (mode === "refresh") {
-  // Every token lives 3 s: the client hands the node a fresh one before
+  // Every token lives 4 s: the client hands the node a fresh one before
   // each expires, and keeps its connection and its room past the first.
   let issued = 0;
   let firstExp;
@@ -30,7 +30,7 @@ if (mode === "refresh") {
   const chorus = new Chorus(url, {
     token: async () => {
       issued += 1;
-      const exp = now() + 3;
+      const exp = now() + 4;
       firstExp ??= exp;
       return jwt({ sub: "u", exp });
     },
