@@ -82,7 +82,7 @@ fn start_operator(namespace: &str) -> Child {
 fn basic_example(namespace: &str) -> MessagingCluster {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/basic.yaml");
     let mut mc: MessagingCluster =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     mc.metadata.namespace = Some(namespace.to_owned());
     mc
 }
