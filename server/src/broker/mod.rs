@@ -105,6 +105,17 @@ pub enum BrokerError {
     Overloaded,
 }
 
+impl BrokerError {
+    /// What a client is told: the reason without the broker's internals
+    /// (addresses, Redis errors), which only the node's logs and `/readyz` show.
+    pub fn public_message(&self) -> String {
+        match self {
+            BrokerError::Unavailable(_) => "the message bus is unreachable: retry later".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Is the broker usable right now, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {

@@ -98,6 +98,8 @@ pub enum ErrorCode {
     NotSubscribed,
     Unavailable,
     HistoryGone,
+    /// The history API on a node that keeps no history (`--delivery pubsub`).
+    NoHistory,
 }
 
 impl ErrorCode {
@@ -112,6 +114,7 @@ impl ErrorCode {
             Self::NotSubscribed => "not_subscribed",
             Self::Unavailable => "unavailable",
             Self::HistoryGone => "history_gone",
+            Self::NoHistory => "no_history",
         }
     }
 }
@@ -508,6 +511,7 @@ mod tests {
         });
         assert!(!text.contains("from"));
         assert_eq!(ErrorCode::HistoryGone.as_str(), "history_gone");
+        assert_eq!(ErrorCode::NoHistory.as_str(), "no_history");
     }
 
     #[test]

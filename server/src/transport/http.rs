@@ -16,16 +16,40 @@ use crate::protocol::{ErrorCode, RoomName, check_key};
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const JS_CLIENT: &str = include_str!("../../static/chorus.js");
+const JS_CLIENT_TYPES: &str = include_str!("../../static/chorus.d.ts");
 
 pub async fn demo_page() -> Html<&'static str> {
     Html(DEMO_PAGE)
 }
 
-/// `GET /chorus.js`: the browser client (an ES module).
+/// `GET /chorus.js`: the browser client (an ES module), importable from
+/// pages on any origin (it is public and the same for everyone).
 pub async fn js_client() -> Response {
+    let mut resp = public_file("text/javascript; charset=utf-8", JS_CLIENT);
+    // Where Deno (and other tools that follow it) find the types.
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("x-typescript-types"),
+        header::HeaderValue::from_static("/chorus.d.ts"),
+    );
+    resp
+}
+
+/// `GET /chorus.d.ts`: TypeScript declarations of `/chorus.js`.
+pub async fn js_client_types() -> Response {
+    public_file("application/typescript; charset=utf-8", JS_CLIENT_TYPES)
+}
+
+fn public_file(content_type: &'static str, body: &'static str) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        JS_CLIENT,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (
+                header::HeaderName::from_static("cross-origin-resource-policy"),
+                "cross-origin",
+            ),
+        ],
+        body,
     )
         .into_response()
 }
@@ -154,7 +178,7 @@ pub async fn history(
         }
         Ok(None) => api_error(
             StatusCode::NOT_FOUND,
-            ErrorCode::HistoryGone,
+            ErrorCode::NoHistory,
             "no history is kept: this node runs --delivery pubsub",
         ),
         Err(e) => broker_error(&e),
@@ -183,7 +207,7 @@ fn broker_error(e: &BrokerError) -> Response {
     let mut resp = api_error(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unavailable,
-        &e.to_string(),
+        &e.public_message(),
     );
     resp.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -593,7 +593,7 @@ fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
 }
 
 fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
-    error(id, ErrorCode::Unavailable, &e.to_string())
+    error(id, ErrorCode::Unavailable, &e.public_message())
 }
 
 /// Closes on the node's request: `reconnect` + 1001 for a drain, 1008 for a
