@@ -406,3 +406,39 @@ async fn the_redis_password_comes_from_the_url_or_a_file() {
     .await;
     let _ = std::fs::remove_file(file);
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_scoped_to_their_room_in_every_broker() {
+    let redis = RedisServer::start().await;
+    for broker in ["memory://".to_string(), redis.url()] {
+        let node = nodes(1, &broker, &[]).await.remove(0);
+        let mut sub = node.client().await;
+        sub.subscribe("chat:lobby").await;
+        let mut c = node.client().await;
+        // Room `chat` with key `lobby:m1`, then room `chat:lobby` with key
+        // `m1`: two different publishes, though both joined with `:` read the same.
+        let first = c
+            .request(json!({"op": "publish", "room": "chat", "data": "in chat", "key": "lobby:m1"}))
+            .await;
+        let second = c
+            .request(json!({"op": "publish", "room": "chat:lobby", "data": "in chat:lobby", "key": "m1"}))
+            .await;
+        assert_eq!(
+            (first["op"].as_str(), first["offset"].as_u64()),
+            (Some("ok"), Some(1)),
+            "{broker}: {first}"
+        );
+        assert_eq!(
+            (second["op"].as_str(), second["offset"].as_u64()),
+            (Some("ok"), Some(1)),
+            "{broker}: the second publish is the first of its own room: {second}"
+        );
+        assert_ne!(second["epoch"], first["epoch"], "{broker}");
+        let m = sub.message().await;
+        assert_eq!(
+            (m["data"].as_str(), m["offset"].as_u64()),
+            (Some("in chat:lobby"), Some(1)),
+            "{broker}"
+        );
+    }
+}

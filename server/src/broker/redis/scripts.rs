@@ -12,9 +12,15 @@
 //! - `chorus:hist:<room>` (streams delivery): a stream of the room's
 //!   messages, entry id `0-<offset>`, field `f` = the exact `message` frame;
 //!   capped with `MAXLEN ~` and expiring with the hash.
-//! - `chorus:idem:<room>:<key>`: `"<offset> <epoch>"` of a publish with an
-//!   idempotency key, for the idempotency window.
+//! - `chorus:idem:<room length>:<room>:<key>`: `"<offset> <epoch>"` of a
+//!   publish with an idempotency key, for the idempotency window. The room's
+//!   byte length comes first because both the room and the key may contain
+//!   `:` — without it, room `a` with key `b:c` and room `a:b` with key `c`
+//!   would share one entry.
 //! - `chorus:upstream:<room>`: client publishes for backend consumer groups.
+//!
+//! Every other key is a fixed prefix followed by the whole room name, which
+//! is unambiguous as it is.
 //!
 //! The live notification on channel `chorus:room:<room>` is
 //! `"<published_at_us> <offset> <epoch> <message frame>"`: the frame is
@@ -117,15 +123,13 @@ pub fn history_key(room: &str) -> String {
     format!("chorus:hist:{room}")
 }
 
+/// The idempotency entry of `key` in `room`: scoped by the room's length, so
+/// no (room, key) pair can name another pair's entry.
 pub fn idempotency_key(room: &str, key: &str) -> String {
-    format!("chorus:idem:{room}:{key}")
+    format!("chorus:idem:{}:{room}:{key}", room.len())
 }
 
-pub fn upstream_key(room: &str) -> String {
-    format!("{UPSTREAM_PREFIX}{room}")
-}
-
-pub const UPSTREAM_PREFIX: &str = "chorus:upstream:";
+pub use crate::upstream::upstream_key;
 
 pub const ROOM_CHANNEL_PREFIX: &str = "chorus:room:";
 
@@ -180,5 +184,16 @@ mod tests {
         assert_eq!(split_notification(b"17 1 e"), None);
         assert_eq!(entry_offset("0-42"), Some(42));
         assert_eq!(entry_offset("1700000000-0"), None);
+    }
+
+    #[test]
+    fn idempotency_keys_of_different_rooms_never_collide() {
+        // Both rooms and keys may contain `:`.
+        assert_ne!(idempotency_key("a", "b:c"), idempotency_key("a:b", "c"));
+        assert_ne!(idempotency_key("a:", "b"), idempotency_key("a", ":b"));
+        assert_eq!(
+            idempotency_key("chat:lobby", "m-1"),
+            "chorus:idem:10:chat:lobby:m-1"
+        );
     }
 }
