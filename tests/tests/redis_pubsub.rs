@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chorus_tests::redis::{RedisServer, SentinelGroup};
-use chorus_tests::{TestNode, WsClient, wait_until};
+use chorus_tests::{Publisher, TestNode, WsClient, wait_until};
 use serde_json::{Value, json};
 
 async fn nodes(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
@@ -182,7 +182,11 @@ async fn publish_until_accepted(c: &mut WsClient, room: &str, data: Value) -> u6
         if r["op"] == "ok" {
             return r["offset"].as_u64().unwrap();
         }
-        assert_eq!(r["code"], "unavailable", "{r}");
+        // `outcome_unknown`: it was in flight when the link broke.
+        assert!(
+            r["code"] == "unavailable" || r["code"] == "outcome_unknown",
+            "{r}"
+        );
         assert!(Instant::now() < deadline, "publishes never recovered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -441,4 +445,114 @@ async fn idempotency_keys_are_scoped_to_their_room_in_every_broker() {
             "{broker}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_publish_without_an_answer_says_its_outcome_is_unknown_and_a_keyed_retry_is_safe() {
+    let redis = RedisServer::start().await;
+    let node = nodes(1, &redis.url(), &["--redis-timeout", "200ms"])
+        .await
+        .remove(0);
+    let mut sub = node.client().await;
+    sub.subscribe("slow").await;
+    let mut c = node.client().await;
+    let publish = json!({"op": "publish", "room": "slow", "data": "once", "key": "k-1"});
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Redis holds every write for a while: the publish reaches it, but its
+    // answer cannot come back within --redis-timeout. (The node then resets
+    // its link, so an attempt made meanwhile is refused as `unavailable`.)
+    let pause_writes = || async {
+        wait_until("the link", || async { node.node.ready().is_ok() }).await;
+        let _: String = redis
+            .query(redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("WRITE"))
+            .await;
+    };
+    loop {
+        pause_writes().await;
+        let r = c.request(publish.clone()).await;
+        if r["code"] == "outcome_unknown" {
+            break;
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert!(Instant::now() < deadline, "never outcome_unknown: {r}");
+    }
+    // The same over HTTP: 504 with that code.
+    loop {
+        pause_writes().await;
+        let resp = http
+            .post(node.http("/api/v1/rooms/slow/messages"))
+            .json(&json!({"data": "once", "key": "k-1"}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let code = resp.json::<Value>().await.unwrap()["error"]["code"].clone();
+        if status == 504 {
+            assert_eq!(code, "outcome_unknown");
+            break;
+        }
+        assert_eq!((status.as_u16(), code), (503, json!("unavailable")));
+        assert!(Instant::now() < deadline, "never 504");
+    }
+    // Retrying with the same key until it is answered delivers it once.
+    let ok = loop {
+        let r = c.request(publish.clone()).await;
+        if r["op"] == "ok" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "publishes never recovered: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let m = sub.message().await;
+    assert_eq!((&m["data"], &m["offset"]), (&json!("once"), &ok["offset"]));
+    sub.sync().await;
+    assert!(
+        sub.pending().is_empty(),
+        "delivered more than once: {:?}",
+        sub.pending()
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_subscribe_is_answered_without_losing_queued_messages() {
+    let redis = RedisServer::start().await;
+    let node = nodes(1, &redis.url(), &[]).await.remove(0);
+    let mut sub = node.client().await;
+    assert_eq!(sub.subscribe("again").await["offset"], 0);
+    let mut publishers = Vec::new();
+    for _ in 0..3 {
+        publishers.push(Publisher::start(node.client().await, "again"));
+    }
+    publishers[0].wait_for(20).await;
+    // The app subscribes again and again (chorus.js sends exactly this when
+    // asked twice) while messages keep coming: each `ok` says how far the
+    // client already got, and every message follows exactly once, in order.
+    let mut last = 0;
+    fn expect(m: Value, last: &mut u64) {
+        assert_eq!(m["offset"].as_u64(), Some(*last + 1), "{m}");
+        *last += 1;
+    }
+    for _ in 0..30 {
+        let ok = sub.subscribe("again").await;
+        while let Some(m) = sub.pending().front().cloned() {
+            sub.message().await;
+            expect(m, &mut last);
+        }
+        assert_eq!(
+            ok["offset"].as_u64(),
+            Some(last),
+            "the ok names the last message sent before it: {ok}"
+        );
+    }
+    let mut end = 0;
+    for p in publishers {
+        end = end.max(p.stop().await);
+    }
+    while last < end {
+        let m = sub.message().await;
+        expect(m, &mut last);
+    }
+    sub.sync().await;
+    assert!(sub.pending().is_empty(), "{:?}", sub.pending());
 }

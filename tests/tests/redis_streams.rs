@@ -1,63 +1,16 @@
 //! Durable delivery (`--delivery streams`) against a real redis-server.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use chorus_tests::redis::RedisServer;
-use chorus_tests::{TestNode, WsClient, wait_until};
+use chorus_tests::{Publisher, TestNode, WsClient};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 async fn durable_nodes(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
     let mut flags = vec!["--delivery", "streams"];
     flags.extend_from_slice(extra);
     chorus_tests::fleet(n, broker, &flags).await
-}
-
-/// Publishes to `room` one message after another until stopped; the last
-/// acknowledged offset is in `acked`.
-struct Publisher {
-    acked: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<WsClient>,
-}
-
-impl Publisher {
-    fn start(mut client: WsClient, room: &'static str) -> Self {
-        let acked = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (acked.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let mut n = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                n += 1;
-                let ok = client.publish(room, json!({"n": n})).await;
-                if ok["op"] == "ok" {
-                    a.store(ok["offset"].as_u64().unwrap(), Ordering::SeqCst);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            client
-        });
-        Self { acked, stop, task }
-    }
-
-    async fn wait_for(&self, offset: u64) {
-        let acked = self.acked.clone();
-        wait_until(&format!("offset {offset} to be published"), || {
-            let acked = acked.clone();
-            async move { acked.load(Ordering::SeqCst) >= offset }
-        })
-        .await;
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        self.task.await.unwrap();
-        self.acked.load(Ordering::SeqCst)
-    }
 }
 
 /// Reads messages until `offset` arrives; asserts they are contiguous from `first`.

@@ -103,6 +103,22 @@ pub enum BrokerError {
     /// Too many requests are waiting for the bus; the client should retry.
     #[error("broker overloaded: too many requests in flight")]
     Overloaded,
+    /// A publish went out to the bus but no answer came back (it timed out,
+    /// or the link broke while it was in flight): it may or may not have been
+    /// delivered. Retrying is safe only with the same idempotency key.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+impl BrokerError {
+    /// The protocol's error code: `outcome_unknown` when a publish may have
+    /// been delivered, `unavailable` (nothing happened: retry) otherwise.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        match self {
+            BrokerError::OutcomeUnknown(_) => crate::protocol::ErrorCode::OutcomeUnknown,
+            _ => crate::protocol::ErrorCode::Unavailable,
+        }
+    }
 }
 
 /// Is the broker usable right now, and if not, why.

@@ -97,6 +97,9 @@ pub enum ErrorCode {
     Forbidden,
     NotSubscribed,
     Unavailable,
+    /// A publish whose answer never came: it may or may not have been
+    /// delivered (retry with the same `key` to be safe).
+    OutcomeUnknown,
     HistoryGone,
 }
 
@@ -111,6 +114,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::NotSubscribed => "not_subscribed",
             Self::Unavailable => "unavailable",
+            Self::OutcomeUnknown => "outcome_unknown",
             Self::HistoryGone => "history_gone",
         }
     }

@@ -231,8 +231,14 @@ impl Broker for RedisBroker {
             return std::future::ready(Err(err)).boxed();
         }
         // The publisher bounds each pipeline by op_timeout; queueing behind a
-        // full pipeline can add one more.
-        await_reply(self.shared.opts.op_timeout * 3, rx, "publisher stopped").boxed()
+        // full pipeline can add one more. Past that, the publish may be in a
+        // pipeline Redis ran: its outcome is unknown.
+        await_reply(self.shared.opts.op_timeout * 3, rx, "publisher stopped")
+            .map(|res| match res {
+                Err(BrokerError::Timeout(limit)) => Err(unanswered(limit)),
+                other => other,
+            })
+            .boxed()
     }
 
     fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>> {
@@ -502,19 +508,21 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
         .await;
         let results = match outcome {
             Ok(Ok(results)) => results,
+            // The pipeline was (maybe partly) sent: Redis may have run any
+            // of its scripts.
             Ok(Err(e)) => {
                 shared.trouble.notify_one();
                 for cmd in batch.drain(..) {
-                    let _ = cmd.reply.send(Err(BrokerError::Unavailable(e.to_string())));
+                    let _ = cmd.reply.send(Err(BrokerError::OutcomeUnknown(format!(
+                        "the link failed with the publish in flight: {e}"
+                    ))));
                 }
                 continue;
             }
             Err(_) => {
                 shared.trouble.notify_one();
                 for cmd in batch.drain(..) {
-                    let _ = cmd
-                        .reply
-                        .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
+                    let _ = cmd.reply.send(Err(unanswered(shared.opts.op_timeout)));
                 }
                 continue;
             }
@@ -539,9 +547,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
                     {
                         Ok(r) => r,
                         Err(_) => {
-                            let _ = cmd
-                                .reply
-                                .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
+                            let _ = cmd.reply.send(Err(unanswered(shared.opts.op_timeout)));
                             continue;
                         }
                     }
@@ -573,6 +579,11 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
             let _ = cmd.reply.send(reply);
         }
     }
+}
+
+/// A publish sent to Redis whose answer did not come within `limit`.
+fn unanswered(limit: Duration) -> BrokerError {
+    BrokerError::OutcomeUnknown(format!("no answer from Redis within {limit:?}"))
 }
 
 // --------------------------------------------------------------- supervisor
