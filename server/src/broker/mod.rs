@@ -90,6 +90,12 @@ impl History {
 /// Where a broker hands messages for this node's rooms.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery);
+
+    /// The room's messages in `epoch` up to offset `upto` that were not
+    /// delivered yet will never be: they are gone from the history (durable
+    /// delivery) before this node could read them. Told to the room's
+    /// subscribers in place of the missing messages.
+    fn lost(&self, room: &RoomName, epoch: &Arc<str>, upto: u64);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

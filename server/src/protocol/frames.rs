@@ -276,6 +276,16 @@ pub enum ServerFrame<'a> {
         reason: &'a str,
         after_ms: u64,
     },
+    /// Durable delivery: the room's messages after the last one the client
+    /// got, up to `offset`, fell out of the history before this node could
+    /// deliver them (`code` is `history_gone`); the next message follows
+    /// `offset`.
+    Gap {
+        room: &'a str,
+        epoch: &'a str,
+        offset: u64,
+        code: ErrorCode,
+    },
 }
 
 impl ServerFrame<'_> {

@@ -807,25 +807,33 @@ async fn check_epochs(
             continue;
         };
         if epoch.is_empty() {
-            // The room is gone: its next message starts a new epoch.
-            delivered.remove(&room);
+            // The room is gone: its next message starts a new epoch, all of
+            // which is new to this node's subscribers.
+            delivered.insert(room.clone(), Seen { epoch, offset: 0 });
         } else if epoch != mine.epoch {
             // A new epoch began while this node was away: its subscribers
             // have seen none of it yet.
             let fresh = Seen { epoch, offset: 0 };
             delivered.insert(room.clone(), fresh.clone());
             if last > 0 {
-                fill_gap(shared, &mut link.conn, &room, &fresh, last, delivered).await;
+                fill_gap(shared, &mut link.conn, &room, &fresh, last, delivered)
+                    .await
+                    .map_err(|e| format!("catching up `{room}` from history: {e}"))?;
             }
         } else if last > mine.offset {
-            fill_gap(shared, &mut link.conn, &room, &mine, last, delivered).await;
+            // A failed read keeps the mark: the next link tries again.
+            fill_gap(shared, &mut link.conn, &room, &mine, last, delivered)
+                .await
+                .map_err(|e| format!("catching up `{room}` from history: {e}"))?;
         }
     }
     Ok(())
 }
 
 /// Delivers the room's kept messages after `seen.offset` up to `upto`, in
-/// order; notes what could not be found (trimmed from the history).
+/// order. Those no longer kept (trimmed from the history, or dropped with an
+/// epoch change) are told to the subscribers as lost, in their place; only a
+/// failed read leaves the range to the caller.
 async fn fill_gap(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
@@ -833,26 +841,18 @@ async fn fill_gap(
     seen: &Seen,
     upto: u64,
     delivered: &mut Delivered,
-) {
+) -> Result<(), BrokerError> {
     let want = upto.saturating_sub(seen.offset) as usize;
-    let history = match read_history(conn, room, seen.offset, want, shared.opts.op_timeout).await {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
-            return;
-        }
+    let history = read_history(conn, room, seen.offset, want, shared.opts.op_timeout).await?;
+    let kept = if history.epoch == seen.epoch {
+        history.messages
+    } else {
+        Vec::new()
     };
-    if history.epoch != seen.epoch {
-        return;
-    }
     let mut next = seen.offset + 1;
-    for m in history
-        .messages
-        .into_iter()
-        .take_while(|m| m.offset <= upto)
-    {
+    for m in kept.into_iter().take_while(|m| m.offset <= upto) {
         if m.offset > next {
-            tracing::warn!(%room, from = next, to = m.offset - 1, "messages missing from history");
+            report_lost(shared, room, &seen.epoch, next, m.offset - 1);
         }
         next = m.offset + 1;
         shared.metrics.gap_filled.inc();
@@ -865,6 +865,25 @@ async fn fill_gap(
         );
         shared.deliver.deliver(m);
     }
+    if next <= upto {
+        report_lost(shared, room, &seen.epoch, next, upto);
+        delivered.insert(
+            room.clone(),
+            Seen {
+                epoch: seen.epoch.clone(),
+                offset: upto,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Messages `from..=to` of the room will never reach this node's
+/// subscribers: they are told so, in the messages' place.
+fn report_lost(shared: &Shared, room: &RoomName, epoch: &Arc<str>, from: u64, to: u64) {
+    tracing::warn!(%room, from, to, "messages missing from history: subscribers are told history_gone");
+    shared.metrics.lost_from_history.inc_by(to + 1 - from);
+    shared.deliver.lost(room, epoch, to);
 }
 
 /// Asks the sentinels, in turn, where the master is.
@@ -960,11 +979,24 @@ async fn reconcile(
             .iter()
             .map(|r| scripts::room_channel(r.as_str()))
             .collect();
+        // History mode: where each room stood just before this node
+        // subscribed, so that what its subscribers miss while the link is
+        // down is caught up from there even if nothing was delivered yet.
+        // Read before SUBSCRIBE: a message published in between is then
+        // filled from history rather than taken for delivered.
+        let baselines = if shared.opts.history.is_some() {
+            positions(&mut link.conn, chunk, limit).await?
+        } else {
+            Vec::new()
+        };
         timeout(limit, link.sink.subscribe(&channels))
             .await
             .map_err(|_| "SUBSCRIBE timed out".to_string())?
             .map_err(|e| format!("SUBSCRIBE: {e}"))?;
         link.active.extend(chunk.iter().cloned());
+        for (room, seen) in chunk.iter().zip(baselines) {
+            delivered.entry(room.clone()).or_insert(seen);
+        }
     }
     // Everyone waiting on a room that is now active can go ahead; a room
     // that was wanted, then unwanted, then wanted again meanwhile is active too.
@@ -977,6 +1009,32 @@ async fn reconcile(
         }
     }
     Ok(())
+}
+
+/// The rooms' epochs and last offsets (a room not created yet: no epoch,
+/// offset 0), in one round trip.
+async fn positions(
+    conn: &mut MultiplexedConnection,
+    rooms: &[RoomName],
+    limit: Duration,
+) -> Result<Vec<Seen>, String> {
+    let mut pipe = redis::pipe();
+    for room in rooms {
+        pipe.cmd("HMGET")
+            .arg(scripts::room_key(room.as_str()))
+            .arg("o")
+            .arg("e");
+    }
+    let replies: Vec<(Option<u64>, Option<String>)> = bounded(limit, pipe.query_async(conn))
+        .await
+        .map_err(|e| format!("reading room positions: {e}"))?;
+    Ok(replies
+        .into_iter()
+        .map(|(offset, epoch)| Seen {
+            epoch: epoch.unwrap_or_default().into(),
+            offset: offset.unwrap_or(0),
+        })
+        .collect())
 }
 
 /// Runs an established link until it fails; returns why.
@@ -1148,8 +1206,12 @@ async fn on_notification(
             if n.offset <= seen.offset {
                 return;
             }
-            if n.offset > seen.offset + 1 {
-                fill_gap(shared, conn, &room, &seen, n.offset - 1, delivered).await;
+            if n.offset > seen.offset + 1
+                && let Err(e) = fill_gap(shared, conn, &room, &seen, n.offset - 1, delivered).await
+            {
+                // The live message goes out now: what it skipped is lost.
+                tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
+                report_lost(shared, &room, &epoch, seen.offset + 1, n.offset - 1);
             }
         }
         delivered.insert(
