@@ -556,3 +556,37 @@ async fn a_repeated_subscribe_is_answered_without_losing_queued_messages() {
     sub.sync().await;
     assert!(sub.pending().is_empty(), "{:?}", sub.pending());
 }
+
+#[tokio::test]
+async fn a_redis_restart_from_an_older_snapshot_changes_the_epoch_instead_of_reusing_offsets() {
+    let mut redis = RedisServer::start().await;
+    let node = nodes(1, &redis.url(), &["--redis-timeout", "500ms"])
+        .await
+        .remove(0);
+    let mut sub = node.client().await;
+    let epoch = sub.subscribe("ledger").await["epoch"].clone();
+    let mut p = node.client().await;
+    for n in 1..=10 {
+        if n == 6 {
+            // A snapshot of the room at offset 5; 6..10 are acknowledged
+            // after it and are lost when Redis restarts from it.
+            let _: String = redis.query(&redis::cmd("SAVE")).await;
+        }
+        assert_eq!(p.publish("ledger", json!(n)).await["offset"], n);
+        assert_eq!(sub.message().await["offset"], n);
+    }
+    redis.restart().await;
+    publish_until_accepted(&mut p, "ledger", json!("after")).await;
+    let m = sub.message().await;
+    assert_eq!(m["data"], "after");
+    assert_ne!(
+        m["epoch"], epoch,
+        "offset {} given out again under the same epoch",
+        m["offset"]
+    );
+    assert_eq!(m["offset"], 1, "{m}");
+    // A client joining now is told the new epoch.
+    let mut late = node.client().await;
+    let ok = late.subscribe("ledger").await;
+    assert_eq!((&ok["epoch"], &ok["offset"]), (&m["epoch"], &json!(1)));
+}

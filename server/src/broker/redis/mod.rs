@@ -24,6 +24,12 @@
 //! offset in order; after a reconnect the rooms are caught up the same way,
 //! and a master that lacks offsets this node saw acknowledged (asynchronous
 //! replication lost them in a failover) gets a new epoch for the room.
+//!
+//! Without history (`--delivery pubsub`) no node keeps what it saw, so the
+//! link instead learns the master's *fence* when it connects (a token that
+//! changes whenever another Redis process is master): a room whose epoch
+//! began under another fence starts a new one, because its counter may have
+//! gone back with the writes that restart or failover lost.
 
 mod scripts;
 mod url;
@@ -145,14 +151,23 @@ struct Shared {
     /// Wakes the supervisor when a sentinel announced `+switch-master`.
     switched: Notify,
     health: watch::Sender<Health>,
-    /// The publish connection of the current link, if any.
-    conn: watch::Sender<Option<MultiplexedConnection>>,
+    /// The publish connection of the current link, if any, with its fence.
+    conn: watch::Sender<Option<Master>>,
     deliver: Arc<dyn Deliver>,
     metrics: Arc<Metrics>,
     canary_channel: String,
     /// History mode: the last offset this node had acknowledged per room
     /// (for the epoch check after a reconnect). Capped at [`MAX_TRACKED`].
     acked: Mutex<HashMap<RoomName, Seen>>,
+}
+
+/// The current master as publishes see it: the connection, and the fence
+/// its writes carry (pubsub mode; `""` in history mode). One value, so that a
+/// publish never pairs one master's connection with another's fence.
+#[derive(Clone)]
+struct Master {
+    conn: MultiplexedConnection,
+    fence: Arc<str>,
 }
 
 /// An offset of a room in an epoch.
@@ -260,16 +275,17 @@ impl Broker for RedisBroker {
     }
 
     fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
-        let conn = self.shared.conn.borrow().clone();
+        let Some(Master { mut conn, fence }) = self.shared.conn.borrow().clone() else {
+            return std::future::ready(Err(BrokerError::Unavailable("not connected".into())))
+                .boxed();
+        };
         let mut inv = scripts::POSITION.key(scripts::room_key(room.as_str()));
         inv.key(self.shared.history_key(room.as_str()))
             .arg(new_epoch())
-            .arg(self.shared.ttl_secs());
+            .arg(self.shared.ttl_secs())
+            .arg(&*fence);
         let limit = self.shared.opts.op_timeout;
         async move {
-            let Some(mut conn) = conn else {
-                return Err(BrokerError::Unavailable("not connected".into()));
-            };
             let (offset, epoch) =
                 bounded(limit, inv.invoke_async::<(u64, String)>(&mut conn)).await?;
             Ok(Position {
@@ -297,7 +313,7 @@ impl Broker for RedisBroker {
         let room = room.clone();
         let op_timeout = self.shared.opts.op_timeout;
         async move {
-            let Some(mut conn) = conn else {
+            let Some(Master { mut conn, .. }) = conn else {
                 return Err(BrokerError::Unavailable("not connected".into()));
             };
             read_history(&mut conn, &room, after, limit, op_timeout)
@@ -441,7 +457,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
     let mut batch: Vec<PublishCmd> = Vec::with_capacity(MAX_PIPELINE);
     while rx.recv_many(&mut batch, MAX_PIPELINE).await > 0 {
         let conn = conn_rx.borrow().clone();
-        let Some(mut conn) = conn else {
+        let Some(Master { mut conn, fence }) = conn else {
             for cmd in batch.drain(..) {
                 let _ = cmd
                     .reply
@@ -488,6 +504,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
                         String::new()
                     },
                     cmd.req.from.as_deref().unwrap_or("").to_string(),
+                    fence.to_string(),
                 ];
                 (keys, args)
             })
@@ -707,6 +724,13 @@ async fn connect(shared: &Arc<Shared>, delivered: &mut Delivered) -> Result<Link
             .await
             .map_err(|e| format!("SCRIPT LOAD on {master}: {e}"))?;
     }
+    let fence = if shared.opts.history.is_none() {
+        fence(&mut conn, &master, limit).await?
+    } else {
+        // History mode keeps epochs across failovers when nothing was lost
+        // (each node checks the offsets it saw: `check_epochs`).
+        Arc::from("")
+    };
     let pubsub = timeout(limit, client.get_async_pubsub())
         .await
         .map_err(|_| format!("pub/sub connect to {master} timed out"))?
@@ -729,9 +753,39 @@ async fn connect(shared: &Arc<Shared>, delivered: &mut Delivered) -> Result<Link
     if shared.opts.history.is_some() {
         check_epochs(shared, &mut link, delivered).await?;
     }
-    shared.conn.send_replace(Some(conn));
+    shared.conn.send_replace(Some(Master { conn, fence }));
     shared.health.send_replace(Health::Up);
     Ok(link)
+}
+
+/// The fence of the master this connection reaches (see `scripts::FENCE`).
+async fn fence(
+    conn: &mut MultiplexedConnection,
+    master: &Addr,
+    limit: Duration,
+) -> Result<Arc<str>, String> {
+    let info: String = bounded(
+        limit,
+        redis::cmd("INFO").arg("server").query_async(&mut *conn),
+    )
+    .await
+    .map_err(|e| format!("INFO server on {master}: {e}"))?;
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+        .ok_or_else(|| format!("{master} did not tell its run_id"))?;
+    let token: String = bounded(
+        limit,
+        scripts::FENCE
+            .key(scripts::FENCE_KEY)
+            .arg(run_id)
+            .arg(new_epoch())
+            .invoke_async(&mut *conn),
+    )
+    .await
+    .map_err(|e| format!("fence on {master}: {e}"))?;
+    Ok(token.into())
 }
 
 fn is_master(role: &redis::Value) -> bool {
