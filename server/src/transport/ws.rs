@@ -521,11 +521,16 @@ impl Conn {
 
 /// How far a room's messages went out to the client: the offset (in an
 /// epoch) the `ok` told it, a replay sent it through, or the last live
-/// message it was sent. Live messages at or below it are already sent or
-/// precede the subscription.
+/// message it was sent.
 struct SentUpTo {
     epoch: Arc<str>,
     offset: u64,
+    /// Just subscribed (or replayed): live messages at or below the mark
+    /// precede the subscription or were replayed, and are dropped, until the
+    /// first one above it. Past that window every message goes out, so a
+    /// room whose offsets went back (a broker that lost writes) is seen by
+    /// the client, never dropped as duplicates.
+    fresh: bool,
 }
 
 impl SentUpTo {
@@ -533,6 +538,7 @@ impl SentUpTo {
         Self {
             epoch: epoch.clone(),
             offset: 0,
+            fresh: true,
         }
     }
 
@@ -543,6 +549,8 @@ impl SentUpTo {
         }
     }
 
+    /// The client has the room's messages through `offset` (an `ok` or a
+    /// replay): opens the window in which older live ones are dropped.
     fn raise(&mut self, epoch: &Arc<str>, offset: u64) {
         if *self.epoch == **epoch {
             self.offset = self.offset.max(offset);
@@ -550,16 +558,21 @@ impl SentUpTo {
             self.epoch = epoch.clone();
             self.offset = offset;
         }
+        self.fresh = true;
     }
 
-    /// Whether a live message is new to the client; if so, it is the new
-    /// mark. A message of another epoch is always new (the room's counter
-    /// started over).
+    /// Whether a live message goes out; if so, it is the new mark.
     fn advance(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
-        if *self.epoch == **epoch && offset <= self.offset {
-            return false;
+        if self.fresh {
+            if *self.epoch == **epoch && offset <= self.offset {
+                return false;
+            }
+            self.fresh = false;
         }
-        self.raise(epoch, offset);
+        if *self.epoch != **epoch {
+            self.epoch = epoch.clone();
+        }
+        self.offset = offset;
         true
     }
 }
