@@ -557,6 +557,12 @@ async fn a_repeated_subscribe_is_answered_without_losing_queued_messages() {
     assert!(sub.pending().is_empty(), "{:?}", sub.pending());
 }
 
+/// Publishes `n` and checks that it is acknowledged and received as offset `n`.
+async fn publish_and_receive(p: &mut WsClient, sub: &mut WsClient, room: &str, n: u64) {
+    assert_eq!(p.publish(room, json!(n)).await["offset"], n);
+    assert_eq!(sub.message().await["offset"], n);
+}
+
 #[tokio::test]
 async fn a_redis_restart_from_an_older_snapshot_changes_the_epoch_instead_of_reusing_offsets() {
     let mut redis = RedisServer::start().await;
@@ -572,8 +578,7 @@ async fn a_redis_restart_from_an_older_snapshot_changes_the_epoch_instead_of_reu
             // after it and are lost when Redis restarts from it.
             let _: String = redis.query(&redis::cmd("SAVE")).await;
         }
-        assert_eq!(p.publish("ledger", json!(n)).await["offset"], n);
-        assert_eq!(sub.message().await["offset"], n);
+        publish_and_receive(&mut p, &mut sub, "ledger", n).await;
     }
     redis.restart().await;
     publish_until_accepted(&mut p, "ledger", json!("after")).await;
@@ -589,4 +594,36 @@ async fn a_redis_restart_from_an_older_snapshot_changes_the_epoch_instead_of_reu
     let mut late = node.client().await;
     let ok = late.subscribe("ledger").await;
     assert_eq!((&ok["epoch"], &ok["offset"]), (&m["epoch"], &json!(1)));
+}
+
+#[tokio::test]
+async fn a_failover_to_a_replica_that_missed_writes_changes_the_epoch() {
+    let mut group = SentinelGroup::start(1000).await;
+    let node = nodes(1, &group.broker_url(), &["--redis-timeout", "500ms"])
+        .await
+        .remove(0);
+    let mut sub = node.client().await;
+    let epoch = sub.subscribe("ledger").await["epoch"].clone();
+    let mut p = node.client().await;
+    for n in 1..=10 {
+        publish_and_receive(&mut p, &mut sub, "ledger", n).await;
+    }
+    group.wait_replica_synced().await;
+    // 11..20 are acknowledged by the master alone.
+    let frozen = group.freeze_replica().await;
+    for n in 11..=20 {
+        publish_and_receive(&mut p, &mut sub, "ledger", n).await;
+    }
+    group.master.kill();
+    frozen.await.unwrap();
+    group.fail_over().await;
+    publish_until_accepted(&mut p, "ledger", json!("after")).await;
+    let m = sub.message().await;
+    assert_eq!(m["data"], "after");
+    assert_ne!(
+        m["epoch"], epoch,
+        "offset {} given out again under the same epoch",
+        m["offset"]
+    );
+    assert_eq!(m["offset"], 1, "{m}");
 }
