@@ -563,6 +563,18 @@ async fn publish_and_receive(p: &mut WsClient, sub: &mut WsClient, room: &str, n
     assert_eq!(sub.message().await["offset"], n);
 }
 
+/// A node on `broker`, a subscriber of room `ledger` with the epoch it was
+/// told, and a publisher.
+async fn ledger(broker: &str) -> (TestNode, WsClient, Value, WsClient) {
+    let node = nodes(1, broker, &["--redis-timeout", "500ms"])
+        .await
+        .remove(0);
+    let mut sub = node.client().await;
+    let epoch = sub.subscribe("ledger").await["epoch"].clone();
+    let p = node.client().await;
+    (node, sub, epoch, p)
+}
+
 /// Publishes once Redis is back after losing acknowledged messages of a room
 /// last known in `epoch`: the message starts a new epoch at offset 1 rather
 /// than reusing an offset. Returns it as the subscriber got it.
@@ -587,12 +599,7 @@ async fn publish_after_the_loss(
 #[tokio::test]
 async fn a_redis_restart_from_an_older_snapshot_changes_the_epoch_instead_of_reusing_offsets() {
     let mut redis = RedisServer::start().await;
-    let node = nodes(1, &redis.url(), &["--redis-timeout", "500ms"])
-        .await
-        .remove(0);
-    let mut sub = node.client().await;
-    let epoch = sub.subscribe("ledger").await["epoch"].clone();
-    let mut p = node.client().await;
+    let (node, mut sub, epoch, mut p) = ledger(&redis.url()).await;
     for n in 1..=10 {
         if n == 6 {
             // A snapshot of the room at offset 5; 6..10 are acknowledged
@@ -612,12 +619,7 @@ async fn a_redis_restart_from_an_older_snapshot_changes_the_epoch_instead_of_reu
 #[tokio::test]
 async fn a_failover_to_a_replica_that_missed_writes_changes_the_epoch() {
     let mut group = SentinelGroup::start(1000).await;
-    let node = nodes(1, &group.broker_url(), &["--redis-timeout", "500ms"])
-        .await
-        .remove(0);
-    let mut sub = node.client().await;
-    let epoch = sub.subscribe("ledger").await["epoch"].clone();
-    let mut p = node.client().await;
+    let (_node, mut sub, epoch, mut p) = ledger(&group.broker_url()).await;
     for n in 1..=10 {
         publish_and_receive(&mut p, &mut sub, "ledger", n).await;
     }
