@@ -171,7 +171,7 @@ async fn a_node_whose_subscription_dropped_fills_the_gap_from_history() {
     let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
     // The subscriber's node reaches Redis through a proxy that can silence
     // its subscription; its canary notices within half a second.
-    let node = silenceable_node(&proxy, &[]).await;
+    let node = silenceable_node(&proxy, "500ms", &[]).await;
     let mut sub = node.client().await;
     sub.subscribe("gap").await;
     let publisher = Publisher::start(publisher_node.client().await, "gap");
@@ -232,10 +232,19 @@ async fn the_history_api_returns_kept_messages() {
     assert_eq!(resp.status(), 401);
 }
 
-/// A node whose link to Redis goes silent (the canary notices within half a
-/// second), with its own Redis address behind `proxy`.
-async fn silenceable_node(proxy: &chorus_tests::proxy::SilencingProxy, extra: &[&str]) -> TestNode {
-    let mut flags = vec!["--canary-interval", "100ms", "--canary-timeout", "500ms"];
+/// A node that reaches Redis through `proxy`, whose silenced subscription
+/// its canary notices after `canary_timeout`.
+async fn silenceable_node(
+    proxy: &chorus_tests::proxy::SilencingProxy,
+    canary_timeout: &str,
+    extra: &[&str],
+) -> TestNode {
+    let mut flags = vec![
+        "--canary-interval",
+        "100ms",
+        "--canary-timeout",
+        canary_timeout,
+    ];
     flags.extend_from_slice(extra);
     durable_nodes(1, &proxy.url(), &flags).await.remove(0)
 }
@@ -253,7 +262,7 @@ async fn a_room_with_nothing_delivered_yet_is_caught_up_after_the_link_is_cut() 
     let redis = RedisServer::start().await;
     let proxy = SilencingProxy::start(redis.port).await;
     let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
-    let node = silenceable_node(&proxy, &[]).await;
+    let node = silenceable_node(&proxy, "500ms", &[]).await;
     let mut sub = node.client().await;
     assert_eq!(sub.subscribe("quiet").await["offset"], 0);
     // Cut before the node delivered anything in the room: it has no "last
@@ -275,7 +284,7 @@ async fn a_gap_the_history_no_longer_covers_is_told_to_subscribers() {
     let proxy = SilencingProxy::start(redis.port).await;
     let small = ["--history-size", "10"];
     let publisher_node = durable_nodes(1, &redis.url(), &small).await.remove(0);
-    let node = silenceable_node(&proxy, &small).await;
+    let node = silenceable_node(&proxy, "3s", &small).await;
     let mut sub = node.client().await;
     let epoch = sub.subscribe("hole").await["epoch"].clone();
     let mut p = publisher_node.client().await;
@@ -284,7 +293,7 @@ async fn a_gap_the_history_no_longer_covers_is_told_to_subscribers() {
     }
     read_contiguous(&mut sub, 1, 5).await;
     // Far more than the history keeps is published while the node's
-    // subscription is silent.
+    // subscription is silent (well within the canary's 3 s).
     proxy.silence_subscribers();
     for i in 6..=300 {
         p.publish("hole", json!(i)).await;
