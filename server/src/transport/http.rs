@@ -203,12 +203,14 @@ fn backend_room(node: &Node, headers: &HeaderMap, room: &str) -> Result<RoomName
         .map_err(|e| api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, &e.to_string()))
 }
 
+/// 503 `unavailable` (nothing happened: retry), or 504 `outcome_unknown`
+/// (a publish got no answer: retry with the same key).
 fn broker_error(e: &BrokerError) -> Response {
-    let mut resp = api_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Unavailable,
-        &e.public_message(),
-    );
+    let status = match e.code() {
+        ErrorCode::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut resp = api_error(status, e.code(), &e.public_message());
     resp.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     resp
