@@ -61,7 +61,7 @@ fn every_rule_compiles() {
 fn defaults_and_the_basic_example_pass() {
     assert_eq!(violations(json!({})), Vec::<String>::new());
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/basic.yaml");
-    let example: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let example: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(
         Validator::new()
             .validate(&schema(), &example, None)

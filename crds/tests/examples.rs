@@ -138,7 +138,7 @@ struct Example {
 fn accepted(name: &str) -> Example {
     let path = examples_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap();
-    let raw: Value = serde_yaml::from_str(&text).unwrap();
+    let raw: Value = serde_saphyr::from_str(&text).unwrap();
     assert_eq!(raw["apiVersion"], chorus_crds::API_VERSION, "{name}");
     assert_eq!(raw["kind"], chorus_crds::KIND, "{name}");
 

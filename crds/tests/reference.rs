@@ -156,3 +156,39 @@ fn the_reference_check_reads_rows_and_notices_drift() {
     assert!(schema.contains_key("spec.redis.external.url"));
     assert!(!schema.keys().any(|k| k.starts_with("spec.resources.")));
 }
+
+#[test]
+fn the_status_section_names_the_printer_columns_as_they_are() {
+    let crd = MessagingCluster::crd();
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.json_path.trim_start_matches('.').to_owned())
+        .filter(|p| !p.starts_with("metadata."))
+        .collect();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/kubernetes.md");
+    let docs = std::fs::read_to_string(path).unwrap();
+    let start = docs
+        .find("`kubectl get mc` shows")
+        .expect("docs/kubernetes.md says what `kubectl get mc` shows");
+    let paragraph = &docs[start..start + docs[start..].find("\n\n").unwrap()];
+    let named: Vec<&str> = paragraph
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with("spec.") || s.starts_with("status."))
+        .collect();
+    for column in &columns {
+        assert!(
+            named.contains(&column.as_str()),
+            "{column} not named in: {paragraph}"
+        );
+    }
+    for name in &named {
+        assert!(
+            columns.iter().any(|c| c == name),
+            "`{name}` is not a printer column ({columns:?}): {paragraph}"
+        );
+    }
+}

@@ -181,6 +181,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics_server = tokio::spawn(http::serve(
         listener,
         metrics.clone(),
+        client.clone(),
         stopped(shutdown.clone()),
     ));
 

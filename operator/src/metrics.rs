@@ -15,6 +15,9 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Every value of the `error` label (`reconcile::Error::metric_label`).
+pub const ERROR_STEPS: [&str; 4] = ["build", "apply", "status", "redis_group"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// The failing step, from `reconcile::Error::metric_label`.
@@ -49,9 +52,13 @@ impl Default for Metrics {
             "Time spent in one reconciliation",
             duration.clone(),
         );
-        // Export every result from the start, so rates work before the first failure.
+        // Export every series from the start, so rates and alerts work
+        // before the first failure.
         for result in ["ok", "invalid_spec", "error"] {
             drop(reconciles.get_or_create(&ResultLabels { result }));
+        }
+        for error in ERROR_STEPS {
+            drop(failures.get_or_create(&ErrorLabels { error }));
         }
         Self {
             registry,
@@ -71,6 +78,7 @@ impl Metrics {
     }
 
     pub fn failed(&self, error: &'static str) {
+        debug_assert!(ERROR_STEPS.contains(&error), "unlisted error label {error}");
         self.failures.get_or_create(&ErrorLabels { error }).inc();
     }
 
@@ -85,6 +93,19 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_series_is_exported_at_zero_from_the_start() {
+        let text = Metrics::default().encode().expect("encodes");
+        for error in ERROR_STEPS {
+            assert!(
+                text.contains(&format!(
+                    "chorus_operator_reconcile_errors_total{{error=\"{error}\"}} 0"
+                )),
+                "{error}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn counts_and_durations_show_in_the_text_format() {

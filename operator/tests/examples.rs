@@ -12,7 +12,7 @@ fn load(name: &str) -> (Value, MessagingCluster) {
         .join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let raw: Value = serde_yaml::from_str(&text).expect("valid YAML");
+    let raw: Value = serde_saphyr::from_str(&text).expect("valid YAML");
     let mc: MessagingCluster = serde_json::from_value(raw.clone()).expect("a MessagingCluster");
     (raw, mc)
 }

@@ -53,6 +53,7 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::signature;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
@@ -158,20 +159,24 @@ impl JwtCheck {
                 )));
             }
         }
-        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
-            return Ok(Self::new(key, Algorithm::RS256));
+        let der = pem::parse(pem)
+            .map_err(|e| bad(format!("damaged PEM: {e}")))?
+            .into_contents();
+        // Both verifiers take the DER as it is (SPKI, or PKCS#1 for RSA);
+        // parse it here so that a key that cannot verify anything is refused
+        // at start, not at the first token.
+        let parses = |algorithm| signature::ParsedPublicKey::new(algorithm, &der).is_ok();
+        if parses(&signature::RSA_PKCS1_2048_8192_SHA256) {
+            return Ok(Self::new(DecodingKey::from_rsa_der(&der), Algorithm::RS256));
         }
-        let key = DecodingKey::from_ec_pem(pem).map_err(|_| {
-            bad("not an RSA or EC public key, or a damaged one \
-                 (RS256 and ES256 are supported; Ed25519 is not)"
-                .to_owned())
-        })?;
-        // The EC verifier parses the point when it is built, before looking at
-        // the signature: an error here means the key is not on P-256.
-        jsonwebtoken::crypto::verify("AA", b"", &key, Algorithm::ES256).map_err(|_| {
-            bad("EC key is not on curve P-256 (ES256 needs prime256v1/secp256r1)".to_owned())
-        })?;
-        Ok(Self::new(key, Algorithm::ES256))
+        if parses(&signature::ECDSA_P256_SHA256_FIXED) {
+            return Ok(Self::new(DecodingKey::from_ec_der(&der), Algorithm::ES256));
+        }
+        Err(bad(
+            "not an RSA (2048 to 8192 bits) or P-256 EC public key, or a damaged one \
+             (RS256 and ES256 are supported; other curves and Ed25519 are not)"
+                .to_owned(),
+        ))
     }
 }
 
@@ -567,35 +572,34 @@ CpenXQxZ2deI7BH/RLaplQB65ghhxlh5
 MCowBQYDK2VwAyEA8ufb0cHEVq6psOT+hcJ6XCk0rVgjEA1kXdqMmygEaOQ=
 -----END PUBLIC KEY-----
 ";
-    //   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048
-    const RSA_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
-MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQDTqYe/73D3L8L4
-xcF/Fq8KPC3qXc5RmpJBsTQtcMv2dhf5aHyj+xiFjRUpeU6sfQwZg+BGB8YkZCci
-gyHCp007fv3hRi4FL/XcakEh5LmFec/2rpsv3iBadaJBRKAOXQffoB5kV5+YHgko
-dgRxJI9tXlvSRWgdQBsktWYL/yeOD8DUhXpmC8wfKymTqzulpaxf/8oX58FY3smR
-c7agV3UeVgpwbuImmrsms/jJkbkRi+LKnETmAUJZOeu7mYFl1COLKv/YhYtuRp1f
-f2qQ7PUQvXbCHll83vvhjThVGYfX5youc2pwnTXpQsv2mJZbILT7yTE4NWU9/3e+
-bTm2nP1FAgMBAAECggEAOvCO4iYhbVvJ7a9XwfWFmZKHcKddgADMcGmRb4Pk8AUT
-iPqNFrahrfLK7Ukf3M1XdLVx2t5oURLoiOY+HO+shIBI3xXFU+F2k8Gs0GzaMm5o
-uDcH9MzkcnwmSgl7jnRecGmsfOGfieL3RuKSOxVksR5g8E0ugFKtHEw9FeMf1yFO
-4UNXSPKrx+Uwdx/Kd0t7X81ZEe11m5zKdQttudkkR6f/o7eA8DQoOi4EZl2Ut76K
-MlyZ6MVcu+z1NmulqpYcK2oXn/1ITyi1uk3vAfDkuRYC4IfqdRQG+kXeeAuNfCZW
-2UEwAMdSuuLGV0MinFP6PXXvrE3nWd/jqwxHRyuuswKBgQD6k0PzJGXVViCodFBa
-2y00KIkVM8oxYXm61QrijEtFHutzt0PIlrhWOHrpfME3B9RUMfGnI7ITRaAgM0o6
-rb/K2s164DlODfRDmgG81c3b9HJGUcyeuInKcwVV0hiSDKIGJx64roP/vVkDBrm4
-AiNeowWOqsrMZjR/zhEUiJjTPwKBgQDYPpoD0a+pN7+rCkSEPAFSf70dJEVoZJwG
-QixJqYzwj1ZmDQgMnIsHu3W+Kj5H/Ib8lSJhs2wJ+d8BlU0mWoudM0TWREtsBPrB
-eof935hYTIguug1bupHVm9Qi7bLhjl0p0FPQY2nUQv7xUMD4WT90zxYIQ7TSp4/c
-onxHPzcCewKBgAGvpgBn2UuTNcsMZVIHMYmtUCbVX2HvrvsD3fviR8tiRuFTdWBP
-K1RhMuqJTV+KbPJYF7ExO0yH5mjxD2nPq3+48zMFeT0+OMuPqL1VjvoQ7gftGvxi
-b4LuPTXzoPiynxB9iOZjPj4lTwkHLY7AbO6BGFN6cLzpXycRAuppdOXPAoGAPt+c
-ykV6bJoP+Xwnxcbon4MSilmUcLDoCI3O8LACkaMrfMqHL5uIdPwVVPBVYXrUCLaX
-445WeGQVahFt+BvVgiR4/E+pGkQsYHru9WrAkdPWuLdR0PzjEBeZy3oPS7On9NNk
-uy9cguHj3GgdY1gXsi/P+SEufx1HH+CCf/iqVucCgYEAoUnXhA8VjBaUDEsxhNik
-K0f1p84Pi08wus7gP+nIzr6SXiObbQ+PScU12tlDFQvBtqBRVG4+xDyxCeLDQ2Wk
-G/kUzocQTza7ZHxwhSJWWYbK8zQEohjiZ4Rmq+uZXkGLDLc+69wnc+P7WV2wVLq8
-aDrYDNpRjSVFoEeSXM/nslI=
------END PRIVATE KEY-----
+    //   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 | openssl rsa -traditional
+    const RSA_PRIVATE_PEM: &str = "-----BEGIN RSA PRIVATE KEY-----
+MIIEowIBAAKCAQEA06mHv+9w9y/C+MXBfxavCjwt6l3OUZqSQbE0LXDL9nYX+Wh8
+o/sYhY0VKXlOrH0MGYPgRgfGJGQnIoMhwqdNO3794UYuBS/13GpBIeS5hXnP9q6b
+L94gWnWiQUSgDl0H36AeZFefmB4JKHYEcSSPbV5b0kVoHUAbJLVmC/8njg/A1IV6
+ZgvMHyspk6s7paWsX//KF+fBWN7JkXO2oFd1HlYKcG7iJpq7JrP4yZG5EYviypxE
+5gFCWTnru5mBZdQjiyr/2IWLbkadX39qkOz1EL12wh5ZfN774Y04VRmH1+cqLnNq
+cJ016ULL9piWWyC0+8kxODVlPf93vm05tpz9RQIDAQABAoIBADrwjuImIW1bye2v
+V8H1hZmSh3CnXYAAzHBpkW+D5PAFE4j6jRa2oa3yyu1JH9zNV3S1cdreaFES6Ijm
+PhzvrISASN8VxVPhdpPBrNBs2jJuaLg3B/TM5HJ8JkoJe450XnBprHzhn4ni90bi
+kjsVZLEeYPBNLoBSrRxMPRXjH9chTuFDV0jyq8flMHcfyndLe1/NWRHtdZucynUL
+bbnZJEen/6O3gPA0KDouBGZdlLe+ijJcmejFXLvs9TZrpaqWHCtqF5/9SE8otbpN
+7wHw5LkWAuCH6nUUBvpF3ngLjXwmVtlBMADHUrrixldDIpxT+j1176xN51nf46sM
+R0crrrMCgYEA+pND8yRl1VYgqHRQWtstNCiJFTPKMWF5utUK4oxLRR7rc7dDyJa4
+Vjh66XzBNwfUVDHxpyOyE0WgIDNKOq2/ytrNeuA5Tg30Q5oBvNXN2/RyRlHMnriJ
+ynMFVdIYkgyiBiceuK6D/71ZAwa5uAIjXqMFjqrKzGY0f84RFIiY0z8CgYEA2D6a
+A9GvqTe/qwpEhDwBUn+9HSRFaGScBkIsSamM8I9WZg0IDJyLB7t1vio+R/yG/JUi
+YbNsCfnfAZVNJlqLnTNE1kRLbAT6wXqH/d+YWEyILroNW7qR1ZvUIu2y4Y5dKdBT
+0GNp1EL+8VDA+Fk/dM8WCEO00qeP3KJ8Rz83AnsCgYABr6YAZ9lLkzXLDGVSBzGJ
+rVAm1V9h7677A9374kfLYkbhU3VgTytUYTLqiU1fimzyWBexMTtMh+Zo8Q9pz6t/
+uPMzBXk9PjjLj6i9VY76EO4H7Rr8Ym+C7j0186D4sp8QfYjmYz4+JU8JBy2OwGzu
+gRhTenC86V8nEQLqaXTlzwKBgD7fnMpFemyaD/l8J8XG6J+DEopZlHCw6AiNzvCw
+ApGjK3zKhy+biHT8FVTwVWF61Ai2l+OOVnhkFWoRbfgb1YIkePxPqRpELGB67vVq
+wJHT1ri3UdD84xAXmct6D0uzp/TTZLsvXILh49xoHWNYF7Ivz/khLn8dRx/ggn/4
+qlbnAoGBAKFJ14QPFYwWlAxLMYTYpCtH9afOD4tPMLrO4D/pyM6+kl4jm20Pj0nF
+NdrZQxULwbagUVRuPsQ8sQniw0NlpBv5FM6HEE82u2R8cIUiVlmGyvM0BKIY4meE
+ZqvrmV5Biwy3PuvcJ3Pj+1ldsFS6vGg62AzaUY0lRaBHklzP57JS
+-----END RSA PRIVATE KEY-----
 ";
     //   openssl rsa -in rsa.pem -pubout
     const RSA_PUBLIC_PEM: &str = "-----BEGIN PUBLIC KEY-----
@@ -608,6 +612,11 @@ EL12wh5ZfN774Y04VRmH1+cqLnNqcJ016ULL9piWWyC0+8kxODVlPf93vm05tpz9
 RQIDAQAB
 -----END PUBLIC KEY-----
 ";
+
+    /// The DER inside a PEM block (PKCS#8 for EC, PKCS#1 for RSA private keys).
+    fn der(pem: &str) -> Vec<u8> {
+        pem::parse(pem).unwrap().into_contents()
+    }
 
     fn claims(sub: &str) -> Claims {
         Claims {
@@ -954,7 +963,7 @@ RQIDAQAB
         assert_eq!(auth.jwt_algorithm(), Some(Algorithm::ES256));
         let mut c = claims("carol");
         c.rooms = list(&["game:*"]);
-        let key = EncodingKey::from_ec_pem(EC_PRIVATE_PEM.as_bytes()).unwrap();
+        let key = EncodingKey::from_ec_der(&der(EC_PRIVATE_PEM));
         let token = encode(&Header::new(Algorithm::ES256), &c, &key).unwrap();
         let s = auth.authenticate(Some(&token)).unwrap();
         assert_eq!(s.user(), Some("carol"));
@@ -974,7 +983,7 @@ RQIDAQAB
     fn rs256_token() {
         let auth = pem_auth(RSA_PUBLIC_PEM).unwrap();
         assert_eq!(auth.jwt_algorithm(), Some(Algorithm::RS256));
-        let key = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let key = EncodingKey::from_rsa_der(&der(RSA_PRIVATE_PEM));
         let token = encode(&Header::new(Algorithm::RS256), &claims("dave"), &key).unwrap();
         assert_eq!(
             auth.authenticate(Some(&token)).unwrap().user(),
@@ -982,7 +991,7 @@ RQIDAQAB
         );
 
         // Signed by another key (the EC one): refused.
-        let ec = EncodingKey::from_ec_pem(EC_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_der(&der(EC_PRIVATE_PEM));
         let token = encode(&Header::new(Algorithm::ES256), &claims("dave"), &ec).unwrap();
         assert!(matches!(
             auth.authenticate(Some(&token)),

@@ -153,6 +153,13 @@ pub struct Config {
     #[arg(long, env = "CHORUS_UPSTREAM_MAXLEN", default_value_t = 100_000)]
     pub upstream_maxlen: u64,
 
+    /// Origins whose browser pages may call the HTTP API (`/api/v1/…`), e.g.
+    /// `https://app.example.com` (comma-separated), or `*` for any origin.
+    /// Default: none, so pages on other origins cannot read its answers.
+    /// `/chorus.js` may be imported from any origin whatever this says.
+    #[arg(long, env = "CHORUS_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<String>,
+
     /// A canary not back within this long marks the subscription dead:
     /// `/readyz` turns 503 and the node reconnects to Redis.
     #[arg(long, env = "CHORUS_CANARY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
@@ -163,6 +170,22 @@ pub struct Config {
 pub enum DeliveryMode {
     Pubsub,
     Streams,
+}
+
+impl DeliveryMode {
+    /// The flag's value: `pubsub` or `streams`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pubsub => "pubsub",
+            Self::Streams => "streams",
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,6 +221,28 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// An origin as browsers send it in `Origin` (`scheme://host[:port]`, no
+/// path, no trailing slash), or `*`.
+fn parse_origin(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value == "*" {
+        return Ok(value.to_string());
+    }
+    let host = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or_else(|| {
+            format!("`{value}` is not an origin: expected http(s)://host[:port] or *")
+        })?;
+    let printable = |c: char| c.is_ascii_graphic() && !"/?#@,*".contains(c);
+    if host.is_empty() || !host.chars().all(printable) {
+        return Err(format!(
+            "`{value}` is not an origin: expected http(s)://host[:port] with no path or trailing slash, or *"
+        ));
+    }
+    Ok(value.to_string())
 }
 
 /// Reads a secret from a file, trimming surrounding whitespace.
@@ -247,5 +292,41 @@ mod tests {
         assert!(Config::try_parse_from(["chorus-server", "--delivery", "carrier-pigeon"]).is_err());
         assert!(Config::try_parse_from(["chorus-server", "--listen", "nowhere"]).is_err());
         assert!(Config::try_parse_from(["chorus-server", "--http-header-timeout", "0s"]).is_err());
+    }
+
+    #[test]
+    fn delivery_modes_print_as_their_flag_values() {
+        for mode in DeliveryMode::value_variants() {
+            let flag = mode.to_possible_value().unwrap();
+            assert_eq!(mode.to_string(), flag.get_name());
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_origins_or_a_star() {
+        let c = Config::try_parse_from([
+            "chorus-server",
+            "--cors-origins",
+            "https://app.example.com, http://127.0.0.1:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.cors_origins,
+            ["https://app.example.com", "http://127.0.0.1:3000"]
+        );
+        assert!(Config::defaults().cors_origins.is_empty());
+        let star = Config::try_parse_from(["chorus-server", "--cors-origins", "*"]).unwrap();
+        assert_eq!(star.cors_origins, ["*"]);
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://",
+            "ftp://x",
+        ] {
+            assert!(
+                Config::try_parse_from(["chorus-server", "--cors-origins", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 }

@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -17,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         node = %node.node_id,
         broker = node.broker.kind(),
-        delivery = ?config.delivery,
+        delivery = %config.delivery,
         "chorus-server listening"
     );
     if !config.listen.ip().is_loopback() {
@@ -38,9 +40,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs go to stderr; text logs are coloured only on a terminal and
+/// without `NO_COLOR` (<https://no-color.org>), so a log file stays plain.
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

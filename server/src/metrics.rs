@@ -37,6 +37,8 @@ pub struct Metrics {
     pub canary_rtt: Gauge<f64, AtomicU64>,
     /// Messages a node read from history to fill a gap in its live feed.
     pub gap_filled: Counter,
+    /// Messages a node could not fill from history (told as `history_gone`).
+    pub lost_from_history: Counter,
     /// Rooms given a new epoch because the master lacked acknowledged messages.
     pub epoch_resets: Counter,
     /// Messages replayed to recovering clients (`subscribe` with `since`).
@@ -131,6 +133,12 @@ impl Metrics {
             "Messages read from history to fill a gap in this node's live feed",
             gap_filled.clone(),
         );
+        let lost_from_history = Counter::default();
+        registry.register(
+            "gap_lost_messages",
+            "Messages missing from history when this node filled a gap (subscribers told history_gone)",
+            lost_from_history.clone(),
+        );
         let epoch_resets = Counter::default();
         registry.register(
             "epoch_resets",
@@ -166,6 +174,7 @@ impl Metrics {
             http_connections,
             http_connections_refused,
             gap_filled,
+            lost_from_history,
             epoch_resets,
             replayed,
             history_gone,

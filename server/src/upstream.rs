@@ -26,6 +26,16 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 pub const UPSTREAM_PREFIX: &str = "chorus:upstream:";
 pub const DEAD_LETTER_PREFIX: &str = "chorus:upstream-dead:";
 
+/// The upstream stream of a room (the prefix, then the whole room name).
+pub fn upstream_key(room: &str) -> String {
+    format!("{UPSTREAM_PREFIX}{room}")
+}
+
+/// The dead-letter stream of a room.
+pub fn dead_letter_key(room: &str) -> String {
+    format!("{DEAD_LETTER_PREFIX}{room}")
+}
+
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     /// `redis://[:password@]host:port[/db]` of the master.
@@ -60,6 +70,16 @@ impl ConsumerConfig {
         }
     }
 }
+
+/// How long any call may wait for Redis's answer: a blocking read
+/// legitimately waits `block` before Redis answers (the client library's own
+/// default, 500 ms, would cut every idle read of the default 1 s block).
+fn response_timeout(block: Duration) -> Duration {
+    block + RESPONSE_MARGIN
+}
+
+/// Time Redis has to answer on top of a blocking read's wait.
+const RESPONSE_MARGIN: Duration = Duration::from_secs(2);
 
 /// One client publish, as a backend receives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,13 +120,12 @@ impl Consumer {
     /// stream, so nothing appended before the first consumer is skipped).
     pub async fn connect(cfg: ConsumerConfig) -> Result<Self, UpstreamError> {
         let client = redis::Client::open(cfg.redis_url.as_str())?;
-        // No response timeout: a blocking read legitimately waits `block`.
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let streams: Vec<String> = cfg
-            .rooms
-            .iter()
-            .map(|r| format!("{UPSTREAM_PREFIX}{r}"))
-            .collect();
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(response_timeout(cfg.block)));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let streams: Vec<String> = cfg.rooms.iter().map(|r| upstream_key(r)).collect();
         for stream in &streams {
             let created: redis::RedisResult<()> = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -197,7 +216,7 @@ impl Consumer {
     ) -> Result<(), UpstreamError> {
         let room = stream.strip_prefix(UPSTREAM_PREFIX).unwrap_or(stream);
         let mut add = redis::cmd("XADD");
-        add.arg(format!("{DEAD_LETTER_PREFIX}{room}")).arg("*");
+        add.arg(dead_letter_key(room)).arg("*");
         let mut fields: Vec<(&String, &redis::Value)> = entry.map.iter().collect();
         fields.sort_by_key(|(k, _)| k.as_str());
         for (k, v) in fields {
@@ -221,7 +240,7 @@ impl Consumer {
     /// Marks an entry handled.
     pub async fn ack(&mut self, msg: &UpstreamMessage) -> Result<(), UpstreamError> {
         let _: i64 = redis::cmd("XACK")
-            .arg(format!("{UPSTREAM_PREFIX}{}", msg.room))
+            .arg(upstream_key(&msg.room))
             .arg(&self.cfg.group)
             .arg(&msg.id)
             .query_async(&mut self.conn)

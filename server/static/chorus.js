@@ -21,9 +21,14 @@
 //   message it delivered, so a node in durable mode replays what was missed;
 // - reports what it could not recover: `onGap(room, missed)` when offsets
 //   jump (pubsub mode loses messages in outages), `onReset(room)` when the
-//   server answers `history_gone` or the room's epoch changed — reload the
-//   room's state from your backend then;
-// - requests time out (default 10 s) and reject with the server's error.
+//   server answers `history_gone` (also sent as a `gap` frame when a node
+//   could not fill a hole from history), the room's epoch changed, or its
+//   offsets went back within one epoch — reload the room's state from your
+//   backend then;
+// - requests time out (default 10 s) and reject with the server's error. A
+//   publish rejected with `outcome_unknown` (or `timeout`, or a connection
+//   that closed before the answer) may have been delivered: retry it with
+//   the same `key` so that it is delivered at most once.
 
 export class ChorusError extends Error {
   constructor(code, message) {
@@ -137,6 +142,15 @@ export class Chorus {
       case "message":
         this.deliver(f);
         break;
+      case "gap": {
+        // Messages up to f.offset are gone from the history: reload.
+        const r = this.rooms.get(f.room);
+        if (!r) break;
+        r.epoch = f.epoch;
+        r.offset = f.offset;
+        this.onReset(f.room);
+        break;
+      }
       case "reconnect":
         this.onStatus({ connected: false, draining: true, afterMs: f.after_ms });
         setTimeout(() => this.ws.close(), f.after_ms);
@@ -163,7 +177,10 @@ export class Chorus {
     } else if (r.offset !== undefined && f.offset > r.offset + 1) {
       this.onGap(f.room, f.offset - r.offset - 1);
     } else if (r.offset !== undefined && f.offset <= r.offset) {
-      return; // already delivered
+      // The server never sends an offset twice: the room's counter went
+      // back without a new epoch (a broker that lost writes), so these are
+      // new messages under reused offsets, not duplicates.
+      this.onReset(f.room);
     }
     r.epoch = f.epoch;
     r.offset = f.offset;
@@ -174,7 +191,10 @@ export class Chorus {
     clearTimeout(this.refreshTimer);
     for (const p of this.pending.values()) {
       clearTimeout(p.timer);
-      p.reject(new ChorusError("unavailable", "connection closed"));
+      // A publish already sent may have been delivered.
+      p.reject(p.op === "publish"
+        ? new ChorusError("outcome_unknown", "connection closed before the answer")
+        : new ChorusError("unavailable", "connection closed"));
     }
     this.pending.clear();
     if (this.closedByUser) return;
@@ -197,7 +217,7 @@ export class Chorus {
         this.pending.delete(id);
         reject(new ChorusError("timeout", `no reply to ${frame.op} within ${this.timeoutMs} ms`));
       }, this.timeoutMs);
-      this.pending.set(id, { resolve, reject, timer });
+      this.pending.set(id, { resolve, reject, timer, op: frame.op });
       this.ws.send(JSON.stringify({ ...frame, id }));
     });
   }
@@ -235,7 +255,11 @@ export class Chorus {
     return this.request({ op: "unsubscribe", room });
   }
 
-  /** Publishes; resolves with `{offset, epoch}`. `key` makes it idempotent. */
+  /**
+   * Publishes; resolves with `{offset, epoch}`. `key` makes it idempotent:
+   * after a rejection with code `outcome_unknown` or `timeout`, publishing
+   * again with the same key delivers it at most once.
+   */
   async publish(room, data, { key } = {}) {
     const frame = { op: "publish", room, data };
     if (key !== undefined) frame.key = key;

@@ -174,3 +174,40 @@ fn a_configuration_that_cannot_work_is_refused_at_start_with_the_reason() {
     );
     refused(&["--api-key-file", "/nonexistent/key"], "/nonexistent/key");
 }
+
+#[tokio::test]
+async fn text_logs_written_to_a_file_are_plain_and_name_the_delivery_mode() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("chorus-logs-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("chorus.log");
+    // As `chorus-server > chorus.log 2>&1` would.
+    let file = std::fs::File::create(&path).unwrap();
+    let _child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_chorus-server"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-format",
+                "text",
+            ])
+            .env_remove("NO_COLOR")
+            .env_remove("RUST_LOG")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    wait_until("the start-up line in the log file", || async {
+        read().contains("chorus-server listening")
+    })
+    .await;
+    let log = read();
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file: {log:?}"
+    );
+    assert!(log.contains("delivery=pubsub"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

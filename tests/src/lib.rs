@@ -9,6 +9,7 @@ pub mod redis;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chorus_server::{Config, Node};
@@ -334,5 +335,51 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes to `room` one message after another (`{"n": 1}`, `{"n": 2}`, …)
+/// until stopped; the last acknowledged offset is in `acked`.
+pub struct Publisher {
+    pub acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<WsClient>,
+}
+
+impl Publisher {
+    pub fn start(mut client: WsClient, room: &'static str) -> Self {
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (acked.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                n += 1;
+                let ok = client.publish(room, json!({"n": n})).await;
+                if ok["op"] == "ok" {
+                    a.store(ok["offset"].as_u64().unwrap(), Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            client
+        });
+        Self { acked, stop, task }
+    }
+
+    /// Waits until `offset` was acknowledged.
+    pub async fn wait_for(&self, offset: u64) {
+        let acked = self.acked.clone();
+        wait_until(&format!("offset {offset} to be published"), || {
+            let acked = acked.clone();
+            async move { acked.load(Ordering::SeqCst) >= offset }
+        })
+        .await;
+    }
+
+    /// Stops publishing; returns the last acknowledged offset.
+    pub async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+        self.acked.load(Ordering::SeqCst)
     }
 }

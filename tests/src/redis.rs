@@ -313,6 +313,28 @@ impl SentinelGroup {
         .await;
     }
 
+    /// Makes the replica miss what the master acknowledges from now on until
+    /// the returned task ends (about 1.5 s): freezes it (`DEBUG SLEEP`) and
+    /// cuts its replication link. Kill the master meanwhile to lose them.
+    pub async fn freeze_replica(&self) -> tokio::task::JoinHandle<()> {
+        let replica_url = self.replica.url();
+        let sleeper = tokio::spawn(async move {
+            let client = redis::Client::open(replica_url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let _: redis::RedisResult<String> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("1.5")
+                .query_async(&mut conn)
+                .await;
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _: i64 = self
+            .master
+            .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
+            .await;
+        sleeper
+    }
+
     /// `redis+sentinel://…/chorus` for the nodes.
     pub fn broker_url(&self) -> String {
         let addrs: Vec<String> = self.sentinels.iter().map(Sentinel::addr).collect();

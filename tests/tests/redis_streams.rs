@@ -1,63 +1,16 @@
 //! Durable delivery (`--delivery streams`) against a real redis-server.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use chorus_tests::redis::RedisServer;
-use chorus_tests::{TestNode, WsClient, wait_until};
+use chorus_tests::{Publisher, TestNode, WsClient};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 async fn durable_nodes(n: usize, broker: &str, extra: &[&str]) -> Vec<TestNode> {
     let mut flags = vec!["--delivery", "streams"];
     flags.extend_from_slice(extra);
     chorus_tests::fleet(n, broker, &flags).await
-}
-
-/// Publishes to `room` one message after another until stopped; the last
-/// acknowledged offset is in `acked`.
-struct Publisher {
-    acked: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<WsClient>,
-}
-
-impl Publisher {
-    fn start(mut client: WsClient, room: &'static str) -> Self {
-        let acked = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (acked.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let mut n = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                n += 1;
-                let ok = client.publish(room, json!({"n": n})).await;
-                if ok["op"] == "ok" {
-                    a.store(ok["offset"].as_u64().unwrap(), Ordering::SeqCst);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            client
-        });
-        Self { acked, stop, task }
-    }
-
-    async fn wait_for(&self, offset: u64) {
-        let acked = self.acked.clone();
-        wait_until(&format!("offset {offset} to be published"), || {
-            let acked = acked.clone();
-            async move { acked.load(Ordering::SeqCst) >= offset }
-        })
-        .await;
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        self.task.await.unwrap();
-        self.acked.load(Ordering::SeqCst)
-    }
 }
 
 /// Reads messages until `offset` arrives; asserts they are contiguous from `first`.
@@ -218,13 +171,7 @@ async fn a_node_whose_subscription_dropped_fills_the_gap_from_history() {
     let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
     // The subscriber's node reaches Redis through a proxy that can silence
     // its subscription; its canary notices within half a second.
-    let node = durable_nodes(
-        1,
-        &proxy.url(),
-        &["--canary-interval", "100ms", "--canary-timeout", "500ms"],
-    )
-    .await
-    .remove(0);
+    let node = silenceable_node(&proxy, "500ms", &[]).await;
     let mut sub = node.client().await;
     sub.subscribe("gap").await;
     let publisher = Publisher::start(publisher_node.client().await, "gap");
@@ -283,4 +230,121 @@ async fn the_history_api_returns_kept_messages() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
+}
+
+/// A node that reaches Redis through `proxy`, whose silenced subscription
+/// its canary notices after `canary_timeout`.
+async fn silenceable_node(
+    proxy: &chorus_tests::proxy::SilencingProxy,
+    canary_timeout: &str,
+    extra: &[&str],
+) -> TestNode {
+    let mut flags = vec![
+        "--canary-interval",
+        "100ms",
+        "--canary-timeout",
+        canary_timeout,
+    ];
+    flags.extend_from_slice(extra);
+    durable_nodes(1, &proxy.url(), &flags).await.remove(0)
+}
+
+async fn wait_for_reconnect(node: &TestNode) {
+    chorus_tests::wait_until("the node to reconnect", || async {
+        node.metric("chorus_broker_reconnects_total").await >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_room_with_nothing_delivered_yet_is_caught_up_after_the_link_is_cut() {
+    use chorus_tests::proxy::SilencingProxy;
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
+    let node = silenceable_node(&proxy, "500ms", &[]).await;
+    let mut sub = node.client().await;
+    assert_eq!(sub.subscribe("quiet").await["offset"], 0);
+    // Cut before the node delivered anything in the room: it has no "last
+    // delivered" offset of its own for it.
+    proxy.silence_subscribers();
+    let mut p = publisher_node.client().await;
+    for i in 1..=10 {
+        assert_eq!(p.publish("quiet", json!(i)).await["offset"], i);
+    }
+    wait_for_reconnect(&node).await;
+    p.publish("quiet", json!(11)).await;
+    read_contiguous(&mut sub, 1, 11).await;
+}
+
+#[tokio::test]
+async fn a_gap_the_history_no_longer_covers_is_told_to_subscribers() {
+    use chorus_tests::proxy::SilencingProxy;
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let small = ["--history-size", "10"];
+    let publisher_node = durable_nodes(1, &redis.url(), &small).await.remove(0);
+    let node = silenceable_node(&proxy, "3s", &small).await;
+    let mut sub = node.client().await;
+    let epoch = sub.subscribe("hole").await["epoch"].clone();
+    let mut p = publisher_node.client().await;
+    for i in 1..=5 {
+        p.publish("hole", json!(i)).await;
+    }
+    read_contiguous(&mut sub, 1, 5).await;
+    // Far more than the history keeps is published while the node's
+    // subscription is silent (well within the canary's 3 s).
+    proxy.silence_subscribers();
+    for i in 6..=300 {
+        p.publish("hole", json!(i)).await;
+    }
+    wait_for_reconnect(&node).await;
+    p.publish("hole", json!(301)).await;
+    // The subscriber is told what it cannot get, in its place: a `gap` with
+    // `history_gone` up to some offset, then every message after it.
+    let gap = sub.frame().await;
+    assert_eq!(
+        (
+            gap["op"].as_str(),
+            gap["code"].as_str(),
+            gap["room"].as_str()
+        ),
+        (Some("gap"), Some("history_gone"), Some("hole")),
+        "{gap}"
+    );
+    assert_eq!(gap["epoch"], epoch);
+    let lost_upto = gap["offset"].as_u64().unwrap();
+    assert!((5..=291).contains(&lost_upto), "{gap}");
+    read_contiguous(&mut sub, lost_upto + 1, 301).await;
+    assert_eq!(
+        node.metric("chorus_gap_lost_messages_total").await,
+        (lost_upto - 5) as f64
+    );
+}
+
+#[tokio::test]
+async fn a_gap_of_more_than_a_page_of_large_messages_is_filled_in_order() {
+    use chorus_tests::proxy::SilencingProxy;
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let big = ["--max-frame-bytes", "200000"];
+    let publisher_node = durable_nodes(1, &redis.url(), &big).await.remove(0);
+    let node = silenceable_node(&proxy, "500ms", &big).await;
+    let mut sub = node.client().await;
+    sub.subscribe("large").await;
+    let mut p = publisher_node.client().await;
+    p.publish("large", json!(0)).await;
+    read_contiguous(&mut sub, 1, 1).await;
+    // About 2.5 MB missed while the link is cut: the node reads it back from
+    // history over several pages (1 MiB each).
+    proxy.silence_subscribers();
+    let pad = "x".repeat(100_000);
+    for i in 2..=26 {
+        p.publish("large", json!({"i": i, "pad": pad})).await;
+    }
+    wait_for_reconnect(&node).await;
+    p.publish("large", json!(27)).await;
+    read_contiguous(&mut sub, 2, 27).await;
+    assert!(node.metric("chorus_gap_filled_messages_total").await >= 25.0);
+    assert_eq!(node.metric("chorus_gap_lost_messages_total").await, 0.0);
 }

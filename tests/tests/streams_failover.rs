@@ -162,23 +162,9 @@ async fn acknowledged_messages_the_new_master_lacks_change_the_epoch() {
         );
     }
     group.wait_replica_synced().await;
-    // Freeze the replica, cut its link and publish: these are acknowledged by
-    // the master, but the replica cannot get them before the master dies.
-    let replica_url = group.replica.url();
-    let sleeper = tokio::spawn(async move {
-        let client = redis::Client::open(replica_url).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: redis::RedisResult<String> = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg("1.5")
-            .query_async(&mut conn)
-            .await;
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let _: i64 = group
-        .master
-        .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
-        .await;
+    // Acknowledged by the master from here on, but the replica cannot get
+    // them before the master dies.
+    let frozen = group.freeze_replica().await;
     for _ in 0..10 {
         n += 1;
         assert_eq!(
@@ -187,7 +173,7 @@ async fn acknowledged_messages_the_new_master_lacks_change_the_epoch() {
         );
     }
     group.master.kill();
-    sleeper.await.unwrap();
+    frozen.await.unwrap();
     let acked_last = n;
     group.fail_over().await;
 

@@ -199,3 +199,19 @@ async fn an_entry_that_keeps_failing_goes_to_the_dead_letter_stream() {
         "nothing left pending"
     );
 }
+
+#[tokio::test]
+async fn a_consumer_with_the_default_block_outlives_an_idle_read() {
+    let redis = RedisServer::start().await;
+    let (_node, mut client) = node_and_client(&redis).await;
+    // The default configuration, as the example uses it: a 1 s blocking read.
+    let cfg = ConsumerConfig::new(&redis.url(), "billing", "idle-0", vec!["orders:eu".into()]);
+    let mut consumer = Consumer::connect(cfg).await.unwrap();
+    // Nothing to read: the read waits its whole block and comes back empty
+    // (not with a client-side response timeout).
+    assert_eq!(consumer.next_batch().await.unwrap(), vec![]);
+    client.publish("orders:eu", json!({"order": 1})).await;
+    let got = consumer.next_batch().await.unwrap();
+    assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1]);
+    consumer.ack(&got[0]).await.unwrap();
+}

@@ -171,6 +171,7 @@ def test_metrics_service_selects_the_operator_pods(chart):
 def test_notes_tell_the_user_what_to_apply_next(chart):
     text = notes(render(chart))
     assert "examples/basic.yaml" in text
+    assert "https://" not in text, "NOTES point at files the user has, not at an unconfirmed web address"
     assert "kubectl get mc" in text
     assert "kubectl scale mc/chat --replicas=5" in text
     custom = notes(render(chart, CUSTOM_VALUES))

@@ -205,6 +205,7 @@ mod tests {
         fn deliver(&self, d: Delivery) {
             lock(&self.0).push(d);
         }
+        fn lost(&self, _: &RoomName, _: &Arc<str>, _: u64) {}
     }
 
     fn req(room: &str, data: &str) -> PublishRequest {

@@ -90,6 +90,12 @@ impl History {
 /// Where a broker hands messages for this node's rooms.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery);
+
+    /// The room's messages in `epoch` up to offset `upto` that were not
+    /// delivered yet will never be: they are gone from the history (durable
+    /// delivery) before this node could read them. Told to the room's
+    /// subscribers in place of the missing messages.
+    fn lost(&self, room: &RoomName, epoch: &Arc<str>, upto: u64);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +109,36 @@ pub enum BrokerError {
     /// Too many requests are waiting for the bus; the client should retry.
     #[error("broker overloaded: too many requests in flight")]
     Overloaded,
+    /// A publish went out to the bus but no answer came back (it timed out,
+    /// or the link broke while it was in flight): it may or may not have been
+    /// delivered. Retrying is safe only with the same idempotency key.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+impl BrokerError {
+    /// The protocol's error code: `outcome_unknown` when a publish may have
+    /// been delivered, `unavailable` (nothing happened: retry) otherwise.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        match self {
+            BrokerError::OutcomeUnknown(_) => crate::protocol::ErrorCode::OutcomeUnknown,
+            _ => crate::protocol::ErrorCode::Unavailable,
+        }
+    }
+
+    /// What a client is told: the reason without the broker's internals
+    /// (addresses, Redis errors), which only the node's logs and `/readyz` show.
+    pub fn public_message(&self) -> String {
+        match self {
+            BrokerError::Unavailable(_) => "the message bus is unreachable: retry later".into(),
+            BrokerError::OutcomeUnknown(_) => {
+                "the message bus did not answer: the message may have been delivered; \
+                 retry with the same key"
+                    .into()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Is the broker usable right now, and if not, why.

@@ -23,7 +23,7 @@ pub use conn::{
 
 use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::metrics::Metrics;
-use crate::protocol::RoomName;
+use crate::protocol::{self, ErrorCode, RoomName, ServerFrame};
 use crate::sync::{lock, read, write};
 
 pub struct Hub {
@@ -150,12 +150,11 @@ impl Hub {
     }
 }
 
-impl Deliver for Hub {
-    fn deliver(&self, d: Delivery) {
-        let Some(local) = lock(&self.rooms).get(&d.room).cloned() else {
-            return;
-        };
-        let published_at_us = d.published_at_us;
+impl Hub {
+    /// Hands `d` to every local subscriber of its room; returns to how
+    /// many (`None` when the node does not serve the room).
+    fn fan_out(&self, d: Delivery) -> Option<u64> {
+        let local = lock(&self.rooms).get(&d.room).cloned()?;
         let d = Arc::new(d);
         let mut delivered = 0u64;
         let mut slow = Vec::new();
@@ -174,11 +173,40 @@ impl Deliver for Hub {
                 self.metrics.slow_consumers.inc();
             }
         }
+        Some(delivered)
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, d: Delivery) {
+        let published_at_us = d.published_at_us;
+        let Some(delivered) = self.fan_out(d) else {
+            return;
+        };
         self.metrics.delivered.inc_by(delivered);
         let latency_us = now_us().saturating_sub(published_at_us);
         self.metrics
             .delivery_latency
             .observe(latency_us as f64 / 1e6);
+    }
+
+    /// The notice takes the missing messages' place in each subscriber's
+    /// queue, as the last of them (`offset` = `upto`): a subscriber that
+    /// joined after them drops it like any message it already has.
+    fn lost(&self, room: &RoomName, epoch: &Arc<str>, upto: u64) {
+        let frame = protocol::encode(&ServerFrame::Gap {
+            room: room.as_str(),
+            epoch,
+            offset: upto,
+            code: ErrorCode::HistoryGone,
+        });
+        self.fan_out(Delivery {
+            room: room.clone(),
+            offset: upto,
+            epoch: epoch.clone(),
+            frame: frame.into(),
+            published_at_us: 0,
+        });
     }
 }
 

@@ -114,8 +114,13 @@ pub enum ErrorCode {
     Forbidden,
     NotSubscribed,
     Unavailable,
+    /// A publish whose answer never came: it may or may not have been
+    /// delivered (retry with the same `key` to be safe).
+    OutcomeUnknown,
     HistoryGone,
     TooManyRooms,
+    /// The history API on a node that keeps no history (`--delivery pubsub`).
+    NoHistory,
 }
 
 impl ErrorCode {
@@ -129,8 +134,10 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::NotSubscribed => "not_subscribed",
             Self::Unavailable => "unavailable",
+            Self::OutcomeUnknown => "outcome_unknown",
             Self::HistoryGone => "history_gone",
             Self::TooManyRooms => "too_many_rooms",
+            Self::NoHistory => "no_history",
         }
     }
 }
@@ -319,6 +326,16 @@ pub enum ServerFrame<'a> {
     Reconnect {
         reason: &'a str,
         after_ms: u64,
+    },
+    /// Durable delivery: the room's messages after the last one the client
+    /// got, up to `offset`, fell out of the history before this node could
+    /// deliver them (`code` is `history_gone`); the next message follows
+    /// `offset`.
+    Gap {
+        room: &'a str,
+        epoch: &'a str,
+        offset: u64,
+        code: ErrorCode,
     },
 }
 
@@ -582,6 +599,7 @@ mod tests {
         });
         assert!(!text.contains("from"));
         assert_eq!(ErrorCode::HistoryGone.as_str(), "history_gone");
+        assert_eq!(ErrorCode::NoHistory.as_str(), "no_history");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::protocol::{ErrorCode, RoomName, check_key, is_json_object};
 
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
 const JS_CLIENT: &str = include_str!("../../static/chorus.js");
+const JS_CLIENT_TYPES: &str = include_str!("../../static/chorus.d.ts");
 
 /// `GET /`: the demo chat; with client auth on, it says so and asks for a token.
 pub async fn demo_page(State(node): State<Arc<Node>>) -> Html<String> {
@@ -33,11 +34,34 @@ pub async fn demo_page(State(node): State<Arc<Node>>) -> Html<String> {
     Html(page)
 }
 
-/// `GET /chorus.js`: the browser client (an ES module).
+/// `GET /chorus.js`: the browser client (an ES module), importable from
+/// pages on any origin (it is public and the same for everyone).
 pub async fn js_client() -> Response {
+    let mut resp = public_file("text/javascript; charset=utf-8", JS_CLIENT);
+    // Where Deno (and other tools that follow it) find the types.
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("x-typescript-types"),
+        header::HeaderValue::from_static("/chorus.d.ts"),
+    );
+    resp
+}
+
+/// `GET /chorus.d.ts`: TypeScript declarations of `/chorus.js`.
+pub async fn js_client_types() -> Response {
+    public_file("application/typescript; charset=utf-8", JS_CLIENT_TYPES)
+}
+
+fn public_file(content_type: &'static str, body: &'static str) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        JS_CLIENT,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (
+                header::HeaderName::from_static("cross-origin-resource-policy"),
+                "cross-origin",
+            ),
+        ],
+        body,
     )
         .into_response()
 }
@@ -209,7 +233,7 @@ pub async fn history(
         }
         Ok(None) => api_error(
             StatusCode::NOT_FOUND,
-            ErrorCode::HistoryGone,
+            ErrorCode::NoHistory,
             "no history is kept: this node runs --delivery pubsub",
         ),
         Err(e) => broker_error(&e),
@@ -252,12 +276,14 @@ fn timed_out(e: &BytesRejection) -> bool {
     false
 }
 
+/// 503 `unavailable` (nothing happened: retry), or 504 `outcome_unknown`
+/// (a publish got no answer: retry with the same key).
 fn broker_error(e: &BrokerError) -> Response {
-    let mut resp = api_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Unavailable,
-        &e.to_string(),
-    );
+    let status = match e.code() {
+        ErrorCode::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut resp = api_error(status, e.code(), &e.public_message());
     resp.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     resp

@@ -21,12 +21,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, Method, header};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyDeadline;
 
 use crate::metrics::Metrics;
@@ -37,17 +39,39 @@ pub fn app(node: Arc<Node>) -> Router {
     // HTTP bodies larger than a frame are refused (413, `too_large`) as they
     // arrive, before they are buffered whole.
     let max_body = node.config.max_frame_bytes as usize;
+    let api = Router::new()
+        .route("/api/v1/rooms/{room}/messages", post(http::publish))
+        .route("/api/v1/rooms/{room}/history", get(http::history))
+        .layer(api_cors(&node.config.cors_origins));
     Router::new()
         .route("/", get(http::demo_page))
         .route("/chorus.js", get(http::js_client))
+        .route("/chorus.d.ts", get(http::js_client_types))
         .route("/ws", get(ws::upgrade))
-        .route("/api/v1/rooms/{room}/messages", post(http::publish))
-        .route("/api/v1/rooms/{room}/history", get(http::history))
+        .merge(api)
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(node)
+}
+
+/// CORS for the backend API: pages on `origins` (`*`: any) may call it,
+/// with an API key in `Authorization`; with none, browsers on other origins
+/// get no CORS headers and cannot read its answers. (WebSocket upgrades are
+/// not subject to CORS; client tokens guard them.)
+fn api_cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(3600))
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves, then drains the

@@ -10,7 +10,7 @@
 //! `--send-timeout` makes a slow consumer. Every close it initiates
 //! completes the WebSocket closing handshake.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,8 +205,7 @@ async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot:
         session: session.clone(),
         auth,
         handle,
-        rooms: HashSet::new(),
-        replayed: SentUpTo::default(),
+        rooms: HashMap::new(),
         replay: None,
         expiry: None,
         rate: RateLimit::new(node.config.max_publish_rate),
@@ -216,7 +215,7 @@ async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot:
     let end = conn.run(&mut socket, queue).await;
     // Out of its rooms (and its send queue gone with `run`) before the
     // closing handshake, which may wait on a slow client.
-    for room in std::mem::take(&mut conn.rooms) {
+    for room in std::mem::take(&mut conn.rooms).into_keys() {
         node.hub.leave(&*node.broker, &room, id);
     }
     drop(conn);
@@ -251,12 +250,8 @@ struct Conn {
     session: Arc<str>,
     auth: Session,
     handle: ConnHandle,
-    rooms: HashSet<RoomName>,
-    /// Rooms just subscribed (or recovered from history): the offset the
-    /// client was told (or the last replayed), with its epoch. Live
-    /// messages up to it are already sent or precede the subscription, and
-    /// are dropped; the entry goes with the first later message.
-    replayed: SentUpTo,
+    /// The rooms the client is in, each with how far its messages went out.
+    rooms: HashMap<RoomName, SentUpTo>,
     /// A replay still going out (boxed: most connections never replay).
     replay: Option<Box<Replay>>,
     /// Fires at the token's `exp` (reset by `refresh`); `None` for tokens
@@ -477,7 +472,7 @@ impl Conn {
                 Box::pin(self.subscribe(id, room, since, out)).await;
                 None
             }
-            ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room) {
+            ClientFrame::Unsubscribe { id, room } => Some(if self.rooms.remove(&room).is_some() {
                 self.node.hub.leave(&*self.node.broker, &room, self.id);
                 protocol::encode(&ServerFrame::ok(id))
             } else {
@@ -553,7 +548,7 @@ impl Conn {
                 "the token is for another user: connect again with it",
             );
         }
-        if let Some(room) = self.rooms.iter().find(|r| !fresh.may_subscribe(r.as_str())) {
+        if let Some(room) = self.rooms.keys().find(|r| !fresh.may_subscribe(r.as_str())) {
             return error(
                 Some(id),
                 ErrorCode::Forbidden,
@@ -568,6 +563,10 @@ impl Conn {
     /// Subscribes (joining the room before anything else, so nothing
     /// published from now on is missed), answers `ok`, and with `since`
     /// replays what the client missed right after the `ok`.
+    ///
+    /// A repeated subscribe to a room the client is already in changes
+    /// nothing: its `ok` carries the offset the client was last sent, and
+    /// the messages still queued for it follow.
     async fn subscribe(
         &mut self,
         id: u64,
@@ -585,7 +584,8 @@ impl Conn {
             return;
         }
         let node = self.node.clone();
-        let joined_now = !self.rooms.contains(&room);
+        let already = self.rooms.get(&room).map(SentUpTo::position);
+        let joined_now = already.is_none();
         let max_rooms = node.config.max_rooms_per_connection as usize;
         if joined_now && self.rooms.len() >= max_rooms {
             let e = error(
@@ -598,34 +598,38 @@ impl Conn {
             out.push(Message::Text(e.into()));
             return;
         }
-        if joined_now {
-            if let Err(e) = node
+        if joined_now
+            && let Err(e) = node
                 .hub
                 .join(&*node.broker, &room, self.id, self.handle.clone())
                 .await
-            {
-                out.push(Message::Text(broker_error(Some(id), &e).into()));
-                return;
-            }
-            self.rooms.insert(room.clone());
+        {
+            out.push(Message::Text(broker_error(Some(id), &e).into()));
+            return;
         }
-        let outcome = match node.broker.position(&room).await {
+        let position = match already {
+            Some(sent) => Ok(sent),
+            None => node.broker.position(&room).await,
+        };
+        let outcome = match position {
             Ok(pos) => self.recover(&room, since, pos).await,
             Err(e) => Err(e),
         };
         match outcome {
             Ok((reply, replay)) => {
-                // After `ok` with offset N (or a replay through M > N) the
-                // client gets exactly what follows: a message that was
+                // After `ok` with offset N (replayed through N, if asked)
+                // the client gets exactly what follows: a message that was
                 // published before but reaches this node just after the
                 // join is not sent again.
-                self.replayed.raise(&room, &reply.epoch, reply.offset);
+                self.rooms
+                    .entry(room)
+                    .or_insert_with(|| SentUpTo::new(&reply.epoch))
+                    .raise(&reply.epoch, reply.offset);
                 out.push(Message::Text(reply.encode(id).into()));
                 out.extend(replay);
             }
             Err(e) => {
                 if joined_now {
-                    self.rooms.remove(&room);
                     node.hub.leave(&*node.broker, &room, self.id);
                 }
                 out.push(Message::Text(broker_error(Some(id), &e).into()));
@@ -700,52 +704,74 @@ impl Conn {
         ))
     }
 
-    /// A queued message as it goes out, unless a replay already sent it.
+    /// A queued message as it goes out, unless the client already has it
+    /// (or it precedes the subscription, or the client left the room).
     fn outbound(&mut self, out: Outbound) -> Option<Message> {
         match out {
-            Outbound::Message(d) => {
-                if self.replayed.already_sent(&d.room, &d.epoch, d.offset) {
-                    return None;
-                }
-                Some(Message::Text(d.frame.clone()))
-            }
+            Outbound::Message(d) => self
+                .rooms
+                .get_mut(&d.room)?
+                .advance(&d.epoch, d.offset)
+                .then(|| Message::Text(d.frame.clone())),
         }
     }
 }
 
-/// Per room, the offset (in an epoch) up to which a client already has the
-/// messages: the `ok` told it N, or a replay sent through M. A small vector:
-/// a connection is in few rooms, and an idle one should not pay for a map.
-#[derive(Default)]
-struct SentUpTo(Vec<(RoomName, Arc<str>, u64)>);
+/// How far a room's messages went out to the client: the offset (in an
+/// epoch) the `ok` told it, a replay sent it through, or the last live
+/// message it was sent.
+struct SentUpTo {
+    epoch: Arc<str>,
+    offset: u64,
+    /// Just subscribed (or replayed): live messages at or below the mark
+    /// precede the subscription or were replayed, and are dropped, until the
+    /// first one above it. Past that window every message goes out, so a
+    /// room whose offsets went back (a broker that lost writes) is seen by
+    /// the client, never dropped as duplicates.
+    fresh: bool,
+}
 
 impl SentUpTo {
-    fn raise(&mut self, room: &RoomName, epoch: &Arc<str>, offset: u64) {
-        match self.0.iter_mut().find(|(r, _, _)| r == room) {
-            Some(entry) if entry.1 == *epoch => entry.2 = entry.2.max(offset),
-            Some(entry) => *entry = (room.clone(), epoch.clone(), offset),
-            None => {
-                // One entry's room at a time: most connections are in one room.
-                self.0.reserve_exact(1);
-                self.0.push((room.clone(), epoch.clone(), offset));
-            }
+    fn new(epoch: &Arc<str>) -> Self {
+        Self {
+            epoch: epoch.clone(),
+            offset: 0,
+            fresh: true,
         }
     }
 
-    /// Whether a live message was already sent (or precedes the
-    /// subscription); the room's entry goes with the first one that was not.
-    fn already_sent(&mut self, room: &RoomName, epoch: &Arc<str>, offset: u64) -> bool {
-        let Some(i) = self.0.iter().position(|(r, _, _)| r == room) else {
-            return false;
-        };
-        if self.0[i].1 == *epoch && offset <= self.0[i].2 {
-            return true;
+    fn position(&self) -> Position {
+        Position {
+            offset: self.offset,
+            epoch: self.epoch.clone(),
         }
-        self.0.swap_remove(i);
-        if self.0.is_empty() {
-            self.0 = Vec::new();
+    }
+
+    /// The client has the room's messages through `offset` (an `ok` or a
+    /// replay): opens the window in which older live ones are dropped.
+    fn raise(&mut self, epoch: &Arc<str>, offset: u64) {
+        if *self.epoch == **epoch {
+            self.offset = self.offset.max(offset);
+        } else {
+            self.epoch = epoch.clone();
+            self.offset = offset;
         }
-        false
+        self.fresh = true;
+    }
+
+    /// Whether a live message goes out; if so, it is the new mark.
+    fn advance(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
+        if self.fresh {
+            if *self.epoch == **epoch && offset <= self.offset {
+                return false;
+            }
+            self.fresh = false;
+        }
+        if *self.epoch != **epoch {
+            self.epoch = epoch.clone();
+        }
+        self.offset = offset;
+        true
     }
 }
 
@@ -793,7 +819,7 @@ fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
 }
 
 fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
-    error(id, ErrorCode::Unavailable, &e.to_string())
+    error(id, e.code(), &e.public_message())
 }
 
 /// A timer for the session's `exp`; `None` for a session without one.

@@ -24,6 +24,12 @@
 //! offset in order; after a reconnect the rooms are caught up the same way,
 //! and a master that lacks offsets this node saw acknowledged (asynchronous
 //! replication lost them in a failover) gets a new epoch for the room.
+//!
+//! Without history (`--delivery pubsub`) no node keeps what it saw, so the
+//! link instead learns the master's *fence* when it connects (a token that
+//! changes whenever another Redis process is master): a room whose epoch
+//! began under another fence starts a new one, because its counter may have
+//! gone back with the writes that restart or failover lost.
 
 mod scripts;
 mod url;
@@ -145,14 +151,23 @@ struct Shared {
     /// Wakes the supervisor when a sentinel announced `+switch-master`.
     switched: Notify,
     health: watch::Sender<Health>,
-    /// The publish connection of the current link, if any.
-    conn: watch::Sender<Option<MultiplexedConnection>>,
+    /// The publish connection of the current link, if any, with its fence.
+    conn: watch::Sender<Option<Master>>,
     deliver: Arc<dyn Deliver>,
     metrics: Arc<Metrics>,
     canary_channel: String,
     /// History mode: the last offset this node had acknowledged per room
     /// (for the epoch check after a reconnect). Capped at [`MAX_TRACKED`].
     acked: Mutex<HashMap<RoomName, Seen>>,
+}
+
+/// The current master as publishes see it: the connection, and the fence
+/// its writes carry (pubsub mode; `""` in history mode). One value, so that a
+/// publish never pairs one master's connection with another's fence.
+#[derive(Clone)]
+struct Master {
+    conn: MultiplexedConnection,
+    fence: Arc<str>,
 }
 
 /// An offset of a room in an epoch.
@@ -231,8 +246,14 @@ impl Broker for RedisBroker {
             return std::future::ready(Err(err)).boxed();
         }
         // The publisher bounds each pipeline by op_timeout; queueing behind a
-        // full pipeline can add one more.
-        await_reply(self.shared.opts.op_timeout * 3, rx, "publisher stopped").boxed()
+        // full pipeline can add one more. Past that, the publish may be in a
+        // pipeline Redis ran: its outcome is unknown.
+        await_reply(self.shared.opts.op_timeout * 3, rx, "publisher stopped")
+            .map(|res| match res {
+                Err(BrokerError::Timeout(limit)) => Err(unanswered(limit)),
+                other => other,
+            })
+            .boxed()
     }
 
     fn subscribe(&self, room: &RoomName) -> BoxFuture<'static, Result<(), BrokerError>> {
@@ -254,16 +275,17 @@ impl Broker for RedisBroker {
     }
 
     fn position(&self, room: &RoomName) -> BoxFuture<'static, Result<Position, BrokerError>> {
-        let conn = self.shared.conn.borrow().clone();
+        let Some(Master { mut conn, fence }) = self.shared.conn.borrow().clone() else {
+            return std::future::ready(Err(BrokerError::Unavailable("not connected".into())))
+                .boxed();
+        };
         let mut inv = scripts::POSITION.key(scripts::room_key(room.as_str()));
         inv.key(self.shared.history_key(room.as_str()))
             .arg(new_epoch())
-            .arg(self.shared.ttl_secs());
+            .arg(self.shared.ttl_secs())
+            .arg(&*fence);
         let limit = self.shared.opts.op_timeout;
         async move {
-            let Some(mut conn) = conn else {
-                return Err(BrokerError::Unavailable("not connected".into()));
-            };
             let (offset, epoch) =
                 bounded(limit, inv.invoke_async::<(u64, String)>(&mut conn)).await?;
             Ok(Position {
@@ -292,7 +314,7 @@ impl Broker for RedisBroker {
         let room = room.clone();
         let op_timeout = self.shared.opts.op_timeout;
         async move {
-            let Some(mut conn) = conn else {
+            let Some(Master { mut conn, .. }) = conn else {
                 return Err(BrokerError::Unavailable("not connected".into()));
             };
             read_history(&mut conn, &room, after, limit, max_bytes, op_timeout)
@@ -427,7 +449,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
     let mut batch: Vec<PublishCmd> = Vec::with_capacity(MAX_PIPELINE);
     while rx.recv_many(&mut batch, MAX_PIPELINE).await > 0 {
         let conn = conn_rx.borrow().clone();
-        let Some(mut conn) = conn else {
+        let Some(Master { mut conn, fence }) = conn else {
             for cmd in batch.drain(..) {
                 let _ = cmd
                     .reply
@@ -474,6 +496,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
                         String::new()
                     },
                     cmd.req.from.as_deref().unwrap_or("").to_string(),
+                    fence.to_string(),
                 ];
                 (keys, args)
             })
@@ -494,19 +517,21 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
         .await;
         let results = match outcome {
             Ok(Ok(results)) => results,
+            // The pipeline was (maybe partly) sent: Redis may have run any
+            // of its scripts.
             Ok(Err(e)) => {
                 shared.trouble.notify_one();
                 for cmd in batch.drain(..) {
-                    let _ = cmd.reply.send(Err(BrokerError::Unavailable(e.to_string())));
+                    let _ = cmd.reply.send(Err(BrokerError::OutcomeUnknown(format!(
+                        "the link failed with the publish in flight: {e}"
+                    ))));
                 }
                 continue;
             }
             Err(_) => {
                 shared.trouble.notify_one();
                 for cmd in batch.drain(..) {
-                    let _ = cmd
-                        .reply
-                        .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
+                    let _ = cmd.reply.send(Err(unanswered(shared.opts.op_timeout)));
                 }
                 continue;
             }
@@ -531,9 +556,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
                     {
                         Ok(r) => r,
                         Err(_) => {
-                            let _ = cmd
-                                .reply
-                                .send(Err(BrokerError::Timeout(shared.opts.op_timeout)));
+                            let _ = cmd.reply.send(Err(unanswered(shared.opts.op_timeout)));
                             continue;
                         }
                     }
@@ -565,6 +588,11 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
             let _ = cmd.reply.send(reply);
         }
     }
+}
+
+/// A publish sent to Redis whose answer did not come within `limit`.
+fn unanswered(limit: Duration) -> BrokerError {
+    BrokerError::OutcomeUnknown(format!("no answer from Redis within {limit:?}"))
 }
 
 // --------------------------------------------------------------- supervisor
@@ -688,6 +716,13 @@ async fn connect(shared: &Arc<Shared>, delivered: &mut Delivered) -> Result<Link
             .await
             .map_err(|e| format!("SCRIPT LOAD on {master}: {e}"))?;
     }
+    let fence = if shared.opts.history.is_none() {
+        fence(&mut conn, &master, limit).await?
+    } else {
+        // History mode keeps epochs across failovers when nothing was lost
+        // (each node checks the offsets it saw: `check_epochs`).
+        Arc::from("")
+    };
     let pubsub = timeout(limit, client.get_async_pubsub())
         .await
         .map_err(|_| format!("pub/sub connect to {master} timed out"))?
@@ -710,9 +745,39 @@ async fn connect(shared: &Arc<Shared>, delivered: &mut Delivered) -> Result<Link
     if shared.opts.history.is_some() {
         check_epochs(shared, &mut link, delivered).await?;
     }
-    shared.conn.send_replace(Some(conn));
+    shared.conn.send_replace(Some(Master { conn, fence }));
     shared.health.send_replace(Health::Up);
     Ok(link)
+}
+
+/// The fence of the master this connection reaches (see `scripts::FENCE`).
+async fn fence(
+    conn: &mut MultiplexedConnection,
+    master: &Addr,
+    limit: Duration,
+) -> Result<Arc<str>, String> {
+    let info: String = bounded(
+        limit,
+        redis::cmd("INFO").arg("server").query_async(&mut *conn),
+    )
+    .await
+    .map_err(|e| format!("INFO server on {master}: {e}"))?;
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+        .ok_or_else(|| format!("{master} did not tell its run_id"))?;
+    let token: String = bounded(
+        limit,
+        scripts::FENCE
+            .key(scripts::FENCE_KEY)
+            .arg(run_id)
+            .arg(new_epoch())
+            .invoke_async(&mut *conn),
+    )
+    .await
+    .map_err(|e| format!("fence on {master}: {e}"))?;
+    Ok(token.into())
 }
 
 fn is_master(role: &redis::Value) -> bool {
@@ -788,25 +853,39 @@ async fn check_epochs(
             continue;
         };
         if epoch.is_empty() {
-            // The room is gone: its next message starts a new epoch.
-            delivered.remove(&room);
+            // The room is gone: its next message starts a new epoch, all of
+            // which is new to this node's subscribers.
+            delivered.insert(room.clone(), Seen { epoch, offset: 0 });
         } else if epoch != mine.epoch {
             // A new epoch began while this node was away: its subscribers
             // have seen none of it yet.
             let fresh = Seen { epoch, offset: 0 };
             delivered.insert(room.clone(), fresh.clone());
             if last > 0 {
-                fill_gap(shared, &mut link.conn, &room, &fresh, last, delivered).await;
+                fill_gap(shared, &mut link.conn, &room, &fresh, last, delivered)
+                    .await
+                    .map_err(|e| format!("catching up `{room}` from history: {e}"))?;
             }
         } else if last > mine.offset {
-            fill_gap(shared, &mut link.conn, &room, &mine, last, delivered).await;
+            // A failed read keeps the mark: the next link tries again.
+            fill_gap(shared, &mut link.conn, &room, &mine, last, delivered)
+                .await
+                .map_err(|e| format!("catching up `{room}` from history: {e}"))?;
         }
     }
     Ok(())
 }
 
+/// Bytes of frames read from history per round trip while filling a gap (a
+/// larger message comes alone): a long gap of large messages is read, and
+/// handed to the subscribers' bounded queues, a page at a time, never whole.
+const GAP_PAGE_BYTES: usize = 1024 * 1024;
+
 /// Delivers the room's kept messages after `seen.offset` up to `upto`, in
-/// order; notes what could not be found (trimmed from the history).
+/// order, page by page. Those no longer kept (trimmed from the history, or
+/// dropped with an epoch change) are told to the subscribers as lost, in
+/// their place; only a failed read leaves the rest of the range (after what
+/// the pages before it delivered) to the caller.
 async fn fill_gap(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
@@ -814,47 +893,62 @@ async fn fill_gap(
     seen: &Seen,
     upto: u64,
     delivered: &mut Delivered,
-) {
-    let want = upto.saturating_sub(seen.offset) as usize;
-    let history = match read_history(
-        conn,
-        room,
-        seen.offset,
-        want,
-        usize::MAX,
-        shared.opts.op_timeout,
-    )
-    .await
-    {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
-            return;
-        }
-    };
-    if history.epoch != seen.epoch {
-        return;
-    }
+) -> Result<(), BrokerError> {
     let mut next = seen.offset + 1;
-    for m in history
-        .messages
-        .into_iter()
-        .take_while(|m| m.offset <= upto)
-    {
-        if m.offset > next {
-            tracing::warn!(%room, from = next, to = m.offset - 1, "messages missing from history");
+    while next <= upto {
+        let want = usize::try_from(upto + 1 - next).unwrap_or(usize::MAX);
+        let page = read_history(
+            conn,
+            room,
+            next - 1,
+            want,
+            GAP_PAGE_BYTES,
+            shared.opts.op_timeout,
+        )
+        .await?;
+        if page.epoch != seen.epoch {
+            break;
         }
-        next = m.offset + 1;
-        shared.metrics.gap_filled.inc();
+        let before = next;
+        for m in page.messages.into_iter().take_while(|m| m.offset <= upto) {
+            if m.offset > next {
+                report_lost(shared, room, &seen.epoch, next, m.offset - 1);
+            }
+            next = m.offset + 1;
+            shared.metrics.gap_filled.inc();
+            delivered.insert(
+                room.clone(),
+                Seen {
+                    epoch: seen.epoch.clone(),
+                    offset: m.offset,
+                },
+            );
+            shared.deliver.deliver(m);
+        }
+        if next == before {
+            // Nothing of the range is kept any more.
+            break;
+        }
+    }
+    if next <= upto {
+        report_lost(shared, room, &seen.epoch, next, upto);
         delivered.insert(
             room.clone(),
             Seen {
                 epoch: seen.epoch.clone(),
-                offset: m.offset,
+                offset: upto,
             },
         );
-        shared.deliver.deliver(m);
     }
+    Ok(())
+}
+
+/// Messages `from..=to` of the room will never reach this node's
+/// subscribers: they are told so, in the messages' place.
+fn report_lost(shared: &Shared, room: &RoomName, epoch: &Arc<str>, from: u64, to: u64) {
+    tracing::warn!(%room, from, to, "messages missing from history: subscribers are told history_gone");
+    shared.metrics.lost_from_history.inc_by(to + 1 - from);
+    shared.deliver.lost(room, epoch, to);
 }
 
 /// Asks the sentinels, in turn, where the master is.
@@ -950,11 +1044,24 @@ async fn reconcile(
             .iter()
             .map(|r| scripts::room_channel(r.as_str()))
             .collect();
+        // History mode: where each room stood just before this node
+        // subscribed, so that what its subscribers miss while the link is
+        // down is caught up from there even if nothing was delivered yet.
+        // Read before SUBSCRIBE: a message published in between is then
+        // filled from history rather than taken for delivered.
+        let baselines = if shared.opts.history.is_some() {
+            positions(&mut link.conn, chunk, limit).await?
+        } else {
+            Vec::new()
+        };
         timeout(limit, link.sink.subscribe(&channels))
             .await
             .map_err(|_| "SUBSCRIBE timed out".to_string())?
             .map_err(|e| format!("SUBSCRIBE: {e}"))?;
         link.active.extend(chunk.iter().cloned());
+        for (room, seen) in chunk.iter().zip(baselines) {
+            delivered.entry(room.clone()).or_insert(seen);
+        }
     }
     // Everyone waiting on a room that is now active can go ahead; a room
     // that was wanted, then unwanted, then wanted again meanwhile is active too.
@@ -967,6 +1074,32 @@ async fn reconcile(
         }
     }
     Ok(())
+}
+
+/// The rooms' epochs and last offsets (a room not created yet: no epoch,
+/// offset 0), in one round trip.
+async fn positions(
+    conn: &mut MultiplexedConnection,
+    rooms: &[RoomName],
+    limit: Duration,
+) -> Result<Vec<Seen>, String> {
+    let mut pipe = redis::pipe();
+    for room in rooms {
+        pipe.cmd("HMGET")
+            .arg(scripts::room_key(room.as_str()))
+            .arg("o")
+            .arg("e");
+    }
+    let replies: Vec<(Option<u64>, Option<String>)> = bounded(limit, pipe.query_async(conn))
+        .await
+        .map_err(|e| format!("reading room positions: {e}"))?;
+    Ok(replies
+        .into_iter()
+        .map(|(offset, epoch)| Seen {
+            epoch: epoch.unwrap_or_default().into(),
+            offset: offset.unwrap_or(0),
+        })
+        .collect())
 }
 
 /// Runs an established link until it fails; returns why.
@@ -1138,8 +1271,14 @@ async fn on_notification(
             if n.offset <= seen.offset {
                 return;
             }
-            if n.offset > seen.offset + 1 {
-                fill_gap(shared, conn, &room, &seen, n.offset - 1, delivered).await;
+            if n.offset > seen.offset + 1
+                && let Err(e) = fill_gap(shared, conn, &room, &seen, n.offset - 1, delivered).await
+            {
+                // The live message goes out now: what it skipped, past what
+                // the pages read before the failure delivered, is lost.
+                tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
+                let from = delivered.get(&room).map_or(seen.offset, |s| s.offset) + 1;
+                report_lost(shared, &room, &epoch, from, n.offset - 1);
             }
         }
         delivered.insert(

@@ -4,17 +4,25 @@
 //! delivered.
 //!
 //! Keys of a room:
-//! - `chorus:room:<room>`: hash with `e` (epoch) and `o` (last offset),
-//!   expiring after the idle TTL. When it is gone (idle expiry, Redis
-//!   restarted without persistence, a failover to a replica that never got
-//!   it) the next publish starts a new epoch at offset 1 and drops the old
-//!   history.
+//! - `chorus:room:<room>`: hash with `e` (epoch), `o` (last offset) and, in
+//!   pubsub mode, `r` (the fence the epoch was started under), expiring after
+//!   the idle TTL. When it is gone (idle expiry, Redis restarted without
+//!   persistence, a failover to a replica that never got it) the next
+//!   publish starts a new epoch at offset 1 and drops the old history.
+//! - `chorus:fence`: `"<run_id> <token>"`, the fence of the Redis process
+//!   that is master now (see [`FENCE`]).
 //! - `chorus:hist:<room>` (streams delivery): a stream of the room's
 //!   messages, entry id `0-<offset>`, field `f` = the exact `message` frame;
 //!   capped with `MAXLEN ~` and expiring with the hash.
-//! - `chorus:idem:<room>:<key>`: `"<offset> <epoch>"` of a publish with an
-//!   idempotency key, for the idempotency window.
+//! - `chorus:idem:<room length>:<room>:<key>`: `"<offset> <epoch>"` of a
+//!   publish with an idempotency key, for the idempotency window. The room's
+//!   byte length comes first because both the room and the key may contain
+//!   `:` — without it, room `a` with key `b:c` and room `a:b` with key `c`
+//!   would share one entry.
 //! - `chorus:upstream:<room>`: client publishes for backend consumer groups.
+//!
+//! Every other key is a fixed prefix followed by the whole room name, which
+//! is unambiguous as it is.
 //!
 //! The live notification on channel `chorus:room:<room>` is
 //! `"<published_at_us> <offset> <epoch> <message frame>"`: the frame is
@@ -29,8 +37,10 @@ use redis::Script;
 /// last three may be `""` when unused).
 /// ARGV: 1 channel, 2 frame head, 3 frame tail, 4 published_at_us, 5 epoch
 /// for a new room, 6 idle TTL (s), 7 history MAXLEN (0: no history),
-/// 8 idempotency window (s), 9 upstream MAXLEN, 10 data, 11 publisher session.
-/// Returns `{offset, epoch, duplicate}`.
+/// 8 idempotency window (s), 9 upstream MAXLEN, 10 data, 11 publisher
+/// session, 12 fence (`""`: none).
+/// A room whose epoch was started under another fence gets a new epoch (see
+/// [`FENCE`]). Returns `{offset, epoch, duplicate}`.
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -42,9 +52,9 @@ if KEYS[3] ~= '' then
   end
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
+if not epoch or (ARGV[12] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[12]) then
   epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'r', ARGV[12])
   if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
@@ -67,15 +77,17 @@ return {offset, epoch, 0}
     )
 });
 
-/// KEYS: room hash, history stream (or `""`). ARGV: epoch for a new room, idle TTL.
-/// Returns `{last offset, epoch}`, creating the epoch so that the first
-/// message of a new room carries the epoch its first subscriber was told.
+/// KEYS: room hash, history stream (or `""`). ARGV: epoch for a new room,
+/// idle TTL, fence (`""`: none).
+/// Returns `{last offset, epoch}`, creating the epoch (or, under another
+/// fence, a new one, as [`PUBLISH`] would) so that the first message of a
+/// new room carries the epoch its first subscriber was told.
 pub static POSITION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local created = redis.call('HSETNX', KEYS[1], 'e', ARGV[1])
-if created == 1 then
-  redis.call('HSET', KEYS[1], 'o', 0)
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e or (ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', 0, 'r', ARGV[3])
   if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -84,6 +96,34 @@ return {tonumber(v[1]) or 0, v[2]}
 "#,
     )
 });
+
+/// The fence of the master (pubsub mode): a token that changes whenever
+/// another Redis process becomes master — a restart (from whatever snapshot
+/// or AOF it loads), a failover, a demoted master promoted again. A room's
+/// counter read under another fence may have lost acknowledged writes (Redis
+/// replication and persistence are asynchronous), and in pubsub mode no node
+/// keeps what it saw, so [`PUBLISH`] and [`POSITION`] start a new epoch for
+/// it: clients are told by the epoch change instead of getting reused
+/// offsets.
+///
+/// KEYS: `chorus:fence`. ARGV: the master's `run_id` (from `INFO server` on
+/// the same connection), a fresh token. Returns the token in force: the
+/// stored one when this process set it, else the fresh one, stored.
+pub static FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local sp = string.find(v, ' ', 1, true)
+  if sp and string.sub(v, 1, sp - 1) == ARGV[1] then return string.sub(v, sp + 1) end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2])
+return ARGV[2]
+"#,
+    )
+});
+
+pub const FENCE_KEY: &str = "chorus:fence";
 
 /// Epoch honesty after a failover. KEYS: room hash, history stream.
 /// ARGV: the epoch this node knows, the highest offset it saw acknowledged or
@@ -151,15 +191,13 @@ pub fn history_key(room: &str) -> String {
     format!("chorus:hist:{room}")
 }
 
+/// The idempotency entry of `key` in `room`: scoped by the room's length, so
+/// no (room, key) pair can name another pair's entry.
 pub fn idempotency_key(room: &str, key: &str) -> String {
-    format!("chorus:idem:{room}:{key}")
+    format!("chorus:idem:{}:{room}:{key}", room.len())
 }
 
-pub fn upstream_key(room: &str) -> String {
-    format!("{UPSTREAM_PREFIX}{room}")
-}
-
-pub const UPSTREAM_PREFIX: &str = "chorus:upstream:";
+pub use crate::upstream::upstream_key;
 
 pub const ROOM_CHANNEL_PREFIX: &str = "chorus:room:";
 
@@ -214,5 +252,16 @@ mod tests {
         assert_eq!(split_notification(b"17 1 e"), None);
         assert_eq!(entry_offset("0-42"), Some(42));
         assert_eq!(entry_offset("1700000000-0"), None);
+    }
+
+    #[test]
+    fn idempotency_keys_of_different_rooms_never_collide() {
+        // Both rooms and keys may contain `:`.
+        assert_ne!(idempotency_key("a", "b:c"), idempotency_key("a:b", "c"));
+        assert_ne!(idempotency_key("a:", "b"), idempotency_key("a", ":b"));
+        assert_eq!(
+            idempotency_key("chat:lobby", "m-1"),
+            "chorus:idem:10:chat:lobby:m-1"
+        );
     }
 }
