@@ -125,12 +125,7 @@ async fn a_refused_refresh_leaves_the_connection_on_its_current_token() {
 async fn the_demo_page_says_when_a_token_is_needed() {
     for (flags, required) in [(vec!["--jwt-secret", SECRET], true), (vec![], false)] {
         let node = TestNode::start(&flags).await;
-        let page = reqwest::get(node.http("/"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = node.get_text("/").await;
         let attribute = if required {
             r#"<body data-auth="required">"#
         } else {

@@ -350,12 +350,7 @@ async fn metrics_count_what_happened() {
     assert_eq!(node.metric("chorus_broker_up").await, 1.0);
     let ready = reqwest::get(node.http("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
-    let page = reqwest::get(node.http("/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = node.get_text("/").await;
     assert!(page.contains("/ws"), "the demo page connects to /ws");
 }
 

@@ -154,6 +154,16 @@ impl TestNode {
     pub async fn metric(&self, name: &str) -> f64 {
         metric(&self.http("/metrics"), name).await
     }
+
+    /// The body of `GET path` (the demo page, say), whatever the status.
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(self.http(path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for TestNode {

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
+use chorus_tests::proxy::SilencingProxy;
 use chorus_tests::redis::RedisServer;
 use chorus_tests::{Publisher, TestNode, WsClient};
 use serde_json::{Value, json};
@@ -165,24 +166,21 @@ async fn the_same_idempotency_key_on_two_nodes_is_delivered_once() {
 
 #[tokio::test]
 async fn a_node_whose_subscription_dropped_fills_the_gap_from_history() {
-    use chorus_tests::proxy::SilencingProxy;
-    let redis = RedisServer::start().await;
-    let proxy = SilencingProxy::start(redis.port).await;
-    let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
     // The subscriber's node reaches Redis through a proxy that can silence
     // its subscription; its canary notices within half a second.
-    let node = silenceable_node(&proxy, "500ms", &[]).await;
-    let mut sub = node.client().await;
+    let link = cut_link("500ms", &[]).await;
+    let mut sub = link.node.client().await;
     sub.subscribe("gap").await;
-    let publisher = Publisher::start(publisher_node.client().await, "gap");
+    let publisher = Publisher::start(link.publisher.client().await, "gap");
     publisher.wait_for(20).await;
     // Live notifications stop reaching the node while messages keep coming:
     // it must take what it missed from the stream when it reconnects.
-    proxy.silence_subscribers();
+    link.proxy.silence_subscribers();
     let silenced_at = publisher.acked.load(Ordering::SeqCst);
     publisher.wait_for(silenced_at + 100).await;
     // And a plain dropped subscription on top.
-    let _: i64 = redis
+    let _: i64 = link
+        .redis
         .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
         .await;
     let now = publisher.acked.load(Ordering::SeqCst);
@@ -190,9 +188,9 @@ async fn a_node_whose_subscription_dropped_fills_the_gap_from_history() {
     let last = publisher.stop().await;
     // The same client connection sees every offset, in order, once.
     read_contiguous(&mut sub, 1, last).await;
-    assert!(node.metric("chorus_broker_reconnects_total").await >= 1.0);
+    assert!(link.node.metric("chorus_broker_reconnects_total").await >= 1.0);
     assert!(
-        node.metric("chorus_gap_filled_messages_total").await > 0.0,
+        link.node.metric("chorus_gap_filled_messages_total").await > 0.0,
         "the missed notifications came from history"
     );
 }
@@ -232,13 +230,20 @@ async fn the_history_api_returns_kept_messages() {
     assert_eq!(resp.status(), 401);
 }
 
-/// A node that reaches Redis through `proxy`, whose silenced subscription
-/// its canary notices after `canary_timeout`.
-async fn silenceable_node(
-    proxy: &chorus_tests::proxy::SilencingProxy,
-    canary_timeout: &str,
-    extra: &[&str],
-) -> TestNode {
+/// Redis, a node publishing to it directly, and a subscriber's node that
+/// reaches it through a proxy that can silence its subscription (its canary
+/// notices after `canary_timeout`); both nodes run with `extra`.
+struct CutLink {
+    redis: RedisServer,
+    proxy: SilencingProxy,
+    publisher: TestNode,
+    node: TestNode,
+}
+
+async fn cut_link(canary_timeout: &str, extra: &[&str]) -> CutLink {
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let publisher = durable_nodes(1, &redis.url(), extra).await.remove(0);
     let mut flags = vec![
         "--canary-interval",
         "100ms",
@@ -246,7 +251,13 @@ async fn silenceable_node(
         canary_timeout,
     ];
     flags.extend_from_slice(extra);
-    durable_nodes(1, &proxy.url(), &flags).await.remove(0)
+    let node = durable_nodes(1, &proxy.url(), &flags).await.remove(0);
+    CutLink {
+        redis,
+        proxy,
+        publisher,
+        node,
+    }
 }
 
 async fn wait_for_reconnect(node: &TestNode) {
@@ -258,47 +269,38 @@ async fn wait_for_reconnect(node: &TestNode) {
 
 #[tokio::test]
 async fn a_room_with_nothing_delivered_yet_is_caught_up_after_the_link_is_cut() {
-    use chorus_tests::proxy::SilencingProxy;
-    let redis = RedisServer::start().await;
-    let proxy = SilencingProxy::start(redis.port).await;
-    let publisher_node = durable_nodes(1, &redis.url(), &[]).await.remove(0);
-    let node = silenceable_node(&proxy, "500ms", &[]).await;
-    let mut sub = node.client().await;
+    let link = cut_link("500ms", &[]).await;
+    let mut sub = link.node.client().await;
     assert_eq!(sub.subscribe("quiet").await["offset"], 0);
     // Cut before the node delivered anything in the room: it has no "last
     // delivered" offset of its own for it.
-    proxy.silence_subscribers();
-    let mut p = publisher_node.client().await;
+    link.proxy.silence_subscribers();
+    let mut p = link.publisher.client().await;
     for i in 1..=10 {
         assert_eq!(p.publish("quiet", json!(i)).await["offset"], i);
     }
-    wait_for_reconnect(&node).await;
+    wait_for_reconnect(&link.node).await;
     p.publish("quiet", json!(11)).await;
     read_contiguous(&mut sub, 1, 11).await;
 }
 
 #[tokio::test]
 async fn a_gap_the_history_no_longer_covers_is_told_to_subscribers() {
-    use chorus_tests::proxy::SilencingProxy;
-    let redis = RedisServer::start().await;
-    let proxy = SilencingProxy::start(redis.port).await;
-    let small = ["--history-size", "10"];
-    let publisher_node = durable_nodes(1, &redis.url(), &small).await.remove(0);
-    let node = silenceable_node(&proxy, "3s", &small).await;
-    let mut sub = node.client().await;
+    let link = cut_link("3s", &["--history-size", "10"]).await;
+    let mut sub = link.node.client().await;
     let epoch = sub.subscribe("hole").await["epoch"].clone();
-    let mut p = publisher_node.client().await;
+    let mut p = link.publisher.client().await;
     for i in 1..=5 {
         p.publish("hole", json!(i)).await;
     }
     read_contiguous(&mut sub, 1, 5).await;
     // Far more than the history keeps is published while the node's
     // subscription is silent (well within the canary's 3 s).
-    proxy.silence_subscribers();
+    link.proxy.silence_subscribers();
     for i in 6..=300 {
         p.publish("hole", json!(i)).await;
     }
-    wait_for_reconnect(&node).await;
+    wait_for_reconnect(&link.node).await;
     p.publish("hole", json!(301)).await;
     // The subscriber is told what it cannot get, in its place: a `gap` with
     // `history_gone` up to some offset, then every message after it.
@@ -317,34 +319,32 @@ async fn a_gap_the_history_no_longer_covers_is_told_to_subscribers() {
     assert!((5..=291).contains(&lost_upto), "{gap}");
     read_contiguous(&mut sub, lost_upto + 1, 301).await;
     assert_eq!(
-        node.metric("chorus_gap_lost_messages_total").await,
+        link.node.metric("chorus_gap_lost_messages_total").await,
         (lost_upto - 5) as f64
     );
 }
 
 #[tokio::test]
 async fn a_gap_of_more_than_a_page_of_large_messages_is_filled_in_order() {
-    use chorus_tests::proxy::SilencingProxy;
-    let redis = RedisServer::start().await;
-    let proxy = SilencingProxy::start(redis.port).await;
-    let big = ["--max-frame-bytes", "200000"];
-    let publisher_node = durable_nodes(1, &redis.url(), &big).await.remove(0);
-    let node = silenceable_node(&proxy, "500ms", &big).await;
-    let mut sub = node.client().await;
+    let link = cut_link("500ms", &["--max-frame-bytes", "200000"]).await;
+    let mut sub = link.node.client().await;
     sub.subscribe("large").await;
-    let mut p = publisher_node.client().await;
+    let mut p = link.publisher.client().await;
     p.publish("large", json!(0)).await;
     read_contiguous(&mut sub, 1, 1).await;
     // About 2.5 MB missed while the link is cut: the node reads it back from
     // history over several pages (1 MiB each).
-    proxy.silence_subscribers();
+    link.proxy.silence_subscribers();
     let pad = "x".repeat(100_000);
     for i in 2..=26 {
         p.publish("large", json!({"i": i, "pad": pad})).await;
     }
-    wait_for_reconnect(&node).await;
+    wait_for_reconnect(&link.node).await;
     p.publish("large", json!(27)).await;
     read_contiguous(&mut sub, 2, 27).await;
-    assert!(node.metric("chorus_gap_filled_messages_total").await >= 25.0);
-    assert_eq!(node.metric("chorus_gap_lost_messages_total").await, 0.0);
+    assert!(link.node.metric("chorus_gap_filled_messages_total").await >= 25.0);
+    assert_eq!(
+        link.node.metric("chorus_gap_lost_messages_total").await,
+        0.0
+    );
 }
