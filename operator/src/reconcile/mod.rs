@@ -47,6 +47,10 @@ use crate::metrics::Metrics;
 pub const RESYNC: Duration = Duration::from_secs(60);
 /// Requeue interval while pods are still coming up.
 pub const PROGRESS_RESYNC: Duration = Duration::from_secs(15);
+/// Requeue interval while the Redis group is not settled (a failover in
+/// progress, a member unreachable, an action just applied): the status
+/// follows Sentinel within seconds instead of at the next resync.
+pub const TOPOLOGY_RESYNC: Duration = Duration::from_secs(2);
 /// First retry after a transient failure; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -187,9 +191,9 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, b
     let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
     // 3b. the Redis group's topology (managed mode): one master, replicas
     // attached, every sentinel monitoring it.
-    let observed_master = redis_group::step(&ctx.client, mc, &names)
-        .await?
-        .and_then(|report| report.master.map(|m| m.to_string()));
+    let topology = redis_group::step(&ctx.client, mc, &names).await?;
+    let group_settled = topology.as_ref().is_none_or(|r| r.converged());
+    let observed_master = topology.and_then(|report| report.master.map(|m| m.to_string()));
     // 4. status
     let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());
     status::patch(&ctx.client, &names, &new_status).await?;
@@ -201,10 +205,17 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, b
         .conditions
         .iter()
         .any(|c| c.type_ == chorus_crds::condition::READY && c.status == "True");
-    Ok((
-        Action::requeue(if settled { RESYNC } else { PROGRESS_RESYNC }),
-        true,
-    ))
+    Ok((Action::requeue(requeue_after(settled, group_settled)), true))
+}
+
+/// When to look again: soon while the Redis group is moving, later while
+/// pods come up, rarely once everything is Ready.
+pub fn requeue_after(ready: bool, group_settled: bool) -> Duration {
+    match (ready, group_settled) {
+        (_, false) => TOPOLOGY_RESYNC,
+        (true, true) => RESYNC,
+        (false, true) => PROGRESS_RESYNC,
+    }
 }
 
 /// What to do after a failed reconciliation.

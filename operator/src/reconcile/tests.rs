@@ -477,6 +477,18 @@ fn backoff_doubles_up_to_five_minutes() {
     assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
 }
 
+#[test]
+fn a_moving_redis_group_is_looked_at_again_within_seconds() {
+    use super::{PROGRESS_RESYNC, RESYNC, TOPOLOGY_RESYNC, requeue_after};
+    // A Ready cluster whose Sentinel group is failing over must not wait for
+    // the minute-long resync before its status names the new master.
+    assert_eq!(requeue_after(true, false), TOPOLOGY_RESYNC);
+    assert_eq!(requeue_after(false, false), TOPOLOGY_RESYNC);
+    assert_eq!(requeue_after(false, true), PROGRESS_RESYNC);
+    assert_eq!(requeue_after(true, true), RESYNC);
+    assert!(TOPOLOGY_RESYNC < PROGRESS_RESYNC);
+}
+
 #[tokio::test]
 async fn external_redis_removes_the_managed_group_and_reports_the_url() {
     let mc = settled_cluster().with_external_redis("redis://redis.infra:6379");
