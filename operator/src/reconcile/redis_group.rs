@@ -27,7 +27,7 @@ pub async fn step(
         return Ok(None);
     };
     // Nothing to talk to before the first pods exist.
-    if !members.redis.iter().any(Option::is_some) || members.sentinels.is_empty() {
+    if !members.started() {
         info!(cluster = %c.names.instance, "redis group: waiting for its pods");
         return Ok(None);
     }

@@ -209,7 +209,7 @@ pub struct SentinelNode {
 }
 
 /// Everything observed in one pass, Redis pods in config order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub redis: Vec<RedisNode>,
     pub sentinels: Vec<SentinelNode>,
