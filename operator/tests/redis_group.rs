@@ -461,3 +461,73 @@ async fn a_stranger_cannot_point_a_sentinel_elsewhere() {
         cli(&g.sentinels[0].addr, &["SENTINEL", "MASTERS"]).is_some_and(|m| !m.contains("evil"))
     );
 }
+
+#[tokio::test]
+async fn a_stopping_master_hands_over_without_losing_an_acknowledged_write() {
+    let _serial = SERIAL.lock().await;
+    let mut g = bootstrapped("handover").await;
+    // A writer that follows the sentinels, like a server: each write it
+    // was told succeeded must survive the hand-over.
+    let sentinels: Vec<String> = g.sentinels.iter().map(|s| s.addr.clone()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(master) = sentinels.iter().find_map(|s| sentinel_master(s)) else {
+                    continue;
+                };
+                if cli(&master, &["SET", &format!("w{n}"), "v"]).is_some_and(|r| r.trim() == "OK") {
+                    acked.push(n);
+                }
+                n += 1;
+            }
+            acked
+        })
+    };
+    eventually("writes to flow", || {
+        (keys(&g.redis[0].addr)? > 20).then_some(())
+    })
+    .await;
+    // What Kubernetes does before it stops the master's container.
+    let prestop = Command::new("sh")
+        .arg(script("redis.sh"))
+        .arg("prestop")
+        .env("REDIS_PASSWORD", PASSWORD)
+        .env("CHORUS_SELF", &g.redis[0].addr)
+        .env("CHORUS_PEERS", g.list(false))
+        .env("CHORUS_SENTINELS", g.list(true))
+        .env("CHORUS_CALL_TIMEOUT", "1")
+        .env("CHORUS_PRESTOP_SECONDS", "20")
+        .status()
+        .expect("prestop");
+    assert!(prestop.success());
+    // Then Kubernetes stops the container.
+    g.redis[0].kill();
+    // Keep writing to the new master for a moment, then stop.
+    let new_master = eventually("the sentinels to name the new master", || {
+        sentinel_master(&g.sentinels[0].addr).filter(|m| *m != g.redis[0].addr)
+    })
+    .await;
+    let before = keys(&new_master).expect("new master answers");
+    eventually("writes to go on", || {
+        (keys(&new_master)? > before + 10).then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().expect("writer");
+    let lost: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|n| cli(&new_master, &["EXISTS", &format!("w{n}")]).is_none_or(|r| r.trim() != "1"))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+}

@@ -234,9 +234,10 @@ export class Chorus {
     return ok;
   }
 
-  async resubscribe(room) {
+  async resubscribe(room, attempt = 0) {
     const r = this.rooms.get(room);
     if (!r) return;
+    const ws = this.ws;
     const frame = { op: "subscribe", room };
     if (r.epoch !== undefined) frame.since = { epoch: r.epoch, offset: r.offset };
     try {
@@ -246,7 +247,16 @@ export class Chorus {
       r.epoch = ok.epoch;
       r.offset = ok.offset;
     } catch (e) {
-      // The next reconnect tries again.
+      // The node's broker is briefly away (a Redis failover): the
+      // connection stays, so try again on it, backing off. Anything else
+      // waits for the next reconnect.
+      const open = (ws.readyState ?? 1) === 1;
+      if (e.code === "unavailable" && open && this.ws === ws && this.rooms.has(room)) {
+        const delay = Math.min(250 * 2 ** attempt, 5000);
+        setTimeout(() => {
+          if (this.ws === ws) this.resubscribe(room, attempt + 1);
+        }, delay);
+      }
     }
   }
 

@@ -223,9 +223,9 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<Action, Er
             .await;
     }
     let group_settled = rolled.is_none() && topology.as_ref().is_none_or(|r| r.converged());
-    let observed_master = topology.and_then(|report| report.master.map(|m| m.to_string()));
+    let seen = topology.as_ref().map(status::GroupSeen::from_report);
     // 6. status
-    let new_status = status::compute(mc, &c, &applied, observed_master, Timestamp::now());
+    let new_status = status::compute(mc, &c, &applied, seen.as_ref(), Timestamp::now());
     status::patch(
         &ctx.client,
         &c.names.namespace,

@@ -219,11 +219,17 @@ fn settled_cluster() -> MessagingCluster {
         }),
         generated_secret: false,
     };
+    let group = super::status::GroupSeen {
+        master: Some("chat-redis-0.chat-redis.default.svc:6379".to_owned()),
+        replicas_linked: 2,
+        sentinels_agreeing: 3,
+        problem: None,
+    };
     mc.status = Some(super::status::compute(
         &mc,
         &crate::build::fixtures::valid(&mc),
         &applied,
-        None,
+        Some(&group),
         k8s_openapi::jiff::Timestamp::now(),
     ));
     mc
@@ -354,7 +360,9 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
         secret_exists: true,
         server_status,
         hpa: Reply::Json(200, deleted),
-        events: 0,
+        // The script lists no Redis pods: a Ready cluster whose group is
+        // gone turns NotReady, with a Warning.
+        events: 1,
     };
     let out = run(mc, script.build()).await;
     assert!(out.result.is_ok(), "{:?}", out.result);
@@ -364,7 +372,12 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
         .find(|s| s.method == Method::DELETE && s.path == HPA)
         .expect("HPA deleted");
     assert_eq!(delete.body["propagationPolicy"], "Background");
-    assert_eq!(out.condition("Ready")["status"], "True");
+    // No Redis pods in this script: the group is not seen.
+    assert_eq!(out.condition("RedisReady")["reason"], "RedisStarting");
+    assert_eq!(
+        out.event_reasons(),
+        [("Warning".to_owned(), "NotReady".to_owned())]
+    );
 }
 
 #[tokio::test]
@@ -375,7 +388,9 @@ async fn autoscaling_on_applies_an_hpa_targeting_the_cluster() {
         secret_exists: true,
         server_status,
         hpa: Reply::Echo,
-        events: 0,
+        // The script lists no Redis pods: a Ready cluster whose group is
+        // gone turns NotReady, with a Warning.
+        events: 1,
     }
     .build();
     // The HPA step is an apply, not a delete.

@@ -71,3 +71,20 @@ test("a publish whose answer never comes rejects with outcome_unknown", async ()
   ws.onclose();
   await assert.rejects(published, (e) => e.code === "outcome_unknown");
 });
+
+test("a re-subscription answered unavailable is sent again on the same connection", async () => {
+  const { chorus, ws } = await subscribed("r");
+  ws.receive({ op: "message", room: "r", data: 1, offset: 11, epoch: "e1" });
+  // After a reconnect the client re-subscribes with `since`; the node's
+  // broker is failing over and answers unavailable.
+  chorus.resubscribe("r");
+  await settle();
+  const first = ws.sent.at(-1);
+  assert.deepEqual([first.op, first.since], ["subscribe", { epoch: "e1", offset: 11 }]);
+  ws.receive({ op: "error", id: first.id, code: "unavailable", message: "retry" });
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  const again = ws.sent.at(-1);
+  assert.notEqual(again.id, first.id, "sent again");
+  assert.deepEqual([again.op, again.since], ["subscribe", { epoch: "e1", offset: 11 }]);
+  chorus.close();
+});

@@ -150,8 +150,20 @@ alive() {
   exit 1
 }
 
-# A master hands over before it stops: the sentinels fail over and this
-# pod waits (bounded by CHORUS_PRESTOP_SECONDS) until they name another.
+# Every online replica has everything the master wrote.
+replicas_caught_up() {
+  info=$(cli "127.0.0.1:$self_port" INFO replication)
+  master_offset=$(echo "$info" | sed -n 's/^master_repl_offset://p')
+  [ -n "$master_offset" ] || return 1
+  behind=$(echo "$info" | grep '^slave[0-9]*:' | grep 'state=online' \
+    | sed 's/.*offset=\([0-9]*\).*/\1/' | awk -v m="$master_offset" '$1 < m' | wc -l)
+  [ "$behind" -eq 0 ]
+}
+
+# A master hands over before it stops, losing nothing: it pauses writes
+# (clients wait, then retry), lets the replicas catch up, asks the
+# sentinels to fail over, and waits (bounded by CHORUS_PRESTOP_SECONDS)
+# until they name the new master, where writes resume.
 prestop() {
   [ "$(cli "127.0.0.1:$self_port" ROLE | sed -n 1p)" = master ] || exit 0
   # Nobody to hand over to (the whole group is going away, or no replica
@@ -159,6 +171,10 @@ prestop() {
   case "$(cli "127.0.0.1:$self_port" INFO replication)" in
     *connected_slaves:0*) exit 0 ;;
   esac
+  seconds=${CHORUS_PRESTOP_SECONDS:-30}
+  cli "127.0.0.1:$self_port" CLIENT PAUSE "$((seconds * 1000))" WRITE >/dev/null
+  caught_up_by=$(($(date +%s) + 5))
+  until replicas_caught_up || [ "$(date +%s)" -ge "$caught_up_by" ]; do sleep 0.1; done
   asked=""
   for s in $(sentinels); do
     if [ "$(cli "$s" SENTINEL FAILOVER "$master_name")" = OK ]; then
@@ -166,14 +182,24 @@ prestop() {
       break
     fi
   done
-  [ -n "$asked" ] || { log "no sentinel took the failover; stopping"; exit 0; }
-  deadline=$(($(date +%s) + ${CHORUS_PRESTOP_SECONDS:-30}))
+  if [ -z "$asked" ]; then
+    cli "127.0.0.1:$self_port" CLIENT UNPAUSE >/dev/null
+    log "no sentinel took the failover; stopping"
+    exit 0
+  fi
+  # Writes stay paused until this member stops: writers blocked here give
+  # up when it goes and follow the sentinels to the new master, and nothing
+  # written to this member after the hand-over can be lost with it.
+  deadline=$(($(date +%s) + seconds))
   while [ "$(date +%s)" -lt "$deadline" ]; do
     m=$(most_named_master)
-    [ -n "$m" ] && [ "$m" != "$self" ] && { log "handed over to $m"; exit 0; }
-    sleep 0.5
+    if [ -n "$m" ] && [ "$m" != "$self" ]; then
+      log "handed over to $m"
+      exit 0
+    fi
+    sleep 0.2
   done
-  log "no other master within ${CHORUS_PRESTOP_SECONDS:-30}s; stopping anyway"
+  log "no other master within ${seconds}s; stopping with writes paused"
 }
 
 case "${1:-}" in

@@ -5,6 +5,7 @@ use chorus_crds::RedisStatus;
 use crate::build::config_map::broker_url;
 use crate::cluster::ValidCluster;
 use crate::reconcile::apply::Applied;
+use crate::topology::{TopologyReport, Waiting};
 
 /// A condition's value before it gets its type, generation and time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,12 +107,63 @@ pub fn not_degraded() -> Verdict {
     )
 }
 
-/// `status.redis` and `RedisReady`: the managed group's pods and the master
-/// the topology step observed, or the external URL.
+/// What the topology step saw of a managed group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupSeen {
+    /// The master, when it answers as master.
+    pub master: Option<String>,
+    /// Replicas whose link to it is up.
+    pub replicas_linked: usize,
+    /// Sentinels that name it.
+    pub sentinels_agreeing: usize,
+    /// Why there is no usable master, when there is none.
+    pub problem: Option<String>,
+}
+
+impl GroupSeen {
+    pub fn from_report(report: &TopologyReport) -> Self {
+        let master = report
+            .master
+            .as_ref()
+            .filter(|_| report.master_reachable)
+            .map(ToString::to_string);
+        let problem = match (&master, &report.waiting) {
+            (Some(_), _) => None,
+            (None, Some(waiting)) => Some(describe(waiting)),
+            (None, None) => Some("the master does not answer".to_owned()),
+        };
+        Self {
+            master,
+            replicas_linked: report.ready_replicas(),
+            sentinels_agreeing: report.sentinels_agreeing,
+            problem,
+        }
+    }
+}
+
+fn describe(waiting: &Waiting) -> String {
+    match waiting {
+        Waiting::FailoverInProgress => "Sentinel is failing over".to_owned(),
+        Waiting::MasterUnreachable => {
+            "the sentinels' master does not answer; Sentinel fails over once it is down long enough"
+                .to_owned()
+        }
+        Waiting::MasterNotAMember => "the sentinels name a master outside the group".to_owned(),
+        Waiting::MasterIsReplica => "the sentinels' master reports itself a replica".to_owned(),
+        Waiting::FirstMasterUnreachable => "a new group: pod 0 does not answer yet".to_owned(),
+        Waiting::MembersUnreachable => {
+            "no sentinel knows a master and a member that may hold data does not answer".to_owned()
+        }
+        Waiting::NoMaster => "no member is master and the sentinels do not agree on one".to_owned(),
+    }
+}
+
+/// `status.redis` and `RedisReady`: the managed group as the topology step
+/// saw it (`seen`; `None` before its pods run), or the external URL.
 pub fn redis(
     c: &ValidCluster,
     applied: &Applied,
-    observed_master: Option<String>,
+    seen: Option<&GroupSeen>,
 ) -> (RedisStatus, Verdict) {
     let Some(group) = &applied.redis else {
         let url = broker_url(&c.spec, &c.names);
@@ -132,48 +184,60 @@ pub fn redis(
     };
     let want_redis = c.spec.redis.replicas;
     let want_sentinels = c.spec.redis.sentinels;
-    let redis_ready = group
-        .statefulset
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    let sentinels_ready = group
-        .sentinel_statefulset
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    let ok = redis_ready >= want_redis && sentinels_ready >= want_sentinels;
-    let verdict = if ok {
-        let master_note = match &observed_master {
-            Some(m) => format!("master {m}"),
-            None => "no master reported yet".to_owned(),
-        };
-        Verdict::new(
+    let ready = |sts: &k8s_openapi::api::apps::v1::StatefulSet| {
+        sts.status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+    };
+    let redis_ready = ready(&group.statefulset);
+    let sentinels_ready = ready(&group.sentinel_statefulset);
+    let status = |master: Option<String>| RedisStatus {
+        master,
+        ready_replicas: redis_ready,
+        sentinels_ready,
+    };
+    let pods = format!(
+        "{redis_ready}/{want_redis} Redis pods and {sentinels_ready}/{want_sentinels} sentinels are ready"
+    );
+    let Some(seen) = seen else {
+        return (
+            status(None),
+            Verdict::new(
+                false,
+                "RedisStarting",
+                format!(
+                    "{pods}; see `kubectl get pods -l app.kubernetes.io/instance={}`",
+                    c.names.instance
+                ),
+            ),
+        );
+    };
+    let majority = usize::try_from(want_sentinels / 2 + 1).unwrap_or(1);
+    let verdict = match (&seen.master, &seen.problem) {
+        (None, problem) => Verdict::new(
+            false,
+            "NoMaster",
+            format!("{}; {pods}", problem.as_deref().unwrap_or("no master")),
+        ),
+        (Some(m), _) if seen.sentinels_agreeing < majority => Verdict::new(
+            false,
+            "SentinelsDisagree",
+            format!(
+                "master {m}, but only {}/{want_sentinels} sentinels name it; {pods}",
+                seen.sentinels_agreeing
+            ),
+        ),
+        (Some(m), _) => Verdict::new(
             true,
             "RedisGroupReady",
             format!(
-                "{redis_ready} Redis pods and {sentinels_ready} sentinels are ready; {master_note}"
+                "master {m}; {}/{} replicas linked; {}/{want_sentinels} sentinels agree",
+                seen.replicas_linked,
+                want_redis - 1,
+                seen.sentinels_agreeing
             ),
-        )
-    } else {
-        Verdict::new(
-            false,
-            "RedisStarting",
-            format!(
-                "{redis_ready}/{want_redis} Redis pods and {sentinels_ready}/{want_sentinels} sentinels \
-                 are ready; see `kubectl get pods -l app.kubernetes.io/instance={}`",
-                c.names.instance
-            ),
-        )
+        ),
     };
-    (
-        RedisStatus {
-            master: observed_master,
-            ready_replicas: redis_ready,
-            sentinels_ready,
-        },
-        verdict,
-    )
+    (status(seen.master.clone()), verdict)
 }

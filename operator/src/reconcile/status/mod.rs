@@ -9,7 +9,7 @@ mod events;
 #[cfg(test)]
 mod tests;
 
-pub use conditions::Verdict;
+pub use conditions::{GroupSeen, Verdict};
 pub use events::{Notice, transitions};
 
 use chorus_crds::{
@@ -101,17 +101,17 @@ fn endpoints(c: &ValidCluster) -> EndpointsStatus {
     }
 }
 
-/// The status after a successful apply. `observed_master` is the master
-/// the Sentinels agree on, when the Redis topology step has seen one.
+/// The status after a successful apply. `seen`: the managed Redis group
+/// as the topology step observed it.
 pub fn compute(
     mc: &MessagingCluster,
     c: &ValidCluster,
     applied: &Applied,
-    observed_master: Option<String>,
+    seen: Option<&GroupSeen>,
     now: Timestamp,
 ) -> MessagingClusterStatus {
     let servers = conditions::Servers::of(c, applied);
-    let (redis, redis_ready) = conditions::redis(c, applied, observed_master);
+    let (redis, redis_ready) = conditions::redis(c, applied, seen);
     let progressing = conditions::progressing(&servers);
     let ready = conditions::ready(&servers, &progressing, &redis_ready);
     let at =

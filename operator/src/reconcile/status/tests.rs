@@ -45,6 +45,16 @@ fn applied(ready: i32, replicas: i32, redis_ready: i32) -> Applied {
     }
 }
 
+/// A healthy group as the topology step reports it.
+fn group(master: &str) -> GroupSeen {
+    GroupSeen {
+        master: Some(master.to_owned()),
+        replicas_linked: 2,
+        sentinels_agreeing: 3,
+        problem: None,
+    }
+}
+
 fn cond<'a>(s: &'a MessagingClusterStatus, t: &str) -> &'a Condition {
     s.conditions
         .iter()
@@ -55,7 +65,13 @@ fn cond<'a>(s: &'a MessagingClusterStatus, t: &str) -> &'a Condition {
 #[test]
 fn healthy_cluster_is_ready_and_not_progressing() {
     let mc = MessagingCluster::test();
-    let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), None, now());
+    let s = compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        now(),
+    );
     assert_eq!(
         (s.replicas, s.ready_replicas, s.observed_generation),
         (3, 3, Some(1))
@@ -64,7 +80,7 @@ fn healthy_cluster_is_ready_and_not_progressing() {
         s.selector,
         "app.kubernetes.io/component=server,app.kubernetes.io/instance=chat,app.kubernetes.io/name=chorus"
     );
-    assert_eq!(s.redis.master.as_deref(), None);
+    assert_eq!(s.redis.master.as_deref(), Some("m:6379"));
     assert_eq!(
         s.endpoints.websocket.as_deref(),
         Some("ws://chat.default.svc:80/ws")
@@ -78,9 +94,21 @@ fn healthy_cluster_is_ready_and_not_progressing() {
 #[test]
 fn scale_up_is_progressing_and_emits_scaled_once() {
     let mut mc = MessagingCluster::test();
-    mc.status = Some(compute(&mc, &valid(&mc), &applied(3, 3, 3), None, now()));
+    mc.status = Some(compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        now(),
+    ));
     mc.spec.replicas = 5;
-    let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), None, now());
+    let s = compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        now(),
+    );
     let p = cond(&s, "Progressing");
     assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "Scaling"));
     assert_eq!(p.message, "scaling server pods from 3 to 5");
@@ -101,9 +129,21 @@ fn scale_up_is_progressing_and_emits_scaled_once() {
 #[test]
 fn unchanged_conditions_keep_their_transition_time() {
     let mut mc = MessagingCluster::test();
-    mc.status = Some(compute(&mc, &valid(&mc), &applied(3, 3, 3), None, now()));
+    mc.status = Some(compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        now(),
+    ));
     let later = Timestamp::from_second(1_800_000_600).expect("timestamp");
-    let s = compute(&mc, &valid(&mc), &applied(2, 3, 3), None, later);
+    let s = compute(
+        &mc,
+        &valid(&mc),
+        &applied(2, 3, 3),
+        Some(&group("m:6379")),
+        later,
+    );
     assert_eq!(cond(&s, "RedisReady").last_transition_time, Time(now()));
     assert_eq!(cond(&s, "Ready").last_transition_time, Time(later));
 }
@@ -154,18 +194,26 @@ fn first_apply_emits_created_and_invalid_spec_warns_once() {
 #[test]
 fn master_change_is_a_failover_event() {
     let mut mc = MessagingCluster::test();
-    let first = Some("10.0.0.5:6379".to_owned());
-    mc.status = Some(compute(&mc, &valid(&mc), &applied(3, 3, 3), first, now()));
-    let moved = Some("10.0.0.6:6379".to_owned());
-    let new = compute(&mc, &valid(&mc), &applied(3, 3, 3), moved.clone(), now());
-    assert_eq!(new.redis.master, moved);
+    let first = group("chat-redis-0.chat-redis.default.svc:6379");
+    mc.status = Some(compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&first),
+        now(),
+    ));
+    let moved = group("chat-redis-1.chat-redis.default.svc:6379");
+    let new = compute(&mc, &valid(&mc), &applied(3, 3, 3), Some(&moved), now());
+    assert_eq!(new.redis.master, moved.master);
     let ready = new
         .conditions
         .iter()
         .find(|c| c.type_ == "RedisReady")
         .expect("RedisReady");
     assert!(
-        ready.message.ends_with("master 10.0.0.6:6379"),
+        ready
+            .message
+            .starts_with("master chat-redis-1.chat-redis.default.svc:6379; 2/2 replicas linked"),
         "{}",
         ready.message
     );
@@ -174,4 +222,38 @@ fn master_change_is_a_failover_event() {
         .map(|n| n.reason)
         .collect();
     assert_eq!(reasons, ["FailoverSeen"]);
+}
+
+#[test]
+fn a_group_without_a_usable_master_is_not_ready_and_says_why() {
+    let mc = MessagingCluster::test();
+    let lost = GroupSeen {
+        master: None,
+        replicas_linked: 0,
+        sentinels_agreeing: 0,
+        problem: Some("no member is master and the sentinels do not agree on one".to_owned()),
+    };
+    let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), Some(&lost), now());
+    let r = cond(&s, "RedisReady");
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", "NoMaster")
+    );
+    assert!(
+        r.message.starts_with("no member is master"),
+        "{}",
+        r.message
+    );
+    assert_eq!(
+        s.redis.master, None,
+        "no master is shown that does not answer"
+    );
+    assert_eq!(cond(&s, "Ready").reason, "RedisNotReady");
+
+    let split = GroupSeen {
+        sentinels_agreeing: 1,
+        ..group("chat-redis-2.chat-redis.default.svc:6379")
+    };
+    let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), Some(&split), now());
+    assert_eq!(cond(&s, "RedisReady").reason, "SentinelsDisagree");
 }
