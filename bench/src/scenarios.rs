@@ -788,7 +788,7 @@ pub struct FailoverArgs {
 
 pub async fn failover(fleet: &mut Fleet, args: &FailoverArgs) -> Result<Report> {
     anyhow::ensure!(
-        fleet.sentinels.len() >= 3 && fleet.redis.len() >= 2,
+        fleet.sentinel_group().is_some(),
         "failover needs the Sentinel group the bench starts itself"
     );
     let n = fleet.nodes.len();
@@ -813,28 +813,19 @@ pub async fn failover(fleet: &mut Fleet, args: &FailoverArgs) -> Result<Report> 
     let kill_after = Duration::from_secs_f64(args.kill_after);
     let (d, (kill_us, promoted_us)) = run_delivery(fleet, plan, async |fleet: &mut Fleet| {
         tokio::time::sleep(kill_after).await;
-        let old = fleet.redis[0].port;
         let kill_us = client::now_us();
-        fleet.redis[0].kill();
-        let ports: Vec<u16> = fleet.sentinels.iter().map(|s| s.port).collect();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut promoted = None;
-        while Instant::now() < deadline {
-            let mut agree = 0;
-            for &p in &ports {
-                if crate::fleet::sentinel_master_port(p)
-                    .await
-                    .is_some_and(|m| m != old)
-                {
-                    agree += 1;
-                }
-            }
-            if agree >= 2 {
-                promoted = Some(client::now_us());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let Some(group) = fleet.sentinel_group() else {
+            return (kill_us, None);
+        };
+        let old = group.master.port;
+        group.master.kill();
+        let what = "a quorum of sentinels to name a new master";
+        let promoted = chorus_testkit::wait::until(what, Duration::from_secs(30), async || {
+            let master = group.agreed_master().await;
+            master.filter(|&m| m != old).map(|_| client::now_us())
+        })
+        .await
+        .ok();
         (kill_us, promoted)
     })
     .await?;
