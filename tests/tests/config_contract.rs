@@ -21,6 +21,7 @@ use chorus_operator::build::config_map::{
 };
 use chorus_operator::build::meta::{SENTINEL_PORT, SERVER_PORT};
 use chorus_server::Config;
+use chorus_server::broker::redis::{Addr, RedisUrl, Target};
 use clap::{CommandFactory, Parser};
 use serde_json::{Value, json};
 
@@ -129,6 +130,7 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
                 s.history.ttl = "24h".into();
             }),
         ),
+        ("five sentinels", spec(|s| s.redis.sentinels = 5)),
         (
             "auth",
             spec(|s| {
@@ -172,6 +174,31 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
     ]
 }
 
+/// The broker URL is one the server's own parser accepts (as a node does
+/// at start-up), without the password, and names the Redis the spec asks
+/// for: its external URL, or the managed group's sentinels, each by the
+/// stable name of its pod (`<name>-sentinel-<i>.<name>-sentinel.<ns>.svc`).
+fn check_broker(case: &str, spec: &MessagingClusterSpec, broker: Value) {
+    let broker = broker.as_str().unwrap_or_default();
+    let url = RedisUrl::parse(broker)
+        .unwrap_or_else(|e| panic!("{case}: the server rejects CHORUS_BROKER {broker}: {e}"));
+    assert_eq!(url.password, None, "{case}: a password in {broker}");
+    match (&spec.redis.mode, &spec.redis.external) {
+        (RedisMode::External, Some(external)) => assert_eq!(broker, external.url, "{case}"),
+        _ => {
+            let sentinels = (0..spec.redis.sentinels)
+                .map(|i| Addr {
+                    host: format!("chat-sentinel-{i}.chat-sentinel.prod.svc"),
+                    port: u16::try_from(SENTINEL_PORT).unwrap(),
+                })
+                .collect();
+            let master = "chorus".to_owned();
+            let expected = Target::Sentinel { sentinels, master };
+            assert_eq!(url.target, expected, "{case}: {broker}");
+        }
+    }
+}
+
 #[test]
 fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
     let read_by_server: BTreeSet<String> = Config::command()
@@ -195,17 +222,14 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             "{case}: the server reads no {unknown:?}"
         );
 
-        let parsed = parse_in_child(&env);
-        let broker = match (&spec.redis.mode, &spec.redis.external) {
-            (RedisMode::External, Some(external)) => external.url.clone(),
-            _ => format!("redis+sentinel://chat-sentinel:{SENTINEL_PORT}/chorus"),
-        };
+        let mut parsed = parse_in_child(&env);
+        check_broker(case, &spec, parsed["broker"].take());
         let password =
             spec.redis.password_secret_ref.is_some() || spec.redis.mode == RedisMode::Managed;
         let file = |on: bool, path: &str| if on { json!(path) } else { Value::Null };
         let expected = json!({
             "listen": format!("0.0.0.0:{SERVER_PORT}"),
-            "broker": broker,
+            "broker": null,
             "delivery": spec.delivery.as_str(),
             "history_size": spec.history.size,
             "history_ttl_secs": crd_ttl_secs(&spec.history.ttl),
