@@ -1,17 +1,15 @@
-//! The processes under test: `chorus-server` nodes, `redis-server`,
-//! `redis-sentinel`, started on free ports of 127.0.0.1 in a temporary
-//! directory and killed when the [`Fleet`] is dropped. A fleet can also be a
-//! list of nodes someone else runs (`--url`), whose CPU is then unknown.
+//! The processes under test: `chorus-server` nodes and their broker (one
+//! `redis-server`, or a Sentinel group of 2 Redis and 3 sentinels), started
+//! by chorus-testkit on free ports of 127.0.0.1, each in a temporary
+//! directory with its log (kept with `CHORUS_KEEP_TEST_DIRS=1`), and killed
+//! when the [`Fleet`] is dropped. A fleet can also be a list of nodes
+//! someone else runs (`--url`), whose CPU is then unknown.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::time::Instant;
-
-/// Sentinel master name, as in the operator and the tests.
-pub const MASTER_NAME: &str = "chorus";
+use chorus_testkit::{ChorusServer, GroupOptions, RedisServer, SentinelGroup};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
@@ -44,78 +42,37 @@ impl FleetSpec {
     }
 }
 
-/// A child process, SIGKILLed on drop.
-pub struct Proc {
-    pub name: String,
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(name: String, port: u16, program: &Path, args: &[String], log: &Path) -> Result<Self> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("cannot start {}", program.display()))?;
-        Ok(Self {
-            name,
-            port,
-            child: Some(child),
-        })
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL, as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+/// How long a started node may take to be ready.
+const NODE_READY: Duration = Duration::from_secs(20);
 
 /// A node as the load generator sees it.
 pub struct NodeInfo {
     pub name: String,
     pub ws_url: String,
     pub http_base: String,
-    pub proc: Option<Proc>,
+    /// `None` for a node someone else runs.
+    pub proc: Option<ChorusServer>,
 }
 
 impl NodeInfo {
     pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().and_then(Proc::pid)
+        self.proc.as_ref().and_then(|p| p.pid())
     }
+}
+
+/// The broker processes the bench started.
+pub enum Broker {
+    /// Memory broker, or nodes run by someone else.
+    None,
+    Redis(RedisServer),
+    Sentinel(SentinelGroup),
 }
 
 pub struct Fleet {
     pub label: String,
+    // Nodes first: they are killed before their broker.
     pub nodes: Vec<NodeInfo>,
-    /// redis-server processes (master first).
-    pub redis: Vec<Proc>,
-    pub sentinels: Vec<Proc>,
-    dir: Option<PathBuf>,
-}
-
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    pub broker: Broker,
 }
 
 /// The `chorus-server` next to this executable (both live in target/<profile>/).
@@ -124,81 +81,6 @@ pub fn default_server_bin() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("chorus-server")))
         .unwrap_or_else(|| PathBuf::from("chorus-server"))
-}
-
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-async fn redis_conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    tokio::time::timeout(
-        Duration::from_millis(500),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .ok()?
-    .ok()
-}
-
-async fn redis_ping(port: u16) -> bool {
-    let Some(mut conn) = redis_conn(port).await else {
-        return false;
-    };
-    matches!(
-        tokio::time::timeout(
-            Duration::from_millis(500),
-            redis::cmd("PING").query_async::<String>(&mut conn)
-        )
-        .await,
-        Ok(Ok(_))
-    )
-}
-
-/// Where a sentinel says the master is.
-pub async fn sentinel_master_port(sentinel_port: u16) -> Option<u16> {
-    let mut conn = redis_conn(sentinel_port).await?;
-    let reply: Option<(String, u16)> = redis::cmd("SENTINEL")
-        .arg("GET-MASTER-ADDR-BY-NAME")
-        .arg(MASTER_NAME)
-        .query_async(&mut conn)
-        .await
-        .ok()?;
-    reply.map(|(_, p)| p)
-}
-
-async fn sentinel_knows(port: u16) -> (usize, usize) {
-    let Some(mut conn) = redis_conn(port).await else {
-        return (0, 0);
-    };
-    let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
-        .arg("REPLICAS")
-        .arg(MASTER_NAME)
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    let sentinels: Vec<redis::Value> = redis::cmd("SENTINEL")
-        .arg("SENTINELS")
-        .arg(MASTER_NAME)
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    (replicas.len(), sentinels.len())
-}
-
-async fn http_ok(client: &reqwest::Client, url: &str) -> bool {
-    matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
 }
 
 impl Fleet {
@@ -220,9 +102,7 @@ impl Fleet {
         Ok(Self {
             label: format!("{} external node(s)", nodes.len()),
             nodes,
-            redis: Vec::new(),
-            sentinels: Vec::new(),
-            dir: None,
+            broker: Broker::None,
         })
     }
 
@@ -233,165 +113,67 @@ impl Fleet {
                 spec.server_bin.display()
             );
         }
-        let dir = std::env::temp_dir().join(format!(
-            "chorus-bench-{}-{}",
-            std::process::id(),
-            free_port()?
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let (broker, broker_url) = match spec.broker {
+            BrokerKind::Memory => (Broker::None, "memory://".to_string()),
+            BrokerKind::Redis => {
+                let redis = RedisServer::launch(Default::default()).await?;
+                let url = redis.url();
+                (Broker::Redis(redis), url)
+            }
+            BrokerKind::Sentinel => {
+                let down_after = Duration::from_millis(spec.down_after_ms);
+                let group = SentinelGroup::launch(GroupOptions::new(down_after)).await?;
+                let url = group.broker_url();
+                (Broker::Sentinel(group), url)
+            }
+        };
         let mut fleet = Self {
             label: spec.label(),
             nodes: Vec::new(),
-            redis: Vec::new(),
-            sentinels: Vec::new(),
-            dir: Some(dir.clone()),
+            broker,
         };
-        let broker_url = match spec.broker {
-            BrokerKind::Memory => "memory://".to_string(),
-            BrokerKind::Redis => {
-                let port = fleet.start_redis(&dir, None).await?;
-                format!("redis://127.0.0.1:{port}")
-            }
-            BrokerKind::Sentinel => {
-                let master = fleet.start_redis(&dir, None).await?;
-                fleet.start_redis(&dir, Some(master)).await?;
-                for _ in 0..3 {
-                    fleet
-                        .start_sentinel(&dir, master, spec.down_after_ms)
-                        .await?;
-                }
-                for s in &fleet.sentinels {
-                    let port = s.port;
-                    wait_for(
-                        "the sentinels to see the replica and each other",
-                        Duration::from_secs(30),
-                        || async move {
-                            let (replicas, peers) = sentinel_knows(port).await;
-                            replicas >= 1 && peers >= 2
-                        },
-                    )
-                    .await?;
-                }
-                let addrs: Vec<String> = fleet
-                    .sentinels
-                    .iter()
-                    .map(|s| format!("127.0.0.1:{}", s.port))
-                    .collect();
-                format!("redis+sentinel://{}/{MASTER_NAME}", addrs.join(","))
-            }
-        };
-        let http = reqwest::Client::new();
         for i in 0..spec.nodes {
-            let port = free_port()?;
             let name = format!("n{}", i + 1);
-            let mut args: Vec<String> = vec![
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--broker".into(),
-                broker_url.clone(),
-                "--node-id".into(),
-                name.clone(),
-                "--drain-seconds".into(),
-                "0".into(),
+            let mut args = vec![
+                "--broker",
+                &broker_url,
+                "--node-id",
+                &name,
+                "--drain-seconds",
+                "0",
             ];
-            args.extend(spec.server_args.iter().cloned());
-            let log = dir.join(format!("{name}.log"));
-            let proc = Proc::spawn(name.clone(), port, &spec.server_bin, &args, &log)?;
+            args.extend(spec.server_args.iter().map(String::as_str));
+            let node = ChorusServer::spawn(&spec.server_bin, &args, &[])?;
             fleet.nodes.push(NodeInfo {
                 name,
-                ws_url: format!("ws://127.0.0.1:{port}/ws"),
-                http_base: format!("http://127.0.0.1:{port}"),
-                proc: Some(proc),
+                ws_url: node.ws_url(),
+                http_base: node.http_base(),
+                proc: Some(node),
             });
         }
-        for node in &fleet.nodes {
-            let url = format!("{}/readyz", node.http_base);
-            let http = &http;
-            wait_for(
-                &format!("{} to be ready ({url})", node.name),
-                Duration::from_secs(20),
-                || {
-                    let url = url.clone();
-                    async move { http_ok(http, &url).await }
-                },
-            )
-            .await?;
+        for node in fleet.nodes.iter_mut().filter_map(|n| n.proc.as_mut()) {
+            node.ready(NODE_READY).await?;
         }
         Ok(fleet)
     }
 
-    async fn start_redis(&mut self, dir: &Path, replica_of: Option<u16>) -> Result<u16> {
-        let port = free_port()?;
-        let data = dir.join(format!("redis-{port}"));
-        std::fs::create_dir_all(&data)?;
-        let mut args: Vec<String> = vec![
-            "--port".into(),
-            port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            data.display().to_string(),
-        ];
-        if let Some(master) = replica_of {
-            args.extend(["--replicaof".into(), format!("127.0.0.1 {master}")]);
+    /// The Redis servers (master first).
+    fn redis(&self) -> Vec<&RedisServer> {
+        match &self.broker {
+            Broker::None => Vec::new(),
+            Broker::Redis(redis) => vec![redis],
+            Broker::Sentinel(group) => std::iter::once(&group.master)
+                .chain(&group.replicas)
+                .collect(),
         }
-        let log = dir.join(format!("redis-{port}.log"));
-        let name = if replica_of.is_some() {
-            "redis-replica"
-        } else {
-            "redis"
-        };
-        self.redis.push(Proc::spawn(
-            name.into(),
-            port,
-            Path::new("redis-server"),
-            &args,
-            &log,
-        )?);
-        wait_for(
-            "redis-server to answer PING",
-            Duration::from_secs(10),
-            || redis_ping(port),
-        )
-        .await?;
-        Ok(port)
     }
 
-    async fn start_sentinel(&mut self, dir: &Path, master: u16, down_after_ms: u64) -> Result<()> {
-        let port = free_port()?;
-        let sdir = dir.join(format!("sentinel-{port}"));
-        std::fs::create_dir_all(&sdir)?;
-        let conf = sdir.join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {d}\nsentinel resolve-hostnames no\n\
-                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
-                 sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
-                 sentinel failover-timeout {MASTER_NAME} {timeout}\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n",
-                d = sdir.display(),
-                timeout = down_after_ms * 3,
-            ),
-        )?;
-        let log = dir.join(format!("sentinel-{port}.log"));
-        self.sentinels.push(Proc::spawn(
-            "sentinel".into(),
-            port,
-            Path::new("redis-sentinel"),
-            &[conf.display().to_string()],
-            &log,
-        )?);
-        wait_for(
-            "redis-sentinel to answer PING",
-            Duration::from_secs(10),
-            || redis_ping(port),
-        )
-        .await
+    /// The Sentinel group, when the fleet runs one.
+    pub fn sentinel_group(&mut self) -> Option<&mut SentinelGroup> {
+        match &mut self.broker {
+            Broker::Sentinel(group) => Some(group),
+            _ => None,
+        }
     }
 
     /// Pids of the server processes (empty for external nodes).
@@ -401,11 +183,14 @@ impl Fleet {
 
     /// Pids of the redis-server processes still running.
     pub fn redis_pids(&self) -> Vec<u32> {
-        self.redis.iter().filter_map(Proc::pid).collect()
+        self.redis().iter().filter_map(|r| r.pid()).collect()
     }
 
     pub fn sentinel_pids(&self) -> Vec<u32> {
-        self.sentinels.iter().filter_map(Proc::pid).collect()
+        match &self.broker {
+            Broker::Sentinel(group) => group.sentinels.iter().filter_map(|s| s.pid()).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Whether CPU and memory of the servers can be read.
@@ -415,19 +200,8 @@ impl Fleet {
 
     /// A numeric field of the master's `INFO` (e.g. `total_net_output_bytes`).
     pub async fn redis_stat(&self, field: &str) -> Option<u64> {
-        let mut conn = redis_conn(self.redis.first()?.port).await?;
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        info.lines().find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        let master = *self.redis().first()?;
+        master.info("stats").await?.number(field)
     }
 
     /// A counter from a node's `/metrics` (summed over label sets).
@@ -456,23 +230,5 @@ impl Fleet {
             }
         }
         Some(total)
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(p) = &mut node.proc {
-                p.kill();
-            }
-        }
-        for p in self.sentinels.iter_mut().chain(self.redis.iter_mut()) {
-            p.kill();
-        }
-        if let Some(dir) = &self.dir
-            && std::env::var_os("CHORUS_BENCH_KEEP").is_none()
-        {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }

@@ -1,23 +1,18 @@
 //! The topology module against real `redis-server` and `redis-sentinel`
-//! processes on loopback, started on free ports in temp dirs and killed when
-//! the test ends.
+//! processes on loopback, started by chorus-testkit on free ports and
+//! killed when the test ends.
 //!
 //! Nothing waits a fixed time: every wait polls a condition a user could
 //! check with `redis-cli`, with a generous deadline for a busy machine.
 
-use std::future::Future;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chorus_operator::topology::{
     Action, MasterBasis, MemberKind, NodeAddr, TopologyConfig, TopologyReport, reconcile_topology,
 };
-
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
-const REDIS_SENTINEL: &str = "/usr/bin/redis-sentinel";
+use chorus_testkit::redis::Info;
+use chorus_testkit::{RedisOptions, RedisServer, Sentinel, free_port, wait};
 
 /// The group tests share two cores with other work; a Sentinel starved of
 /// CPU enters TILT mode and pauses failovers, so tests run one at a time.
@@ -27,151 +22,42 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const DOWN_AFTER: Duration = Duration::from_millis(1000);
 const FAILOVER_TIMEOUT: Duration = Duration::from_millis(3000);
 
+/// A reconcile pass talks to every member: look no more often than this.
+const POLL: Duration = Duration::from_millis(100);
+
 // ---------------------------------------------------------------- processes
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "chorus-topology-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-fn spawn(program: &str, args: &[String]) -> Proc {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {program}: {e}"));
-    Proc(child)
-}
-
-fn spawn_redis(dir: &Path, port: u16, password: Option<&str>) -> Proc {
-    let mut args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--protected-mode",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        &dir.display().to_string(),
-        "--logfile",
-        &dir.join(format!("redis-{port}.log")).display().to_string(),
-        // Full syncs start at once instead of after the default 5 s.
-        "--repl-diskless-sync",
-        "yes",
-        "--repl-diskless-sync-delay",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(password) = password {
-        args.extend(["--requirepass", password, "--masterauth", password].map(String::from));
-    }
-    spawn(REDIS_SERVER, &args)
-}
-
-fn spawn_sentinel(dir: &Path, port: u16) -> Proc {
-    // No `sentinel monitor` line: the module under test sets that up.
-    let conf = dir.join(format!("sentinel-{port}.conf"));
-    let text = format!(
-        "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\n\
-         dir {dir}\nlogfile {log}\nsentinel resolve-hostnames no\n",
-        dir = dir.display(),
-        log = dir.join(format!("sentinel-{port}.log")).display(),
-    );
-    std::fs::write(&conf, text).expect("write sentinel config");
-    spawn(REDIS_SENTINEL, &[conf.display().to_string()])
-}
-
-/// Three Redis pods and three sentinels on loopback.
+/// Three Redis pods and three sentinels on loopback, none configured: the
+/// module under test sets up replication and monitoring.
 struct Group {
-    // Fields drop in order: processes first, then their directory.
-    redis: Vec<Option<Proc>>,
-    // Held only so that dropping the group kills them.
-    _sentinels: Vec<Proc>,
+    redis: Vec<RedisServer>,
+    sentinels: Vec<Sentinel>,
     redis_addrs: Vec<NodeAddr>,
     sentinel_addrs: Vec<NodeAddr>,
     password: Option<String>,
-    dir: TempDir,
 }
 
 impl Group {
-    async fn start(tag: &str, password: Option<&str>) -> Self {
-        let dir = TempDir::new(tag);
-        let redis_addrs: Vec<NodeAddr> = (0..3)
-            .map(|_| NodeAddr::new("127.0.0.1", free_port()))
-            .collect();
-        let sentinel_addrs: Vec<NodeAddr> = (0..3)
-            .map(|_| NodeAddr::new("127.0.0.1", free_port()))
-            .collect();
-        let group = Self {
-            redis: redis_addrs
-                .iter()
-                .map(|a| Some(spawn_redis(&dir.0, a.port, password)))
-                .collect(),
-            _sentinels: sentinel_addrs
-                .iter()
-                .map(|a| spawn_sentinel(&dir.0, a.port))
-                .collect(),
-            redis_addrs,
-            sentinel_addrs,
+    async fn start(password: Option<&str>) -> Self {
+        let mut redis = Vec::new();
+        for _ in 0..3 {
+            let options = RedisOptions {
+                password: password.map(String::from),
+                ..RedisOptions::default()
+            };
+            redis.push(RedisServer::start_with(options).await);
+        }
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(Sentinel::start(None).await);
+        }
+        Self {
+            redis_addrs: redis.iter().map(|r| local(r.port)).collect(),
+            sentinel_addrs: sentinels.iter().map(|s| local(s.port)).collect(),
+            redis,
+            sentinels,
             password: password.map(String::from),
-            dir,
-        };
-        for addr in group.redis_addrs.clone() {
-            group
-                .wait_until_answers(&addr, group.password.clone())
-                .await;
         }
-        for addr in group.sentinel_addrs.clone() {
-            group.wait_until_answers(&addr, None).await;
-        }
-        group
     }
 
     fn config(&self) -> TopologyConfig {
@@ -184,73 +70,34 @@ impl Group {
         config
     }
 
+    /// SIGKILL: a crash, no clean shutdown.
     fn kill_redis(&mut self, pod: usize) {
-        // Dropping the handle sends SIGKILL: a crash, no clean shutdown.
-        self.redis[pod] = None;
+        self.redis[pod].kill();
     }
 
     async fn restart_redis(&mut self, pod: usize) {
-        let addr = self.redis_addrs[pod].clone();
-        self.redis[pod] = Some(spawn_redis(
-            &self.dir.0,
-            addr.port,
-            self.password.as_deref(),
-        ));
-        self.wait_until_answers(&addr, self.password.clone()).await;
+        self.redis[pod].restart().await;
     }
 
-    async fn wait_until_answers(&self, addr: &NodeAddr, password: Option<String>) {
-        self.wait_for(&format!("{addr} to answer PING"), 30, async || {
-            let pong: Option<String> = query(addr, password.as_deref(), redis::cmd("PING")).await;
-            pong.filter(|p| p == "PONG")
-        })
-        .await;
-    }
-
-    /// Polls `check` every 100 ms until it returns `Some`, or fails the test
-    /// after `secs` seconds with the tail of every log.
-    async fn wait_for<T>(
-        &self,
-        what: &str,
-        secs: u64,
-        mut check: impl AsyncFnMut() -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {secs} s waiting for {what}\n{}",
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    /// Polls `check` until it returns `Some`, or fails the test after
+    /// `secs` seconds with the tail of every log.
+    async fn wait_for<T>(&self, what: &str, secs: u64, check: impl AsyncFnMut() -> Option<T>) -> T {
+        wait::until_every(what, Duration::from_secs(secs), POLL, check)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
     /// Last lines of every log, for failure messages.
     fn logs(&self) -> String {
-        let mut out = String::new();
-        let Ok(entries) = std::fs::read_dir(&self.dir.0) else {
-            return out;
-        };
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
-        for path in paths
+        let redis = self.redis.iter().map(|r| ("redis", r.port, r.log_tail(25)));
+        let sentinels = self
+            .sentinels
             .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("==> {} <==\n", path.display()));
-            for line in &lines[lines.len().saturating_sub(25)..] {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+            .map(|s| ("sentinel", s.port, s.log_tail(25)));
+        redis
+            .chain(sentinels)
+            .map(|(kind, port, tail)| format!("==> {kind} :{port} <==\n{tail}"))
+            .collect()
     }
 
     /// Runs `reconcile_topology` until `done` accepts the report; returns
@@ -274,6 +121,10 @@ impl Group {
     }
 }
 
+fn local(port: u16) -> NodeAddr {
+    NodeAddr::new("127.0.0.1", port)
+}
+
 // ------------------------------------------------- independent observation
 
 /// One command on a fresh connection; `None` on any error.
@@ -282,51 +133,14 @@ async fn query<T: redis::FromRedisValue>(
     password: Option<&str>,
     cmd: redis::Cmd,
 ) -> Option<T> {
-    let mut url = format!("redis://{}:{}/", addr.host, addr.port);
-    if let Some(password) = password {
-        url = format!("redis://:{password}@{}:{}/", addr.host, addr.port);
-    }
-    let client = redis::Client::open(url).ok()?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)));
-    let work = async {
-        let mut con = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .ok()?;
-        cmd.query_async::<T>(&mut con).await.ok()
-    };
-    with_deadline(work).await
+    let url = chorus_testkit::redis::url(&addr.host, addr.port, password);
+    chorus_testkit::redis::query(&url, &cmd).await.ok()
 }
 
-async fn with_deadline<T>(work: impl Future<Output = Option<T>>) -> Option<T> {
-    tokio::time::timeout(Duration::from_secs(5), work)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// `INFO replication` as `field -> value`.
-async fn replication(addr: &NodeAddr, password: Option<&str>) -> Option<Vec<(String, String)>> {
-    let text: String = query(addr, password, {
-        let mut c = redis::cmd("INFO");
-        c.arg("replication");
-        c
-    })
-    .await?;
-    Some(
-        text.lines()
-            .filter_map(|l| l.trim_end().split_once(':'))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-    )
-}
-
-fn field<'a>(info: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    info.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+/// `INFO replication`.
+async fn replication(addr: &NodeAddr, password: Option<&str>) -> Option<Info> {
+    let url = chorus_testkit::redis::url(&addr.host, addr.port, password);
+    chorus_testkit::redis::info(&url, "replication").await.ok()
 }
 
 /// `addr` is a replica of `master` with its link up.
@@ -334,10 +148,10 @@ async fn is_attached_replica(addr: &NodeAddr, master: &NodeAddr, password: Optio
     let Some(info) = replication(addr, password).await else {
         return false;
     };
-    field(&info, "role") == Some("slave")
-        && field(&info, "master_host") == Some(master.host.as_str())
-        && field(&info, "master_port") == Some(master.port.to_string().as_str())
-        && field(&info, "master_link_status") == Some("up")
+    info.get("role") == Some("slave")
+        && info.get("master_host") == Some(master.host.as_str())
+        && info.get("master_port") == Some(master.port.to_string().as_str())
+        && info.get("master_link_status") == Some("up")
 }
 
 async fn sentinel_master(sentinel: &NodeAddr) -> Option<NodeAddr> {
@@ -373,7 +187,7 @@ fn sentinels_fully_meshed(report: &TopologyReport) -> bool {
 #[tokio::test]
 async fn topology_fresh_group_gets_pod0_as_master_attached_replicas_and_agreeing_sentinels() {
     let _serial = SERIAL.lock().await;
-    let group = Group::start("fresh", None).await;
+    let group = Group::start(None).await;
     let pods = group.redis_addrs.clone();
 
     let report = reconcile_topology(&group.config())
@@ -419,8 +233,8 @@ async fn topology_fresh_group_gets_pod0_as_master_attached_replicas_and_agreeing
             .await;
     }
     let master_info = replication(&pods[0], None).await.expect("INFO on pod 0");
-    assert_eq!(field(&master_info, "role"), Some("master"));
-    assert_eq!(field(&master_info, "connected_slaves"), Some("2"));
+    assert_eq!(master_info.get("role"), Some("master"));
+    assert_eq!(master_info.get("connected_slaves"), Some("2"));
     for sentinel in &group.sentinel_addrs {
         assert_eq!(
             sentinel_master(sentinel).await.as_ref(),
@@ -462,7 +276,7 @@ async fn topology_fresh_group_gets_pod0_as_master_attached_replicas_and_agreeing
 async fn topology_failover_is_recognised_and_the_restarted_old_master_rejoins_as_replica() {
     let _serial = SERIAL.lock().await;
     let password = Some("s3cret");
-    let mut group = Group::start("failover", password).await;
+    let mut group = Group::start(password).await;
     let pods = group.redis_addrs.clone();
 
     // Set up, then wait until every sentinel knows its peers and replicas
@@ -525,7 +339,7 @@ async fn topology_failover_is_recognised_and_the_restarted_old_master_rejoins_as
     let came_back = replication(&old_master, password)
         .await
         .expect("INFO on the restarted pod");
-    let came_back_as_master = field(&came_back, "role") == Some("master");
+    let came_back_as_master = came_back.get("role") == Some("master");
     let reports = group
         .reconcile_until("the old master to rejoin as a replica", 120, |r| {
             r.replicas
@@ -573,7 +387,7 @@ async fn topology_failover_is_recognised_and_the_restarted_old_master_rejoins_as
 #[tokio::test]
 async fn topology_second_master_is_demoted_and_a_stale_sentinel_is_repointed() {
     let _serial = SERIAL.lock().await;
-    let group = Group::start("split", None).await;
+    let group = Group::start(None).await;
     let pods = group.redis_addrs.clone();
     let sentinels = group.sentinel_addrs.clone();
     group
@@ -662,7 +476,7 @@ async fn topology_second_master_is_demoted_and_a_stale_sentinel_is_repointed() {
 #[tokio::test]
 async fn topology_unreachable_members_are_reported_and_do_not_hang_the_pass() {
     let _serial = SERIAL.lock().await;
-    let group = Group::start("unreachable", None).await;
+    let group = Group::start(None).await;
     // A pod that accepts connections but never answers (a hung process),
     // and a sentinel address where nothing listens.
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -738,7 +552,7 @@ async fn sentinel_peers(sentinel: &NodeAddr) -> Option<Vec<NodeAddr>> {
 #[tokio::test]
 async fn topology_sentinels_that_remember_a_removed_sentinel_are_reset() {
     let _serial = SERIAL.lock().await;
-    let group = Group::start("stale-peer", None).await;
+    let group = Group::start(None).await;
     let pods = group.redis_addrs.clone();
     let sentinels = group.sentinel_addrs.clone();
     group
@@ -749,9 +563,8 @@ async fn topology_sentinels_that_remember_a_removed_sentinel_are_reset() {
 
     // A fourth sentinel joins, is discovered by the others, then goes away
     // for good (a sentinel pod replaced with a new IP looks the same).
-    let extra = NodeAddr::new("127.0.0.1", free_port());
-    let extra_proc = spawn_sentinel(&group.dir.0, extra.port);
-    group.wait_until_answers(&extra, None).await;
+    let extra_sentinel = Sentinel::start(None).await;
+    let extra = local(extra_sentinel.port);
     let mut monitor = redis::cmd("SENTINEL");
     monitor
         .arg("MONITOR")
@@ -770,7 +583,7 @@ async fn topology_sentinels_that_remember_a_removed_sentinel_are_reset() {
             })
             .await;
     }
-    drop(extra_proc);
+    drop(extra_sentinel);
 
     let reports = group
         .reconcile_until("every sentinel to forget the removed one", 180, |r| {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chorus_tests::ChildGuard;
+use chorus_testkit::ChildGuard;
 
 /// The longest one block may take (starting servers included).
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);

@@ -2,7 +2,8 @@
 //! `/chorus.js` and its types, CORS on the API, error bodies.
 #![allow(clippy::unwrap_used)]
 
-use chorus_tests::{TestNode, free_port, wait_until};
+use chorus_testkit::free_port;
+use chorus_tests::{TestNode, wait_until};
 use reqwest::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_ORIGIN, CONTENT_TYPE, HeaderMap,
 };

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use chorus_tests::redis::RedisServer;
-use chorus_tests::{ChildGuard, TestNode, WAIT, metric, spawn_server, wait_until};
+use chorus_testkit::ChorusServer;
+use chorus_testkit::RedisServer;
+use chorus_tests::{TestNode, WAIT, metric, spawn_server, wait_until};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,7 +37,7 @@ async fn publish_large(base: &str, room: &str, count: u64) -> String {
     epoch
 }
 
-async fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> (ChildGuard, u16) {
+async fn spawn_node(args: &[&str], env: &[(&str, &str)]) -> ChorusServer {
     spawn_server(env!("CARGO_BIN_EXE_chorus-server"), args, env).await
 }
 
@@ -67,14 +68,15 @@ async fn replays_and_history_reads_pin_a_page_each_and_non_readers_end_as_slow_c
     const CLIENTS: usize = 10;
     const MESSAGES: u64 = 300; // × 60 KB: 18 MB of history
     let redis = RedisServer::start().await;
-    let (child, port) = spawn_node(
+    let child = spawn_node(
         &["--broker", &redis.url(), "--delivery", "streams"],
         &[("CHORUS_SEND_TIMEOUT", "1s")],
     )
     .await;
+    let port = child.port;
     let base = format!("http://127.0.0.1:{port}");
     let epoch = publish_large(&base, "big", MESSAGES).await;
-    let before = peak_rss(child.0.id());
+    let before = peak_rss(child.pid().unwrap());
 
     // Clients that recover the whole history and never read a byte of it.
     let mut clients = Vec::new();
@@ -93,7 +95,7 @@ async fn replays_and_history_reads_pin_a_page_each_and_non_readers_end_as_slow_c
     })
     .await;
     let replayed = metric(&metrics, "chorus_replayed_messages_total").await;
-    let grown = peak_rss(child.0.id()).saturating_sub(before);
+    let grown = peak_rss(child.pid().unwrap()).saturating_sub(before);
     // Each held a page and its socket's buffers, not the 18 MB it asked for.
     assert!(
         grown < 64 << 20,
@@ -104,14 +106,14 @@ async fn replays_and_history_reads_pin_a_page_each_and_non_readers_end_as_slow_c
 
     // 20 backends reading the whole history at once get a page of about
     // 1 MiB each, and the node's peak grows by about that much per reader.
-    let before = peak_rss(child.0.id());
+    let before = peak_rss(child.pid().unwrap());
     let url = format!("{base}/api/v1/rooms/big/history?since=0&limit=1000");
     let reads = (0..20).map(|_| async {
         let page: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
         page["messages"].as_array().unwrap().len()
     });
     let got = futures_util::future::join_all(reads).await;
-    let grown = peak_rss(child.0.id()).saturating_sub(before);
+    let grown = peak_rss(child.pid().unwrap()).saturating_sub(before);
     assert!(
         got.iter().all(|n| (1..MESSAGES as usize).contains(n)),
         "{got:?}"
@@ -310,7 +312,8 @@ async fn plain_http_connections_are_capped_and_upgraded_ones_leave_the_count() {
 
 #[tokio::test]
 async fn a_half_sent_request_does_not_keep_a_sigtermed_node_alive() {
-    let (mut child, port) = spawn_node(&["--drain-seconds", "1"], &[]).await;
+    let mut child = spawn_node(&["--drain-seconds", "1"], &[]).await;
+    let port = child.port;
     // Half a head, and a head with half its body: both well within the
     // default header and body timeouts (30 s) when the node is told to stop.
     let _half_head = sent(
@@ -323,16 +326,12 @@ async fn a_half_sent_request_does_not_keep_a_sigtermed_node_alive() {
     let (_ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
         .await
         .unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    child.proc().terminate().unwrap();
     // The drain spreads over 1 s, then everything has 5 s: the node is gone
     // well before the 30 s timeouts would have reaped the requests.
     let exited = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
+            if let Some(status) = child.proc().exited() {
                 return status;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

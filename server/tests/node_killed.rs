@@ -1,14 +1,14 @@
 //! A node dies (SIGKILL) under its clients; they recover on another node.
 #![allow(clippy::unwrap_used)]
 
-use chorus_tests::redis::RedisServer;
+use chorus_testkit::RedisServer;
 use chorus_tests::{Event, TestNode, WsClient, spawn_server, wait_until};
 use serde_json::json;
 
 #[tokio::test]
 async fn clients_of_a_killed_node_recover_everything_on_another_node() {
     let redis = RedisServer::start().await;
-    let (mut doomed, port) = spawn_server(
+    let mut doomed = spawn_server(
         env!("CARGO_BIN_EXE_chorus-server"),
         &["--broker", &redis.url(), "--delivery", "streams"],
         &[],
@@ -22,9 +22,7 @@ async fn clients_of_a_killed_node_recover_everything_on_another_node() {
 
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let mut c = WsClient::connect(&format!("ws://127.0.0.1:{port}/ws"))
-            .await
-            .unwrap();
+        let mut c = WsClient::connect(&doomed.ws_url()).await.unwrap();
         c.subscribe("feed").await;
         clients.push(c);
     }
@@ -43,8 +41,7 @@ async fn clients_of_a_killed_node_recover_everything_on_another_node() {
         }
         seen.push(upto);
     }
-    doomed.0.kill().unwrap();
-    doomed.0.wait().unwrap();
+    doomed.kill();
     for c in clients.iter_mut() {
         loop {
             if let Event::Closed(_) = c.event().await {

@@ -4,7 +4,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chorus_tests::{ChildGuard, Event, WsClient, free_port, wait_until};
+use chorus_testkit::{ChildGuard, free_port};
+use chorus_tests::{Event, WsClient, wait_until};
 
 #[tokio::test]
 async fn sigterm_sends_reconnect_turns_readyz_503_and_exits_0() {

@@ -1,18 +1,21 @@
 //! Helpers for integration tests: real WebSocket clients, in-process
-//! `chorus-server` nodes on ephemeral ports, free ports for child processes.
+//! `chorus-server` nodes on ephemeral ports, a silencing proxy. External
+//! processes (Redis, Sentinel, the `chorus-server` binary) come from
+//! `chorus-testkit`.
 #![allow(clippy::unwrap_used)]
 
 pub mod cluster;
 pub mod proxy;
-pub mod redis;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chorus_server::{Config, Node};
+use chorus_testkit::ChorusServer;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -26,47 +29,13 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A port that was free a moment ago (for child processes that need a fixed port).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-pub struct ChildGuard(pub std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The `chorus-server` binary at `exe` (a test's
 /// `env!("CARGO_BIN_EXE_chorus-server")`) started with `args` and `env` on a
-/// free port, once it is ready; and its port.
-pub async fn spawn_server(exe: &str, args: &[&str], env: &[(&str, &str)]) -> (ChildGuard, u16) {
-    let port = free_port();
-    let child = ChildGuard(
-        std::process::Command::new(exe)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the node to be ready", || async {
-        reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    (child, port)
+/// free port, once it is ready.
+pub async fn spawn_server(exe: &str, args: &[&str], env: &[(&str, &str)]) -> ChorusServer {
+    ChorusServer::launch(Path::new(exe), args, env, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `n` nodes on one broker (node ids `node-0`…), each started with `extra`
@@ -338,14 +307,9 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    chorus_testkit::wait::until(what, WAIT, async || check().await.then_some(()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Publishes to `room` one message after another (`{"n": 1}`, `{"n": 2}`, …)

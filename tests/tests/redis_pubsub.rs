@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chorus_tests::redis::{RedisServer, SentinelGroup};
+use chorus_testkit::{RedisOptions, RedisServer, SentinelGroup};
 use chorus_tests::{Publisher, TestNode, WsClient, wait_until};
 use serde_json::{Value, json};
 
@@ -323,7 +323,7 @@ async fn sentinel_failover_keeps_the_same_client_connections_working() {
         );
     }
     assert_eq!(
-        group.replica.numsub("chorus:room:f").await,
+        group.replicas[0].numsub("chorus:room:f").await,
         2,
         "both nodes subscribed on the new master"
     );
@@ -372,7 +372,11 @@ async fn a_silently_dead_subscription_is_caught_by_the_canary_and_healed() {
 
 #[tokio::test]
 async fn the_redis_password_comes_from_the_url_or_a_file() {
-    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]).await;
+    let redis = RedisServer::start_with(RedisOptions {
+        password: Some("s3cret".into()),
+        ..RedisOptions::default()
+    })
+    .await;
     let in_url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
     let a = nodes(1, &in_url, &[]).await.remove(0);
     let file = std::env::temp_dir().join(format!("chorus-test-pw-{}", redis.port));
@@ -623,9 +627,9 @@ async fn a_failover_to_a_replica_that_missed_writes_changes_the_epoch() {
     for n in 1..=10 {
         publish_and_receive(&mut p, &mut sub, "ledger", n).await;
     }
-    group.wait_replica_synced().await;
+    group.wait_replicas_synced().await;
     // 11..20 are acknowledged by the master alone.
-    let frozen = group.freeze_replica().await;
+    let frozen = group.stall_replica().await;
     for n in 11..=20 {
         publish_and_receive(&mut p, &mut sub, "ledger", n).await;
     }

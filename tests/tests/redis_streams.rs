@@ -3,8 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
+use chorus_testkit::RedisServer;
 use chorus_tests::proxy::SilencingProxy;
-use chorus_tests::redis::RedisServer;
 use chorus_tests::{Publisher, TestNode, WsClient};
 use serde_json::{Value, json};
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chorus_tests::redis::SentinelGroup;
+use chorus_testkit::SentinelGroup;
 use chorus_tests::{Event, WsClient, wait_until};
 use serde_json::json;
 
@@ -161,10 +161,10 @@ async fn acknowledged_messages_the_new_master_lacks_change_the_epoch() {
             "ok"
         );
     }
-    group.wait_replica_synced().await;
+    group.wait_replicas_synced().await;
     // Acknowledged by the master from here on, but the replica cannot get
     // them before the master dies.
-    let frozen = group.freeze_replica().await;
+    let frozen = group.stall_replica().await;
     for _ in 0..10 {
         n += 1;
         assert_eq!(

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chorus_server::upstream::{Consumer, ConsumerConfig, UpstreamMessage};
-use chorus_tests::redis::RedisServer;
+use chorus_testkit::RedisServer;
 use chorus_tests::{TestNode, WsClient, wait_until};
 use serde_json::json;
 use tokio::sync::mpsc;

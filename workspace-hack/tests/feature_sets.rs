@@ -11,11 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-const PACKAGES: [&str; 5] = [
+const PACKAGES: [&str; 6] = [
     "chorus-server",
     "chorus-operator",
     "chorus-crds",
     "chorus-bench",
+    "chorus-testkit",
     "chorus-tests",
 ];
 

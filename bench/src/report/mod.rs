@@ -1,4 +1,14 @@
 //! Output: a human table on stdout, then one JSON line per scenario run.
+//!
+//! - [`Report`]: the figures of one run, as the table and the JSON line
+//! - [`figures`]: what the scenarios measure, put into a report
+//! - [`compare`]: a fleet against one memory-broker node
+
+mod compare;
+mod figures;
+
+pub use compare::compare;
+pub use figures::{report_delivery, report_memory};
 
 use serde_json::{Map, Value};
 
