@@ -12,8 +12,10 @@
 //! under its registry lock, and connections rely on it so that one client's
 //! publishes to a room keep their order.
 
+pub mod continuity;
 pub mod memory;
 pub mod redis;
+pub mod tracker;
 
 use std::sync::Arc;
 
