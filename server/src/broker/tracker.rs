@@ -1,7 +1,7 @@
 //! What each room a node serves was handed so far, and the gap fills in
 //! progress (durable delivery). Broker-agnostic: a broker with history feeds
 //! it live messages from its reader and runs the fills it asks for with its
-//! own history reads; the rules come from [`continuity`](super::continuity).
+//! own history reads. The rules themselves are [`super::continuity`]'s.
 //!
 //! The reader never waits here: [`Tracker::live`] delivers, drops or holds a
 //! message under a std mutex (map operations only, never across `.await`)
@@ -183,11 +183,12 @@ impl Tracker {
 
     /// After a reconnect: the room continues from `from` and catches up to
     /// `upto` — the returned fill, when there is something to catch up.
-    /// Call before live messages flow again.
+    /// Call while no fill runs, before live messages flow again.
     pub fn resume(&self, room: &RoomName, from: Cursor, upto: u64) -> Option<FillJob> {
         let mut rooms = lock(&self.rooms);
         let track = rooms.map.get_mut(room)?;
         track.cursor = from;
+        track.held = None;
         (upto > track.cursor.offset).then(|| {
             track.held = Some(Held::default());
             FillJob {

@@ -165,3 +165,16 @@ async fn a_stopped_fill_delivers_nothing_more() {
     t.fill(job, &history(Some(vec![1, 2, 3]))).await.unwrap();
     assert_eq!(got(&sink), vec![]);
 }
+
+#[test]
+fn a_resume_with_nothing_to_catch_up_lets_live_messages_through() {
+    let (sink, t) = setup();
+    t.live(msg(1));
+    // A gap opened, but the link ended before its fill ran; after the
+    // reconnect there is nothing to catch up.
+    assert!(t.live(msg(3)).is_some());
+    t.stop_fills();
+    assert!(t.resume(&room(), Cursor::new("e", 3), 3).is_none());
+    t.live(msg(4));
+    assert_eq!(got(&sink), vec![(1, false), (4, false)]);
+}
