@@ -2,16 +2,17 @@
 //! node. It reads a notification, splits it, and hands it over — straight
 //! to the hub, or (history mode) through the [`Tracker`], which delivers it,
 //! drops it or holds it behind its room's gap fill. Fills run in tasks of
-//! their own (a few at a time), so the reader never waits for a history
+//! their own (a few at a time, the rest queued in order), so the reader never waits for a history
 //! read, a sentinel or anything else: one room's trouble never holds up
 //! another room's delivery. Canary arrivals are passed on to the link.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use redis::aio::PubSubStream;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use super::error::Error;
@@ -39,33 +40,37 @@ pub(super) struct Reader {
 
 impl Reader {
     /// Reads until the stream ends, a catch-up fill fails or the link says
-    /// stop (`None`); first starts `fills` (the catch-ups after a reconnect).
-    /// Ends its fills before it returns.
+    /// stop (`None`); first queues `fills` (the catch-ups after a
+    /// reconnect). Ends its fills before it returns.
     pub async fn run(mut self, fills: Vec<FillJob>) -> Option<Error> {
-        let mut running = JoinSet::new();
-        let permits = Arc::new(Semaphore::new(CONCURRENT_FILLS));
-        for job in fills {
-            self.spawn_fill(&mut running, &permits, job);
-        }
+        let mut fills = Fills {
+            waiting: fills.into(),
+            running: JoinSet::new(),
+        };
+        fills.start(&self.history);
         let why = loop {
             tokio::select! {
                 msg = self.stream.next() => match msg {
                     Some(msg) => {
                         if let Some(job) = self.dispatch(&msg) {
-                            self.spawn_fill(&mut running, &permits, job);
+                            fills.waiting.push_back(job);
+                            fills.start(&self.history);
                         }
                     }
                     None => break Some(Error::SubscriptionClosed(self.master.clone())),
                 },
-                Some(done) = running.join_next() => match done {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Some(e),
-                    Err(e) => tracing::error!(error = %e, "a gap fill panicked"),
-                },
+                Some(done) = fills.running.join_next() => {
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Some(e),
+                        Err(e) => tracing::error!(error = %e, "a gap fill panicked"),
+                    }
+                    fills.start(&self.history);
+                }
                 () = self.stop.notified() => break None,
             }
         };
-        running.shutdown().await;
+        fills.running.shutdown().await;
         why
     }
 
@@ -92,26 +97,34 @@ impl Reader {
             None
         }
     }
+}
 
-    fn spawn_fill(
-        &self,
-        running: &mut JoinSet<Result<(), Error>>,
-        permits: &Arc<Semaphore>,
-        job: FillJob,
-    ) {
-        let Some((tracker, read)) = self.history.clone() else {
+/// The link's gap fills: a few running, the rest waiting their turn (one
+/// per room at most, as the tracker opens no second fill for a room).
+struct Fills {
+    waiting: VecDeque<FillJob>,
+    running: JoinSet<Result<(), Error>>,
+}
+
+impl Fills {
+    /// Starts waiting fills while there is room.
+    fn start(&mut self, history: &Option<(Arc<Tracker>, ReadPage<Error>)>) {
+        let Some((tracker, read)) = history else {
             return;
         };
-        let permits = permits.clone();
-        running.spawn(async move {
-            // Never closed: acquiring only waits for a turn.
-            let _turn = permits.acquire_owned().await;
-            let room = job.room().clone();
-            tracker.fill(job, &read).await.map_err(|e| Error::CatchUp {
-                room,
-                source: Box::new(e),
-            })
-        });
+        while self.running.len() < CONCURRENT_FILLS {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            let (tracker, read) = (tracker.clone(), read.clone());
+            self.running.spawn(async move {
+                let room = job.room().clone();
+                tracker.fill(job, &read).await.map_err(|e| Error::CatchUp {
+                    room,
+                    source: Box::new(e),
+                })
+            });
+        }
     }
 }
 
