@@ -18,14 +18,15 @@
 //!   answer says whether the room's epoch was reset and from where the node
 //!   catches up ([`resume`]).
 //!
-//! Two rules are not here because they must be atomic with the bus's own
-//! counter, so they run inside the bus (for Redis, in the Lua scripts of
-//! `broker::redis::scripts`): the **epoch check** itself (a master that lacks
-//! acknowledged offsets of an epoch gives the room a new epoch, once, however
-//! many nodes ask), and, without history, the **fence** (a room whose epoch
+//! Two rules must be atomic with the bus's own counter, so the bus runs
+//! them (for Redis, the Lua scripts of `broker::redis::scripts`, whose tests
+//! check them against the functions here): the **epoch check**
+//! ([`lacks_acknowledged`]: a master that lacks acknowledged offsets of an
+//! epoch gives the room a new epoch, once, however many nodes ask) and,
+//! without history, the **fence** ([`starts_new_epoch`]: a room whose epoch
 //! began under another master process starts a new epoch, since its counter
-//! may have gone back). This module decides what a node does with their
-//! answers.
+//! may have gone back). [`resume`] decides what a node does with the
+//! check's answer.
 
 use std::sync::Arc;
 
@@ -239,6 +240,20 @@ pub fn resume(cursor: Option<&Cursor>, check: &Check) -> Resume {
     }
 }
 
+/// The fence rule, run by the bus with every publish and position read: a
+/// room starts a new epoch when it has none, or (`master_fence` not empty:
+/// no history) when its epoch began under another fence than the master's.
+pub fn starts_new_epoch(has_epoch: bool, room_fence: Option<&str>, master_fence: &str) -> bool {
+    !has_epoch || (!master_fence.is_empty() && room_fence != Some(master_fence))
+}
+
+/// The epoch check's rule, run by the bus for each room a reconnecting node
+/// saw: the bus's position (`None`: it does not know the room) lacks offsets
+/// the node saw acknowledged or delivered in the same epoch.
+pub fn lacks_acknowledged(bus: Option<&Cursor>, seen: &Cursor) -> bool {
+    bus.is_some_and(|bus| bus.epoch == seen.epoch && bus.offset < seen.offset)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +351,22 @@ mod tests {
         f.page("e", &[3, 4]);
         // The caller stops reading (the read failed): 5..=9 are left.
         assert_eq!(f.finish(), Some((5, 9)));
+    }
+
+    #[test]
+    fn the_bus_side_rules_reset_epochs_only_when_counters_may_have_gone_back() {
+        // Fence: no epoch yet, or begun under another master process.
+        assert!(starts_new_epoch(false, None, ""));
+        assert!(!starts_new_epoch(true, Some(""), ""));
+        assert!(!starts_new_epoch(true, Some("f1"), "f1"));
+        assert!(starts_new_epoch(true, Some("f0"), "f1"));
+        assert!(starts_new_epoch(true, None, "f1"));
+        // Epoch check: only a same-epoch counter below what was seen.
+        let seen = at("e1", 10);
+        assert!(lacks_acknowledged(Some(&at("e1", 7)), &seen));
+        assert!(!lacks_acknowledged(Some(&at("e1", 10)), &seen));
+        assert!(!lacks_acknowledged(Some(&at("e2", 3)), &seen));
+        assert!(!lacks_acknowledged(None, &seen));
     }
 
     #[test]
