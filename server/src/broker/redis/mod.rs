@@ -44,10 +44,11 @@
 //!
 //! What any broker implements and reuses is in the [`broker`](crate::broker)
 //! module doc. A Redis Cluster broker (sharded Pub/Sub) would keep
-//! `scripts`, `publisher`, `history` and `subscriptions` per shard (a room's
-//! keys and channel hash to one slot) and replace `discovery` and `link`
-//! with per-shard ones; a Kafka broker would keep only the broker-agnostic
-//! parts and `error`'s pattern.
+//! `scripts`, `publisher`, `history` and `subscriptions` per shard (with
+//! the room's keys hash-tagged so that one script's keys share a slot, and
+//! `SSUBSCRIBE`), and replace `discovery` and `link` with per-shard ones; a
+//! Kafka broker would keep only the broker-agnostic parts and `error`'s
+//! pattern.
 
 mod connection;
 mod discovery;
