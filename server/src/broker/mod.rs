@@ -11,9 +11,32 @@
 //! hub relies on this to issue subscribe/unsubscribe in transition order
 //! under its registry lock, and connections rely on it so that one client's
 //! publishes to a room keep their order.
+//!
+//! - [`memory`]: one process, no bus (the default, and the tests' reference)
+//! - [`redis`]: Redis Pub/Sub, or Redis Streams with history, with Sentinel
+//! - [`continuity`]: the offset/epoch rules (deliver, drop, fill, report
+//!   lost, resume after a reconnect), pure functions
+//! - [`tracker`]: those rules applied per served room, with gap fills that
+//!   hold only their own room
+//!
+//! ## Adding a broker
+//!
+//! A broker implements [`Broker`] and hands each message of the rooms this
+//! node subscribed to [`Deliver`] once, from one reader that never waits on
+//! anything but its bus. Without a history that is all (the memory broker).
+//! With one, it reuses [`continuity`] and [`tracker`] unchanged: its reader
+//! passes live messages to [`Tracker::live`](tracker::Tracker::live), runs
+//! the [`FillJob`](tracker::FillJob)s it gets back off its path with a
+//! [`ReadPage`](tracker::ReadPage) of its own, and after a reconnect asks its
+//! bus the epoch check and applies [`continuity::resume`]. The Redis broker's
+//! module doc shows the task split to copy (finding the server, a link
+//! supervisor, a reader, a publisher) and what a Redis Cluster or Kafka
+//! broker would keep of it.
 
+pub mod continuity;
 pub mod memory;
 pub mod redis;
+pub mod tracker;
 
 use std::sync::Arc;
 

@@ -265,3 +265,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "scripts_rules_tests.rs"]
+mod rules_tests;

@@ -4,12 +4,24 @@
 
 use std::fmt;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     pub target: Target,
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: i64,
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisUrl")
+            .field("target", &self.target)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +222,11 @@ mod tests {
             }
         );
         assert_eq!(u.password.as_deref(), Some("s3"));
+        let debug = format!("{u:?}");
+        assert!(
+            !debug.contains("s3") && debug.contains("<redacted>"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -1,0 +1,197 @@
+//! History reads (durable delivery): pages of a room's stream, where rooms
+//! stand, and the epoch check after a reconnect. The gap fills themselves
+//! are the broker-agnostic [`Tracker`]'s; this module gives it its reads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::FutureExt;
+use redis::aio::MultiplexedConnection;
+
+use super::connection::Master;
+use super::error::{Error, bounded};
+use super::scripts;
+use super::url::Addr;
+use crate::broker::continuity::{self, Check, Cursor, Resume};
+use crate::broker::tracker::{FillJob, ReadPage, Tracker};
+use crate::broker::{Delivery, History, new_epoch};
+use crate::metrics::Metrics;
+use crate::protocol::RoomName;
+use crate::sync::lock;
+
+/// Reads the room's epoch, last offset and up to `limit` kept messages after
+/// `after` (no more than `max_bytes` of frames, but at least one), in one
+/// round trip.
+pub(super) async fn read(
+    conn: &mut MultiplexedConnection,
+    addr: &Addr,
+    room: &RoomName,
+    after: u64,
+    limit: usize,
+    max_bytes: usize,
+    op_timeout: Duration,
+) -> Result<History, Error> {
+    let mut inv = scripts::HISTORY.key(scripts::room_key(room.as_str()));
+    inv.key(scripts::history_key(room.as_str()))
+        .arg(after)
+        .arg(limit.max(1))
+        .arg(max_bytes);
+    let (last, epoch, entries) = bounded(
+        addr,
+        "history script",
+        op_timeout,
+        inv.invoke_async::<(Option<u64>, Option<String>, Vec<(String, Vec<u8>)>)>(conn),
+    )
+    .await?;
+    let epoch: Arc<str> = epoch.unwrap_or_default().into();
+    let mut messages = Vec::with_capacity(entries.len());
+    for (id, frame) in entries {
+        let Some(offset) = scripts::entry_offset(&id) else {
+            continue;
+        };
+        let Ok(frame) = Utf8Bytes::try_from(bytes::Bytes::from(frame)) else {
+            continue;
+        };
+        messages.push(Delivery {
+            room: room.clone(),
+            offset,
+            epoch: epoch.clone(),
+            frame,
+            published_at_us: 0,
+        });
+    }
+    Ok(History {
+        epoch,
+        last: last.unwrap_or(0),
+        messages,
+    })
+}
+
+/// The tracker's history reads, through the master's connection.
+pub(super) fn pages(master: &Master, op_timeout: Duration) -> ReadPage<Error> {
+    let master = master.clone();
+    Arc::new(move |room, after, limit, max_bytes| {
+        let mut conn = master.conn.clone();
+        let addr = master.addr.clone();
+        async move { read(&mut conn, &addr, &room, after, limit, max_bytes, op_timeout).await }
+            .boxed()
+    })
+}
+
+/// The rooms' epochs and last offsets (a room not created yet: no epoch,
+/// offset 0), in one round trip.
+pub(super) async fn positions(
+    conn: &mut MultiplexedConnection,
+    addr: &Addr,
+    rooms: &[RoomName],
+    limit: Duration,
+) -> Result<Vec<Cursor>, Error> {
+    let mut pipe = redis::pipe();
+    for room in rooms {
+        pipe.cmd("HMGET")
+            .arg(scripts::room_key(room.as_str()))
+            .arg("o")
+            .arg("e");
+    }
+    let replies: Vec<(Option<u64>, Option<String>)> =
+        bounded(addr, "HMGET room positions", limit, pipe.query_async(conn)).await?;
+    Ok(replies
+        .into_iter()
+        .map(|(offset, epoch)| Cursor::new(epoch.unwrap_or_default(), offset.unwrap_or(0)))
+        .collect())
+}
+
+/// Rooms tracked for acknowledged offsets at most; past it, the map is reset.
+const MAX_ACKED: usize = 65_536;
+
+/// The last offset this node had acknowledged per room (history mode), for
+/// the epoch check after a reconnect. Std mutex: map updates only.
+#[derive(Default)]
+pub(super) struct Acked(Mutex<HashMap<RoomName, Cursor>>);
+
+impl Acked {
+    pub fn note(&self, room: &RoomName, epoch: &Arc<str>, offset: u64) {
+        let mut acked = lock(&self.0);
+        if acked.len() >= MAX_ACKED && !acked.contains_key(room) {
+            acked.clear();
+        }
+        match acked.get_mut(room) {
+            Some(cursor) => cursor.advance(epoch, offset),
+            None => {
+                acked.insert(room.clone(), Cursor::new(epoch.clone(), offset));
+            }
+        }
+    }
+}
+
+/// After (re)connecting in history mode, before any publish reaches the
+/// master: for every room this node saw offsets of (acknowledged or
+/// delivered), make sure the master still has them (else the room gets a new
+/// epoch: acknowledged messages were lost), and set each delivered room's
+/// cursor. Returns the catch-up fills for what was published while this node
+/// was away, to run once live messages flow.
+pub(super) async fn check_epochs(
+    master: &mut Master,
+    tracker: &Tracker,
+    acked: &Acked,
+    metrics: &Metrics,
+    limit: Duration,
+) -> Result<Vec<FillJob>, Error> {
+    let mut known: HashMap<RoomName, Cursor> = lock(&acked.0).clone();
+    for (room, cursor) in tracker.cursors() {
+        match known.get_mut(&room) {
+            Some(k) => k.advance(&cursor.epoch, cursor.offset),
+            None => {
+                known.insert(room, cursor);
+            }
+        }
+    }
+    if known.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rooms: Vec<(RoomName, Cursor)> = known.into_iter().collect();
+    let mut pipe = redis::pipe();
+    for (room, seen) in &rooms {
+        pipe.cmd("EVALSHA")
+            .arg(scripts::EPOCH_CHECK.get_hash())
+            .arg(2)
+            .arg(scripts::room_key(room.as_str()))
+            .arg(scripts::history_key(room.as_str()))
+            .arg(&*seen.epoch)
+            .arg(seen.offset)
+            .arg(new_epoch());
+    }
+    let replies: Vec<(u8, u64, String)> = bounded(
+        &master.addr,
+        "epoch check",
+        limit * 2,
+        pipe.query_async(&mut master.conn),
+    )
+    .await?;
+    let mut fills = Vec::new();
+    for ((room, seen), (reset, last, epoch)) in rooms.into_iter().zip(replies) {
+        let check = Check {
+            reset: reset == 1,
+            last,
+            epoch: epoch.into(),
+        };
+        if check.reset {
+            metrics.epoch_resets.inc();
+            tracing::warn!(
+                %room, had = seen.offset, master_has = last, old_epoch = %seen.epoch, new_epoch = %check.epoch,
+                "the master lacks acknowledged messages of the room (lost in a failover): new epoch"
+            );
+            lock(&acked.0).remove(&room);
+        }
+        match continuity::resume(tracker.cursor(&room).as_ref(), &check) {
+            Resume::Untracked => {}
+            Resume::Reset(cursor) => {
+                tracker.resume(&room, cursor, 0);
+            }
+            Resume::From { from, upto } => fills.extend(tracker.resume(&room, from, upto)),
+        }
+    }
+    Ok(fills)
+}

@@ -1,0 +1,154 @@
+//! The Pub/Sub reader: the only reader of every room's messages on this
+//! node. It reads a notification, splits it, and hands it over — straight
+//! to the hub, or (history mode) through the [`Tracker`], which delivers it,
+//! drops it or holds it behind its room's gap fill. Fills run in tasks of
+//! their own (a few at a time, the rest queued in order), so the reader never waits for a history
+//! read, a sentinel or anything else: one room's trouble never holds up
+//! another room's delivery. Canary arrivals are passed on to the link.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
+use redis::aio::PubSubStream;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use super::error::Error;
+use super::scripts;
+use super::url::Addr;
+use crate::broker::tracker::{FillJob, ReadPage, Tracker};
+use crate::broker::{Deliver, Delivery};
+use crate::protocol::RoomName;
+
+/// Gap fills reading history at once per link; more wait their turn.
+const CONCURRENT_FILLS: usize = 8;
+
+pub(super) struct Reader {
+    pub stream: PubSubStream,
+    pub master: Addr,
+    pub deliver: Arc<dyn Deliver>,
+    /// History mode: the tracker, and how it reads history.
+    pub history: Option<(Arc<Tracker>, ReadPage<Error>)>,
+    pub canary_channel: String,
+    /// The number of the last canary that came back.
+    pub canary: watch::Sender<u64>,
+    /// Tells the reader to stop (its link ends).
+    pub stop: Arc<Notify>,
+}
+
+impl Reader {
+    /// Reads until the stream ends, a catch-up fill fails or the link says
+    /// stop (`None`); first queues `fills` (the catch-ups after a
+    /// reconnect). Ends its fills before it returns.
+    pub async fn run(mut self, fills: Vec<FillJob>) -> Option<Error> {
+        let mut fills = Fills {
+            waiting: fills.into(),
+            running: JoinSet::new(),
+        };
+        fills.start(&self.history);
+        let why = loop {
+            tokio::select! {
+                msg = self.stream.next() => match msg {
+                    Some(msg) => {
+                        if let Some(job) = self.dispatch(&msg) {
+                            fills.waiting.push_back(job);
+                            fills.start(&self.history);
+                        }
+                    }
+                    None => break Some(Error::SubscriptionClosed(self.master.clone())),
+                },
+                Some(done) = fills.running.join_next() => {
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Some(e),
+                        Err(e) => tracing::error!(error = %e, "a gap fill panicked"),
+                    }
+                    fills.start(&self.history);
+                }
+                () = self.stop.notified() => break None,
+            }
+        };
+        fills.running.shutdown().await;
+        why
+    }
+
+    /// Hands one message over; a gap fill to start, if it opened one.
+    fn dispatch(&self, msg: &redis::Msg) -> Option<FillJob> {
+        let channel = msg.get_channel_name();
+        if let Some(room) = channel.strip_prefix(scripts::ROOM_CHANNEL_PREFIX) {
+            let d = delivery(room, msg.get_payload_bytes())?;
+            match &self.history {
+                None => {
+                    self.deliver.deliver(d);
+                    None
+                }
+                Some((tracker, _)) => tracker.live(d),
+            }
+        } else {
+            if channel == self.canary_channel
+                && let Some(seq) = std::str::from_utf8(msg.get_payload_bytes())
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+            {
+                self.canary.send_replace(seq);
+            }
+            None
+        }
+    }
+}
+
+/// The link's gap fills: a few running, the rest waiting their turn (one
+/// per room at most, as the tracker opens no second fill for a room).
+struct Fills {
+    waiting: VecDeque<FillJob>,
+    running: JoinSet<Result<(), Error>>,
+}
+
+impl Fills {
+    /// Starts waiting fills while there is room.
+    fn start(&mut self, history: &Option<(Arc<Tracker>, ReadPage<Error>)>) {
+        let Some((tracker, read)) = history else {
+            return;
+        };
+        while self.running.len() < CONCURRENT_FILLS {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            let (tracker, read) = (tracker.clone(), read.clone());
+            self.running.spawn(async move {
+                let room = job.room().clone();
+                tracker.fill(job, &read).await.map_err(|e| Error::CatchUp {
+                    room,
+                    source: Box::new(e),
+                })
+            });
+        }
+    }
+}
+
+/// A room notification as a delivery (`None`, logged, when malformed).
+fn delivery(room: &str, payload: &[u8]) -> Option<Delivery> {
+    let Some(n) = scripts::split_notification(payload) else {
+        tracing::warn!(room, "ignoring a malformed notification");
+        return None;
+    };
+    let (Ok(room), Ok(frame)) = (
+        RoomName::parse(room),
+        Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(n.frame)),
+    ) else {
+        tracing::warn!(
+            room,
+            "ignoring a notification for a bad room or with bad UTF-8"
+        );
+        return None;
+    };
+    Some(Delivery {
+        room,
+        offset: n.offset,
+        epoch: n.epoch.into(),
+        frame,
+        published_at_us: n.published_at_us,
+    })
+}
