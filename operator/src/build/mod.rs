@@ -12,6 +12,7 @@ pub mod ingress;
 pub mod meta;
 pub mod network_policy;
 pub mod pdb;
+pub mod pod_policy;
 pub mod redis_auth_secret;
 pub mod redis_statefulset;
 pub mod sentinel;
