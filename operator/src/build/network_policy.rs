@@ -19,11 +19,9 @@ use k8s_openapi::{
 };
 
 use super::meta::{Component, MANAGED_BY, Names, REDIS_PORT, SENTINEL_PORT, object_meta};
+use super::redis_group::WAITING_PORT;
 use crate::cluster::ValidCluster;
 
-/// Port a Redis pod listens on while it waits to learn its role (before it
-/// serves on [`REDIS_PORT`]).
-pub const WAITING_ROOM_PORT: i32 = 6380;
 /// The label the API server sets on every Namespace to its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
@@ -89,7 +87,7 @@ pub fn build(c: &ValidCluster) -> NetworkPolicy {
                 ]),
                 ports: Some(vec![
                     port(REDIS_PORT),
-                    port(WAITING_ROOM_PORT),
+                    port(WAITING_PORT),
                     port(SENTINEL_PORT),
                 ]),
             }]),

@@ -17,7 +17,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, StatefulSet},
         autoscaling::v2::HorizontalPodAutoscaler,
-        core::v1::{Secret, Service},
+        core::v1::{ConfigMap, Secret, Service},
         networking::v1::{Ingress, NetworkPolicy},
         policy::v1::PodDisruptionBudget,
     },
@@ -29,7 +29,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
 
-use crate::build::{ManagedRedis, Resources};
+use crate::build::{ManagedRedis, Resources, redis_group};
 use crate::cluster::ValidCluster;
 
 /// The field manager of everything the operator writes.
@@ -110,7 +110,7 @@ pub struct Applied {
 #[derive(Clone, Debug)]
 pub struct AppliedRedis {
     pub statefulset: StatefulSet,
-    pub sentinel_deployment: Deployment,
+    pub sentinel_statefulset: StatefulSet,
 }
 
 /// A namespaced kind the operator writes, reads and deletes.
@@ -312,10 +312,11 @@ pub async fn apply_all(
     apply_or_skip(client, ns, config_map, sk).await?;
     let (applied_redis, generated_secret) = match redis {
         Some(ManagedRedis {
+            group_config,
             headless_service,
             statefulset,
             sentinel_service,
-            sentinel_deployment,
+            sentinel_statefulset,
             redis_pdb,
             sentinel_pdb,
         }) => {
@@ -323,17 +324,18 @@ pub async fn apply_all(
                 Some(secret) => create_secret(client, ns, secret).await?,
                 None => false,
             };
+            apply_or_skip(client, ns, group_config, sk).await?;
             apply_or_skip(client, ns, headless_service, sk).await?;
             let statefulset = apply_and_observe::<StatefulSet>(client, ns, statefulset, sk).await?;
             apply_or_skip(client, ns, sentinel_service, sk).await?;
-            let sentinel_deployment =
-                apply_and_observe::<Deployment>(client, ns, sentinel_deployment, sk).await?;
+            let sentinel_statefulset =
+                apply_and_observe::<StatefulSet>(client, ns, sentinel_statefulset, sk).await?;
             apply_or_skip(client, ns, redis_pdb, sk).await?;
             apply_or_skip(client, ns, sentinel_pdb, sk).await?;
             (
                 Some(AppliedRedis {
                     statefulset,
-                    sentinel_deployment,
+                    sentinel_statefulset,
                 }),
                 generated,
             )
@@ -342,7 +344,8 @@ pub async fn apply_all(
             // External Redis: the managed group is no longer wanted. The
             // generated Secret stays (owned, so it goes with the cluster).
             delete::<StatefulSet>(client, c, &names.redis, sk).await?;
-            delete::<Deployment>(client, c, &names.sentinel, sk).await?;
+            delete::<StatefulSet>(client, c, &names.sentinel, sk).await?;
+            delete::<ConfigMap>(client, c, &redis_group::config_map_name(names), sk).await?;
             delete::<Service>(client, c, &names.redis, sk).await?;
             delete::<Service>(client, c, &names.sentinel, sk).await?;
             delete::<PodDisruptionBudget>(client, c, &names.redis, sk).await?;

@@ -199,10 +199,11 @@ impl Script {
             ));
         }
         steps.extend([
+            p(format!("{NS}/configmaps/chat-redis-group")),
             p(format!("{NS}/services/chat-redis")),
             redis(format!("{APPS}/statefulsets/chat-redis")),
             p(format!("{NS}/services/chat-sentinel")),
-            redis(format!("{APPS}/deployments/chat-sentinel")),
+            redis(format!("{APPS}/statefulsets/chat-sentinel")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-sentinel")),
             expect(
@@ -245,7 +246,7 @@ fn settled_cluster() -> MessagingCluster {
         redis: Some(super::apply::AppliedRedis {
             statefulset: serde_json::from_value(json!({"metadata": {}, "status": redis(3)}))
                 .unwrap(),
-            sentinel_deployment: serde_json::from_value(
+            sentinel_statefulset: serde_json::from_value(
                 json!({"metadata": {}, "status": redis(3)}),
             )
             .unwrap(),
@@ -299,7 +300,7 @@ async fn new_cluster_applies_every_object_generates_the_password_and_reports_sta
     let cm = out.body(Method::PATCH, &format!("{NS}/configmaps/chat-server"));
     assert_eq!(
         cm["data"]["CHORUS_BROKER"],
-        "redis+sentinel://chat-sentinel:26379/chorus"
+        "redis+sentinel://chat-sentinel-0.chat-sentinel.default.svc:26379,chat-sentinel-1.chat-sentinel.default.svc:26379,chat-sentinel-2.chat-sentinel.default.svc:26379/chorus"
     );
     let secret = out.body(Method::POST, &format!("{NS}/secrets"));
     assert_eq!(secret["metadata"]["name"], "chat-redis-auth");
@@ -709,7 +710,8 @@ async fn external_redis_removes_the_managed_group_and_reports_the_url() {
     )];
     script.extend([
         d(format!("{APPS}/statefulsets/chat-redis")),
-        d(format!("{APPS}/deployments/chat-sentinel")),
+        d(format!("{APPS}/statefulsets/chat-sentinel")),
+        d(format!("{NS}/configmaps/chat-redis-group")),
         d(format!("{NS}/services/chat-redis")),
         d(format!("{NS}/services/chat-sentinel")),
         d(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
