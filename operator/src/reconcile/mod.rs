@@ -303,7 +303,7 @@ async fn converge(
     // 6. status, from what apply and topology observed
     let now = Timestamp::now();
     let mut new_status = status::compute(mc, c, &applied, observed_master, now);
-    // Refusals first: they wait for the user, the rest is transient.
+    // Refusals first: only the user can clear them; the rest is transient.
     let mut failures: Vec<Error> = skipped.refused.into_iter().map(Error::from).collect();
     failures.extend(topology_error);
     if let Some(first) = failures.first() {
