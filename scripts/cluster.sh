@@ -37,6 +37,11 @@
 # certificates, etcd, containerd, kubelet, logs and pid files),
 # CHORUS_PROFILE (release or debug: which cargo build the Chorus images take;
 # default release).
+#
+# Storage: the default StorageClass `local` is served by the cluster's own
+# provisioner (scripts/cluster/volumes.sh, process "volumes"): a claim gets
+# a folder DIR/volumes/<claim uid> that any pod user can write (the Redis
+# pods run as uid 65532), deleted with the claim.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -66,7 +71,9 @@ SERVER_IMAGE=docker.io/library/chorus-server:$VERSION
 OPERATOR_IMAGE=docker.io/library/chorus-operator:$VERSION
 
 # Processes the cluster owns, in start order; `down` stops them in reverse.
-PROCESSES="etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns"
+PROCESSES="etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns volumes"
+# The provisioner of StorageClass `local` (scripts/cluster/volumes.sh).
+VOLUME_PROVISIONER=chorus.dev/host-folder
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: $*" >&2; exit 1; }
@@ -242,7 +249,7 @@ control_plane_up() {
     --leader-elect=false --use-service-account-credentials=true \
     --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
-    --bind-address=127.0.0.1 --profiling=false --enable-hostpath-provisioner=true
+    --bind-address=127.0.0.1 --profiling=false
   start kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$DIR/scheduler.kubeconfig" \
     --authentication-kubeconfig="$DIR/scheduler.kubeconfig" \
     --authorization-kubeconfig="$DIR/scheduler.kubeconfig" \
@@ -366,16 +373,23 @@ EOF
 
 # Cluster-wide objects: CoreDNS's read access (the other host processes
 # use built-in users), and a default StorageClass whose volumes are folders
-# of this machine (the controller manager's host-path provisioner, under
-# /tmp/hostpath_pv), so PersistentVolumeClaims such as Redis storage bind.
+# of this machine (made by the "volumes" process, see volumes_up), so
+# PersistentVolumeClaims such as Redis storage bind.
 bootstrap_objects() {
+  # A class's provisioner cannot change: replace one left by an older
+  # version of this script (the controller manager's host-path provisioner).
+  local provisioner
+  provisioner=$(kubectl get storageclass local -o jsonpath='{.provisioner}' 2>/dev/null || true)
+  if [ -n "$provisioner" ] && [ "$provisioner" != "$VOLUME_PROVISIONER" ]; then
+    kubectl delete storageclass local >/dev/null
+  fi
   kubectl apply -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
 kind: StorageClass
 metadata:
   name: local
   annotations: {storageclass.kubernetes.io/is-default-class: "true"}
-provisioner: kubernetes.io/host-path
+provisioner: $VOLUME_PROVISIONER
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
 ---
@@ -397,6 +411,13 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "chorus:
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:coredns"}
 EOF
+}
+
+# The provisioner of StorageClass `local`: every 2 s it binds Pending
+# claims to folders under $DIR/volumes and deletes Released volumes.
+volumes_up() {
+  start volumes bash "$here/cluster/volumes.sh" "$BIN/kubectl" "$DIR/admin.kubeconfig" \
+    "$DIR/volumes" "$NODE"
 }
 
 node_ready() {
@@ -529,6 +550,7 @@ cmd_up() {
   import_images
   node_up
   bootstrap_objects
+  volumes_up
   wait_for "node $NODE to be Ready" 180 node_ready || die "node not Ready; see $LOGS/kubelet.log"
   wait_for "CoreDNS" 60 dns_ready || die "CoreDNS does not answer; see $LOGS/coredns.log"
   wait_for "the default ServiceAccount" 60 kubectl get serviceaccount default

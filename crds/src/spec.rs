@@ -124,7 +124,7 @@ pub struct MessagingClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
 
-    /// A NetworkPolicy letting only the server pods (and the operator) reach Redis.
+    /// A NetworkPolicy letting only this cluster's pods (and the operator) reach Redis.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
 }
@@ -309,6 +309,10 @@ fn default_affinity_timeout() -> i32 {
     {
         "rule": "self.sentinels % 2 == 1",
         "message": "spec.redis.sentinels must be odd (1, 3, 5...) so that a majority can agree on a failover"
+    },
+    {
+        "rule": "self.mode == 'external' || oldSelf.mode == 'external' || (has(self.storage) == has(oldSelf.storage) && (!has(self.storage) || self.storage == oldSelf.storage))",
+        "message": "spec.redis.storage cannot change while the managed Redis group exists: a StatefulSet's volumes are fixed when it is created. Create a new MessagingCluster with the storage you want and move clients to it, or delete and re-create this one (its Redis data is lost)"
     }
 ]))]
 pub struct RedisSpec {
@@ -328,7 +332,9 @@ pub struct RedisSpec {
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
     /// Persistent volumes with AOF persistence; absent: data lives on the
-    /// pods' own volumes (AOF on them in `delivery: streams`).
+    /// pods' own volumes (AOF on them in `delivery: streams`). Fixed while
+    /// the managed group exists: the API server refuses a change (a
+    /// StatefulSet's volume claims are immutable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageSpec>,
     /// Resources of the Redis containers. Default: requests 100m CPU and
@@ -406,10 +412,14 @@ pub enum RedisMode {
 pub struct StorageSpec {
     /// Size of each Redis pod's volume, e.g. `1Gi`.
     #[serde(default = "default_storage_size")]
-    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+    )]
     pub size: String,
     /// StorageClass of the volumes; absent: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
 }
 
@@ -571,12 +581,27 @@ pub struct IngressSpec {
 }
 
 /// NetworkPolicy for the managed Redis.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
-    /// Create `NetworkPolicy <name>-redis`.
-    #[serde(default)]
+    /// Create `NetworkPolicy <name>-redis`: only this cluster's pods and the
+    /// operator's namespace reach Redis and Sentinel.
+    #[serde(default = "default_network_policy_enabled")]
     pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: default_network_policy_enabled(),
+        }
+    }
+}
+
+/// On by default: whoever reaches a sentinel can point it at a host of
+/// their own and collect the Redis password from every server.
+fn default_network_policy_enabled() -> bool {
+    true
 }
 
 #[cfg(test)]
@@ -598,6 +623,7 @@ mod tests {
         assert_eq!(parsed.redis.mode, RedisMode::Managed);
         assert_eq!((parsed.redis.replicas, parsed.redis.sentinels), (3, 3));
         assert_eq!(parsed.pod_disruption_budget.max_unavailable, 1);
+        assert!(parsed.network_policy.enabled, "NetworkPolicy on by default");
         assert_eq!(
             parsed.image(),
             format!("chorus-server:{}", env!("CARGO_PKG_VERSION"))

@@ -26,8 +26,11 @@ pub struct MessagingClusterStatus {
     /// Where clients connect.
     #[serde(default)]
     pub endpoints: EndpointsStatus,
-    /// `Ready`, `Progressing`, `Degraded`, `RedisReady`.
+    /// `Ready`, `Progressing`, `Degraded`, `RedisReady`; at most one of
+    /// each type (a list-map keyed by `type`, so server-side apply merges
+    /// them by type).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

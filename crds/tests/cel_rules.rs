@@ -36,6 +36,15 @@ fn violations(spec: Value) -> Vec<String> {
     }
 }
 
+/// Messages of the rules an update from `old` to `new` breaks, transition
+/// rules (`oldSelf`) included.
+fn update_violations(old: Value, new: Value) -> Vec<String> {
+    match Validator::new().validate(&schema(), &manifest(new), Some(&manifest(old))) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
 fn count_rules_and_errors(node: &CompiledSchema, rules: &mut usize, errors: &mut Vec<String>) {
     *rules += node.validations.len();
     errors.extend(node.compilation_errors().iter().map(ToString::to_string));
@@ -54,7 +63,7 @@ fn every_rule_compiles() {
     let (mut rules, mut errors) = (0, Vec::new());
     count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
     assert_eq!(errors, Vec::<String>::new());
-    assert_eq!(rules, 5);
+    assert_eq!(rules, 6);
 }
 
 #[test]
@@ -131,4 +140,49 @@ fn autoscaling_without_a_cpu_request_is_refused() {
         json!({"resources": {"requests": {"memory": "1Gi"}}, "autoscaling": {"maxReplicas": 3}}),
     );
     assert_eq!(v.len(), 1, "{v:?}");
+}
+
+#[test]
+fn redis_storage_cannot_change_once_the_group_exists() {
+    const REFUSED: &str = "spec.redis.storage cannot change while the managed Redis group exists";
+    let one_gi = json!({"redis": {"storage": {"size": "1Gi"}}});
+    let cases = [
+        ("resized", json!({"redis": {"storage": {"size": "5Gi"}}})),
+        (
+            "new class",
+            json!({"redis": {"storage": {"size": "1Gi", "storageClassName": "fast"}}}),
+        ),
+        ("removed", json!({})),
+    ];
+    for (what, new) in cases {
+        let v = update_violations(one_gi.clone(), new);
+        assert!(v.len() == 1 && v[0].contains(REFUSED), "{what}: {v:?}");
+        assert!(
+            v[0].contains("Create a new MessagingCluster"),
+            "says what to do: {v:?}"
+        );
+    }
+    let v = update_violations(json!({}), one_gi.clone());
+    assert!(v.len() == 1 && v[0].contains(REFUSED), "added: {v:?}");
+
+    // Unchanged storage (written out, or filled in by the defaults), other
+    // Redis fields changing, and a new cluster are all fine.
+    let same = json!({"redis": {"storage": {}, "replicas": 5}});
+    assert_eq!(
+        update_violations(one_gi.clone(), same),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        update_violations(json!({"replicas": 2}), json!({"replicas": 4})),
+        Vec::<String>::new()
+    );
+    assert_eq!(violations(one_gi.clone()), Vec::<String>::new());
+
+    // No StatefulSet exists before or after external mode: storage is free.
+    let external = json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379"}}});
+    assert_eq!(
+        update_violations(external.clone(), one_gi.clone()),
+        Vec::<String>::new()
+    );
+    assert_eq!(update_violations(one_gi, external), Vec::<String>::new());
 }

@@ -198,6 +198,7 @@ fn basic_is_three_pubsub_pods_on_a_managed_sentinel_group() {
     assert_eq!(mc.spec.redis.mode, RedisMode::Managed);
     assert_eq!((mc.spec.redis.replicas, mc.spec.redis.sentinels), (3, 3));
     assert_eq!(mc.spec.service.type_, ServiceType::ClusterIP);
+    assert!(mc.spec.network_policy.enabled, "Redis fenced in");
 }
 
 #[test]

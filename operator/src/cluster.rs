@@ -34,6 +34,9 @@ pub struct ValidCluster {
     /// generated one (managed Redis without `passwordSecretRef`), or none
     /// (external Redis without `passwordSecretRef`).
     pub password: Option<SecretKeyRef>,
+    /// Namespace the operator's own pods run in: the Redis NetworkPolicy
+    /// admits the operator from there.
+    pub operator_namespace: String,
 }
 
 impl ValidCluster {
@@ -51,7 +54,11 @@ impl ValidCluster {
 
 /// Checks the spec (`chorus_crds::validate`: what the CRD's schema and CEL
 /// rules cannot express) and the metadata every owned object needs.
-pub fn validate(mc: &MessagingCluster) -> Result<ValidCluster, InvalidSpec> {
+/// `operator_namespace` is where this operator runs (`--operator-namespace`).
+pub fn validate(
+    mc: &MessagingCluster,
+    operator_namespace: &str,
+) -> Result<ValidCluster, InvalidSpec> {
     let mut problems: Vec<String> = match chorus_crds::validate(mc) {
         Ok(()) => Vec::new(),
         Err(errors) => errors.iter().map(ToString::to_string).collect(),
@@ -73,6 +80,7 @@ pub fn validate(mc: &MessagingCluster) -> Result<ValidCluster, InvalidSpec> {
             names,
             owner,
             generation: mc.metadata.generation,
+            operator_namespace: operator_namespace.to_owned(),
         }),
         _ => Err(InvalidSpec {
             message: problems.join("; "),
@@ -83,7 +91,11 @@ pub fn validate(mc: &MessagingCluster) -> Result<ValidCluster, InvalidSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::{TestCluster, UID};
+    use crate::build::fixtures::{OPERATOR_NAMESPACE, TestCluster, UID};
+
+    fn validate(mc: &MessagingCluster) -> Result<ValidCluster, InvalidSpec> {
+        super::validate(mc, OPERATOR_NAMESPACE)
+    }
 
     #[test]
     fn a_valid_cluster_carries_its_names_owner_and_password_source() {

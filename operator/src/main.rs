@@ -66,6 +66,11 @@ struct RunArgs {
     /// Namespace of the Lease (default: the pod's namespace, else the kubeconfig's).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
+    /// Namespace the operator's pods run in, admitted to Redis and Sentinel
+    /// by each cluster's NetworkPolicy (default: the pod's namespace, else
+    /// the kubeconfig's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    operator_namespace: Option<String>,
     /// This replica's identity in the Lease and in Events (default: pod name, else host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -215,7 +220,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller: "chorus-operator".into(),
         instance: Some(identity),
     };
-    let ctx = Arc::new(Context::new(client, reporter, metrics));
+    let operator_namespace = args
+        .operator_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    info!(%operator_namespace, "the Redis NetworkPolicies admit the operator from this namespace");
+    let ctx = Arc::new(
+        Context::new(client, reporter, metrics).with_operator_namespace(operator_namespace),
+    );
     let controller = bounded(
         controller::run(ctx, args.namespace.clone(), stopped(shutdown.clone())),
         stopped(shutdown.clone()),

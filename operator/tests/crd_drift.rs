@@ -143,3 +143,26 @@ fn check_structural(path: &str, node: &serde_json::Value, problems: &mut Vec<Str
         }
     }
 }
+
+/// `status.conditions` is a list-map keyed by `type`: the API server keeps
+/// one condition per type and server-side apply merges them by type. A
+/// map key must be required in the item schema, or the API server refuses
+/// the CRD.
+#[test]
+fn conditions_are_a_list_map_keyed_by_type() {
+    let crd = chorus_operator::crd::crd();
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+    let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(
+        conditions["x-kubernetes-list-map-keys"],
+        serde_json::json!(["type"])
+    );
+    let required = conditions["items"]["required"]
+        .as_array()
+        .expect("required fields of a condition");
+    assert!(
+        required.contains(&serde_json::json!("type")),
+        "{required:?}"
+    );
+}

@@ -10,7 +10,10 @@ API calls by their shape:
   object, written by ``apply()`` with server-side apply, which is ``patch``,
   plus ``create`` when the object does not exist yet (the API server
   authorises that create separately);
-- ``delete::<K>(…)``: K is deleted when no longer asked for;
+- a generic helper over ``Api<K>`` (``fn delete<K>(…)`` in
+  ``reconcile/apply.rs``, which reads an object before deleting it): the
+  ``Api`` methods it calls, for every ``K`` it is called with as
+  ``helper::<K>(…)`` (such helpers must be called with the turbofish);
 - a variable, parameter or struct field of a concrete type ``Api<K>``: the
   ``Api`` methods called on it (``get_opt`` → get, ``replace`` → update,
   ``patch_status`` → patch on ``k/status``, …) and the watch helpers it is
@@ -379,14 +382,6 @@ def required_permissions(crd_name: str, lease_name: str) -> set[Permission]:
                 elif re.search(r"\bstruct\s+" + type_name + r"\b", build_text) and type_name not in seen:
                     pending.append(type_name)
 
-    # Deletions of what is no longer asked for.
-    for path, text in sources.items():
-        uses = imports(text)
-        for m in re.finditer(r"\bdelete::<\s*(\w+)\s*>", text):
-            kind = resolve(m.group(1), uses)
-            assert kind, f"{path}: deleted type {m.group(1)} is not an API resource"
-            need(kind, path, ("delete",))
-
     # Functions and structs holding a concrete Api<K>.
     def calls(body: str, receiver: str = r"\w+") -> list[tuple[str, str]]:
         found = []
@@ -434,6 +429,31 @@ def required_permissions(crd_name: str, lease_name: str) -> set[Permission]:
                 kind = resolve(type_name, uses)
                 if kind:
                     record(kind, path, calls(text, r"self\s*\.\s*" + field), "Patch::Apply" in text)
+
+    # Generic helpers over Api<K>: their calls, for each K they are called
+    # with. `apply` is the one exception: it writes the built objects,
+    # derived above from build::Resources.
+    helpers: dict[str, tuple[list[tuple[str, str]], bool]] = {}
+    for path, text in sources.items():
+        for body in functions(text):
+            m = re.match(r"fn\s+(\w+)\s*<\s*(\w+)\b", body)
+            if not m or m.group(1) == "apply":
+                continue
+            name, param = m.groups()
+            apis = re.findall(r"\b(\w+)\s*:\s*&?\s*Api\s*<\s*" + param + r"\s*>", body)
+            found = [c for var in apis for c in calls(body, r"\b" + var)]
+            if found:
+                helpers[name] = (found, "Patch::Apply" in body)
+    assert "delete" in helpers, "reconcile/apply.rs: delete::<K>() no longer calls the API through an Api<K>"
+    for path, text in sources.items():
+        uses = imports(text)
+        for name, (found, server_side_apply) in helpers.items():
+            bare = [m for m in re.finditer(r"(?<![.\w])" + name + r"\s*\(", text)]
+            assert not bare, f"{path}: call {name}::<K>(…) with the turbofish, so the RBAC derivation sees K"
+            for m in re.finditer(r"\b" + name + r"::<\s*(\w+)\s*>", text):
+                kind = resolve(m.group(1), uses)
+                assert kind, f"{path}: {name}::<{m.group(1)}> is not an API resource"
+                record(kind, path, found, server_side_apply)
 
     # kube-runtime's Recorder: events.k8s.io/v1 Events, created, then patched
     # when the same event repeats.

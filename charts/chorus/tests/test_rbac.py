@@ -82,6 +82,9 @@ def test_the_derivation_finds_what_the_operator_is_known_to_do():
         Permission(WORKLOAD, "chorus.dev", "messagingclusters/status", "patch"),
         Permission(WORKLOAD, "apps", "deployments", "patch"),
         Permission(WORKLOAD, "apps", "statefulsets", "delete"),
+        # Read before a delete, to check the owner; and after a refused apply.
+        Permission(WORKLOAD, "autoscaling", "horizontalpodautoscalers", "get"),
+        Permission(WORKLOAD, "apps", "statefulsets", "get"),
         Permission(WORKLOAD, "", "secrets", "create"),
         Permission(LEASE, "coordination.k8s.io", "leases", "update", "lease"),
         Permission(CLUSTER, "apiextensions.k8s.io", "customresourcedefinitions", "patch", CRD_NAME),

@@ -7,6 +7,8 @@ use chorus_crds::{
 
 /// uid of the fixture cluster, as the API server would have assigned it.
 pub const UID: &str = "6f1d0f4e-0000-4000-8000-000000000001";
+/// Namespace the operator runs in, in tests.
+pub const OPERATOR_NAMESPACE: &str = "chorus-system";
 
 use k8s_openapi::{
     api::core::v1::ResourceRequirements, apimachinery::pkg::api::resource::Quantity,
@@ -14,7 +16,7 @@ use k8s_openapi::{
 
 /// `mc` after validation, for the builders (which take a validated cluster).
 pub fn valid(mc: &MessagingCluster) -> crate::cluster::ValidCluster {
-    crate::cluster::validate(mc).expect("the fixture is valid")
+    crate::cluster::validate(mc, OPERATOR_NAMESPACE).expect("the fixture is valid")
 }
 
 /// Fixture builder methods on `MessagingCluster`.

@@ -12,6 +12,7 @@ pub mod ingress;
 pub mod meta;
 pub mod network_policy;
 pub mod pdb;
+pub mod pod_policy;
 pub mod redis_auth_secret;
 pub mod redis_group;
 pub mod redis_statefulset;
@@ -110,13 +111,16 @@ mod tests {
     use chorus_crds::MessagingCluster;
 
     #[test]
-    fn basic_cluster_builds_managed_redis_and_no_optional_objects() {
+    fn basic_cluster_builds_managed_redis_a_network_policy_and_no_optional_objects() {
         let c = valid(&MessagingCluster::test());
         let resources = build(&c);
         assert!(resources.redis.is_some(), "managed redis");
         assert!(resources.hpa.is_none());
         assert!(resources.ingress.is_none());
-        assert!(resources.network_policy.is_none());
+        assert!(resources.network_policy.is_some(), "on by default");
+        let mut off = MessagingCluster::test();
+        off.spec.network_policy.enabled = false;
+        assert!(build(&valid(&off)).network_policy.is_none());
         let secret = new_secret(&c, Some("pw")).expect("a new generated Secret");
         assert_eq!(secret.metadata.name.as_deref(), Some("chat-redis-auth"));
     }
@@ -130,6 +134,10 @@ mod tests {
     fn external_redis_builds_no_redis_objects_and_no_secret() {
         let c = valid(&MessagingCluster::test().with_external_redis("redis://r:6379"));
         assert!(build(&c).redis.is_none());
+        assert!(
+            build(&c).network_policy.is_none(),
+            "no Redis of ours to guard"
+        );
         assert!(new_secret(&c, Some("pw")).is_none());
     }
 

@@ -1,6 +1,9 @@
-//! `NetworkPolicy <name>-redis`: only this cluster's server, Redis and
-//! Sentinel pods, and the operator (which manages the topology), reach the
-//! managed Redis and Sentinel ports.
+//! `NetworkPolicy <name>-redis` (on by default): only this cluster's
+//! server, Redis and Sentinel pods, and the operator's pods in the
+//! operator's namespace (it manages the topology), reach the managed Redis,
+//! waiting-room and Sentinel ports. Whoever else could reach a sentinel
+//! could point it at a host of their own and collect the Redis password
+//! from every server.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +19,11 @@ use k8s_openapi::{
 };
 
 use super::meta::{Component, MANAGED_BY, Names, REDIS_PORT, SENTINEL_PORT, object_meta};
+use super::redis_group::WAITING_PORT;
 use crate::cluster::ValidCluster;
+
+/// The label the API server sets on every Namespace to its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 fn instance_pods(names: &Names, components: &[Component]) -> LabelSelector {
     LabelSelector {
@@ -60,8 +67,14 @@ pub fn build(c: &ValidCluster) -> NetworkPolicy {
                         ..Default::default()
                     },
                     NetworkPolicyPeer {
-                        // The operator, in whichever namespace it runs.
-                        namespace_selector: Some(LabelSelector::default()),
+                        // The operator's pods, in the operator's namespace.
+                        namespace_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                NAMESPACE_NAME_LABEL.to_owned(),
+                                c.operator_namespace.clone(),
+                            )])),
+                            ..Default::default()
+                        }),
                         pod_selector: Some(LabelSelector {
                             match_labels: Some(BTreeMap::from([(
                                 "app.kubernetes.io/name".to_owned(),
@@ -72,7 +85,11 @@ pub fn build(c: &ValidCluster) -> NetworkPolicy {
                         ..Default::default()
                     },
                 ]),
-                ports: Some(vec![port(REDIS_PORT), port(SENTINEL_PORT)]),
+                ports: Some(vec![
+                    port(REDIS_PORT),
+                    port(WAITING_PORT),
+                    port(SENTINEL_PORT),
+                ]),
             }]),
             egress: None,
         }),
@@ -81,7 +98,7 @@ pub fn build(c: &ValidCluster) -> NetworkPolicy {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID, valid};
+    use super::super::fixtures::{OPERATOR_NAMESPACE, TestCluster, UID, valid};
     use super::*;
     use chorus_crds::MessagingCluster;
 
@@ -116,6 +133,7 @@ mod tests {
                 .expect("values")
                 .contains(&"server".to_owned())
         );
+        assert_eq!(from.len(), 2, "nobody else: {from:?}");
         assert_eq!(
             from[1]
                 .pod_selector
@@ -124,6 +142,22 @@ mod tests {
                 .expect("operator")["app.kubernetes.io/name"],
             "chorus-operator"
         );
+        // Only the operator's namespace, not every namespace.
+        assert_eq!(
+            from[1]
+                .namespace_selector
+                .clone()
+                .and_then(|n| n.match_labels)
+                .expect("operator namespace"),
+            BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                OPERATOR_NAMESPACE.to_owned()
+            )])
+        );
+        assert!(
+            from[0].namespace_selector.is_none(),
+            "fleet pods: own namespace only"
+        );
         let ports: Vec<_> = rule
             .ports
             .clone()
@@ -131,6 +165,13 @@ mod tests {
             .into_iter()
             .filter_map(|p| p.port)
             .collect();
-        assert_eq!(ports, [IntOrString::Int(6379), IntOrString::Int(26379)]);
+        assert_eq!(
+            ports,
+            [
+                IntOrString::Int(6379),
+                IntOrString::Int(6380),
+                IntOrString::Int(26379)
+            ]
+        );
     }
 }

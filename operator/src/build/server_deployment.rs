@@ -9,8 +9,7 @@ use k8s_openapi::{
         core::v1::{
             ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
             ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-            PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Volume,
-            VolumeMount,
+            PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -18,6 +17,7 @@ use k8s_openapi::{
 
 use super::config_map::{API_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, redis_password_ref};
 use super::meta::{Component, SERVER_PORT, label_selector, object_meta, pod_labels};
+use super::pod_policy::{restricted_security, scratch, spread};
 use crate::cluster::ValidCluster;
 
 /// Pod template annotation carrying the configuration hash.
@@ -31,8 +31,11 @@ pub const GRACE_SLACK_SECONDS: i32 = 10;
 pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
     let names = &c.names;
     let spec = &c.spec;
-    let mut volumes = Vec::new();
-    let mut mounts = Vec::new();
+    // The root file system is read-only; a small scratch /tmp in case
+    // anything (a library, a panic handler) wants one.
+    let (tmp, tmp_mount) = scratch("tmp", "/tmp", "16Mi");
+    let mut volumes = vec![tmp];
+    let mut mounts = vec![tmp_mount];
     let secret_files = [
         (
             "redis-password",
@@ -57,6 +60,8 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
             mounts.push(mount);
         }
     }
+    let (pod_security, container_security) = restricted_security();
+    let (affinity, topology_spread) = spread(names, Component::Server);
     let http_get = |path: &str| HTTPGetAction {
         path: Some(path.to_owned()),
         port: IntOrString::String("http".to_owned()),
@@ -112,11 +117,8 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
             ..Default::default()
         }),
         resources: spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            ..Default::default()
-        }),
-        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        security_context: Some(container_security),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     Deployment {
@@ -145,7 +147,10 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
                     termination_grace_period_seconds: Some(i64::from(
                         PRE_STOP_SECONDS + spec.drain_seconds + GRACE_SLACK_SECONDS,
                     )),
-                    volumes: (!volumes.is_empty()).then_some(volumes),
+                    volumes: Some(volumes),
+                    security_context: Some(pod_security),
+                    affinity: Some(affinity),
+                    topology_spread_constraints: Some(topology_spread),
                     ..Default::default()
                 }),
             },
@@ -305,20 +310,64 @@ mod tests {
         });
         let pod = pod(&deployment(&mc));
         assert_eq!(pod.containers[0].resources, mc.spec.resources);
-        let volume = &pod.volumes.expect("volumes")[0];
+        let volume = &pod.volumes.expect("volumes")[1];
         let secret = volume.secret.clone().expect("secret");
         assert_eq!(secret.secret_name.as_deref(), Some("chat-redis-auth"));
         assert_eq!(secret.items.expect("items")[0].path, "password");
-        let mount = &pod.containers[0].volume_mounts.clone().expect("mounts")[0];
+        let mount = &pod.containers[0].volume_mounts.clone().expect("mounts")[1];
         assert_eq!(mount.mount_path, "/var/run/chorus/redis");
     }
 
     #[test]
-    fn external_redis_without_password_mounts_nothing() {
+    fn external_redis_without_password_mounts_only_scratch_tmp() {
         let pod = pod(&deployment(
             &MessagingCluster::test().with_external_redis("redis://r:6379"),
         ));
-        assert!(pod.volumes.is_none());
-        assert!(pod.containers[0].volume_mounts.is_none());
+        let volumes: Vec<_> = pod.volumes.iter().flatten().map(|v| &v.name).collect();
+        assert_eq!(volumes, ["tmp"]);
+        let mounts: Vec<_> = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, ["/tmp"]);
+    }
+
+    #[test]
+    fn server_pods_pass_pod_security_restricted_with_a_read_only_root() {
+        for mc in [
+            MessagingCluster::test(),
+            MessagingCluster::test()
+                .with_password_secret("mine", "pw")
+                .with_autoscaling(2, 5),
+        ] {
+            let pod = pod(&deployment(&mc));
+            assert_eq!(
+                super::super::pod_policy::restricted_violations(&pod),
+                Vec::<String>::new()
+            );
+            let sc = pod.containers[0].security_context.clone().expect("sc");
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            let psc = pod.security_context.expect("pod sc");
+            assert_eq!((psc.run_as_user, psc.fs_group), (Some(65532), Some(65532)));
+        }
+    }
+
+    #[test]
+    fn server_pods_spread_over_nodes_and_zones() {
+        let pod = pod(&deployment(&MessagingCluster::test()));
+        let (affinity, spread) = super::super::pod_policy::spread(
+            &valid(&MessagingCluster::test()).names,
+            Component::Server,
+        );
+        assert_eq!(pod.affinity, Some(affinity));
+        assert_eq!(pod.topology_spread_constraints, Some(spread));
+        let selector = pod.topology_spread_constraints.expect("spread")[0]
+            .label_selector
+            .clone()
+            .and_then(|s| s.match_labels)
+            .expect("labels");
+        assert_eq!(selector["app.kubernetes.io/component"], "server");
     }
 }

@@ -2,6 +2,13 @@
 //! with field manager [`FIELD_MANAGER`] and `force`, deletion of what the
 //! spec no longer asks for, and the one-time creation of the generated
 //! Redis password Secret (built only when the dereference step found none).
+//!
+//! An object the API server refuses as invalid (e.g. a change to an
+//! immutable StatefulSet field) does not stop the step: the other objects
+//! are still applied, and the refusals come back in [`Skipped`]. Deletes
+//! only touch objects this MessagingCluster controls (owner UID, checked
+//! again by a delete precondition); another object of the same name is
+//! left alone and named in [`Skipped::not_owned`].
 
 use std::fmt::Debug;
 
@@ -17,9 +24,10 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
 };
 use serde::{Serialize, de::DeserializeOwned};
+use tracing::warn;
 
 use crate::build::{ManagedRedis, Resources, redis_group};
 use crate::cluster::ValidCluster;
@@ -50,6 +58,13 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
+    #[error("reading {kind} {name}: {source}")]
+    Read {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl ApplyError {
@@ -58,9 +73,28 @@ impl ApplyError {
         match self {
             ApplyError::Apply { source, .. }
             | ApplyError::Delete { source, .. }
-            | ApplyError::CreateSecret { source, .. } => source,
+            | ApplyError::CreateSecret { source, .. }
+            | ApplyError::Read { source, .. } => source,
         }
     }
+
+    /// The API server refused the request as invalid: sending it again
+    /// cannot help; the spec must change.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self.kube_error(), kube::Error::Api(s) if s.is_invalid() || s.code == 400)
+    }
+}
+
+/// What the apply step left undone without failing.
+#[derive(Debug, Default)]
+pub struct Skipped {
+    /// Objects the API server refused as invalid; everything else was
+    /// applied. The reconcile reports them in `Degraded` and then fails
+    /// with the first.
+    pub refused: Vec<ApplyError>,
+    /// `Kind name` of objects the spec no longer asks for that exist but
+    /// are not controlled by this MessagingCluster: left alone.
+    pub not_owned: Vec<String>,
 }
 
 /// What the API server returned for the objects status is computed from.
@@ -79,14 +113,30 @@ pub struct AppliedRedis {
     pub sentinel_statefulset: StatefulSet,
 }
 
-async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, ApplyError>
-where
+/// A namespaced kind the operator writes, reads and deletes.
+trait Owned:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + k8s_openapi::Resource
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+{
+}
+
+impl<K> Owned for K where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + k8s_openapi::Resource
         + Clone
         + Debug
         + Serialize
-        + DeserializeOwned,
+        + DeserializeOwned
+{
+}
+
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, ApplyError>
+where
+    K: Owned,
 {
     let name = object.name_any();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
@@ -103,25 +153,115 @@ where
     })
 }
 
-/// Deletes `name` if it exists; a missing object is not an error.
-async fn delete<K>(client: &Client, namespace: &str, name: &str) -> Result<(), ApplyError>
+/// Applies `object` like [`apply`], but when the API server refuses it as
+/// invalid, notes the refusal in `skipped` and returns `None` instead of
+/// failing, so the rest of the cluster is still applied.
+async fn apply_or_skip<K>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+    skipped: &mut Skipped,
+) -> Result<Option<K>, ApplyError>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + k8s_openapi::Resource
-        + Clone
-        + Debug
-        + DeserializeOwned,
+    K: Owned,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-        Err(source) => Err(ApplyError::Delete {
-            kind: <K as k8s_openapi::Resource>::KIND,
-            name: name.to_owned(),
-            source,
-        }),
+    match apply(client, namespace, object).await {
+        Ok(applied) => Ok(Some(applied)),
+        Err(refused) if refused.is_refusal() => {
+            warn!(error = %refused, "the API server refused an object; applying the rest");
+            skipped.refused.push(refused);
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
+}
+
+/// Like [`apply_or_skip`], for an object whose status the status step
+/// reads: a refused one is read as it runs (an empty object when there is
+/// none), so the status still tells how its pods are doing.
+async fn apply_and_observe<K>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+    skipped: &mut Skipped,
+) -> Result<K, ApplyError>
+where
+    K: Owned + Default,
+{
+    if let Some(applied) = apply_or_skip(client, namespace, object, skipped).await? {
+        return Ok(applied);
+    }
+    let name = object.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let live = api
+        .get_opt(&name)
+        .await
+        .map_err(|source| ApplyError::Read {
+            kind: <K as k8s_openapi::Resource>::KIND,
+            name,
+            source,
+        })?;
+    Ok(live.unwrap_or_default())
+}
+
+/// Deletes `name` if it exists and this MessagingCluster is its
+/// controller; a missing object is not an error. An object of that name
+/// that is not ours (another owner's, or nobody's) is left alone: logged
+/// and named in `skipped.not_owned`. The delete carries the uid that was
+/// checked as a precondition, so an object re-created under the same name
+/// meanwhile is not deleted either.
+async fn delete<K>(
+    client: &Client,
+    c: &ValidCluster,
+    name: &str,
+    skipped: &mut Skipped,
+) -> Result<(), ApplyError>
+where
+    K: Owned,
+{
+    let kind = <K as k8s_openapi::Resource>::KIND;
+    let failed = |source| ApplyError::Delete {
+        kind,
+        name: name.to_owned(),
+        source,
+    };
+    let api: Api<K> = Api::namespaced(client.clone(), &c.names.namespace);
+    let Some(existing) = api.get_opt(name).await.map_err(failed)? else {
+        return Ok(());
+    };
+    if !controlled_by(existing.meta(), &c.owner.uid) {
+        warn!(
+            kind,
+            name, "not deleting: the object is not controlled by this MessagingCluster"
+        );
+        skipped.not_owned.push(format!("{kind} {name}"));
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.meta().uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone meanwhile, or replaced by another object of that name (the
+        // uid precondition failed): the next reconcile looks again.
+        Err(kube::Error::Api(status)) if status.is_not_found() || status.code == 409 => Ok(()),
+        Err(source) => Err(failed(source)),
+    }
+}
+
+/// `meta` names the object with uid `owner_uid` as its controller.
+fn controlled_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    owner_uid: &str,
+) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == owner_uid)
 }
 
 /// Creates the generated password Secret. It is never rewritten: it holds
@@ -154,7 +294,7 @@ pub async fn apply_all(
     c: &ValidCluster,
     resources: &Resources,
     new_secret: Option<&Secret>,
-) -> Result<Applied, ApplyError> {
+) -> Result<(Applied, Skipped), ApplyError> {
     let names = &c.names;
     let Resources {
         config_map,
@@ -167,7 +307,9 @@ pub async fn apply_all(
         network_policy,
     } = resources;
     let ns = names.namespace.as_str();
-    apply(client, ns, config_map).await?;
+    let mut skipped = Skipped::default();
+    let sk = &mut skipped;
+    apply_or_skip(client, ns, config_map, sk).await?;
     let (applied_redis, generated_secret) = match redis {
         Some(ManagedRedis {
             group_config,
@@ -182,13 +324,14 @@ pub async fn apply_all(
                 Some(secret) => create_secret(client, ns, secret).await?,
                 None => false,
             };
-            apply(client, ns, group_config).await?;
-            apply(client, ns, headless_service).await?;
-            let statefulset = apply(client, ns, statefulset).await?;
-            apply(client, ns, sentinel_service).await?;
-            let sentinel_statefulset = apply(client, ns, sentinel_statefulset).await?;
-            apply(client, ns, redis_pdb).await?;
-            apply(client, ns, sentinel_pdb).await?;
+            apply_or_skip(client, ns, group_config, sk).await?;
+            apply_or_skip(client, ns, headless_service, sk).await?;
+            let statefulset = apply_and_observe::<StatefulSet>(client, ns, statefulset, sk).await?;
+            apply_or_skip(client, ns, sentinel_service, sk).await?;
+            let sentinel_statefulset =
+                apply_and_observe::<StatefulSet>(client, ns, sentinel_statefulset, sk).await?;
+            apply_or_skip(client, ns, redis_pdb, sk).await?;
+            apply_or_skip(client, ns, sentinel_pdb, sk).await?;
             (
                 Some(AppliedRedis {
                     statefulset,
@@ -200,34 +343,36 @@ pub async fn apply_all(
         None => {
             // External Redis: the managed group is no longer wanted. The
             // generated Secret stays (owned, so it goes with the cluster).
-            delete::<StatefulSet>(client, ns, &names.redis).await?;
-            delete::<StatefulSet>(client, ns, &names.sentinel).await?;
-            delete::<ConfigMap>(client, ns, &redis_group::config_map_name(names)).await?;
-            delete::<Service>(client, ns, &names.redis).await?;
-            delete::<Service>(client, ns, &names.sentinel).await?;
-            delete::<PodDisruptionBudget>(client, ns, &names.redis).await?;
-            delete::<PodDisruptionBudget>(client, ns, &names.sentinel).await?;
+            delete::<StatefulSet>(client, c, &names.redis, sk).await?;
+            delete::<StatefulSet>(client, c, &names.sentinel, sk).await?;
+            delete::<ConfigMap>(client, c, &redis_group::config_map_name(names), sk).await?;
+            delete::<Service>(client, c, &names.redis, sk).await?;
+            delete::<Service>(client, c, &names.sentinel, sk).await?;
+            delete::<PodDisruptionBudget>(client, c, &names.redis, sk).await?;
+            delete::<PodDisruptionBudget>(client, c, &names.sentinel, sk).await?;
             (None, false)
         }
     };
-    let server_deployment = apply(client, ns, server_deployment).await?;
-    apply(client, ns, service).await?;
-    apply(client, ns, server_pdb).await?;
+    let server_deployment =
+        apply_and_observe::<Deployment>(client, ns, server_deployment, sk).await?;
+    apply_or_skip(client, ns, service, sk).await?;
+    apply_or_skip(client, ns, server_pdb, sk).await?;
     match hpa {
-        Some(hpa) => drop(apply(client, ns, hpa).await?),
-        None => delete::<HorizontalPodAutoscaler>(client, ns, &names.service).await?,
+        Some(hpa) => drop(apply_or_skip(client, ns, hpa, sk).await?),
+        None => delete::<HorizontalPodAutoscaler>(client, c, &names.service, sk).await?,
     }
     match ingress {
-        Some(ingress) => drop(apply(client, ns, ingress).await?),
-        None => delete::<Ingress>(client, ns, &names.service).await?,
+        Some(ingress) => drop(apply_or_skip(client, ns, ingress, sk).await?),
+        None => delete::<Ingress>(client, c, &names.service, sk).await?,
     }
     match network_policy {
-        Some(policy) => drop(apply(client, ns, policy).await?),
-        None => delete::<NetworkPolicy>(client, ns, &names.redis).await?,
+        Some(policy) => drop(apply_or_skip(client, ns, policy, sk).await?),
+        None => delete::<NetworkPolicy>(client, c, &names.redis, sk).await?,
     }
-    Ok(Applied {
+    let applied = Applied {
         server_deployment,
         redis: applied_redis,
         generated_secret,
-    })
+    };
+    Ok((applied, skipped))
 }

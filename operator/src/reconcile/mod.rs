@@ -17,9 +17,16 @@
 //!    got back and topology observed, [`status::patch`], and Events for the
 //!    transitions.
 //!
-//! [`error_policy`] tells a user's mistake (an invalid spec, or the API
-//! server refused what the spec asked for: wait for a change) from a
-//! transient failure (requeue with exponential backoff).
+//! The status is written even when a step fails: `Degraded` names the
+//! step ([`status::FailedStep`]) and the error, and what was observed
+//! stays. An object the API server refuses, or a Redis group the topology
+//! step cannot reach, does not stop the later steps; a failure before
+//! apply (or of apply itself) keeps the previous observations.
+//!
+//! [`error_policy`] tells a user's mistake (an invalid spec: wait for a
+//! change; an object the API server refused: look again at the resync
+//! interval, so the Redis group keeps being healed) from a transient
+//! failure (requeue with exponential backoff).
 
 pub mod apply;
 pub mod dereference;
@@ -98,16 +105,42 @@ impl Error {
 
     /// The user must change the spec: it is invalid, or the API server
     /// refused an object built from it as invalid (e.g. a change to an
-    /// immutable field such as the Redis storage size). Retrying the same
-    /// spec cannot help.
+    /// immutable field). Retrying the same spec cannot help.
     pub fn is_user_error(&self) -> bool {
-        let kube_error = match self {
-            Error::InvalidSpec(_) => return true,
-            Error::Apply(e) => e.kube_error(),
-            Error::Status(status::StatusError::Patch { source, .. }) => source,
-            Error::Dereference(_) | Error::RedisGroup(_) | Error::Roll(_) => return false,
-        };
-        matches!(kube_error, kube::Error::Api(s) if s.is_invalid() || s.code == 400)
+        match self {
+            Error::InvalidSpec(_) => true,
+            Error::Apply(e) => e.is_refusal(),
+            Error::Status(status::StatusError::Patch { source, .. }) => {
+                matches!(source, kube::Error::Api(s) if s.is_invalid() || s.code == 400)
+            }
+            Error::Dereference(_) | Error::RedisGroup(_) | Error::Roll(_) => false,
+        }
+    }
+
+    /// The step `Degraded` names as its reason.
+    pub fn failed_step(&self) -> status::FailedStep {
+        use status::FailedStep;
+        match self {
+            Error::InvalidSpec(_) => FailedStep::InvalidSpec,
+            Error::Dereference(_) => FailedStep::Dereference,
+            Error::Apply(e) if e.is_refusal() => FailedStep::ApplyRefused,
+            Error::Apply(_) => FailedStep::Apply,
+            Error::RedisGroup(_) => FailedStep::RedisGroup,
+            Error::Roll(_) => FailedStep::Roll,
+            Error::Status(_) => FailedStep::Status,
+        }
+    }
+
+    /// `Degraded`'s message: the error without the step (the reason names it).
+    pub fn detail(&self) -> String {
+        match self {
+            Error::InvalidSpec(e) => e.to_string(),
+            Error::Dereference(e) => e.to_string(),
+            Error::Apply(e) => e.to_string(),
+            Error::RedisGroup(e) => e.to_string(),
+            Error::Roll(e) => e.to_string(),
+            Error::Status(e) => e.to_string(),
+        }
     }
 }
 
@@ -117,18 +150,29 @@ pub struct Context {
     /// The one event recorder of the process.
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Namespace of the operator's own pods (see [`ValidCluster::operator_namespace`]).
+    pub operator_namespace: String,
     /// Consecutive failures per `namespace/name`, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
+    /// The operator namespace defaults to the client's (in a pod: the
+    /// ServiceAccount's namespace).
     pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
+            operator_namespace: client.default_namespace().to_owned(),
             client,
             metrics,
             failures: Mutex::default(),
         }
+    }
+
+    /// Where the operator's own pods run (`--operator-namespace`).
+    pub fn with_operator_namespace(mut self, namespace: String) -> Self {
+        self.operator_namespace = namespace;
+        self
     }
 
     fn key(mc: &MessagingCluster) -> String {
@@ -189,22 +233,77 @@ pub async fn reconcile(mc: Arc<MessagingCluster>, ctx: Arc<Context>) -> Result<A
 
 async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<Action, Error> {
     // 1. validate
-    let c = match cluster::validate(mc) {
+    let c = match cluster::validate(mc, &ctx.operator_namespace) {
         Ok(c) => c,
         Err(invalid) => {
-            refuse(mc, ctx, &invalid).await?;
-            return Err(invalid.into());
+            warn!(message = %invalid.message, "invalid spec; nothing applied");
+            let error = Error::from(invalid);
+            // The reconcile then waits for a change: `Degraded` must be
+            // written first, or retried.
+            write_failure(mc, ctx, &error).await?;
+            return Err(error);
         }
     };
+    match converge(mc, ctx, &c).await {
+        Ok(action) => Ok(action),
+        Err(Failed { error, reported }) => {
+            if !reported && let Err(e) = write_failure(mc, ctx, &error).await {
+                warn!(error = %e, "could not write the Degraded status either");
+            }
+            Err(error)
+        }
+    }
+}
+
+/// A step after validation failed.
+struct Failed {
+    error: Error,
+    /// The status written at the end of the pipeline already names it.
+    reported: bool,
+}
+
+impl Failed {
+    fn unreported(error: impl Into<Error>) -> Self {
+        Self {
+            error: error.into(),
+            reported: false,
+        }
+    }
+}
+
+/// Steps 2 to 6 for a valid cluster. A refused object or an unreachable
+/// Redis group does not stop the later steps: the status is computed from
+/// what they observed, with `Degraded` naming the failure, and then the
+/// reconcile fails with it.
+async fn converge(
+    mc: &MessagingCluster,
+    ctx: &Context,
+    c: &ValidCluster,
+) -> Result<Action, Failed> {
     // 2. dereference
-    let refs = dereference::dereference(&ctx.client, &c).await?;
+    let refs = dereference::dereference(&ctx.client, c)
+        .await
+        .map_err(Failed::unreported)?;
     // 3. build
-    let resources = build::build(&c);
-    let new_secret = build::new_secret(&c, refs.new_password.as_deref());
+    let resources = build::build(c);
+    let new_secret = build::new_secret(c, refs.new_password.as_deref());
     // 4. apply
-    let applied = apply::apply_all(&ctx.client, &c, &resources, new_secret.as_ref()).await?;
+    let (applied, skipped) = apply::apply_all(&ctx.client, c, &resources, new_secret.as_ref())
+        .await
+        .map_err(Failed::unreported)?;
+    if !skipped.not_owned.is_empty() {
+        // One Event: the recorder folds Events of one reason into a series.
+        let note = format!(
+            "left {} alone: the spec no longer asks for objects of these names, but this MessagingCluster does not own them",
+            skipped.not_owned.join(", ")
+        );
+        ctx.publish(mc, EventType::Warning, "NotOwned", note).await;
+    }
     // 5. topology of a managed Redis group
-    let topology = redis_group::step(&c, &refs).await?;
+    let (topology, topology_error) = match redis_group::step(c, &refs).await {
+        Ok(topology) => (topology, None),
+        Err(e) => (None, Some(Error::from(e))),
+    };
     // 5b. replace one outdated Redis pod, if the group is healthy
     let update_revision = applied
         .redis
@@ -215,25 +314,54 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<Action, Er
         Some(members) => roll::next(members, update_revision.as_deref(), topology.as_ref()),
         None => None,
     };
+    let mut roll_error = None;
     if let Some(pod) = &rolled {
-        roll::replace(&ctx.client, &c.names.namespace, pod).await?;
-        let note = format!("replaced Redis pod {pod} to run the current template");
-        info!(%note, "redis group: roll");
-        ctx.publish(mc, EventType::Normal, "RedisPodRolled", note)
-            .await;
+        match roll::replace(&ctx.client, &c.names.namespace, pod).await {
+            Ok(()) => {
+                let note = format!("replaced Redis pod {pod} to run the current template");
+                info!(%note, "redis group: roll");
+                ctx.publish(mc, EventType::Normal, "RedisPodRolled", note)
+                    .await;
+            }
+            Err(e) => roll_error = Some(Error::from(e)),
+        }
     }
-    let group_settled = rolled.is_none() && topology.as_ref().is_none_or(|r| r.converged());
+    let group_settled = topology_error.is_none()
+        && rolled.is_none()
+        && topology.as_ref().is_none_or(|r| r.converged());
     let seen = topology.as_ref().map(status::GroupSeen::from_report);
-    // 6. status
-    let new_status = status::compute(mc, &c, &applied, seen.as_ref(), Timestamp::now());
+    // 6. status, from what apply and topology observed
+    let now = Timestamp::now();
+    let mut new_status = status::compute(mc, c, &applied, seen.as_ref(), now);
+    // Refusals first: only the user can clear them; the rest is transient.
+    let mut failures: Vec<Error> = skipped.refused.into_iter().map(Error::from).collect();
+    failures.extend(topology_error);
+    failures.extend(roll_error);
+    if let Some(first) = failures.first() {
+        let detail = failures
+            .iter()
+            .map(Error::detail)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let old = mc.status.as_ref();
+        let step = first.failed_step();
+        status::degrade(&mut new_status, old, step, detail, c.generation, now);
+    }
     status::patch(
         &ctx.client,
         &c.names.namespace,
         &c.names.instance,
         &new_status,
     )
-    .await?;
-    publish_transitions(mc, ctx, &c, &new_status, applied.generated_secret).await;
+    .await
+    .map_err(Failed::unreported)?;
+    publish_transitions(mc, ctx, &new_status, applied.generated_secret).await;
+    if let Some(error) = failures.into_iter().next() {
+        return Err(Failed {
+            error,
+            reported: true,
+        });
+    }
     let settled = new_status
         .conditions
         .iter()
@@ -241,29 +369,24 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<Action, Er
     Ok(Action::requeue(requeue_after(settled, group_settled)))
 }
 
-/// An invalid spec: `Degraded` says why, everything observed before stays,
-/// nothing is applied.
-async fn refuse(mc: &MessagingCluster, ctx: &Context, invalid: &InvalidSpec) -> Result<(), Error> {
-    let message = &invalid.message;
-    warn!(%message, "invalid spec; nothing applied");
-    let new_status = status::invalid(mc, message.clone(), Timestamp::now());
+/// The status of a reconcile that failed before it observed anything new:
+/// everything observed before stays, `Degraded` names the failed step.
+async fn write_failure(mc: &MessagingCluster, ctx: &Context, error: &Error) -> Result<(), Error> {
+    let new_status = status::failed(mc, error.failed_step(), error.detail(), Timestamp::now());
     let namespace = mc.namespace().unwrap_or_default();
     status::patch(&ctx.client, &namespace, &mc.name_any(), &new_status).await?;
-    for n in status::transitions(mc, &new_status, false) {
-        ctx.publish(mc, n.type_, n.reason, n.note).await;
-    }
+    publish_transitions(mc, ctx, &new_status, false).await;
     Ok(())
 }
 
 async fn publish_transitions(
     mc: &MessagingCluster,
     ctx: &Context,
-    c: &ValidCluster,
     new_status: &chorus_crds::MessagingClusterStatus,
     generated_secret: bool,
 ) {
     for n in status::transitions(mc, new_status, generated_secret) {
-        info!(cluster = %c.names.instance, reason = n.reason, note = %n.note, "event");
+        info!(reason = n.reason, note = %n.note, "event");
         ctx.publish(mc, n.type_, n.reason, n.note).await;
     }
 }
@@ -278,21 +401,20 @@ pub fn requeue_after(ready: bool, group_settled: bool) -> Duration {
     }
 }
 
-/// What to do after a failed reconciliation.
+/// What to do after a failed reconciliation. The reconcile already wrote
+/// `Degraded` and its Event; this only decides when to look again.
 pub fn error_policy(mc: Arc<MessagingCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.metric_label());
     if let Error::InvalidSpec(_) = error {
-        // `Degraded` and an `InvalidSpec` Event already say why.
+        // Nothing was applied; only a new spec can change that.
         return Action::await_change();
     }
     if error.is_user_error() {
-        warn!(cluster = %mc.name_any(), %error, "the API server refused the spec; waiting for a change");
-        let note = format!("{error}; change the MessagingCluster to fix it");
-        tokio::spawn(async move {
-            ctx.publish(&mc, EventType::Warning, "ApplyRefused", note)
-                .await
-        });
-        Action::await_change()
+        // The refused object waits for a change of the spec, but everything
+        // else was applied: the Redis group is looked at as often as a
+        // healthy cluster's, so it keeps being healed.
+        warn!(cluster = %mc.name_any(), %error, "the API server refused part of the spec; the rest is applied");
+        Action::requeue(RESYNC)
     } else {
         let delay = ctx.next_backoff(&mc);
         warn!(cluster = %mc.name_any(), %error, retry_in = ?delay, "reconcile failed; will retry");

@@ -50,6 +50,21 @@ impl Outcome {
             .unwrap_or_else(|| panic!("no condition {type_}"))
     }
 
+    /// `Degraded` is True with `reason` and a message starting with
+    /// `message`; returns the condition.
+    fn assert_degraded(&self, reason: &str, message: &str) -> &Value {
+        let degraded = self.condition("Degraded");
+        assert_eq!(
+            (degraded["status"].as_str(), degraded["reason"].as_str()),
+            (Some("True"), Some(reason))
+        );
+        assert!(
+            degraded["message"].as_str().unwrap().starts_with(message),
+            "{degraded}"
+        );
+        degraded
+    }
+
     fn event_reasons(&self) -> Vec<(String, String)> {
         self.seen
             .iter()
@@ -64,14 +79,17 @@ impl Outcome {
     }
 }
 
+fn reporter() -> Reporter {
+    Reporter {
+        controller: "chorus-operator".into(),
+        instance: None,
+    }
+}
+
 async fn run(mc: MessagingCluster, script: Vec<Expect>) -> Outcome {
     let (client, mut handle) = pair();
     let metrics = Arc::new(Metrics::default());
-    let reporter = Reporter {
-        controller: "chorus-operator".into(),
-        instance: None,
-    };
-    let ctx = Arc::new(Context::new(client, reporter, metrics.clone()));
+    let ctx = Arc::new(Context::new(client, reporter(), metrics.clone()));
     let reconciler = tokio::spawn(reconcile(Arc::new(mc), ctx));
     let seen = serve(&mut handle, script).await;
     let result = match timeout(Duration::from_secs(1), reconciler).await {
@@ -103,8 +121,27 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 struct Script {
     secret_exists: bool,
     server_status: Value,
+    /// Reply to the GET of the HPA the spec does not ask for.
     hpa: Reply,
     events: usize,
+}
+
+/// An object named `name` as the API server returns it, controlled by
+/// the MessagingCluster with uid `owner_uid`.
+fn owned_object(api_version: &str, kind: &str, name: &str, owner_uid: &str) -> Value {
+    json!({"apiVersion": api_version, "kind": kind,
+           "metadata": {"name": name, "namespace": "default", "uid": format!("uid-of-{name}"),
+                        "ownerReferences": [{"apiVersion": "chorus.dev/v1alpha1", "kind": "MessagingCluster",
+                                             "name": "chat", "uid": owner_uid, "controller": true}]}})
+}
+
+fn owned_hpa() -> Value {
+    owned_object(
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+        "chat",
+        crate::build::fixtures::UID,
+    )
 }
 
 fn empty_pod_list() -> Value {
@@ -176,17 +213,14 @@ impl Script {
             ),
             p(format!("{NS}/services/chat")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-server")),
-            expect(Method::DELETE, HPA, self.hpa),
+            // Deletes look first: only an object this cluster owns goes.
+            expect(Method::GET, HPA, self.hpa),
             expect(
-                Method::DELETE,
+                Method::GET,
                 &format!("{NET}/ingresses/chat"),
                 Reply::NotFound,
             ),
-            expect(
-                Method::DELETE,
-                &format!("{NET}/networkpolicies/chat-redis"),
-                Reply::NotFound,
-            ),
+            p(format!("{NET}/networkpolicies/chat-redis")),
         ]);
         steps.push(expect(Method::PATCH, STATUS, Reply::Echo));
         steps.extend((0..self.events).map(|_| expect(Method::POST, EVENTS, Reply::Created)));
@@ -356,15 +390,18 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
     let deleted = json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200,
                          "details": {"name": "chat", "kind": "horizontalpodautoscalers"}});
     let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
-    let script = Script {
+    let mut script = Script {
         secret_exists: true,
         server_status,
-        hpa: Reply::Json(200, deleted),
+        hpa: Reply::Json(200, owned_hpa()),
         // The script lists no Redis pods: a Ready cluster whose group is
         // gone turns NotReady, with a Warning.
         events: 1,
-    };
-    let out = run(mc, script.build()).await;
+    }
+    .build();
+    let at = script.iter().position(|e| e.path == HPA).unwrap() + 1;
+    script.insert(at, expect(Method::DELETE, HPA, Reply::Json(200, deleted)));
+    let out = run(mc, script).await;
     assert!(out.result.is_ok(), "{:?}", out.result);
     let delete = out
         .seen
@@ -372,6 +409,10 @@ async fn turning_autoscaling_off_deletes_the_hpa() {
         .find(|s| s.method == Method::DELETE && s.path == HPA)
         .expect("HPA deleted");
     assert_eq!(delete.body["propagationPolicy"], "Background");
+    assert_eq!(
+        delete.body["preconditions"]["uid"], "uid-of-chat",
+        "only the object that was checked"
+    );
     // No Redis pods in this script: the group is not seen.
     assert_eq!(out.condition("RedisReady")["reason"], "RedisStarting");
     assert_eq!(
@@ -421,30 +462,12 @@ async fn invalid_spec_sets_degraded_warns_and_applies_nothing() {
     assert!(error.is_user_error());
     // Wait for a change, without another Event (the status step sent one).
     let (client, _handle) = pair();
-    let ctx = Arc::new(Context::new(
-        client,
-        Reporter {
-            controller: "chorus-operator".into(),
-            instance: None,
-        },
-        out.metrics.clone(),
-    ));
+    let ctx = Arc::new(Context::new(client, reporter(), out.metrics.clone()));
     assert_eq!(
         super::error_policy(Arc::new(mc), error, ctx),
         Action::await_change()
     );
-    let degraded = out.condition("Degraded");
-    assert_eq!(
-        (degraded["status"].as_str(), degraded["reason"].as_str()),
-        (Some("True"), Some("InvalidSpec"))
-    );
-    assert!(
-        degraded["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("spec.redis.external.url: "),
-        "{degraded}"
-    );
+    out.assert_degraded("InvalidSpec", "spec.redis.external.url: ");
     assert_eq!(out.status()["observedGeneration"], 4);
     assert_eq!(
         out.status()["readyReplicas"],
@@ -463,10 +486,56 @@ async fn invalid_spec_sets_degraded_warns_and_applies_nothing() {
 }
 
 #[tokio::test]
-async fn refused_apply_is_a_user_error_and_outage_is_transient() {
+async fn a_refused_statefulset_leaves_the_rest_applied_and_degraded_names_it() {
     let invalid = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
                          "message": "StatefulSet.apps \"chat-redis\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas' are forbidden"});
-    let mc = settled_cluster().with_storage("5Gi");
+    let mc = settled_cluster().with_storage("5Gi").with_generation(2);
+    let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
+    let mut script = Script {
+        secret_exists: true,
+        server_status,
+        hpa: Reply::NotFound,
+        events: 1,
+    }
+    .build();
+    let sts = format!("{APPS}/statefulsets/chat-redis");
+    let at = script.iter().position(|e| e.path == sts).unwrap();
+    script[at].reply = Reply::Json(422, invalid);
+    // The StatefulSet as it runs, for the status.
+    let live = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                      "metadata": {"name": "chat-redis", "namespace": "default"},
+                      "status": {"replicas": 3, "readyReplicas": 2}});
+    script.insert(at + 1, expect(Method::GET, &sts, Reply::Json(200, live)));
+    let out = run(mc, script).await;
+
+    // Everything after the StatefulSet was applied (the script ran to the end).
+    let error = out.result.as_ref().unwrap_err();
+    assert!(error.is_user_error(), "{error}");
+    assert_eq!(error.metric_label(), "apply");
+    let degraded = out.assert_degraded("ApplyRefused", "applying StatefulSet chat-redis: ");
+    assert!(degraded["message"].as_str().unwrap().contains("Forbidden"));
+    assert_eq!(degraded["observedGeneration"], 2);
+    // Observed, not assumed: the live StatefulSet's ready pods.
+    assert_eq!(out.status()["redis"]["readyReplicas"], 2);
+    assert_eq!(out.status()["readyReplicas"], 3);
+    assert_eq!(
+        out.event_reasons(),
+        [("Warning".into(), "ApplyRefused".into())]
+    );
+
+    // The rest is applied and the Redis group looked at as on a healthy
+    // cluster: no backoff, no waiting for a change that may never come.
+    let (client, _handle) = pair();
+    let ctx = Arc::new(Context::new(client, reporter(), out.metrics.clone()));
+    assert_eq!(
+        super::error_policy(Arc::new(settled_cluster()), error, ctx),
+        Action::requeue(super::RESYNC)
+    );
+}
+
+#[tokio::test]
+async fn an_outage_during_apply_is_transient_and_degraded_keeps_what_was_observed() {
+    let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd leader changed"});
     let mut script = Script {
         secret_exists: true,
         server_status: json!({}),
@@ -474,32 +543,153 @@ async fn refused_apply_is_a_user_error_and_outage_is_transient() {
         events: 0,
     }
     .build();
-    // Secret, two pod lists, ConfigMap, group ConfigMap, headless Service, StatefulSet.
-    script.truncate(7);
-    script[6].reply = Reply::Json(422, invalid);
-    let out = run(mc, script).await;
-    let error = out.result.unwrap_err();
-    assert!(error.is_user_error(), "{error}");
-    assert_eq!(error.metric_label(), "apply");
-    assert!(
-        error
-            .to_string()
-            .contains("applying StatefulSet chat-redis"),
-        "{error}"
+    // Secret, two pod lists, then the ConfigMap fails: the status still
+    // gets written, then the reconcile ends.
+    script.truncate(4);
+    script[3].reply = Reply::Json(503, unavailable);
+    script.push(expect(Method::PATCH, STATUS, Reply::Echo));
+    script.push(expect(Method::POST, EVENTS, Reply::Created));
+    let out = run(settled_cluster().with_generation(2), script).await;
+    let error = out.result.as_ref().unwrap_err();
+    assert!(!error.is_user_error());
+    out.assert_degraded("ApplyFailed", "applying ConfigMap chat-server: ");
+    assert_eq!(out.status()["readyReplicas"], 3, "observations kept");
+    assert_eq!(out.condition("Ready")["status"], "True", "not re-judged");
+    assert_eq!(
+        out.event_reasons(),
+        [("Warning".into(), "ApplyFailed".into())]
     );
+}
 
-    let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd leader changed"});
+#[tokio::test]
+async fn an_unreadable_secret_is_named_in_degraded() {
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                           "message": "secrets \"chat-redis-auth\" is forbidden"});
+    let script = vec![
+        expect(
+            Method::GET,
+            &format!("{NS}/secrets/chat-redis-auth"),
+            Reply::Json(403, forbidden),
+        ),
+        expect(Method::PATCH, STATUS, Reply::Echo),
+        expect(Method::POST, EVENTS, Reply::Created),
+    ];
+    let out = run(settled_cluster(), script).await;
+    assert!(matches!(out.result, Err(Error::Dereference(_))));
+    out.assert_degraded("DereferenceFailed", "reading Secret chat-redis-auth: ");
+    assert_eq!(
+        out.event_reasons(),
+        [("Warning".into(), "DereferenceFailed".into())]
+    );
+}
+
+#[tokio::test]
+async fn a_refused_status_write_is_retried_as_a_degraded_status() {
+    let invalid = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                         "message": "MessagingCluster.chorus.dev \"chat\" is invalid: status.conditions: Duplicate value"});
     let mut script = Script {
-        secret_exists: false,
-        server_status: json!({}),
+        secret_exists: true,
+        server_status: json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3}),
         hpa: Reply::NotFound,
         events: 0,
     }
     .build();
-    script.truncate(4);
-    script[3].reply = Reply::Json(503, unavailable);
-    let out = run(MessagingCluster::test(), script).await;
-    assert!(!out.result.unwrap_err().is_user_error());
+    let at = script.iter().position(|e| e.path == STATUS).unwrap();
+    script[at].reply = Reply::Json(422, invalid);
+    script.push(expect(Method::PATCH, STATUS, Reply::Echo));
+    script.push(expect(Method::POST, EVENTS, Reply::Created));
+    let out = run(settled_cluster(), script).await;
+    assert!(matches!(out.result, Err(Error::Status(_))));
+    let last = out.seen.iter().rfind(|s| s.path == STATUS).unwrap();
+    let degraded = last.body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap();
+    assert_eq!(degraded["reason"], "StatusFailed");
+}
+
+#[tokio::test]
+async fn only_objects_this_cluster_controls_are_deleted() {
+    // The spec asks for no HPA, no Ingress and no NetworkPolicy; objects of
+    // those names exist: one of another owner, one of nobody, one ours.
+    let mut mc = settled_cluster();
+    mc.spec.network_policy.enabled = false;
+    let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
+    let mut script = Script {
+        secret_exists: true,
+        server_status,
+        hpa: Reply::Json(
+            200,
+            owned_object(
+                "autoscaling/v2",
+                "HorizontalPodAutoscaler",
+                "chat",
+                "another-cluster-uid",
+            ),
+        ),
+        events: 2,
+    }
+    .build();
+    let ingress = format!("{NET}/ingresses/chat");
+    let policy = format!("{NET}/networkpolicies/chat-redis");
+    let at = script.iter().position(|e| e.path == ingress).unwrap();
+    let ours = owned_object(
+        "networking.k8s.io/v1",
+        "Ingress",
+        "chat",
+        crate::build::fixtures::UID,
+    );
+    script[at].reply = Reply::Json(200, ours.clone());
+    script.insert(
+        at + 1,
+        expect(Method::DELETE, &ingress, Reply::Json(200, ours)),
+    );
+    let mut nobodys = owned_object("networking.k8s.io/v1", "NetworkPolicy", "chat-redis", "x");
+    nobodys["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    let np = script.iter().position(|e| e.path == policy).unwrap();
+    script[np] = expect(Method::GET, &policy, Reply::Json(200, nobodys));
+    // The two left alone are named in one Warning event, before the status.
+    let status_at = script.iter().position(|e| e.path == STATUS).unwrap();
+    script.truncate(status_at);
+    script.extend([
+        expect(Method::POST, EVENTS, Reply::Created),
+        expect(Method::PATCH, STATUS, Reply::Echo),
+        // No Redis pods in this script: the group turns NotReady.
+        expect(Method::POST, EVENTS, Reply::Created),
+    ]);
+    let out = run(mc, script).await;
+    assert!(out.result.is_ok(), "{:?}", out.result);
+    let deleted: Vec<_> = out
+        .seen
+        .iter()
+        .filter(|s| s.method == Method::DELETE)
+        .map(|s| (s.path.as_str(), s.body["preconditions"]["uid"].as_str()))
+        .collect();
+    assert_eq!(deleted, [(ingress.as_str(), Some("uid-of-chat"))]);
+    let notes: Vec<_> = out
+        .seen
+        .iter()
+        .filter(|s| s.path == EVENTS)
+        .map(|s| {
+            (
+                s.body["reason"].as_str().unwrap(),
+                s.body["note"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!((notes[0].0, notes[1].0), ("NotOwned", "NotReady"));
+    assert!(
+        notes[0]
+            .1
+            .starts_with("left HorizontalPodAutoscaler chat, NetworkPolicy chat-redis alone"),
+        "{notes:?}"
+    );
 }
 
 #[test]
@@ -528,7 +718,8 @@ fn a_moving_redis_group_is_looked_at_again_within_seconds() {
 async fn external_redis_removes_the_managed_group_and_reports_the_url() {
     let mc = settled_cluster().with_external_redis("redis://redis.infra:6379");
     let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
-    let d = |path: String| expect(Method::DELETE, &path, Reply::NotFound);
+    // Each delete looks first; none of these exist.
+    let d = |path: String| expect(Method::GET, &path, Reply::NotFound);
     let mut script = vec![expect(
         Method::PATCH,
         &format!("{NS}/configmaps/chat-server"),
@@ -570,8 +761,8 @@ async fn external_redis_removes_the_managed_group_and_reports_the_url() {
 }
 
 #[tokio::test]
-async fn error_policy_warns_and_waits_on_user_errors_and_backs_off_on_transient_ones() {
-    use super::{apply::ApplyError, error_policy};
+async fn error_policy_looks_again_at_resync_after_refusals_and_backs_off_on_transient_errors() {
+    use super::{RESYNC, apply::ApplyError, error_policy};
     let api_error = |code: u16, reason: &str| {
         Error::Apply(ApplyError::Apply {
             kind: "StatefulSet",
@@ -584,35 +775,14 @@ async fn error_policy_warns_and_waits_on_user_errors_and_backs_off_on_transient_
             )),
         })
     };
-    let (client, mut handle) = pair();
+    let (client, _handle) = pair();
     let metrics = Arc::new(Metrics::default());
-    let reporter = Reporter {
-        controller: "chorus-operator".into(),
-        instance: None,
-    };
-    let ctx = Arc::new(Context::new(client, reporter, metrics.clone()));
+    let ctx = Arc::new(Context::new(client, reporter(), metrics.clone()));
     let mc = Arc::new(MessagingCluster::test());
 
+    // The reconcile already wrote `Degraded` and its Event: no request here.
     let action = error_policy(mc.clone(), &api_error(422, "Invalid"), ctx.clone());
-    assert_eq!(action, Action::await_change());
-    let seen = serve(
-        &mut handle,
-        vec![expect(Method::POST, EVENTS, Reply::Created)],
-    )
-    .await;
-    assert_eq!(
-        (
-            seen[0].body["type"].as_str(),
-            seen[0].body["reason"].as_str()
-        ),
-        (Some("Warning"), Some("ApplyRefused"))
-    );
-    assert!(
-        seen[0].body["note"]
-            .as_str()
-            .unwrap()
-            .contains("applying StatefulSet chat-redis")
-    );
+    assert_eq!(action, Action::requeue(RESYNC));
 
     let transient = api_error(503, "ServiceUnavailable");
     assert_eq!(

@@ -4,6 +4,8 @@ use chorus_crds::{MessagingCluster, MessagingClusterStatus, RedisMode, condition
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::events::EventType;
 
+use super::FailedStep;
+
 /// An Event to publish about a transition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notice {
@@ -42,7 +44,8 @@ pub fn transitions(
     if let Some(d) = degraded.filter(|d| d.status == "True") {
         let before = find(old, condition::DEGRADED);
         if before.is_none_or(|b| b.status != "True" || b.message != d.message) {
-            notice(EventType::Warning, "InvalidSpec", d.message.clone());
+            let reason = FailedStep::of_reason(&d.reason).map_or("Degraded", FailedStep::reason);
+            notice(EventType::Warning, reason, d.message.clone());
         }
         return notices;
     }
@@ -60,12 +63,23 @@ pub fn transitions(
             "Created",
             format!("created {} server pods{redis}", mc.spec.replicas),
         );
-    } else if is_true(old, condition::DEGRADED) {
-        notice(
-            EventType::Normal,
-            "SpecAccepted",
-            "the spec is valid again and was applied".to_owned(),
-        );
+    } else if let Some(was) = find(old, condition::DEGRADED).filter(|d| d.status == "True") {
+        if was.reason == FailedStep::InvalidSpec.reason() {
+            notice(
+                EventType::Normal,
+                "SpecAccepted",
+                "the spec is valid again and was applied".to_owned(),
+            );
+        } else {
+            notice(
+                EventType::Normal,
+                "Recovered",
+                format!(
+                    "every step succeeded again (was {}: {})",
+                    was.reason, was.message
+                ),
+            );
+        }
     }
     if generated_secret {
         notice(

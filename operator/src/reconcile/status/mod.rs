@@ -3,6 +3,10 @@
 //! [`conditions`]), names the notable transitions as Kubernetes Events
 //! (pure, [`transitions`]) and writes the status by server-side apply
 //! (needs a client, [`patch`]).
+//!
+//! When a step fails, the status is still written: [`failed`] keeps what
+//! was observed before and [`degrade`] sets `Degraded` with the failed
+//! step ([`FailedStep`]) as reason and the error as message.
 
 mod conditions;
 mod events;
@@ -27,6 +31,56 @@ use kube::{
 use super::apply::{Applied, FIELD_MANAGER};
 use crate::build::meta::{Component, selector_string};
 use crate::cluster::ValidCluster;
+
+/// The step of a reconcile that failed, named by `Degraded`'s reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailedStep {
+    /// The spec failed validation; nothing was applied.
+    InvalidSpec,
+    /// Reading the password Secret or the group's pods failed.
+    Dereference,
+    /// The API server refused an object built from the spec as invalid;
+    /// the other objects were applied.
+    ApplyRefused,
+    /// Writing an object failed.
+    Apply,
+    /// The Redis group could not be observed or corrected.
+    RedisGroup,
+    /// Replacing an outdated Redis pod failed.
+    Roll,
+    /// Writing the status failed.
+    Status,
+}
+
+impl FailedStep {
+    pub const ALL: [FailedStep; 7] = [
+        FailedStep::InvalidSpec,
+        FailedStep::Dereference,
+        FailedStep::ApplyRefused,
+        FailedStep::Apply,
+        FailedStep::RedisGroup,
+        FailedStep::Roll,
+        FailedStep::Status,
+    ];
+
+    /// `Degraded`'s reason, and the Warning Event's.
+    pub fn reason(self) -> &'static str {
+        match self {
+            FailedStep::InvalidSpec => "InvalidSpec",
+            FailedStep::Dereference => "DereferenceFailed",
+            FailedStep::ApplyRefused => "ApplyRefused",
+            FailedStep::Apply => "ApplyFailed",
+            FailedStep::RedisGroup => "RedisGroupUnreachable",
+            FailedStep::Roll => "RollFailed",
+            FailedStep::Status => "StatusFailed",
+        }
+    }
+
+    /// The step a `Degraded` reason names.
+    pub fn of_reason(reason: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.reason() == reason)
+    }
+}
 
 /// Writing the status failed.
 #[derive(Debug, thiserror::Error)]
@@ -134,24 +188,55 @@ pub fn compute(
     }
 }
 
-/// The status of a spec that failed validation: everything observed
-/// before stays, `Degraded` says why, nothing was applied.
-pub fn invalid(mc: &MessagingCluster, message: String, now: Timestamp) -> MessagingClusterStatus {
-    let old = mc.status.as_ref();
-    let mut status = old.cloned().unwrap_or_default();
-    status.observed_generation = mc.metadata.generation;
+/// Sets `Degraded` to True, naming the failed step and its error, in a
+/// status otherwise computed from what was observed; the other conditions
+/// stay as they are.
+pub fn degrade(
+    status: &mut MessagingClusterStatus,
+    old: Option<&MessagingClusterStatus>,
+    step: FailedStep,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
     let degraded = condition(
         condition::DEGRADED,
         true,
-        "InvalidSpec",
+        step.reason(),
         message,
-        mc.metadata.generation,
+        generation,
         now,
     );
-    status.conditions.retain(|c| c.type_ != condition::DEGRADED);
-    status.conditions.push(degraded);
+    match status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == condition::DEGRADED)
+    {
+        Some(c) => *c = degraded,
+        None => status.conditions.push(degraded),
+    }
     carry_transition_times(old, &mut status.conditions);
+}
+
+/// The status after a step failed before anything new was observed:
+/// everything observed before stays, `Degraded` says which step failed
+/// and why.
+pub fn failed(
+    mc: &MessagingCluster,
+    step: FailedStep,
+    message: String,
+    now: Timestamp,
+) -> MessagingClusterStatus {
+    let old = mc.status.as_ref();
+    let mut status = old.cloned().unwrap_or_default();
+    status.observed_generation = mc.metadata.generation;
+    degrade(&mut status, old, step, message, mc.metadata.generation, now);
     status
+}
+
+/// The status of a spec that failed validation: nothing was applied.
+pub fn invalid(mc: &MessagingCluster, message: String, now: Timestamp) -> MessagingClusterStatus {
+    failed(mc, FailedStep::InvalidSpec, message, now)
 }
 
 /// Writes the status subresource of `namespace/name` by server-side apply.

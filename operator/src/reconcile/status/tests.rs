@@ -257,3 +257,80 @@ fn a_group_without_a_usable_master_is_not_ready_and_says_why() {
     let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), Some(&split), now());
     assert_eq!(cond(&s, "RedisReady").reason, "SentinelsDisagree");
 }
+
+#[test]
+fn a_failed_step_degrades_a_computed_status_and_recovery_is_an_event() {
+    let mut mc = MessagingCluster::test();
+    mc.status = Some(compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        now(),
+    ));
+    let later = Timestamp::from_second(1_800_000_600).expect("timestamp");
+    // The failed reconcile did not see the group.
+    let mut s = compute(&mc, &valid(&mc), &applied(3, 3, 2), None, later);
+    degrade(
+        &mut s,
+        mc.status.as_ref(),
+        FailedStep::ApplyRefused,
+        "applying StatefulSet chat-redis: Forbidden".into(),
+        Some(1),
+        later,
+    );
+    let d = cond(&s, "Degraded");
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str(), d.observed_generation),
+        ("True", "ApplyRefused", Some(1))
+    );
+    assert_eq!(d.last_transition_time, Time(later));
+    assert_eq!(s.conditions.len(), 4, "replaced, not added");
+    assert_eq!(s.redis.ready_replicas, 2, "observed in this reconcile");
+    let notices = transitions(&mc, &s, false);
+    assert_eq!(
+        notices
+            .iter()
+            .map(|n| (n.type_, n.reason))
+            .collect::<Vec<_>>(),
+        [(EventType::Warning, "ApplyRefused")]
+    );
+
+    mc.status = Some(s);
+    let healthy = compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        later,
+    );
+    let notices = transitions(&mc, &healthy, false);
+    let reasons: Vec<_> = notices.iter().map(|n| n.reason).collect();
+    assert_eq!(reasons, ["Recovered", "Ready"]);
+    assert!(notices[0].note.contains("was ApplyRefused"), "{notices:?}");
+}
+
+#[test]
+fn a_step_that_failed_before_observing_keeps_the_previous_observations() {
+    let mut mc = MessagingCluster::test().with_generation(7);
+    mc.status = Some(compute(
+        &mc,
+        &valid(&mc),
+        &applied(3, 3, 3),
+        Some(&group("m:6379")),
+        now(),
+    ));
+    let s = failed(
+        &mc,
+        FailedStep::Dereference,
+        "reading Secret x: forbidden".into(),
+        now(),
+    );
+    assert_eq!(s.ready_replicas, 3);
+    assert_eq!(s.observed_generation, Some(7));
+    assert_eq!(cond(&s, "Ready").status, "True", "not re-judged");
+    assert_eq!(cond(&s, "Degraded").reason, "DereferenceFailed");
+    for step in FailedStep::ALL {
+        assert_eq!(FailedStep::of_reason(step.reason()), Some(step));
+    }
+}
