@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use chorus_tests::proxy::SilencingProxy;
-use chorus_tests::redis::{MASTER_NAME, RedisServer, SentinelGroup};
+use chorus_testkit::{MASTER_NAME, RedisServer, SentinelGroup};
 use chorus_tests::{fleet, wait_until};
 use serde_json::json;
 

@@ -3,7 +3,7 @@
 //! counter; this ties the Lua to them).
 #![allow(clippy::unwrap_used)]
 
-use chorus_tests::redis::RedisServer;
+use chorus_testkit::RedisServer;
 use redis::aio::MultiplexedConnection;
 
 use super::*;
