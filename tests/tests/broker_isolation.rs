@@ -8,8 +8,8 @@
 //! longer than the tests wait for a message.
 #![allow(clippy::unwrap_used)]
 
-use chorus_tests::proxy::SilencingProxy;
 use chorus_testkit::{MASTER_NAME, RedisServer, SentinelGroup};
+use chorus_tests::proxy::SilencingProxy;
 use chorus_tests::{fleet, wait_until};
 use serde_json::json;
 
