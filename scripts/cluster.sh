@@ -94,6 +94,17 @@ wait_for() {
   done
 }
 
+# write_config FILE: stdin to FILE, only when it differs. Running processes
+# watch some of these files (kube-proxy exits when its configuration
+# changes), so an `up` of a running cluster must leave them untouched.
+write_config() {
+  local new
+  new=$(cat)
+  if [ ! -f "$1" ] || [ "$(cat "$1")" != "$new" ]; then
+    printf '%s\n' "$new" >"$1"
+  fi
+}
+
 pid_of() { [ -f "$RUN/$1.pid" ] && cat "$RUN/$1.pid"; }
 running() { local pid; pid=$(pid_of "$1") && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
@@ -207,7 +218,7 @@ pki() {
 }
 
 kubeconfig() { # NAME: a kubeconfig for the certificate NAME
-  cat >"$DIR/$1.kubeconfig" <<EOF
+  write_config "$DIR/$1.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -266,7 +277,7 @@ runtime_binary() {
     return
   fi
   mkdir -p "$DIR/bin"
-  cat >"$DIR/bin/runc" <<WRAPPER
+  write_config "$DIR/bin/runc" <<WRAPPER
 #!/bin/sh
 # Written by scripts/cluster.sh: negative oomScoreAdj -> 0, then runc.
 bundle=
@@ -289,7 +300,7 @@ containerd_up() {
   mkdir -p "$DIR/cni/net.d" "$DIR/containerd" /run/chorus-containerd
   local runc
   runc=$(runtime_binary)
-  cat >"$DIR/containerd.toml" <<EOF
+  write_config "$DIR/containerd.toml" <<EOF
 version = 2
 root = "$DIR/containerd/root"
 state = "/run/chorus-containerd/state"
@@ -306,7 +317,7 @@ state = "/run/chorus-containerd/state"
     bin_dir = "/usr/lib/cni"
     conf_dir = "$DIR/cni/net.d"
 EOF
-  cat >"$DIR/cni/net.d/10-chorus.conflist" <<EOF
+  write_config "$DIR/cni/net.d/10-chorus.conflist" <<EOF
 {"cniVersion": "1.0.0", "name": "chorus-pods", "plugins": [
   {"type": "bridge", "bridge": "$POD_BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}],
@@ -319,7 +330,7 @@ EOF
 
 node_up() {
   : >"$DIR/pod-resolv.conf" # pods must not reach this machine's resolver
-  cat >"$DIR/kubelet.yaml" <<EOF
+  write_config "$DIR/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 cgroupDriver: cgroupfs
@@ -343,7 +354,7 @@ maxPods: 200
 EOF
   start kubelet "$BIN/kubelet" --config="$DIR/kubelet.yaml" --kubeconfig="$DIR/kubelet.kubeconfig" \
     --root-dir="$DIR/kubelet" --node-ip="$NODE_IP" --hostname-override="$NODE"
-  cat >"$DIR/kube-proxy.yaml" <<EOF
+  write_config "$DIR/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $DIR/kube-proxy.kubeconfig}
@@ -356,7 +367,7 @@ metricsBindAddress: 127.0.0.1:10249
 conntrack: {maxPerCore: 0}
 EOF
   start kube-proxy "$BIN/kube-proxy" --config="$DIR/kube-proxy.yaml"
-  cat >"$DIR/Corefile" <<EOF
+  write_config "$DIR/Corefile" <<EOF
 .:53 {
   bind $NODE_IP
   errors

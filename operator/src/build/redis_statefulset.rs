@@ -29,6 +29,7 @@ use super::meta::{
     Component, REDIS_PORT, SENTINEL_MASTER_NAME, label_selector, object_meta, pod_labels,
     selector_labels,
 };
+use super::pod_policy::{restricted_security, scratch, spread};
 use super::redis_group::{self, GROUP_DIR, WAITING_PORT};
 use crate::cluster::ValidCluster;
 use chorus_crds::Delivery;
@@ -160,6 +161,8 @@ pub fn script_probe(script: &str, command: &str, period: i32, failures: i32) -> 
 
 /// The volumes every group pod has: the scripts and a writable `/tmp`.
 pub fn group_volumes(c: &ValidCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
+    // The root file system is read-only: redis.conf goes to /tmp.
+    let (tmp, tmp_mount) = scratch("tmp", "/tmp", "16Mi");
     let volumes = vec![
         Volume {
             name: "group".to_owned(),
@@ -170,11 +173,7 @@ pub fn group_volumes(c: &ValidCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
             }),
             ..Default::default()
         },
-        Volume {
-            name: "tmp".to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
+        tmp,
     ];
     let mounts = vec![
         VolumeMount {
@@ -183,11 +182,7 @@ pub fn group_volumes(c: &ValidCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
             read_only: Some(true),
             ..Default::default()
         },
-        VolumeMount {
-            name: "tmp".to_owned(),
-            mount_path: "/tmp".to_owned(),
-            ..Default::default()
-        },
+        tmp_mount,
     ];
     (volumes, mounts)
 }
@@ -211,6 +206,8 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
             ..Default::default()
         });
     }
+    let (pod_security, container_security) = restricted_security();
+    let (affinity, topology_spread) = spread(names, Component::Redis);
     let mut env_vars = group_env(c, &names.redis, REDIS_PORT);
     env_vars.extend([
         env("CHORUS_BOOTSTRAP", redis_group::redis_member(names, 0)),
@@ -248,6 +245,7 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
             ..Default::default()
         }),
         volume_mounts: Some(mounts),
+        security_context: Some(container_security),
         ..Default::default()
     };
     let claims = storage.map(|s| {
@@ -297,6 +295,9 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
+                    security_context: Some(pod_security),
+                    affinity: Some(affinity),
+                    topology_spread_constraints: Some(topology_spread),
                     // preStop's hand-over, then redis-server's own shutdown.
                     termination_grace_period_seconds: Some(PRESTOP_SECONDS + 30),
                     ..Default::default()
@@ -374,6 +375,21 @@ mod tests {
         );
         assert!(c.lifecycle.clone().and_then(|l| l.pre_stop).is_some());
         assert!(pod.termination_grace_period_seconds.expect("grace") > PRESTOP_SECONDS);
+    }
+
+    #[test]
+    fn redis_pods_pass_pod_security_restricted_and_spread() {
+        for mc in [
+            MessagingCluster::test(),
+            MessagingCluster::test().with_storage("1Gi"),
+        ] {
+            let pod = sts(&mc).spec.expect("spec").template.spec.expect("pod");
+            assert_eq!(
+                crate::build::pod_policy::restricted_violations(&pod),
+                Vec::<String>::new()
+            );
+            assert!(pod.affinity.is_some() && pod.topology_spread_constraints.is_some());
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use k8s_openapi::{
 };
 
 use super::meta::{Component, SENTINEL_PORT, label_selector, object_meta, pod_labels};
+use super::pod_policy::{restricted_security, spread};
 use super::redis_group::{self};
 use super::redis_statefulset::{
     SCRIPTS_HASH_ANNOTATION, env, group_env, group_volumes, script_command, script_probe,
@@ -63,6 +64,8 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
         mount_path: "/data".to_owned(),
         ..Default::default()
     });
+    let (pod_security, container_security) = restricted_security();
+    let (affinity, topology_spread) = spread(names, Component::Sentinel);
     let mut env_vars = group_env(c, &names.sentinel, SENTINEL_PORT);
     env_vars.extend([
         env("CHORUS_QUORUM", quorum(c.spec.redis.sentinels).to_string()),
@@ -87,6 +90,7 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
         readiness_probe: Some(script_probe("sentinel.sh", "ready", 5, 2)),
         liveness_probe: Some(script_probe("sentinel.sh", "ready", 10, 6)),
         volume_mounts: Some(mounts),
+        security_context: Some(container_security),
         ..Default::default()
     };
     StatefulSet {
@@ -108,6 +112,9 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
+                    security_context: Some(pod_security),
+                    affinity: Some(affinity),
+                    topology_spread_constraints: Some(topology_spread),
                     ..Default::default()
                 }),
             },
@@ -167,5 +174,15 @@ mod tests {
             "sentinels require the group's password"
         );
         assert_eq!(c.ports.clone().expect("ports")[0].container_port, 26379);
+    }
+
+    #[test]
+    fn sentinel_pods_pass_pod_security_restricted() {
+        let s = build(&valid(&MessagingCluster::test()));
+        let pod = s.spec.expect("spec").template.spec.expect("pod");
+        assert_eq!(
+            crate::build::pod_policy::restricted_violations(&pod),
+            Vec::<String>::new()
+        );
     }
 }
