@@ -10,13 +10,18 @@
 //! it is skipped.
 //!
 //! One test, in steps that build on each other, each printed with its
-//! time: install the chart, apply `examples/basic.yaml`, exchange messages
-//! across pods, scale out and in, fail the Redis master over, upgrade the
-//! operator, switch to streams and roll the servers under load, refuse
-//! invalid manifests, delete the cluster. On failure it prints the
+//! time: install the chart, apply `examples/basic.yaml` in a namespace that
+//! enforces Pod Security "restricted", exchange messages across pods, scale
+//! out and in, fail the Redis master over, upgrade the operator, switch to
+//! streams and roll the servers under load, refuse invalid manifests,
+//! delete the cluster; then `examples/durable.yaml` through the faults of
+//! a Redis group's life ([`faults`]). On failure it prints the
 //! operator's log, the events and the pod states; it deletes what it
 //! created (unless `CHORUS_E2E_KEEP=1` and a step failed).
 #![allow(clippy::unwrap_used)]
+
+#[path = "e2e/faults.rs"]
+mod faults;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
@@ -287,6 +292,7 @@ async fn steps(run: &Run) {
     step("1b. helm upgrade leaves Redis alone", upgrade_operator(run)).await;
     step("6. streams and a rolling restart", streams_roll(run)).await;
     step("7. delete the MessagingCluster", delete_cluster(run)).await;
+    step("9. Redis group faults", faults::redis_group_faults(run)).await;
 }
 
 async fn step(what: &str, body: impl std::future::Future<Output = ()>) {
@@ -425,6 +431,14 @@ async fn invalid_manifests(run: &Run) {
 // ---- 2. the basic example -------------------------------------------------
 
 async fn apply_basic(run: &Run) {
+    // Every pod of the fleet must be admitted at Pod Security "restricted".
+    kubectl(&[
+        "label",
+        "namespace",
+        &run.ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ])
+    .await;
     let started = Instant::now();
     kubectl(&["apply", &run.ns_flag(), "-f", "examples/basic.yaml"]).await;
     kubectl(&[

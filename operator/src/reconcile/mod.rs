@@ -304,6 +304,19 @@ async fn converge(
         Ok(topology) => (topology, None),
         Err(e) => (None, Some(Error::from(e))),
     };
+    if let Some(report) = &topology {
+        let repaired: Vec<String> = report
+            .actions
+            .iter()
+            .filter(|a| a.result.is_ok())
+            .map(|a| a.action.to_string())
+            .collect();
+        if !repaired.is_empty() {
+            let note = format!("Redis group repaired: {}", repaired.join("; "));
+            ctx.publish(mc, EventType::Normal, "RedisRepaired", note)
+                .await;
+        }
+    }
     // 5b. replace one outdated Redis pod, if the group is healthy
     let update_revision = applied
         .redis
