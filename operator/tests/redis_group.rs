@@ -11,10 +11,11 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chorus_operator::topology::{NodeAddr, TopologyConfig, reconcile_topology};
+use chorus_testkit::{Proc, ProcSpec, free_port};
 
 const PASSWORD: &str = "group-test-password";
 const DOWN_AFTER_MS: u64 = 1000;
@@ -40,17 +41,10 @@ fn free_pair() -> u16 {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind")
-        .port()
-}
-
 /// One script run (and the redis-server it starts), in a process group of
 /// its own: killed together, like a container.
 struct Member {
-    child: Option<Child>,
+    proc: Option<Proc>,
     addr: String,
     data: PathBuf,
     sentinel: bool,
@@ -65,9 +59,9 @@ struct Lists {
 
 impl Member {
     fn start(&mut self, group: &Lists) {
-        let (program, extra): (PathBuf, Vec<(&str, String)>) = if self.sentinel {
+        let (script_name, mut env): (&str, Vec<(&str, String)>) = if self.sentinel {
             (
-                script("sentinel.sh"),
+                "sentinel.sh",
                 vec![
                     ("CHORUS_QUORUM", "2".to_owned()),
                     ("CHORUS_DOWN_AFTER_MS", DOWN_AFTER_MS.to_string()),
@@ -76,7 +70,7 @@ impl Member {
             )
         } else {
             (
-                script("redis.sh"),
+                "redis.sh",
                 vec![
                     ("CHORUS_BOOTSTRAP", group.bootstrap.clone()),
                     (
@@ -90,33 +84,31 @@ impl Member {
         };
         let data = self.data.join("data");
         std::fs::create_dir_all(&data).expect("data dir");
-        let mut cmd = Command::new("sh");
-        cmd.arg(program)
-            .arg("start")
-            .env("REDIS_PASSWORD", PASSWORD)
-            .env("CHORUS_SELF", &self.addr)
-            .env("CHORUS_PEERS", &group.peers)
-            .env("CHORUS_SENTINELS", &group.sentinels)
-            .env("CHORUS_DATA", &data)
-            .env("CHORUS_CALL_TIMEOUT", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        self.child = Some(cmd.spawn().expect("start the script"));
+        env.extend([
+            ("REDIS_PASSWORD", PASSWORD.to_owned()),
+            ("CHORUS_SELF", self.addr.clone()),
+            ("CHORUS_PEERS", group.peers.clone()),
+            ("CHORUS_SENTINELS", group.sentinels.clone()),
+            ("CHORUS_DATA", data.display().to_string()),
+            ("CHORUS_CALL_TIMEOUT", "1".to_owned()),
+        ]);
+        let spec = ProcSpec {
+            name: format!("{script_name} {}", self.addr),
+            program: "sh".into(),
+            args: vec![
+                script(script_name).display().to_string(),
+                "start".to_owned(),
+            ],
+            env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            log: self.data.join(format!("{script_name}.log")),
+            group: true,
+        };
+        self.proc = Some(Proc::spawn(spec).expect("start the script"));
     }
 
     /// SIGKILL to the script and its redis-server, as when a container dies.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = child.wait();
-        }
+        self.proc = None;
     }
 
     /// A new pod: its emptyDir is gone too.
@@ -128,12 +120,6 @@ impl Member {
     fn node(&self) -> NodeAddr {
         let (host, port) = self.addr.rsplit_once(':').expect("host:port");
         NodeAddr::new(host, port.parse().expect("port"))
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -152,7 +138,7 @@ impl Group {
             free_port()
         ));
         let member = |i: usize, port: u16, sentinel: bool| Member {
-            child: None,
+            proc: None,
             addr: format!("127.0.0.1:{port}"),
             data: dir.join(format!("{}{i}", if sentinel { "s" } else { "r" })),
             sentinel,

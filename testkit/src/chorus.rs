@@ -38,6 +38,7 @@ impl ChorusServer {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 log: dir.path().join("chorus-server.log"),
+                group: false,
             },
             dir,
             ready_when: format!("{readyz} to answer 200"),

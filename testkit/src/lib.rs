@@ -45,6 +45,6 @@ pub mod wait;
 pub use chorus::ChorusServer;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
-pub use process::{ChildGuard, Proc, free_port};
+pub use process::{ChildGuard, Proc, ProcSpec, free_port};
 pub use redis::{RedisOptions, RedisServer};
 pub use sentinel::{GroupOptions, MASTER_NAME, Monitor, Sentinel, SentinelGroup};

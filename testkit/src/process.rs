@@ -56,6 +56,9 @@ pub struct ProcSpec {
     pub env: Vec<(String, String)>,
     /// stdout and stderr, appended to across restarts.
     pub log: PathBuf,
+    /// Runs in a process group of its own, and [`Proc::kill`] kills the
+    /// group: a script and what it started die together, like a container.
+    pub group: bool,
 }
 
 /// A running (or killed) child process that can be started again with the
@@ -63,6 +66,12 @@ pub struct ProcSpec {
 pub struct Proc {
     spec: ProcSpec,
     child: Option<ChildGuard>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 impl Proc {
@@ -84,17 +93,20 @@ impl Proc {
         let err = log
             .try_clone()
             .map_err(Error::io(format!("open {}", self.spec.log.display())))?;
-        let child = Command::new(&self.spec.program)
+        let mut command = Command::new(&self.spec.program);
+        command
             .args(&self.spec.args)
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                program: self.spec.program.display().to_string(),
-                source,
-            })?;
+            .stderr(err);
+        if self.spec.group {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        let child = command.spawn().map_err(|source| Error::Spawn {
+            program: self.spec.program.display().to_string(),
+            source,
+        })?;
         self.child = Some(ChildGuard(child));
         Ok(())
     }
@@ -108,8 +120,14 @@ impl Proc {
         self.child.as_ref().map(|c| c.0.id())
     }
 
-    /// SIGKILL, as a crash would (a frozen process dies too).
+    /// SIGKILL, as a crash would (a frozen process dies too); the whole
+    /// group with [`ProcSpec::group`].
     pub fn kill(&mut self) {
+        if self.spec.group
+            && let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok())
+        {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         self.child = None;
     }
 

@@ -139,6 +139,7 @@ pub(crate) async fn launch_program(
             args,
             env: Vec::new(),
             log: dir.path().join(format!("{program}.log")),
+            group: false,
         },
         dir,
         ready_when: format!("{program} to answer PING"),
