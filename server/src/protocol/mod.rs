@@ -6,12 +6,13 @@
 //! `bad_room` / `too_large`) without closing the connection.
 
 mod frames;
+pub mod message;
 mod room;
 
 pub use frames::{
-    ClientFrame, ErrorCode, FrameError, MessageFrame, ServerFrame, Since, Token, decode, encode,
-    encode_message, is_json_object, message_parts,
+    ClientFrame, ErrorCode, FrameError, ServerFrame, Since, Token, decode, encode, is_json_object,
 };
+pub use message::{Frame, MessageFrame, encode_message, message_parts};
 pub use room::{MAX_ROOM_BYTES, RoomError, RoomName};
 
 /// Sub-protocol name negotiated on the WebSocket upgrade.

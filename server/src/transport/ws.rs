@@ -30,7 +30,9 @@ use crate::broker::{Broker, BrokerError, History, Position, PublishRequest};
 use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound, QueueRx};
 use crate::metrics::Metrics;
 use crate::node::{Node, Slot};
-use crate::protocol::{self, ClientFrame, ErrorCode, RoomName, SUBPROTOCOL, ServerFrame, Since};
+use crate::protocol::{
+    self, ClientFrame, ErrorCode, Frame, RoomName, SUBPROTOCOL, ServerFrame, Since,
+};
 
 /// Publishes one connection may have waiting for the broker; further frames
 /// are not read until one completes (backpressure on the client).
@@ -242,7 +244,7 @@ async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot:
     }
 }
 
-type Reply = BoxFuture<'static, String>;
+type Reply = BoxFuture<'static, Frame>;
 
 struct Conn {
     node: Arc<Node>,
@@ -286,7 +288,7 @@ impl Replay {
             .take_while(|m| m.offset <= self.until)
         {
             self.after = m.offset;
-            out.push(Message::Text(m.frame));
+            out.push(Message::Text(m.frame.into()));
         }
         metrics.replayed.inc_by((out.len() - before) as u64);
         true
@@ -446,7 +448,7 @@ impl Conn {
         text: Utf8Bytes,
         inflight: &mut FuturesOrdered<Reply>,
         out: &mut Vec<Message>,
-    ) -> Option<String> {
+    ) -> Option<Frame> {
         let max = self.node.config.max_frame_bytes as usize;
         if text.len() > max {
             self.node.metrics.bad_frames.inc();
@@ -536,7 +538,7 @@ impl Conn {
     /// connection is in still allowed; its `exp` is the connection's end
     /// from now on. Refused (`unauthorized`, `forbidden`), the connection
     /// keeps its current token, and ends at that one's `exp`.
-    fn refresh(&mut self, id: u64, token: &str) -> String {
+    fn refresh(&mut self, id: u64, token: &str) -> Frame {
         let fresh = match self.node.auth.authenticate(Some(token)) {
             Ok(fresh) => fresh,
             Err(e) => return error(Some(id), ErrorCode::Unauthorized, &e.to_string()),
@@ -712,7 +714,7 @@ impl Conn {
                 .rooms
                 .get_mut(&d.room)?
                 .advance(&d.epoch, d.offset)
-                .then(|| Message::Text(d.frame.clone())),
+                .then(|| Message::Text(d.frame.clone().into())),
         }
     }
 }
@@ -797,7 +799,7 @@ enum Recovery {
 }
 
 impl SubscribeOk {
-    fn encode(&self, id: u64) -> String {
+    fn encode(&self, id: u64) -> Frame {
         let (recovered, missed, code) = match self.recovery {
             None => (None, None, None),
             Some(Recovery::Done(n)) => (Some(true), Some(n), None),
@@ -814,11 +816,11 @@ impl SubscribeOk {
     }
 }
 
-fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
+fn error(id: Option<u64>, code: ErrorCode, message: &str) -> Frame {
     protocol::encode(&ServerFrame::Error { id, code, message })
 }
 
-fn broker_error(id: Option<u64>, e: &BrokerError) -> String {
+fn broker_error(id: Option<u64>, e: &BrokerError) -> Frame {
     error(id, e.code(), &e.public_message())
 }
 

@@ -38,7 +38,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
@@ -56,7 +55,7 @@ use super::{
 use crate::auth::Pattern;
 use crate::broker::History;
 use crate::metrics::Metrics;
-use crate::protocol::{RoomName, message_parts};
+use crate::protocol::{Frame, RoomName, message_parts};
 use crate::sync::lock;
 
 /// Tuning of the Redis link.
@@ -420,7 +419,7 @@ async fn read_history(
         let Some(offset) = scripts::entry_offset(&id) else {
             continue;
         };
-        let Ok(frame) = Utf8Bytes::try_from(bytes::Bytes::from(frame)) else {
+        let Some(frame) = Frame::from_utf8(frame) else {
             continue;
         };
         messages.push(Delivery {
@@ -1253,9 +1252,9 @@ async fn on_notification(
         tracing::warn!(room, "ignoring a malformed notification");
         return;
     };
-    let (Ok(room), Ok(frame)) = (
+    let (Ok(room), Some(frame)) = (
         RoomName::parse(room),
-        Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(n.frame)),
+        Frame::from_utf8(bytes::Bytes::copy_from_slice(n.frame)),
     ) else {
         tracing::warn!(
             room,
