@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::auth::{AuthConfig, Authenticator, Pattern};
+use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
     Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
@@ -18,6 +18,7 @@ use crate::broker::{
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
 use crate::metrics::Metrics;
+use crate::protocol::Pattern;
 use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]

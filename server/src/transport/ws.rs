@@ -25,7 +25,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::time::Sleep;
 
-use crate::auth::Session;
+use crate::auth::Grants;
 use crate::broker::{Broker, BrokerError, History, Position, PublishRequest};
 use crate::hub::{CloseReason, ConnHandle, ConnId, Outbound, QueueRx};
 use crate::metrics::Metrics;
@@ -196,7 +196,7 @@ impl End {
     }
 }
 
-async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Session, slot: Slot) {
+async fn connection(node: Arc<Node>, mut socket: WebSocket, auth: Grants, slot: Slot) {
     let (handle, queue) = ConnHandle::new(node.config.send_queue as usize);
     let id = node.register(handle.ctl.clone());
     let session: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
@@ -250,7 +250,7 @@ struct Conn {
     node: Arc<Node>,
     id: ConnId,
     session: Arc<str>,
-    auth: Session,
+    auth: Grants,
     handle: ConnHandle,
     /// The rooms the client is in, each with how far its messages went out.
     rooms: HashMap<RoomName, SentUpTo>,
@@ -825,7 +825,7 @@ fn broker_error(id: Option<u64>, e: &BrokerError) -> Frame {
 }
 
 /// A timer for the session's `exp`; `None` for a session without one.
-fn expiry_timer(session: &Session) -> Option<Pin<Box<Sleep>>> {
+fn expiry_timer(session: &Grants) -> Option<Pin<Box<Sleep>>> {
     session.expires_at().map(|at| {
         let left = at
             .duration_since(std::time::SystemTime::now())

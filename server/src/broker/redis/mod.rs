@@ -52,10 +52,9 @@ use super::{
     Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published, new_epoch,
     now_us,
 };
-use crate::auth::Pattern;
 use crate::broker::History;
 use crate::metrics::Metrics;
-use crate::protocol::{Frame, RoomName, message_parts};
+use crate::protocol::{Frame, Pattern, RoomName, message_parts};
 use crate::sync::lock;
 
 /// Tuning of the Redis link.
