@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
@@ -52,8 +54,12 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub auth: Authenticator,
     health: watch::Receiver<Health>,
-    /// Open connections, for the drain. Std mutex: insert/remove/snapshot only.
+    /// Open connections, for the drain to tell them. Std mutex:
+    /// insert/remove/snapshot only.
     conns: Mutex<HashMap<ConnId, Arc<ConnControl>>>,
+    /// Every WebSocket connection's task, from its upgrade to the end of its
+    /// closing handshake: what the drain waits for.
+    tasks: TaskTracker,
     next_conn: AtomicU64,
     open: AtomicUsize,
     draining: AtomicBool,
@@ -133,6 +139,7 @@ impl Node {
             auth,
             health,
             conns: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -187,6 +194,12 @@ impl Node {
         Some(Slot { node: self.clone() })
     }
 
+    /// Counts a connection's task, from before its upgrade until the token
+    /// is dropped, for [`Node::drain`] to wait on.
+    pub(crate) fn track(&self) -> TaskTrackerToken {
+        self.tasks.token()
+    }
+
     pub(crate) fn register(&self, ctl: Arc<ConnControl>) -> ConnId {
         let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         lock(&self.conns).insert(id, ctl);
@@ -204,8 +217,9 @@ impl Node {
 
     /// Drains the node: `/readyz` turns 503, new upgrades are refused, every
     /// client gets `reconnect` (spread over `--drain-seconds`) and is closed.
-    /// Resolves when the connections are gone, or at the returned deadline
-    /// ([`DRAIN_GRACE`] after the spread), by which the node must stop.
+    /// Resolves when the last connection's task has ended (its closing
+    /// handshake done), or at the returned deadline ([`DRAIN_GRACE`] after
+    /// the spread), by which the node must stop.
     pub async fn drain(&self) -> Instant {
         if self.draining.swap(true, Ordering::AcqRel) {
             return Instant::now();
@@ -228,10 +242,9 @@ impl Node {
             });
         }
         let deadline = Instant::now() + DRAIN_GRACE;
-        while self.connections() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tracing::info!(left = self.connections(), "drained");
+        self.tasks.close();
+        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
+        tracing::info!(left = self.tasks.len(), "drained");
         deadline
     }
 }
@@ -285,4 +298,32 @@ fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
         jwt_public_key_pem,
         api_key,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::hub::ConnHandle;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_ends_when_the_last_connection_does() {
+        let mut config = Config::defaults();
+        config.drain_seconds = 0;
+        let node = Node::start(config).await.unwrap();
+        let (handle, _queue) = ConnHandle::new(1);
+        let task = node.track();
+        let id = node.register(handle.ctl.clone());
+        let conn = node.clone();
+        tokio::spawn(async move {
+            handle.ctl.closed().await;
+            conn.unregister(id);
+            // The closing handshake.
+            tokio::time::sleep(Duration::from_millis(1005)).await;
+            drop(task);
+        });
+        let start = Instant::now();
+        node.drain().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(1005));
+    }
 }

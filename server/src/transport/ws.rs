@@ -90,6 +90,7 @@ pub async fn upgrade(
             .into_response();
     };
     let max_frame = node.config.max_frame_bytes as usize;
+    let task = node.track();
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -97,7 +98,10 @@ pub async fn upgrade(
         // larger ones are cut off by the library (close 1009) before we buffer them.
         .max_message_size(max_frame.saturating_mul(4).max(1 << 20))
         .max_frame_size(max_frame.saturating_mul(4).max(1 << 20))
-        .on_upgrade(move |socket| connection(node, socket, session, slot))
+        .on_upgrade(move |socket| async move {
+            connection(node, socket, session, slot).await;
+            drop(task);
+        })
 }
 
 /// Why a connection ended (logged once per connection), and so which close
