@@ -5,7 +5,8 @@
 //! - [`broker`]: the message bus between nodes (memory, Redis Pub/Sub)
 //! - [`transport`]: axum routes, the WebSocket connection loop, HTTP API
 //! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain)
-//! - [`config`], [`metrics`], [`auth`], [`shutdown`]; `sync`: poison-tolerant std locks
+//! - [`config`], [`metrics`], [`auth`], [`shutdown`]; [`secret`]: secrets kept
+//!   out of `Debug`; `sync`: poison-tolerant std locks
 
 pub mod auth;
 pub mod broker;
@@ -14,6 +15,7 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod secret;
 pub mod shutdown;
 mod sync;
 pub mod transport;

@@ -70,7 +70,7 @@ impl Node {
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let broker: Arc<dyn Broker> = match config.broker.split_once("://").map(|(s, _)| s) {
+        let broker: Arc<dyn Broker> = match config.broker.scheme() {
             Some("memory") => {
                 if config.delivery == DeliveryMode::Streams {
                     return Err(StartError::StreamsNeedRedis);
@@ -84,7 +84,7 @@ impl Node {
                 )
             }
             Some("redis" | "redis+sentinel") => {
-                let mut url = RedisUrl::parse(&config.broker)?;
+                let mut url = RedisUrl::parse(config.broker.as_str())?;
                 if let Some(path) = &config.redis_password_file {
                     url.password = Some(file_secret("the Redis password", path)?);
                 }
@@ -116,7 +116,7 @@ impl Node {
                 }
                 Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
             }
-            _ => return Err(StartError::BrokerUrl(config.broker.clone())),
+            _ => return Err(StartError::BrokerUrl(config.broker.redacted())),
         };
         let auth = Authenticator::new(auth_config(&config)?)?;
         Ok(Self::assemble(config, hub, broker, metrics, auth))
@@ -276,12 +276,12 @@ fn file_secret(what: &'static str, path: &std::path::Path) -> Result<String, Sta
 fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
     let file = file_secret;
     let api_key = match (&config.api_key, &config.api_key_file) {
-        (Some(k), _) => Some(k.clone()),
+        (Some(k), _) => Some(k.expose().to_owned()),
         (None, Some(p)) => Some(file("the API key", p)?),
         (None, None) => None,
     };
     let jwt_secret = match (&config.jwt_secret, &config.jwt_secret_file) {
-        (Some(s), _) => Some(s.clone().into_bytes()),
+        (Some(s), _) => Some(s.expose().as_bytes().to_vec()),
         (None, Some(p)) => Some(file("the JWT secret", p)?.into_bytes()),
         (None, None) => None,
     };

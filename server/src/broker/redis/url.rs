@@ -4,7 +4,9 @@
 
 use std::fmt;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::secret::redact_url;
+
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     pub target: Target,
     pub username: Option<String>,
@@ -47,7 +49,7 @@ pub struct UrlError {
 impl RedisUrl {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
         let fail = |why: &str| UrlError {
-            url: redact(url),
+            url: redact_url(url),
             why: why.to_string(),
         };
         let (scheme, rest) = url
@@ -158,11 +160,15 @@ fn parse_addr(s: &str, default_port: u16) -> Option<Addr> {
     }
 }
 
-/// The URL with its password replaced, for error messages and logs.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+// By hand: the password stays out of logs.
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisUrl")
+            .field("target", &self.target)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
     }
 }
 
