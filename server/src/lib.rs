@@ -4,7 +4,10 @@
 //! - [`hub`]: the node's room registry and fan-out to local subscribers
 //! - [`broker`]: the message bus between nodes (memory, Redis Pub/Sub)
 //! - [`transport`]: axum routes, the WebSocket connection loop, HTTP API
-//! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain)
+//! - [`session`]: one connection's protocol state (subscriptions, replies,
+//!   replays, grants), between the transport and the node
+//! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain);
+//!   it stands between the sessions and the broker
 //! - [`config`], [`metrics`], [`auth`], [`shutdown`]; [`secret`]: secrets kept
 //!   out of `Debug`; `sync`: poison-tolerant std locks
 
@@ -16,6 +19,7 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod secret;
+pub mod session;
 pub mod shutdown;
 mod sync;
 pub mod transport;

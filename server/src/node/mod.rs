@@ -1,5 +1,16 @@
 //! A node: the hub, the broker, auth, metrics and the connection registry,
 //! shared by every request handler.
+//!
+//! The node stands between the connections and the message bus: a session
+//! subscribes a connection through [`Node::subscribe`] (the hub joins it to
+//! the room, subscribing the node to the room's broker channel for its first
+//! local subscriber; [`recovery`] says where it starts), leaves with
+//! [`Node::leave`] and publishes with [`Node::publish`]. The broker hands
+//! each message to the hub, which queues it for every local subscriber.
+
+mod recovery;
+
+pub use recovery::{Page, REPLAY_PAGE, REPLAY_PAGE_BYTES, Recovery, Replay, Subscribed};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,9 +29,9 @@ use crate::broker::{
     RedisOptions, RedisUrl,
 };
 use crate::config::{Config, DeliveryMode, read_secret};
-use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
+use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Hub};
 use crate::metrics::Metrics;
-use crate::protocol::Pattern;
+use crate::protocol::{Pattern, RoomName, Since};
 use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +133,7 @@ impl Node {
         Ok(Self::assemble(config, hub, broker, metrics, auth))
     }
 
-    fn assemble(
+    pub(crate) fn assemble(
         config: Config,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
@@ -165,6 +176,37 @@ impl Node {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Joins a connection to `room` (the hub subscribes the node to it for
+    /// its first local subscriber: nothing published from then on is
+    /// missed), then says where the connection starts and, with `since`,
+    /// what it missed ([`Node::recover`]). On an error the connection is not
+    /// in the room.
+    pub async fn subscribe(
+        &self,
+        id: ConnId,
+        handle: &ConnHandle,
+        room: &RoomName,
+        since: Option<Since>,
+    ) -> Result<Subscribed, BrokerError> {
+        self.hub
+            .join(&*self.broker, room, id, handle.clone())
+            .await?;
+        let subscribed = match self.broker.position(room).await {
+            Ok(pos) => self.recover(room, since, pos).await,
+            Err(e) => Err(e),
+        };
+        if subscribed.is_err() {
+            self.leave(id, room);
+        }
+        subscribed
+    }
+
+    /// Takes a connection out of `room` (the node unsubscribes from it with
+    /// its last local subscriber). Whether it was in the room.
+    pub fn leave(&self, id: ConnId, room: &RoomName) -> bool {
+        self.hub.leave(&*self.broker, room, id)
+    }
+
     /// Publishes through the broker and counts the outcome.
     pub fn publish(
         self: &Arc<Self>,
@@ -191,13 +233,10 @@ impl Node {
             })
             .ok()?;
         self.metrics.connections.inc();
-        Some(Slot { node: self.clone() })
-    }
-
-    /// Counts a connection's task, from before its upgrade until the token
-    /// is dropped, for [`Node::drain`] to wait on.
-    pub(crate) fn track(&self) -> TaskTrackerToken {
-        self.tasks.token()
+        Some(Slot {
+            node: self.clone(),
+            _task: self.tasks.token(),
+        })
     }
 
     pub(crate) fn register(&self, ctl: Arc<ConnControl>) -> ConnId {
@@ -253,9 +292,12 @@ impl Node {
 /// in flight may still take before the node stops regardless.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// A reserved connection slot; released on drop.
+/// A reserved connection slot, held by the connection's task from before
+/// its upgrade to the end of its closing handshake: counted against
+/// `--max-connections` and waited for by [`Node::drain`]. Released on drop.
 pub(crate) struct Slot {
     node: Arc<Node>,
+    _task: TaskTrackerToken,
 }
 
 impl Drop for Slot {
@@ -312,7 +354,7 @@ mod tests {
         config.drain_seconds = 0;
         let node = Node::start(config).await.unwrap();
         let (handle, _queue) = ConnHandle::new(1);
-        let task = node.track();
+        let slot = node.reserve_slot().unwrap();
         let id = node.register(handle.ctl.clone());
         let conn = node.clone();
         tokio::spawn(async move {
@@ -320,7 +362,7 @@ mod tests {
             conn.unregister(id);
             // The closing handshake.
             tokio::time::sleep(Duration::from_millis(1005)).await;
-            drop(task);
+            drop(slot);
         });
         let start = Instant::now();
         node.drain().await;
