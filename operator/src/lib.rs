@@ -2,6 +2,7 @@
 //! its Redis Sentinel group and Services.
 //!
 //! - [`crd`]: the CRD as installed and printed.
+//! - [`cluster`]: the validate step, and the validated cluster every later step takes.
 //! - [`build`]: pure builders, one per object kind (no client).
 //! - [`reconcile`]: the validate → build → apply → status pipeline.
 //! - [`controller`]: the kube-runtime Controller around it.
@@ -10,6 +11,7 @@
 //! - [`topology`]: brings the Redis pods and sentinels to one master (talks to Redis, not Kubernetes).
 
 pub mod build;
+pub mod cluster;
 pub mod controller;
 pub mod crd;
 pub mod http;

@@ -16,7 +16,13 @@ pub struct ResultLabels {
 }
 
 /// Every value of the `error` label (`reconcile::Error::metric_label`).
-pub const ERROR_STEPS: [&str; 4] = ["build", "apply", "status", "redis_group"];
+pub const ERROR_STEPS: [&str; 5] = [
+    "invalid_spec",
+    "dereference",
+    "apply",
+    "redis_group",
+    "status",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use chorus_crds::{MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef};
+use chorus_crds::{MessagingClusterSpec, RedisMode, SecretKeyRef};
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use super::BuildError;
 use super::meta::{
     Component, Names, SENTINEL_MASTER_NAME, SENTINEL_PORT, SERVER_PORT, object_meta,
 };
+use crate::cluster::ValidCluster;
 
 /// Where the Redis password Secret is mounted in server pods.
 pub const REDIS_PASSWORD_FILE: &str = "/var/run/chorus/redis/password";
@@ -79,12 +79,13 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     env
 }
 
-pub fn build(mc: &MessagingCluster, names: &Names) -> Result<ConfigMap, BuildError> {
-    Ok(ConfigMap {
-        metadata: object_meta(mc, names, &names.server, Component::Server)?,
-        data: Some(server_env(&mc.spec, names)),
+pub fn build(c: &ValidCluster) -> ConfigMap {
+    let names = &c.names;
+    ConfigMap {
+        metadata: object_meta(c, &names.server, Component::Server),
+        data: Some(server_env(&c.spec, names)),
         ..Default::default()
-    })
+    }
 }
 
 /// Hash of everything in the server pods' configuration that does not show
@@ -132,20 +133,20 @@ impl Fnv1a {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
     use chorus_crds::{Delivery, SecretKeyRef};
 
     fn env_of(mc: &MessagingCluster) -> BTreeMap<String, String> {
-        let names = Names::of(mc).expect("names");
-        build(mc, &names).expect("builds").data.expect("data")
+        build(&valid(mc)).data.expect("data")
     }
 
     #[test]
     fn managed_cluster_env_points_at_its_sentinels() {
         let mc = MessagingCluster::test();
-        let names = Names::of(&mc).expect("names");
-        let cm = build(&mc, &names).expect("builds");
+        let c = valid(&mc);
+        let cm = build(&c);
         assert_eq!(cm.metadata.name.as_deref(), Some("chat-server"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("default"));
         assert_eq!(cm.metadata.owner_references.expect("owner")[0].uid, UID);
@@ -188,10 +189,7 @@ mod tests {
 
     #[test]
     fn config_changes_change_the_hash_and_scaling_does_not() {
-        let hash_of = |mc: &MessagingCluster| {
-            let names = Names::of(mc).expect("names");
-            hash(&build(mc, &names).expect("builds"), &mc.spec)
-        };
+        let hash_of = |mc: &MessagingCluster| hash(&build(&valid(mc)), &mc.spec);
         let base = hash_of(&MessagingCluster::test());
         assert_eq!(base, hash_of(&MessagingCluster::test()), "deterministic");
         assert_eq!(base.len(), 16);

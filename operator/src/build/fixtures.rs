@@ -12,6 +12,11 @@ use k8s_openapi::{
     api::core::v1::ResourceRequirements, apimachinery::pkg::api::resource::Quantity,
 };
 
+/// `mc` after validation, for the builders (which take a validated cluster).
+pub fn valid(mc: &MessagingCluster) -> crate::cluster::ValidCluster {
+    crate::cluster::validate(mc).expect("the fixture is valid")
+}
+
 /// Fixture builder methods on `MessagingCluster`.
 pub trait TestCluster: Sized {
     /// `chat` in namespace `default`, generation 1, default spec.

@@ -2,22 +2,19 @@
 //! through its scale subresource; the operator then scales the Deployment.
 //! (Targeting the Deployment would fight the operator over its replicas.)
 
-use chorus_crds::{API_VERSION, AutoscalingSpec, KIND, MessagingCluster};
+use chorus_crds::{API_VERSION, AutoscalingSpec, KIND};
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
     MetricTarget, ResourceMetricSource,
 };
 
-use super::BuildError;
-use super::meta::{Component, Names, object_meta};
+use super::meta::{Component, object_meta};
+use crate::cluster::ValidCluster;
 
-pub fn build(
-    mc: &MessagingCluster,
-    names: &Names,
-    spec: &AutoscalingSpec,
-) -> Result<HorizontalPodAutoscaler, BuildError> {
-    Ok(HorizontalPodAutoscaler {
-        metadata: object_meta(mc, names, &names.service, Component::Server)?,
+pub fn build(c: &ValidCluster, spec: &AutoscalingSpec) -> HorizontalPodAutoscaler {
+    let names = &c.names;
+    HorizontalPodAutoscaler {
+        metadata: object_meta(c, &names.service, Component::Server),
         spec: Some(HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some(API_VERSION.to_owned()),
@@ -41,19 +38,20 @@ pub fn build(
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     #[test]
     fn hpa_targets_the_messaging_cluster_scale_subresource() {
         let mc = MessagingCluster::test().with_autoscaling(3, 12);
         let spec = mc.spec.autoscaling.clone().expect("autoscaling");
-        let hpa = build(&mc, &Names::of(&mc).expect("names"), &spec).expect("builds");
+        let hpa = build(&valid(&mc), &spec);
         assert_eq!(hpa.metadata.name.as_deref(), Some("chat"));
         assert_eq!(hpa.metadata.owner_references.expect("owner")[0].uid, UID);
         let spec = hpa.spec.expect("spec");

@@ -4,21 +4,21 @@
 
 use std::collections::BTreeMap;
 
-use chorus_crds::{IngressSpec, MessagingCluster};
+use chorus_crds::IngressSpec;
 use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
     IngressServiceBackend, IngressSpec as K8sIngressSpec, IngressTLS, ServiceBackendPort,
 };
 
-use super::BuildError;
-use super::meta::{Component, Names, object_meta};
+use super::meta::{Component, object_meta};
+use crate::cluster::ValidCluster;
 
 /// Name of the affinity cookie.
 pub const AFFINITY_COOKIE: &str = "chorus-affinity";
 
 /// Cookie-affinity and WebSocket annotations for ingress-nginx.
-pub fn annotations(mc: &MessagingCluster) -> BTreeMap<String, String> {
-    let max_age = mc.spec.service.session_affinity.timeout_seconds.to_string();
+pub fn annotations(c: &ValidCluster) -> BTreeMap<String, String> {
+    let max_age = c.spec.service.session_affinity.timeout_seconds.to_string();
     [
         ("nginx.ingress.kubernetes.io/affinity", "cookie"),
         ("nginx.ingress.kubernetes.io/affinity-mode", "persistent"),
@@ -38,14 +38,11 @@ pub fn annotations(mc: &MessagingCluster) -> BTreeMap<String, String> {
     .collect()
 }
 
-pub fn build(
-    mc: &MessagingCluster,
-    names: &Names,
-    spec: &IngressSpec,
-) -> Result<Ingress, BuildError> {
-    let mut metadata = object_meta(mc, names, &names.service, Component::Server)?;
-    metadata.annotations = Some(annotations(mc));
-    Ok(Ingress {
+pub fn build(c: &ValidCluster, spec: &IngressSpec) -> Ingress {
+    let names = &c.names;
+    let mut metadata = object_meta(c, &names.service, Component::Server);
+    metadata.annotations = Some(annotations(c));
+    Ingress {
         metadata,
         spec: Some(K8sIngressSpec {
             ingress_class_name: spec.class_name.clone(),
@@ -65,7 +62,7 @@ pub fn build(
                             service: Some(IngressServiceBackend {
                                 name: names.service.clone(),
                                 port: Some(ServiceBackendPort {
-                                    number: Some(mc.spec.service.port),
+                                    number: Some(c.spec.service.port),
                                     name: None,
                                 }),
                             }),
@@ -77,13 +74,14 @@ pub fn build(
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     #[test]
     fn ingress_routes_the_host_to_the_service_with_cookie_affinity() {
@@ -91,7 +89,7 @@ mod tests {
         mc.spec.service.session_affinity.timeout_seconds = 600;
         let mut spec = mc.spec.ingress.clone().expect("ingress");
         spec.tls_secret_name = Some("chat-tls".into());
-        let ing = build(&mc, &Names::of(&mc).expect("names"), &spec).expect("builds");
+        let ing = build(&valid(&mc), &spec);
         assert_eq!(ing.metadata.name.as_deref(), Some("chat"));
         assert_eq!(ing.metadata.owner_references.expect("owner")[0].uid, UID);
         let annotations = ing.metadata.annotations.expect("annotations");

@@ -3,10 +3,9 @@
 use std::collections::BTreeMap;
 
 use chorus_crds::MessagingCluster;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use kube::{Resource, ResourceExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
-use super::BuildError;
+use crate::cluster::ValidCluster;
 
 /// Version of this operator, written to `app.kubernetes.io/version`.
 pub const OPERATOR_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -59,14 +58,11 @@ pub struct Names {
 }
 
 impl Names {
-    pub fn of(mc: &MessagingCluster) -> Result<Self, BuildError> {
-        let name = mc.metadata.name.clone().ok_or(BuildError::MissingName)?;
-        let namespace = mc
-            .metadata
-            .namespace
-            .clone()
-            .ok_or(BuildError::MissingNamespace)?;
-        Ok(Self {
+    /// `None` without a name or namespace (an object never stored).
+    pub fn of(mc: &MessagingCluster) -> Option<Self> {
+        let name = mc.metadata.name.clone()?;
+        let namespace = mc.metadata.namespace.clone()?;
+        Some(Self {
             server: format!("{name}-server"),
             service: name.clone(),
             redis: format!("{name}-redis"),
@@ -136,25 +132,15 @@ pub fn selector_string(names: &Names, component: Component) -> String {
         .join(",")
 }
 
-/// Controller owner reference to the MessagingCluster, so GC deletes what we made.
-pub fn owner_reference(mc: &MessagingCluster) -> Result<OwnerReference, BuildError> {
-    mc.controller_owner_ref(&()).ok_or(BuildError::MissingUid)
-}
-
 /// Metadata of an owned object: name, namespace, labels, owner reference.
-pub fn object_meta(
-    mc: &MessagingCluster,
-    names: &Names,
-    name: &str,
-    component: Component,
-) -> Result<ObjectMeta, BuildError> {
-    Ok(ObjectMeta {
+pub fn object_meta(c: &ValidCluster, name: &str, component: Component) -> ObjectMeta {
+    ObjectMeta {
         name: Some(name.to_owned()),
-        namespace: Some(mc.namespace().unwrap_or_else(|| names.namespace.clone())),
-        labels: Some(labels(names, component)),
-        owner_references: Some(vec![owner_reference(mc)?]),
+        namespace: Some(c.names.namespace.clone()),
+        labels: Some(labels(&c.names, component)),
+        owner_references: Some(vec![c.owner.clone()]),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
@@ -191,8 +177,11 @@ mod tests {
     }
 
     #[test]
-    fn owner_reference_points_at_the_cluster_as_controller() {
-        let owner = owner_reference(&MessagingCluster::test()).expect("owner");
+    fn owned_objects_point_at_the_cluster_as_controller() {
+        let c = super::super::fixtures::valid(&MessagingCluster::test());
+        let meta = object_meta(&c, "chat-server", Component::Server);
+        assert_eq!(meta.namespace.as_deref(), Some("default"));
+        let owner = &meta.owner_references.expect("owner")[0];
         assert_eq!(owner.api_version, "chorus.dev/v1alpha1");
         assert_eq!(owner.kind, "MessagingCluster");
         assert_eq!(owner.name, "chat");

@@ -1,6 +1,7 @@
-//! Pure builders: one function per object kind, from a validated
-//! `MessagingCluster` to a typed Kubernetes object. Nothing here sees a
-//! `Client`; every builder is unit-tested beside its code.
+//! Pure builders: one function per object kind, from a [`ValidCluster`] to
+//! a typed Kubernetes object. They cannot fail (validation proved what they
+//! need) and never see a `Client`; every builder is unit-tested beside its
+//! code.
 //!
 //! [`build`] assembles the whole desired state ([`Resources`]) that the
 //! reconciler's apply step writes.
@@ -20,30 +21,18 @@ pub mod services;
 #[cfg(test)]
 pub(crate) mod fixtures;
 
-use chorus_crds::{MessagingCluster, RedisMode};
+use chorus_crds::RedisMode;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
     autoscaling::v2::HorizontalPodAutoscaler,
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Secret, Service},
     networking::v1::{Ingress, NetworkPolicy},
     policy::v1::PodDisruptionBudget,
 };
 
 pub use meta::Names;
 
-/// A builder could not start: the object lacks what every owned object needs.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// Owner references need the uid the API server assigned.
-    #[error("MessagingCluster has no metadata.uid yet")]
-    MissingUid,
-    /// Objects are created in the MessagingCluster's namespace.
-    #[error("MessagingCluster has no metadata.namespace")]
-    MissingNamespace,
-    /// Every name derives from the MessagingCluster's name.
-    #[error("MessagingCluster has no metadata.name")]
-    MissingName,
-}
+use crate::cluster::ValidCluster;
 
 /// Everything the operator wants to exist for one MessagingCluster.
 #[derive(Clone, Debug)]
@@ -71,89 +60,78 @@ pub struct ManagedRedis {
     pub sentinel_deployment: Deployment,
     pub redis_pdb: PodDisruptionBudget,
     pub sentinel_pdb: PodDisruptionBudget,
-    /// `Some(name)`: the operator keeps a generated password in this Secret
-    /// (no `passwordSecretRef`). The Secret itself is built by
-    /// [`redis_auth_secret::build`] only when it does not exist yet.
-    pub generated_secret: Option<String>,
 }
 
-/// Builds the desired state. `mc` must have passed `chorus_crds::validate`.
-pub fn build(mc: &MessagingCluster) -> Result<Resources, BuildError> {
-    let names = Names::of(mc)?;
-    let spec = &mc.spec;
-    let config_map = config_map::build(mc, &names)?;
+/// The generated password Secret, when the dereference step found none
+/// (`new_password`): created once, never rewritten (it holds the only copy
+/// of the password), so it is not part of what is applied.
+pub fn new_secret(c: &ValidCluster, new_password: Option<&str>) -> Option<Secret> {
+    c.generated_secret()
+        .and(new_password)
+        .map(|password| redis_auth_secret::build(c, password))
+}
+
+/// Builds the desired state: every object here is written by server-side
+/// apply. The generated password Secret is not among them: see
+/// [`new_secret`].
+pub fn build(c: &ValidCluster) -> Resources {
+    let spec = &c.spec;
+    let config_map = config_map::build(c);
     let config_hash = config_map::hash(&config_map, spec);
-    let redis = match spec.redis.mode {
-        RedisMode::Managed => Some(ManagedRedis {
-            headless_service: services::redis_headless(mc, &names)?,
-            statefulset: redis_statefulset::build(mc, &names)?,
-            sentinel_service: services::sentinel(mc, &names)?,
-            sentinel_deployment: sentinel::build(mc, &names)?,
-            redis_pdb: pdb::redis(mc, &names)?,
-            sentinel_pdb: pdb::sentinel(mc, &names)?,
-            generated_secret: spec
-                .redis
-                .password_secret_ref
-                .is_none()
-                .then(|| names.redis_auth_secret.clone()),
-        }),
-        RedisMode::External => None,
-    };
-    Ok(Resources {
-        server_deployment: server_deployment::build(mc, &names, &config_hash)?,
-        service: services::client(mc, &names)?,
-        server_pdb: pdb::server(mc, &names)?,
-        hpa: spec
-            .autoscaling
-            .as_ref()
-            .map(|a| hpa::build(mc, &names, a))
-            .transpose()?,
-        ingress: spec
-            .ingress
-            .as_ref()
-            .map(|i| ingress::build(mc, &names, i))
-            .transpose()?,
+    let redis = (spec.redis.mode == RedisMode::Managed).then(|| ManagedRedis {
+        headless_service: services::redis_headless(c),
+        statefulset: redis_statefulset::build(c),
+        sentinel_service: services::sentinel(c),
+        sentinel_deployment: sentinel::build(c),
+        redis_pdb: pdb::redis(c),
+        sentinel_pdb: pdb::sentinel(c),
+    });
+    Resources {
+        server_deployment: server_deployment::build(c, &config_hash),
+        service: services::client(c),
+        server_pdb: pdb::server(c),
+        hpa: spec.autoscaling.as_ref().map(|a| hpa::build(c, a)),
+        ingress: spec.ingress.as_ref().map(|i| ingress::build(c, i)),
         network_policy: (spec.network_policy.enabled && spec.redis.mode == RedisMode::Managed)
-            .then(|| network_policy::build(mc, &names))
-            .transpose()?,
+            .then(|| network_policy::build(c)),
         config_map,
         redis,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::TestCluster;
+    use super::fixtures::{TestCluster, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     #[test]
     fn basic_cluster_builds_managed_redis_and_no_optional_objects() {
-        let resources = build(&MessagingCluster::test()).expect("builds");
-        let redis = resources.redis.expect("managed redis");
-        assert_eq!(redis.generated_secret.as_deref(), Some("chat-redis-auth"));
+        let c = valid(&MessagingCluster::test());
+        let resources = build(&c);
+        assert!(resources.redis.is_some(), "managed redis");
         assert!(resources.hpa.is_none());
         assert!(resources.ingress.is_none());
         assert!(resources.network_policy.is_none());
+        let secret = new_secret(&c, Some("pw")).expect("a new generated Secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some("chat-redis-auth"));
     }
 
     #[test]
-    fn external_redis_builds_no_redis_objects() {
-        let resources =
-            build(&MessagingCluster::test().with_external_redis("redis://r:6379")).expect("builds");
-        assert!(resources.redis.is_none());
+    fn an_existing_generated_secret_is_not_built_again() {
+        assert!(new_secret(&valid(&MessagingCluster::test()), None).is_none());
+    }
+
+    #[test]
+    fn external_redis_builds_no_redis_objects_and_no_secret() {
+        let c = valid(&MessagingCluster::test().with_external_redis("redis://r:6379"));
+        assert!(build(&c).redis.is_none());
+        assert!(new_secret(&c, Some("pw")).is_none());
     }
 
     #[test]
     fn user_password_secret_is_not_generated() {
-        let resources =
-            build(&MessagingCluster::test().with_password_secret("mine", "pw")).expect("builds");
-        assert_eq!(resources.redis.expect("managed").generated_secret, None);
-    }
-
-    #[test]
-    fn unsaved_cluster_is_refused() {
-        let mut mc = MessagingCluster::test();
-        mc.metadata.uid = None;
-        assert!(matches!(build(&mc), Err(BuildError::MissingUid)));
+        let c = valid(&MessagingCluster::test().with_password_secret("mine", "pw"));
+        assert!(new_secret(&c, Some("pw")).is_none());
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use chorus_crds::MessagingCluster;
 use k8s_openapi::{
     api::networking::v1::{
         NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -16,8 +15,8 @@ use k8s_openapi::{
     },
 };
 
-use super::BuildError;
 use super::meta::{Component, MANAGED_BY, Names, REDIS_PORT, SENTINEL_PORT, object_meta};
+use crate::cluster::ValidCluster;
 
 fn instance_pods(names: &Names, components: &[Component]) -> LabelSelector {
     LabelSelector {
@@ -36,14 +35,15 @@ fn instance_pods(names: &Names, components: &[Component]) -> LabelSelector {
     }
 }
 
-pub fn build(mc: &MessagingCluster, names: &Names) -> Result<NetworkPolicy, BuildError> {
+pub fn build(c: &ValidCluster) -> NetworkPolicy {
+    let names = &c.names;
     let port = |p: i32| NetworkPolicyPort {
         port: Some(IntOrString::Int(p)),
         protocol: Some("TCP".to_owned()),
         ..Default::default()
     };
-    Ok(NetworkPolicy {
-        metadata: object_meta(mc, names, &names.redis, Component::Redis)?,
+    NetworkPolicy {
+        metadata: object_meta(c, &names.redis, Component::Redis),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(instance_pods(
                 names,
@@ -76,18 +76,19 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<NetworkPolicy, Buil
             }]),
             egress: None,
         }),
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     #[test]
     fn only_cluster_pods_and_the_operator_reach_redis() {
         let mc = MessagingCluster::test();
-        let np = build(&mc, &Names::of(&mc).expect("names")).expect("builds");
+        let np = build(&valid(&mc));
         assert_eq!(np.metadata.name.as_deref(), Some("chat-redis"));
         assert_eq!(np.metadata.owner_references.expect("owner")[0].uid, UID);
         let spec = np.spec.expect("spec");

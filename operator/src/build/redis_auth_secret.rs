@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use chorus_crds::MessagingCluster;
 use k8s_openapi::api::core::v1::Secret;
 
-use super::BuildError;
 use super::config_map::GENERATED_PASSWORD_KEY;
-use super::meta::{Component, Names, object_meta};
+use super::meta::{Component, object_meta};
+use crate::cluster::ValidCluster;
 
 /// Characters in a generated password.
 pub const PASSWORD_LEN: usize = 32;
@@ -20,27 +19,29 @@ pub fn generate_password() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN)
 }
 
-pub fn build(mc: &MessagingCluster, names: &Names, password: &str) -> Result<Secret, BuildError> {
-    Ok(Secret {
-        metadata: object_meta(mc, names, &names.redis_auth_secret, Component::Redis)?,
+pub fn build(c: &ValidCluster, password: &str) -> Secret {
+    let names = &c.names;
+    Secret {
+        metadata: object_meta(c, &names.redis_auth_secret, Component::Redis),
         type_: Some("Opaque".to_owned()),
         string_data: Some(BTreeMap::from([(
             GENERATED_PASSWORD_KEY.to_owned(),
             password.to_owned(),
         )])),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     #[test]
     fn secret_holds_the_given_password_under_password() {
         let mc = MessagingCluster::test();
-        let s = build(&mc, &Names::of(&mc).expect("names"), "hunter2").expect("builds");
+        let s = build(&valid(&mc), "hunter2");
         assert_eq!(s.metadata.name.as_deref(), Some("chat-redis-auth"));
         assert_eq!(s.metadata.owner_references.expect("owner")[0].uid, UID);
         assert_eq!(s.string_data.expect("data")["password"], "hunter2");

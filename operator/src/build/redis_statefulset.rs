@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use chorus_crds::MessagingCluster;
 use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec},
@@ -20,19 +19,18 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
 
-use super::BuildError;
-use super::config_map::redis_password_ref;
 use super::meta::{
-    Component, Names, REDIS_PORT, label_selector, object_meta, pod_labels, selector_labels,
+    Component, REDIS_PORT, label_selector, object_meta, pod_labels, selector_labels,
 };
+use crate::cluster::ValidCluster;
 
 /// Name of the data volume (and of the PVC template).
 pub const DATA_VOLUME: &str = "data";
 
 /// The container's start script. Redis reads the password from the
 /// environment into a config file so it never shows in `ps`.
-fn start_script(mc: &MessagingCluster) -> String {
-    let persistence = if mc.spec.redis.storage.is_some() {
+fn start_script(c: &ValidCluster) -> String {
+    let persistence = if c.spec.redis.storage.is_some() {
         "appendonly yes\nappendfsync everysec"
     } else {
         "appendonly no\nsave \"\""
@@ -54,8 +52,9 @@ exec redis-server /tmp/redis.conf
 }
 
 /// `REDIS_PASSWORD` from the password Secret.
-pub fn password_env(mc: &MessagingCluster, names: &Names) -> Vec<EnvVar> {
-    redis_password_ref(&mc.spec, names)
+pub fn password_env(c: &ValidCluster) -> Vec<EnvVar> {
+    c.password
+        .clone()
         .map(|r| EnvVar {
             name: "REDIS_PASSWORD".to_owned(),
             value_from: Some(EnvVarSource {
@@ -94,8 +93,9 @@ pub fn ping_probe(port: i32, with_password: bool) -> Probe {
     }
 }
 
-pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildError> {
-    let redis = &mc.spec.redis;
+pub fn build(c: &ValidCluster) -> StatefulSet {
+    let names = &c.names;
+    let redis = &c.spec.redis;
     let storage = redis.storage.as_ref();
     let mut liveness = ping_probe(REDIS_PORT, true);
     liveness.initial_delay_seconds = Some(15);
@@ -103,8 +103,8 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
     let container = Container {
         name: "redis".to_owned(),
         image: Some(redis.image.clone()),
-        command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script(mc)]),
-        env: Some(password_env(mc, names)),
+        command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script(c)]),
+        env: Some(password_env(c)),
         ports: Some(vec![ContainerPort {
             name: Some("redis".to_owned()),
             container_port: REDIS_PORT,
@@ -151,8 +151,8 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
             ..Default::default()
         }]
     });
-    Ok(StatefulSet {
-        metadata: object_meta(mc, names, &names.redis, Component::Redis)?,
+    StatefulSet {
+        metadata: object_meta(c, &names.redis, Component::Redis),
         spec: Some(StatefulSetSpec {
             replicas: Some(redis.replicas),
             service_name: Some(names.redis.clone()),
@@ -174,16 +174,17 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<StatefulSet, BuildE
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     fn sts(mc: &MessagingCluster) -> StatefulSet {
-        build(mc, &Names::of(mc).expect("names")).expect("builds")
+        build(&valid(mc))
     }
 
     fn script(s: &StatefulSet) -> String {

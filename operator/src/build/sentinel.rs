@@ -7,7 +7,6 @@
 //! rewrites its config file, so it lives on an emptyDir that survives
 //! container restarts; it is only written when missing.
 
-use chorus_crds::MessagingCluster;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
@@ -19,9 +18,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use super::BuildError;
-use super::meta::{Component, Names, SENTINEL_PORT, label_selector, object_meta, pod_labels};
+use super::meta::{Component, SENTINEL_PORT, label_selector, object_meta, pod_labels};
 use super::redis_statefulset::ping_probe;
+use crate::cluster::ValidCluster;
 
 /// Sentinels that must agree before a failover: a majority. The topology
 /// step passes it to `SENTINEL MONITOR`.
@@ -44,12 +43,13 @@ exec redis-sentinel /data/sentinel.conf
     )
 }
 
-pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildError> {
+pub fn build(c: &ValidCluster) -> Deployment {
+    let names = &c.names;
     // Sentinels themselves do not require a password.
     let probe = ping_probe(SENTINEL_PORT, false);
     let container = Container {
         name: "sentinel".to_owned(),
-        image: Some(mc.spec.redis.image.clone()),
+        image: Some(c.spec.redis.image.clone()),
         command: Some(vec!["sh".to_owned(), "-c".to_owned(), start_script()]),
         ports: Some(vec![ContainerPort {
             name: Some("sentinel".to_owned()),
@@ -66,10 +66,10 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildEr
         }]),
         ..Default::default()
     };
-    Ok(Deployment {
-        metadata: object_meta(mc, names, &names.sentinel, Component::Sentinel)?,
+    Deployment {
+        metadata: object_meta(c, &names.sentinel, Component::Sentinel),
         spec: Some(DeploymentSpec {
-            replicas: Some(mc.spec.redis.sentinels),
+            replicas: Some(c.spec.redis.sentinels),
             selector: label_selector(names, Component::Sentinel),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -89,13 +89,14 @@ pub fn build(mc: &MessagingCluster, names: &Names) -> Result<Deployment, BuildEr
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
 
     #[test]
     fn quorum_is_a_majority() {
@@ -106,7 +107,7 @@ mod tests {
     fn sentinels_start_unconfigured_and_address_by_ip() {
         let mut mc = MessagingCluster::test();
         mc.spec.redis.sentinels = 5;
-        let d = build(&mc, &Names::of(&mc).expect("names")).expect("builds");
+        let d = build(&valid(&mc));
         assert_eq!(d.metadata.name.as_deref(), Some("chat-sentinel"));
         assert_eq!(
             d.metadata.owner_references.clone().expect("owner")[0].uid,

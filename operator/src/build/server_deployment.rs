@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chorus_crds::{MessagingCluster, SecretKeyRef};
+use chorus_crds::SecretKeyRef;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
@@ -16,9 +16,9 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::BuildError;
 use super::config_map::{API_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, redis_password_ref};
-use super::meta::{Component, Names, SERVER_PORT, label_selector, object_meta, pod_labels};
+use super::meta::{Component, SERVER_PORT, label_selector, object_meta, pod_labels};
+use crate::cluster::ValidCluster;
 
 /// Pod template annotation carrying the configuration hash.
 pub const CONFIG_HASH_ANNOTATION: &str = "chorus.dev/config-hash";
@@ -28,12 +28,9 @@ pub const PRE_STOP_SECONDS: i32 = 5;
 /// Slack after the drain before the kubelet kills the pod.
 pub const GRACE_SLACK_SECONDS: i32 = 10;
 
-pub fn build(
-    mc: &MessagingCluster,
-    names: &Names,
-    config_hash: &str,
-) -> Result<Deployment, BuildError> {
-    let spec = &mc.spec;
+pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
+    let names = &c.names;
+    let spec = &c.spec;
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     let secret_files = [
@@ -122,8 +119,8 @@ pub fn build(
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ..Default::default()
     };
-    Ok(Deployment {
-        metadata: object_meta(mc, names, &names.server, Component::Server)?,
+    Deployment {
+        metadata: object_meta(c, &names.server, Component::Server),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: label_selector(names, Component::Server),
@@ -155,7 +152,7 @@ pub fn build(
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 /// A volume with one key of a Secret, mounted read-only as `file`.
@@ -187,13 +184,14 @@ fn secret_file(volume: &str, secret: &SecretKeyRef, file: &str) -> (Volume, Volu
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
     use k8s_openapi::api::core::v1::ResourceRequirements;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn deployment(mc: &MessagingCluster) -> Deployment {
-        build(mc, &Names::of(mc).expect("names"), "abc").expect("builds")
+        build(&valid(mc), "abc")
     }
 
     fn pod(d: &Deployment) -> PodSpec {

@@ -1,14 +1,13 @@
 //! Services: `<name>` (clients, sticky), `<name>-redis` (headless, stable
 //! pod DNS for replication and Sentinel) and `<name>-sentinel`.
 
-use chorus_crds::MessagingCluster;
 use k8s_openapi::{
     api::core::v1::{ClientIPConfig, Service, ServicePort, ServiceSpec, SessionAffinityConfig},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::BuildError;
-use super::meta::{Component, Names, REDIS_PORT, SENTINEL_PORT, object_meta, selector_labels};
+use super::meta::{Component, REDIS_PORT, SENTINEL_PORT, object_meta, selector_labels};
+use crate::cluster::ValidCluster;
 
 fn port(name: &str, port: i32, target: i32) -> ServicePort {
     ServicePort {
@@ -22,12 +21,13 @@ fn port(name: &str, port: i32, target: i32) -> ServicePort {
 
 /// `Service <name>`: what clients connect to. `sessionAffinity: ClientIP`
 /// keeps a client on the pod holding its WebSocket.
-pub fn client(mc: &MessagingCluster, names: &Names) -> Result<Service, BuildError> {
-    let s = &mc.spec.service;
+pub fn client(c: &ValidCluster) -> Service {
+    let names = &c.names;
+    let s = &c.spec.service;
     let mut http = port("http", s.port, 0);
     http.target_port = Some(IntOrString::String("http".to_owned()));
-    Ok(Service {
-        metadata: object_meta(mc, names, &names.service, Component::Server)?,
+    Service {
+        metadata: object_meta(c, &names.service, Component::Server),
         spec: Some(ServiceSpec {
             type_: Some(s.type_.as_str().to_owned()),
             selector: Some(selector_labels(names, Component::Server)),
@@ -41,14 +41,15 @@ pub fn client(mc: &MessagingCluster, names: &Names) -> Result<Service, BuildErro
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 /// `Service <name>-redis`: headless, publishing not-ready pods so that a
 /// replica can resolve its master while both start.
-pub fn redis_headless(mc: &MessagingCluster, names: &Names) -> Result<Service, BuildError> {
-    Ok(Service {
-        metadata: object_meta(mc, names, &names.redis, Component::Redis)?,
+pub fn redis_headless(c: &ValidCluster) -> Service {
+    let names = &c.names;
+    Service {
+        metadata: object_meta(c, &names.redis, Component::Redis),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(true),
@@ -57,26 +58,28 @@ pub fn redis_headless(mc: &MessagingCluster, names: &Names) -> Result<Service, B
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 /// `Service <name>-sentinel`: the address in the servers' broker URL.
-pub fn sentinel(mc: &MessagingCluster, names: &Names) -> Result<Service, BuildError> {
-    Ok(Service {
-        metadata: object_meta(mc, names, &names.sentinel, Component::Sentinel)?,
+pub fn sentinel(c: &ValidCluster) -> Service {
+    let names = &c.names;
+    Service {
+        metadata: object_meta(c, &names.sentinel, Component::Sentinel),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(names, Component::Sentinel)),
             ports: Some(vec![port("sentinel", SENTINEL_PORT, SENTINEL_PORT)]),
             ..Default::default()
         }),
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID};
+    use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
+    use chorus_crds::MessagingCluster;
     use chorus_crds::ServiceType;
 
     #[test]
@@ -85,7 +88,7 @@ mod tests {
         mc.spec.service.type_ = ServiceType::LoadBalancer;
         mc.spec.service.port = 443;
         mc.spec.service.session_affinity.timeout_seconds = 600;
-        let svc = client(&mc, &Names::of(&mc).expect("names")).expect("builds");
+        let svc = client(&valid(&mc));
         assert_eq!(svc.metadata.name.as_deref(), Some("chat"));
         assert_eq!(
             svc.metadata.owner_references.clone().expect("owner")[0].uid,
@@ -115,8 +118,8 @@ mod tests {
     #[test]
     fn redis_service_is_headless_and_sentinel_service_is_not() {
         let mc = MessagingCluster::test();
-        let names = Names::of(&mc).expect("names");
-        let redis = redis_headless(&mc, &names).expect("builds");
+        let c = valid(&mc);
+        let redis = redis_headless(&c);
         assert_eq!(redis.metadata.name.as_deref(), Some("chat-redis"));
         let spec = redis.spec.expect("spec");
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
@@ -125,7 +128,7 @@ mod tests {
             spec.selector.expect("selector")["app.kubernetes.io/component"],
             "redis"
         );
-        let sentinel = sentinel(&mc, &names).expect("builds");
+        let sentinel = sentinel(&c);
         assert_eq!(sentinel.metadata.name.as_deref(), Some("chat-sentinel"));
         let spec = sentinel.spec.expect("spec");
         assert_eq!(spec.cluster_ip, None);

@@ -1,11 +1,10 @@
 //! Apply step (needs a client): server-side apply of every built object
 //! with field manager [`FIELD_MANAGER`] and `force`, deletion of what the
 //! spec no longer asks for, and the one-time creation of the generated
-//! Redis password Secret.
+//! Redis password Secret (built only when the dereference step found none).
 
 use std::fmt::Debug;
 
-use chorus_crds::MessagingCluster;
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
@@ -22,7 +21,8 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::build::{self, BuildError, ManagedRedis, Names, Resources};
+use crate::build::{ManagedRedis, Resources};
+use crate::cluster::ValidCluster;
 
 /// The field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "chorus-operator";
@@ -44,31 +44,21 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
-    #[error("reading Secret {name}: {source}")]
-    ReadSecret {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
     #[error("creating Secret {name}: {source}")]
     CreateSecret {
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("building Secret: {0}")]
-    BuildSecret(#[from] BuildError),
 }
 
 impl ApplyError {
     /// The API error behind this failure.
-    pub fn kube_error(&self) -> Option<&kube::Error> {
+    pub fn kube_error(&self) -> &kube::Error {
         match self {
             ApplyError::Apply { source, .. }
             | ApplyError::Delete { source, .. }
-            | ApplyError::ReadSecret { source, .. }
-            | ApplyError::CreateSecret { source, .. } => Some(source),
-            ApplyError::BuildSecret(_) => None,
+            | ApplyError::CreateSecret { source, .. } => source,
         }
     }
 }
@@ -134,37 +124,24 @@ where
     }
 }
 
-/// Creates the generated password Secret unless it exists. An existing
-/// Secret is never rewritten: it holds the only copy of the password.
-async fn ensure_generated_secret(
+/// Creates the generated password Secret. It is never rewritten: it holds
+/// the only copy of the password.
+async fn create_secret(
     client: &Client,
-    mc: &MessagingCluster,
-    names: &Names,
-    name: &str,
+    namespace: &str,
+    secret: &Secret,
 ) -> Result<bool, ApplyError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
-    let existing = api
-        .get_metadata_opt(name)
-        .await
-        .map_err(|source| ApplyError::ReadSecret {
-            name: name.to_owned(),
-            source,
-        })?;
-    if existing.is_some() {
-        return Ok(false);
-    }
-    let secret =
-        build::redis_auth_secret::build(mc, names, &build::redis_auth_secret::generate_password())?;
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
         ..Default::default()
     };
-    match api.create(&params, &secret).await {
+    match api.create(&params, secret).await {
         Ok(_) => Ok(true),
         // Created meanwhile (by another operator replica): keep that one.
         Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(false),
         Err(source) => Err(ApplyError::CreateSecret {
-            name: name.to_owned(),
+            name: secret.name_any(),
             source,
         }),
     }
@@ -174,10 +151,11 @@ async fn ensure_generated_secret(
 /// new kind that is built but not applied does not compile.
 pub async fn apply_all(
     client: &Client,
-    mc: &MessagingCluster,
-    names: &Names,
+    c: &ValidCluster,
     resources: &Resources,
+    new_secret: Option<&Secret>,
 ) -> Result<Applied, ApplyError> {
+    let names = &c.names;
     let Resources {
         config_map,
         server_deployment,
@@ -198,10 +176,9 @@ pub async fn apply_all(
             sentinel_deployment,
             redis_pdb,
             sentinel_pdb,
-            generated_secret,
         }) => {
-            let generated = match generated_secret {
-                Some(name) => ensure_generated_secret(client, mc, names, name).await?,
+            let generated = match new_secret {
+                Some(secret) => create_secret(client, ns, secret).await?,
                 None => false,
             };
             apply(client, ns, headless_service).await?;

@@ -1,19 +1,28 @@
-//! Reconciliation of one MessagingCluster, as a named pipeline:
+//! Reconciliation of one MessagingCluster, as a named pipeline of typed
+//! stages:
 //!
-//! 1. **validate** (pure): `chorus_crds::validate`; an invalid spec sets
-//!    `Degraded`, publishes a Warning event and touches nothing else.
-//! 2. **build** (pure): [`crate::build::build`], the desired objects.
-//! 3. **apply** (client): [`apply::apply_all`], server-side apply with
+//! 1. **validate** (pure): [`crate::cluster::validate`] turns the object
+//!    into a [`ValidCluster`]; an invalid spec sets `Degraded`, publishes a
+//!    Warning event, touches nothing else and ends as
+//!    [`Error::InvalidSpec`].
+//! 2. **dereference** (client, reads only): [`dereference::dereference`],
+//!    the Redis password and the group's pods.
+//! 3. **build** (pure): [`crate::build::build`], the desired objects.
+//! 4. **apply** (client): [`apply::apply_all`], server-side apply with
 //!    field manager `chorus-operator`, deletion of what is no longer asked
 //!    for, one-time creation of the generated password Secret.
-//! 4. **status** (pure, then client): [`status::compute`] from what apply
-//!    got back, [`status::patch`], and Events for the transitions.
+//! 5. **topology** (Redis, not Kubernetes): [`redis_group::step`], one
+//!    master with every sentinel monitoring it.
+//! 6. **status** (pure, then client): [`status::compute`] from what apply
+//!    got back and topology observed, [`status::patch`], and Events for the
+//!    transitions.
 //!
-//! [`error_policy`] tells a user's mistake (the API server refused what the
-//! spec asked for: Warning event, wait for a change) from a transient
-//! failure (requeue with exponential backoff).
+//! [`error_policy`] tells a user's mistake (an invalid spec, or the API
+//! server refused what the spec asked for: wait for a change) from a
+//! transient failure (requeue with exponential backoff).
 
 pub mod apply;
+pub mod dereference;
 pub mod members;
 pub mod redis_group;
 pub mod status;
@@ -36,9 +45,10 @@ use kube::{
         events::{Event, EventType, Recorder, Reporter},
     },
 };
-use tracing::{info, warn};
+use tracing::{info, instrument, warn};
 
-use crate::build::{self, BuildError, Names};
+use crate::build;
+use crate::cluster::{self, InvalidSpec, ValidCluster};
 use crate::metrics::Metrics;
 
 /// Requeue interval of a healthy cluster: picks up drift, and re-runs the
@@ -58,37 +68,42 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// A reconciliation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("build: {0}")]
-    Build(#[from] BuildError),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] InvalidSpec),
+    #[error("dereference: {0}")]
+    Dereference(#[from] dereference::DereferenceError),
     #[error("apply: {0}")]
     Apply(#[from] apply::ApplyError),
+    #[error("redis group: {0}")]
+    RedisGroup(#[from] crate::topology::TopologyError),
     #[error("status: {0}")]
     Status(#[from] status::StatusError),
-    #[error("redis group: {0}")]
-    RedisGroup(#[from] redis_group::GroupError),
 }
 
 impl Error {
-    /// Label of the `reconcile_errors` metric.
+    /// Label of the `reconcile_errors` metric ([`crate::metrics::ERROR_STEPS`]).
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Build(_) => "build",
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Dereference(_) => "dereference",
             Error::Apply(_) => "apply",
-            Error::Status(_) => "status",
             Error::RedisGroup(_) => "redis_group",
+            Error::Status(_) => "status",
         }
     }
 
-    /// The user must change the spec: the API server refused an object
-    /// built from it as invalid (e.g. a change to an immutable field such
-    /// as the Redis storage size). Retrying the same spec cannot help.
+    /// The user must change the spec: it is invalid, or the API server
+    /// refused an object built from it as invalid (e.g. a change to an
+    /// immutable field such as the Redis storage size). Retrying the same
+    /// spec cannot help.
     pub fn is_user_error(&self) -> bool {
         let kube_error = match self {
+            Error::InvalidSpec(_) => return true,
             Error::Apply(e) => e.kube_error(),
-            Error::Status(status::StatusError::Patch { source, .. }) => Some(source),
-            Error::Build(_) | Error::RedisGroup(_) => None,
+            Error::Status(status::StatusError::Patch { source, .. }) => source,
+            Error::Dereference(_) | Error::RedisGroup(_) => return false,
         };
-        matches!(kube_error, Some(kube::Error::Api(s)) if s.is_invalid() || s.code == 400)
+        matches!(kube_error, kube::Error::Api(s) if s.is_invalid() || s.code == 400)
     }
 }
 
@@ -152,60 +167,84 @@ pub fn backoff(n: u32) -> Duration {
 }
 
 /// Brings the cluster's objects and status in line with its spec.
+#[instrument(skip_all, fields(cluster = %mc.name_any(), namespace = mc.namespace().unwrap_or_default()))]
 pub async fn reconcile(mc: Arc<MessagingCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = run_pipeline(&mc, &ctx).await;
     let label = match &result {
-        Ok((_, true)) => "ok",
-        Ok((_, false)) => "invalid_spec",
+        Ok(_) => "ok",
+        Err(Error::InvalidSpec(_)) => "invalid_spec",
         Err(_) => "error",
     };
     ctx.metrics.reconciled(label, started.elapsed());
     if result.is_ok() {
         ctx.reset_backoff(&mc);
     }
-    result.map(|(action, _)| action)
+    result
 }
 
-/// Returns the next action and whether the spec was valid.
-async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<(Action, bool), Error> {
-    let names = Names::of(mc)?;
+async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<Action, Error> {
     // 1. validate
-    if let Err(errors) = chorus_crds::validate(mc) {
-        let message = errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
-        warn!(cluster = %names.instance, namespace = %names.namespace, %message, "invalid spec; nothing applied");
-        let new_status = status::invalid(mc, message, Timestamp::now());
-        status::patch(&ctx.client, &names, &new_status).await?;
-        for n in status::transitions(mc, &new_status, false) {
-            ctx.publish(mc, n.type_, n.reason, n.note).await;
+    let c = match cluster::validate(mc) {
+        Ok(c) => c,
+        Err(invalid) => {
+            refuse(mc, ctx, &invalid).await?;
+            return Err(invalid.into());
         }
-        return Ok((Action::await_change(), false));
-    }
-    // 2. build
-    let resources = build::build(mc)?;
-    // 3. apply
-    let applied = apply::apply_all(&ctx.client, mc, &names, &resources).await?;
-    // 3b. the Redis group's topology (managed mode): one master, replicas
-    // attached, every sentinel monitoring it.
-    let topology = redis_group::step(&ctx.client, mc, &names).await?;
+    };
+    // 2. dereference
+    let refs = dereference::dereference(&ctx.client, &c).await?;
+    // 3. build
+    let resources = build::build(&c);
+    let new_secret = build::new_secret(&c, refs.new_password.as_deref());
+    // 4. apply
+    let applied = apply::apply_all(&ctx.client, &c, &resources, new_secret.as_ref()).await?;
+    // 5. topology of a managed Redis group
+    let topology = redis_group::step(&c, &refs).await?;
     let group_settled = topology.as_ref().is_none_or(|r| r.converged());
     let observed_master = topology.and_then(|report| report.master.map(|m| m.to_string()));
-    // 4. status
-    let new_status = status::compute(mc, &names, &applied, observed_master, Timestamp::now());
-    status::patch(&ctx.client, &names, &new_status).await?;
-    for n in status::transitions(mc, &new_status, applied.generated_secret) {
-        info!(cluster = %names.instance, namespace = %names.namespace, reason = n.reason, note = %n.note, "event");
-        ctx.publish(mc, n.type_, n.reason, n.note).await;
-    }
+    // 6. status
+    let new_status = status::compute(mc, &c, &applied, observed_master, Timestamp::now());
+    status::patch(
+        &ctx.client,
+        &c.names.namespace,
+        &c.names.instance,
+        &new_status,
+    )
+    .await?;
+    publish_transitions(mc, ctx, &c, &new_status, applied.generated_secret).await;
     let settled = new_status
         .conditions
         .iter()
         .any(|c| c.type_ == chorus_crds::condition::READY && c.status == "True");
-    Ok((Action::requeue(requeue_after(settled, group_settled)), true))
+    Ok(Action::requeue(requeue_after(settled, group_settled)))
+}
+
+/// An invalid spec: `Degraded` says why, everything observed before stays,
+/// nothing is applied.
+async fn refuse(mc: &MessagingCluster, ctx: &Context, invalid: &InvalidSpec) -> Result<(), Error> {
+    let message = &invalid.message;
+    warn!(%message, "invalid spec; nothing applied");
+    let new_status = status::invalid(mc, message.clone(), Timestamp::now());
+    let namespace = mc.namespace().unwrap_or_default();
+    status::patch(&ctx.client, &namespace, &mc.name_any(), &new_status).await?;
+    for n in status::transitions(mc, &new_status, false) {
+        ctx.publish(mc, n.type_, n.reason, n.note).await;
+    }
+    Ok(())
+}
+
+async fn publish_transitions(
+    mc: &MessagingCluster,
+    ctx: &Context,
+    c: &ValidCluster,
+    new_status: &chorus_crds::MessagingClusterStatus,
+    generated_secret: bool,
+) {
+    for n in status::transitions(mc, new_status, generated_secret) {
+        info!(cluster = %c.names.instance, reason = n.reason, note = %n.note, "event");
+        ctx.publish(mc, n.type_, n.reason, n.note).await;
+    }
 }
 
 /// When to look again: soon while the Redis group is moving, later while
@@ -221,6 +260,10 @@ pub fn requeue_after(ready: bool, group_settled: bool) -> Duration {
 /// What to do after a failed reconciliation.
 pub fn error_policy(mc: Arc<MessagingCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.metric_label());
+    if let Error::InvalidSpec(_) = error {
+        // `Degraded` and an `InvalidSpec` Event already say why.
+        return Action::await_change();
+    }
     if error.is_user_error() {
         warn!(cluster = %mc.name_any(), %error, "the API server refused the spec; waiting for a change");
         let note = format!("{error}; change the MessagingCluster to fix it");

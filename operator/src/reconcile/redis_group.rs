@@ -1,23 +1,21 @@
-//! The Redis topology step of a managed group: find the Redis and Sentinel
-//! pods (needs a client), read the group's password (needs a client), then
-//! bring them to one master with every sentinel monitoring it
-//! ([`crate::topology`], which talks to Redis over the network).
+//! The Redis topology step of a managed group: bring the Redis pods and
+//! sentinels the dereference step found to one master with every sentinel
+//! monitoring it ([`crate::topology`], which talks to Redis over the
+//! network, never to Kubernetes).
 //!
 //! Pods that are not up yet are not an error: the step reports what it saw
 //! and the next reconcile goes on from there.
 
 use std::time::Duration;
 
-use chorus_crds::{MessagingCluster, RedisMode};
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use chorus_crds::MessagingClusterSpec;
 use tracing::{info, warn};
 
-use super::members::{self, Members, MembersError};
-use crate::build::Names;
-use crate::build::config_map::redis_password_ref;
+use super::dereference::Dereferenced;
+use super::members::Members;
 use crate::build::meta::{REDIS_PORT, SENTINEL_PORT};
 use crate::build::sentinel::quorum;
+use crate::cluster::ValidCluster;
 use crate::topology::{self, NodeAddr, TopologyConfig, TopologyReport};
 
 /// How long sentinels wait before they call a silent master down.
@@ -25,87 +23,34 @@ pub const DOWN_AFTER: Duration = Duration::from_secs(5);
 /// Sentinel's failover timeout for the group.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum GroupError {
-    #[error(transparent)]
-    Members(#[from] MembersError),
-    #[error("reading the Redis password from Secret {name}: {source}")]
-    Password {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("the Redis password Secret {name} has no key {key}")]
-    PasswordKey { name: String, key: String },
-    #[error("topology: {0}")]
-    Topology(#[from] topology::TopologyError),
-}
-
 /// Runs the step for a managed group; `None` for external Redis or while no
 /// pod of the group has an address yet.
 pub async fn step(
-    client: &Client,
-    mc: &MessagingCluster,
-    names: &Names,
-) -> Result<Option<TopologyReport>, GroupError> {
-    if mc.spec.redis.mode != RedisMode::Managed {
-        return Ok(None);
-    }
-    let members = members::observe(client, names).await?;
-    let Some(mut config) = config_for(mc, &members) else {
-        info!(cluster = %names.instance, "redis group: waiting for pod 0 and a sentinel to have addresses");
+    c: &ValidCluster,
+    refs: &Dereferenced,
+) -> Result<Option<TopologyReport>, topology::TopologyError> {
+    let Some(members) = &refs.members else {
         return Ok(None);
     };
-    config.password = password(client, mc, names).await?;
+    let Some(mut config) = config_for(&c.spec, members) else {
+        info!(cluster = %c.names.instance, "redis group: waiting for pod 0 and a sentinel to have addresses");
+        return Ok(None);
+    };
+    config.password = refs.redis_password.clone();
     let report = topology::reconcile_topology(&config).await?;
     for action in &report.actions {
-        info!(cluster = %names.instance, ?action, "redis group: topology action");
+        info!(cluster = %c.names.instance, ?action, "redis group: topology action");
     }
     for u in &report.unreachable {
-        warn!(cluster = %names.instance, member = ?u, "redis group: member unreachable");
+        warn!(cluster = %c.names.instance, member = ?u, "redis group: member unreachable");
     }
     Ok(Some(report))
-}
-
-async fn password(
-    client: &Client,
-    mc: &MessagingCluster,
-    names: &Names,
-) -> Result<Option<String>, GroupError> {
-    let Some(r) = redis_password_ref(&mc.spec, names) else {
-        return Ok(None);
-    };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
-    let secret = secrets
-        .get(&r.name)
-        .await
-        .map_err(|source| GroupError::Password {
-            name: r.name.clone(),
-            source,
-        })?;
-    let value = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&r.key))
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .cloned()
-        })
-        .ok_or_else(|| GroupError::PasswordKey {
-            name: r.name.clone(),
-            key: r.key.clone(),
-        })?;
-    Ok(Some(value))
 }
 
 /// The topology module's view of the group: Redis pods in ordinal order up
 /// to the first without an address (so pod 0 is always first), and every
 /// sentinel with one. `None` until pod 0 and one sentinel have addresses.
-pub fn config_for(mc: &MessagingCluster, members: &Members) -> Option<TopologyConfig> {
+pub fn config_for(spec: &MessagingClusterSpec, members: &Members) -> Option<TopologyConfig> {
     let redis: Vec<NodeAddr> = members
         .redis
         .iter()
@@ -125,7 +70,7 @@ pub fn config_for(mc: &MessagingCluster, members: &Members) -> Option<TopologyCo
     let mut config = TopologyConfig::new(
         redis,
         sentinels,
-        u32::try_from(quorum(mc.spec.redis.sentinels)).unwrap_or(2),
+        u32::try_from(quorum(spec.redis.sentinels)).unwrap_or(2),
     );
     config.down_after = Some(DOWN_AFTER);
     config.failover_timeout = Some(FAILOVER_TIMEOUT);
@@ -137,6 +82,7 @@ pub fn config_for(mc: &MessagingCluster, members: &Members) -> Option<TopologyCo
 mod tests {
     use super::*;
     use crate::build::fixtures::TestCluster;
+    use chorus_crds::MessagingCluster;
 
     fn members(redis: &[Option<&str>], sentinels: &[&str]) -> Members {
         Members {
@@ -149,7 +95,7 @@ mod tests {
     fn pod_zero_comes_first_and_gaps_end_the_list() {
         let mc = MessagingCluster::test();
         let c = config_for(
-            &mc,
+            &mc.spec,
             &members(&[Some("10.0.0.1"), None, Some("10.0.0.3")], &["10.0.1.1"]),
         )
         .unwrap();
@@ -162,7 +108,7 @@ mod tests {
     #[test]
     fn nothing_to_do_until_pod_zero_and_a_sentinel_have_addresses() {
         let mc = MessagingCluster::test();
-        assert!(config_for(&mc, &members(&[None, Some("10.0.0.2")], &["10.0.1.1"])).is_none());
-        assert!(config_for(&mc, &members(&[Some("10.0.0.1")], &[])).is_none());
+        assert!(config_for(&mc.spec, &members(&[None, Some("10.0.0.2")], &["10.0.1.1"])).is_none());
+        assert!(config_for(&mc.spec, &members(&[Some("10.0.0.1")], &[])).is_none());
     }
 }

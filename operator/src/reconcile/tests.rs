@@ -129,21 +129,32 @@ impl Script {
             };
             expect(Method::PATCH, &path, reply)
         };
-        let mut steps = vec![p(format!("{NS}/configmaps/chat-server"))];
-        if self.secret_exists {
-            let meta = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                              "metadata": {"name": "chat-redis-auth", "namespace": "default"}});
-            steps.push(expect(
+        // Dereference: the password Secret, then the group's pods (none up yet).
+        let mut steps = vec![if self.secret_exists {
+            let secret = json!({"apiVersion": "v1", "kind": "Secret",
+                                "metadata": {"name": "chat-redis-auth", "namespace": "default"},
+                                "data": {"password": "aHVudGVyMg=="}});
+            expect(
                 Method::GET,
                 &format!("{NS}/secrets/chat-redis-auth"),
-                Reply::Json(200, meta),
-            ));
+                Reply::Json(200, secret),
+            )
         } else {
-            steps.push(expect(
+            expect(
                 Method::GET,
                 &format!("{NS}/secrets/chat-redis-auth"),
                 Reply::NotFound,
+            )
+        }];
+        for _ in ["redis", "sentinel"] {
+            steps.push(expect(
+                Method::GET,
+                &format!("{NS}/pods"),
+                Reply::Json(200, empty_pod_list()),
             ));
+        }
+        steps.push(p(format!("{NS}/configmaps/chat-server")));
+        if !self.secret_exists {
             steps.push(expect(
                 Method::POST,
                 &format!("{NS}/secrets"),
@@ -176,14 +187,6 @@ impl Script {
                 Reply::NotFound,
             ),
         ]);
-        // The topology step lists the group's pods: none are up yet.
-        for _ in ["redis", "sentinel"] {
-            steps.push(expect(
-                Method::GET,
-                &format!("{NS}/pods"),
-                Reply::Json(200, empty_pod_list()),
-            ));
-        }
         steps.push(expect(Method::PATCH, STATUS, Reply::Echo));
         steps.extend((0..self.events).map(|_| expect(Method::POST, EVENTS, Reply::Created)));
         steps
@@ -193,7 +196,6 @@ impl Script {
 /// A cluster that was reconciled before with 3 ready pods.
 fn settled_cluster() -> MessagingCluster {
     let mut mc = MessagingCluster::test();
-    let names = crate::build::Names::of(&mc).unwrap();
     let deployment = k8s_openapi::api::apps::v1::Deployment {
         status: Some(
             serde_json::from_value(
@@ -218,7 +220,7 @@ fn settled_cluster() -> MessagingCluster {
     };
     mc.status = Some(super::status::compute(
         &mc,
-        &names,
+        &crate::build::fixtures::valid(&mc),
         &applied,
         None,
         k8s_openapi::jiff::Timestamp::now(),
@@ -394,11 +396,26 @@ async fn invalid_spec_sets_degraded_warns_and_applies_nothing() {
         expect(Method::PATCH, STATUS, Reply::Echo),
         expect(Method::POST, EVENTS, Reply::Created),
     ];
-    let out = run(mc, script).await;
-    assert!(
-        matches!(out.result, Ok(ref a) if *a == Action::await_change()),
-        "{:?}",
-        out.result
+    let out = run(mc.clone(), script).await;
+    let error = out
+        .result
+        .as_ref()
+        .expect_err("an invalid spec ends the reconcile");
+    assert!(matches!(error, Error::InvalidSpec(_)), "{error:?}");
+    assert!(error.is_user_error());
+    // Wait for a change, without another Event (the status step sent one).
+    let (client, _handle) = pair();
+    let ctx = Arc::new(Context::new(
+        client,
+        Reporter {
+            controller: "chorus-operator".into(),
+            instance: None,
+        },
+        out.metrics.clone(),
+    ));
+    assert_eq!(
+        super::error_policy(Arc::new(mc), error, ctx),
+        Action::await_change()
     );
     let degraded = out.condition("Degraded");
     assert_eq!(
@@ -441,8 +458,9 @@ async fn refused_apply_is_a_user_error_and_outage_is_transient() {
         events: 0,
     }
     .build();
-    script.truncate(4);
-    script[3].reply = Reply::Json(422, invalid);
+    // Secret, two pod lists, ConfigMap, headless Service, StatefulSet.
+    script.truncate(6);
+    script[5].reply = Reply::Json(422, invalid);
     let out = run(mc, script).await;
     let error = out.result.unwrap_err();
     assert!(error.is_user_error(), "{error}");
@@ -455,15 +473,16 @@ async fn refused_apply_is_a_user_error_and_outage_is_transient() {
     );
 
     let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd leader changed"});
-    let out = run(
-        MessagingCluster::test(),
-        vec![expect(
-            Method::PATCH,
-            &format!("{NS}/configmaps/chat-server"),
-            Reply::Json(503, unavailable),
-        )],
-    )
-    .await;
+    let mut script = Script {
+        secret_exists: false,
+        server_status: json!({}),
+        hpa: Reply::NotFound,
+        events: 0,
+    }
+    .build();
+    script.truncate(4);
+    script[3].reply = Reply::Json(503, unavailable);
+    let out = run(MessagingCluster::test(), script).await;
     assert!(!out.result.unwrap_err().is_user_error());
 }
 

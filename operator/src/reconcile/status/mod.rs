@@ -1,0 +1,177 @@
+//! Status step: computes `MessagingCluster.status` from what the apply
+//! step got back (pure, [`compute`], one function per condition in
+//! [`conditions`]), names the notable transitions as Kubernetes Events
+//! (pure, [`transitions`]) and writes the status by server-side apply
+//! (needs a client, [`patch`]).
+
+mod conditions;
+mod events;
+#[cfg(test)]
+mod tests;
+
+pub use conditions::Verdict;
+pub use events::{Notice, transitions};
+
+use chorus_crds::{
+    API_VERSION, EndpointsStatus, KIND, MessagingCluster, MessagingClusterStatus, condition,
+};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+
+use super::apply::{Applied, FIELD_MANAGER};
+use crate::build::meta::{Component, selector_string};
+use crate::cluster::ValidCluster;
+
+/// Writing the status failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("patching status of MessagingCluster {name}: {source}")]
+    Patch {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    }
+}
+
+/// Keeps `lastTransitionTime` of conditions whose status did not change.
+fn carry_transition_times(old: Option<&MessagingClusterStatus>, new: &mut [Condition]) {
+    for c in new {
+        let previous = old
+            .into_iter()
+            .flat_map(|s| &s.conditions)
+            .find(|o| o.type_ == c.type_);
+        if let Some(previous) = previous
+            && previous.status == c.status
+        {
+            c.last_transition_time = previous.last_transition_time.clone();
+        }
+    }
+}
+
+/// Where the servers are reached.
+fn endpoints(c: &ValidCluster) -> EndpointsStatus {
+    let names = &c.names;
+    let (ws, http) = match &c.spec.ingress {
+        Some(ingress) => {
+            let tls = ingress.tls_secret_name.is_some();
+            let host = &ingress.host;
+            (
+                format!("{}://{host}/ws", if tls { "wss" } else { "ws" }),
+                format!("{}://{host}", if tls { "https" } else { "http" }),
+            )
+        }
+        None => {
+            let authority = format!(
+                "{}.{}.svc:{}",
+                names.service, names.namespace, c.spec.service.port
+            );
+            (
+                format!("ws://{authority}/ws"),
+                format!("http://{authority}"),
+            )
+        }
+    };
+    EndpointsStatus {
+        websocket: Some(ws),
+        publish: Some(format!("{http}/api/v1/rooms/{{room}}/messages")),
+    }
+}
+
+/// The status after a successful apply. `observed_master` is the master
+/// the Sentinels agree on, when the Redis topology step has seen one.
+pub fn compute(
+    mc: &MessagingCluster,
+    c: &ValidCluster,
+    applied: &Applied,
+    observed_master: Option<String>,
+    now: Timestamp,
+) -> MessagingClusterStatus {
+    let servers = conditions::Servers::of(c, applied);
+    let (redis, redis_ready) = conditions::redis(c, applied, observed_master);
+    let progressing = conditions::progressing(&servers);
+    let ready = conditions::ready(&servers, &progressing, &redis_ready);
+    let at =
+        |type_: &str, v: Verdict| condition(type_, v.ok, v.reason, v.message, c.generation, now);
+    let mut conditions = vec![
+        at(condition::READY, ready),
+        at(condition::PROGRESSING, progressing),
+        at(condition::DEGRADED, conditions::not_degraded()),
+        at(condition::REDIS_READY, redis_ready),
+    ];
+    carry_transition_times(mc.status.as_ref(), &mut conditions);
+    MessagingClusterStatus {
+        observed_generation: c.generation,
+        replicas: servers.replicas,
+        ready_replicas: servers.ready,
+        selector: selector_string(&c.names, Component::Server),
+        redis,
+        endpoints: endpoints(c),
+        conditions,
+    }
+}
+
+/// The status of a spec that failed validation: everything observed
+/// before stays, `Degraded` says why, nothing was applied.
+pub fn invalid(mc: &MessagingCluster, message: String, now: Timestamp) -> MessagingClusterStatus {
+    let old = mc.status.as_ref();
+    let mut status = old.cloned().unwrap_or_default();
+    status.observed_generation = mc.metadata.generation;
+    let degraded = condition(
+        condition::DEGRADED,
+        true,
+        "InvalidSpec",
+        message,
+        mc.metadata.generation,
+        now,
+    );
+    status.conditions.retain(|c| c.type_ != condition::DEGRADED);
+    status.conditions.push(degraded);
+    carry_transition_times(old, &mut status.conditions);
+    status
+}
+
+/// Writes the status subresource of `namespace/name` by server-side apply.
+pub async fn patch(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &MessagingClusterStatus,
+) -> Result<(), StatusError> {
+    let api: Api<MessagingCluster> = Api::namespaced(client.clone(), namespace);
+    let body = serde_json::json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(drop)
+    .map_err(|source| StatusError::Patch {
+        name: name.to_owned(),
+        source,
+    })
+}
