@@ -6,12 +6,24 @@ use std::fmt;
 
 use crate::secret::redact_url;
 
+/// Its `Debug` never shows the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     pub target: Target,
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: i64,
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisUrl")
+            .field("target", &self.target)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,18 +169,6 @@ fn parse_addr(s: &str, default_port: u16) -> Option<Addr> {
             host: s.to_string(),
             port: default_port,
         }),
-    }
-}
-
-// By hand: the password stays out of logs.
-impl fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisUrl")
-            .field("target", &self.target)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("db", &self.db)
-            .finish()
     }
 }
 
