@@ -4,8 +4,6 @@
 
 use std::fmt;
 
-use crate::secret::redact_url;
-
 /// Its `Debug` never shows the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
@@ -61,7 +59,7 @@ pub struct UrlError {
 impl RedisUrl {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
         let fail = |why: &str| UrlError {
-            url: redact_url(url),
+            url: crate::secret::redact_url(url),
             why: why.to_string(),
         };
         let (scheme, rest) = url
