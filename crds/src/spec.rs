@@ -327,9 +327,16 @@ pub struct RedisSpec {
     #[serde(default = "default_redis_image")]
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
-    /// Persistent volumes with AOF persistence; absent: in-memory only.
+    /// Persistent volumes with AOF persistence; absent: data lives on the
+    /// pods' own volumes (AOF on them in `delivery: streams`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageSpec>,
+    /// Resources of the Redis containers. Default: requests 100m CPU and
+    /// 128Mi, limit 512Mi. A memory limit sets Redis's `maxmemory` to 80 % of
+    /// it, with no eviction: a full Redis refuses publishes instead of
+    /// dropping history.
+    #[serde(default = "default_redis_resources")]
+    pub resources: Option<ResourceRequirements>,
     /// The external Redis, required when `mode: external`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalRedisSpec>,
@@ -347,6 +354,7 @@ impl Default for RedisSpec {
             sentinels: default_sentinels(),
             image: default_redis_image(),
             storage: None,
+            resources: default_redis_resources(),
             external: None,
             password_secret_ref: None,
         }
@@ -359,6 +367,22 @@ fn default_redis_replicas() -> i32 {
 
 fn default_sentinels() -> i32 {
     3
+}
+
+fn default_redis_resources() -> Option<ResourceRequirements> {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let q = |s: &str| Quantity(s.to_owned());
+    Some(ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_owned(), q("100m")),
+                ("memory".to_owned(), q("128Mi")),
+            ]
+            .into(),
+        ),
+        limits: Some([("memory".to_owned(), q("512Mi"))].into()),
+        ..Default::default()
+    })
 }
 
 fn default_redis_image() -> String {

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 /// Fields whose schema is a Kubernetes type, documented upstream: the
 /// reference stops at them instead of listing their inner fields.
-const KUBERNETES_TYPES: [&str; 1] = ["spec.resources"];
+const KUBERNETES_TYPES: [&str; 2] = ["spec.resources", "spec.redis.resources"];
 
 /// What the reference says about one field.
 #[derive(Debug, PartialEq)]

@@ -16,11 +16,12 @@ pub struct ResultLabels {
 }
 
 /// Every value of the `error` label (`reconcile::Error::metric_label`).
-pub const ERROR_STEPS: [&str; 5] = [
+pub const ERROR_STEPS: [&str; 6] = [
     "invalid_spec",
     "dereference",
     "apply",
     "redis_group",
+    "roll",
     "status",
 ];
 

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use chorus_crds::{MessagingClusterSpec, RedisMode, SecretKeyRef};
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use super::meta::{
-    Component, Names, SENTINEL_MASTER_NAME, SENTINEL_PORT, SERVER_PORT, object_meta,
-};
+use super::meta::{Component, Names, SENTINEL_MASTER_NAME, SERVER_PORT, object_meta};
 use crate::cluster::ValidCluster;
 
 /// Where the Redis password Secret is mounted in server pods.
@@ -38,10 +36,17 @@ pub fn redis_password_ref(spec: &MessagingClusterSpec, names: &Names) -> Option<
 pub fn broker_url(spec: &MessagingClusterSpec, names: &Names) -> String {
     match (&spec.redis.external, spec.redis.mode) {
         (Some(external), RedisMode::External) => external.url.clone(),
-        _ => format!(
-            "redis+sentinel://{}:{SENTINEL_PORT}/{SENTINEL_MASTER_NAME}",
-            names.sentinel
-        ),
+        _ => {
+            // Every sentinel by its own name: a client that finds one
+            // silent asks the next.
+            let sentinels: Vec<String> = (0..spec.redis.sentinels)
+                .map(|i| super::redis_group::sentinel_member(names, i))
+                .collect();
+            format!(
+                "redis+sentinel://{}/{SENTINEL_MASTER_NAME}",
+                sentinels.join(",")
+            )
+        }
     }
 }
 
@@ -94,22 +99,29 @@ pub fn build(c: &ValidCluster) -> ConfigMap {
 /// change rolls the pods. FNV-1a, so the value is stable across Rust
 /// releases (a changed hash after an operator upgrade would roll every fleet).
 pub fn hash(config_map: &ConfigMap, spec: &MessagingClusterSpec) -> String {
-    let mut h = Fnv1a::default();
-    for (k, v) in config_map.data.iter().flatten() {
-        h.write(k.as_bytes());
-        h.write(b"=");
-        h.write(v.as_bytes());
-        h.write(b"\n");
-    }
+    let entries = config_map
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}\n"));
     let refs = [
         ("redis", &spec.redis.password_secret_ref),
         ("jwt", &spec.auth.jwt_secret_ref),
         ("api-key", &spec.auth.api_key_secret_ref),
-    ];
-    for (what, r) in refs {
-        if let Some(r) = r {
-            h.write(format!("{what}:{}/{}\n", r.name, r.key).as_bytes());
-        }
+    ]
+    .into_iter()
+    .filter_map(|(what, r)| r.as_ref().map(|r| format!("{what}:{}/{}\n", r.name, r.key)));
+    let parts: Vec<String> = entries.chain(refs).collect();
+    fnv1a(parts.iter().map(String::as_str))
+}
+
+/// FNV-1a of the concatenated parts, as 16 hex digits: stable across Rust
+/// releases, unlike `std`'s hasher (a changed hash after an operator
+/// upgrade would roll every fleet).
+pub fn fnv1a<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = Fnv1a::default();
+    for part in parts {
+        h.write(part.as_bytes());
     }
     format!("{:016x}", h.0)
 }
@@ -154,7 +166,7 @@ mod tests {
         assert_eq!(env["CHORUS_LISTEN"], "0.0.0.0:8080");
         assert_eq!(
             env["CHORUS_BROKER"],
-            "redis+sentinel://chat-sentinel:26379/chorus"
+            "redis+sentinel://chat-sentinel-0.chat-sentinel.default.svc:26379,chat-sentinel-1.chat-sentinel.default.svc:26379,chat-sentinel-2.chat-sentinel.default.svc:26379/chorus"
         );
         assert_eq!(env["CHORUS_DELIVERY"], "pubsub");
         assert_eq!(env["CHORUS_REDIS_PASSWORD_FILE"], REDIS_PASSWORD_FILE);

@@ -13,6 +13,7 @@ pub mod meta;
 pub mod network_policy;
 pub mod pdb;
 pub mod redis_auth_secret;
+pub mod redis_group;
 pub mod redis_statefulset;
 pub mod sentinel;
 pub mod server_deployment;
@@ -54,10 +55,12 @@ pub struct Resources {
 /// The Redis + Sentinel group run for a MessagingCluster in managed mode.
 #[derive(Clone, Debug)]
 pub struct ManagedRedis {
+    /// The scripts and member lists every group pod mounts.
+    pub group_config: ConfigMap,
     pub headless_service: Service,
     pub statefulset: StatefulSet,
     pub sentinel_service: Service,
-    pub sentinel_deployment: Deployment,
+    pub sentinel_statefulset: StatefulSet,
     pub redis_pdb: PodDisruptionBudget,
     pub sentinel_pdb: PodDisruptionBudget,
 }
@@ -79,10 +82,11 @@ pub fn build(c: &ValidCluster) -> Resources {
     let config_map = config_map::build(c);
     let config_hash = config_map::hash(&config_map, spec);
     let redis = (spec.redis.mode == RedisMode::Managed).then(|| ManagedRedis {
+        group_config: redis_group::config_map(c),
         headless_service: services::redis_headless(c),
         statefulset: redis_statefulset::build(c),
         sentinel_service: services::sentinel(c),
-        sentinel_deployment: sentinel::build(c),
+        sentinel_statefulset: sentinel::build(c),
         redis_pdb: pdb::redis(c),
         sentinel_pdb: pdb::sentinel(c),
     });

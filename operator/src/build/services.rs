@@ -1,5 +1,7 @@
-//! Services: `<name>` (clients, sticky), `<name>-redis` (headless, stable
-//! pod DNS for replication and Sentinel) and `<name>-sentinel`.
+//! Services: `<name>` (clients, sticky), and the headless `<name>-redis`
+//! and `<name>-sentinel`, which give every Redis and Sentinel pod a stable
+//! DNS name (published before the pod is ready: members resolve each other
+//! while they start).
 
 use k8s_openapi::{
     api::core::v1::{ClientIPConfig, Service, ServicePort, ServiceSpec, SessionAffinityConfig},
@@ -7,6 +9,7 @@ use k8s_openapi::{
 };
 
 use super::meta::{Component, REDIS_PORT, SENTINEL_PORT, object_meta, selector_labels};
+use super::redis_group::WAITING_PORT;
 use crate::cluster::ValidCluster;
 
 fn port(name: &str, port: i32, target: i32) -> ServicePort {
@@ -44,35 +47,48 @@ pub fn client(c: &ValidCluster) -> Service {
     }
 }
 
-/// `Service <name>-redis`: headless, publishing not-ready pods so that a
-/// replica can resolve its master while both start.
-pub fn redis_headless(c: &ValidCluster) -> Service {
-    let names = &c.names;
+/// A headless Service naming every pod of `component`, ready or not.
+fn headless(
+    c: &ValidCluster,
+    name: &str,
+    component: Component,
+    ports: Vec<ServicePort>,
+) -> Service {
     Service {
-        metadata: object_meta(c, &names.redis, Component::Redis),
+        metadata: object_meta(c, name, component),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(true),
-            selector: Some(selector_labels(names, Component::Redis)),
-            ports: Some(vec![port("redis", REDIS_PORT, REDIS_PORT)]),
+            selector: Some(selector_labels(&c.names, component)),
+            ports: Some(ports),
             ..Default::default()
         }),
         ..Default::default()
     }
 }
 
-/// `Service <name>-sentinel`: the address in the servers' broker URL.
+/// `Service <name>-redis`: `<name>-redis-<i>.<name>-redis.<ns>.svc`.
+pub fn redis_headless(c: &ValidCluster) -> Service {
+    headless(
+        c,
+        &c.names.redis,
+        Component::Redis,
+        vec![
+            port("redis", REDIS_PORT, REDIS_PORT),
+            port("waiting", WAITING_PORT, WAITING_PORT),
+        ],
+    )
+}
+
+/// `Service <name>-sentinel`: `<name>-sentinel-<i>.<name>-sentinel.<ns>.svc`,
+/// the addresses in the servers' broker URL.
 pub fn sentinel(c: &ValidCluster) -> Service {
-    let names = &c.names;
-    Service {
-        metadata: object_meta(c, &names.sentinel, Component::Sentinel),
-        spec: Some(ServiceSpec {
-            selector: Some(selector_labels(names, Component::Sentinel)),
-            ports: Some(vec![port("sentinel", SENTINEL_PORT, SENTINEL_PORT)]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    headless(
+        c,
+        &c.names.sentinel,
+        Component::Sentinel,
+        vec![port("sentinel", SENTINEL_PORT, SENTINEL_PORT)],
+    )
 }
 
 #[cfg(test)]
@@ -116,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn redis_service_is_headless_and_sentinel_service_is_not() {
+    fn redis_and_sentinel_services_name_every_pod_ready_or_not() {
         let mc = MessagingCluster::test();
         let c = valid(&mc);
         let redis = redis_headless(&c);
@@ -128,10 +144,13 @@ mod tests {
             spec.selector.expect("selector")["app.kubernetes.io/component"],
             "redis"
         );
+        let ports: Vec<i32> = spec.ports.expect("ports").iter().map(|p| p.port).collect();
+        assert_eq!(ports, [6379, 6380], "serving and waiting-room ports");
         let sentinel = sentinel(&c);
         assert_eq!(sentinel.metadata.name.as_deref(), Some("chat-sentinel"));
         let spec = sentinel.spec.expect("spec");
-        assert_eq!(spec.cluster_ip, None);
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
         assert_eq!(spec.ports.expect("ports")[0].port, 26379);
     }
 }

@@ -10,7 +10,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, StatefulSet},
         autoscaling::v2::HorizontalPodAutoscaler,
-        core::v1::{Secret, Service},
+        core::v1::{ConfigMap, Secret, Service},
         networking::v1::{Ingress, NetworkPolicy},
         policy::v1::PodDisruptionBudget,
     },
@@ -21,7 +21,7 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::build::{ManagedRedis, Resources};
+use crate::build::{ManagedRedis, Resources, redis_group};
 use crate::cluster::ValidCluster;
 
 /// The field manager of everything the operator writes.
@@ -76,7 +76,7 @@ pub struct Applied {
 #[derive(Clone, Debug)]
 pub struct AppliedRedis {
     pub statefulset: StatefulSet,
-    pub sentinel_deployment: Deployment,
+    pub sentinel_statefulset: StatefulSet,
 }
 
 async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, ApplyError>
@@ -170,10 +170,11 @@ pub async fn apply_all(
     apply(client, ns, config_map).await?;
     let (applied_redis, generated_secret) = match redis {
         Some(ManagedRedis {
+            group_config,
             headless_service,
             statefulset,
             sentinel_service,
-            sentinel_deployment,
+            sentinel_statefulset,
             redis_pdb,
             sentinel_pdb,
         }) => {
@@ -181,16 +182,17 @@ pub async fn apply_all(
                 Some(secret) => create_secret(client, ns, secret).await?,
                 None => false,
             };
+            apply(client, ns, group_config).await?;
             apply(client, ns, headless_service).await?;
             let statefulset = apply(client, ns, statefulset).await?;
             apply(client, ns, sentinel_service).await?;
-            let sentinel_deployment = apply(client, ns, sentinel_deployment).await?;
+            let sentinel_statefulset = apply(client, ns, sentinel_statefulset).await?;
             apply(client, ns, redis_pdb).await?;
             apply(client, ns, sentinel_pdb).await?;
             (
                 Some(AppliedRedis {
                     statefulset,
-                    sentinel_deployment,
+                    sentinel_statefulset,
                 }),
                 generated,
             )
@@ -199,7 +201,8 @@ pub async fn apply_all(
             // External Redis: the managed group is no longer wanted. The
             // generated Secret stays (owned, so it goes with the cluster).
             delete::<StatefulSet>(client, ns, &names.redis).await?;
-            delete::<Deployment>(client, ns, &names.sentinel).await?;
+            delete::<StatefulSet>(client, ns, &names.sentinel).await?;
+            delete::<ConfigMap>(client, ns, &redis_group::config_map_name(names)).await?;
             delete::<Service>(client, ns, &names.redis).await?;
             delete::<Service>(client, ns, &names.sentinel).await?;
             delete::<PodDisruptionBudget>(client, ns, &names.redis).await?;

@@ -1,7 +1,6 @@
-//! Members of a managed Redis group, as the Redis topology step needs them:
-//! Redis pod IPs in StatefulSet order (index 0 is pod 0, the first-start
-//! master) and the Sentinel pod IPs. Sentinel reports members by IP
-//! (`resolve-hostnames no`), so these are what the topology step compares.
+//! The pods of a managed Redis group, as the topology and roll steps need
+//! them: which exist and run, which are ready, and which template revision
+//! each runs (the roll step replaces outdated Redis pods one by one).
 //!
 //! [`from_pods`] is pure; [`observe`] lists the pods (needs a client).
 
@@ -22,59 +21,73 @@ pub enum MembersError {
     },
 }
 
-/// IPs of the group's running pods (Redis listens on
-/// [`REDIS_PORT`](crate::build::meta::REDIS_PORT), Sentinel on
-/// [`SENTINEL_PORT`](crate::build::meta::SENTINEL_PORT)).
+/// One pod of the group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberPod {
+    pub name: String,
+    /// `controller-revision-hash`: the StatefulSet template it runs.
+    pub revision: Option<String>,
+    /// Has an address and is not being deleted.
+    pub running: bool,
+    /// Its `Ready` condition is true.
+    pub ready: bool,
+}
+
+/// The group's pods, sorted by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Members {
-    /// By StatefulSet ordinal; `None` where that pod has no IP yet.
-    pub redis: Vec<Option<String>>,
-    /// Sentinels with an IP, sorted by pod name.
-    pub sentinels: Vec<String>,
+    pub redis: Vec<MemberPod>,
+    pub sentinels: Vec<MemberPod>,
 }
 
 impl Members {
-    /// Every Redis pod up to the expected count has an IP, and so does
-    /// every expected sentinel: the topology step can see the whole group.
-    pub fn complete(&self, redis: i32, sentinels: i32) -> bool {
-        let redis_up = self.redis.iter().take_while(|ip| ip.is_some()).count();
-        i32::try_from(redis_up).is_ok_and(|n| n >= redis)
-            && i32::try_from(self.sentinels.len()).is_ok_and(|n| n >= sentinels)
+    /// At least one Redis pod and one sentinel run: there is someone to
+    /// talk to.
+    pub fn started(&self) -> bool {
+        self.redis.iter().any(|p| p.running) && self.sentinels.iter().any(|p| p.running)
     }
 }
 
-fn ip(pod: &Pod) -> Option<String> {
-    let terminating = pod.metadata.deletion_timestamp.is_some();
-    let ip = pod.status.as_ref()?.pod_ip.clone()?;
-    (!terminating && !ip.is_empty()).then_some(ip)
-}
-
-/// The group from the listed pods.
-pub fn from_pods(names: &Names, redis_pods: &[Pod], sentinel_pods: &[Pod]) -> Members {
-    let prefix = format!("{}-", names.redis);
-    let mut redis: Vec<Option<String>> = Vec::new();
-    for pod in redis_pods {
-        let ordinal = pod
+fn member(pod: &Pod) -> Option<MemberPod> {
+    let status = pod.status.as_ref();
+    let has_ip = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .is_some_and(|ip| !ip.is_empty());
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    Some(MemberPod {
+        name: pod.metadata.name.clone()?,
+        revision: pod
             .metadata
-            .name
-            .as_deref()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|o| o.parse::<usize>().ok());
-        if let Some(ordinal) = ordinal {
-            if redis.len() <= ordinal {
-                redis.resize(ordinal + 1, None);
-            }
-            redis[ordinal] = ip(pod);
-        }
-    }
-    let mut sentinels: Vec<(String, String)> = sentinel_pods
-        .iter()
-        .filter_map(|p| Some((p.metadata.name.clone()?, ip(p)?)))
-        .collect();
-    sentinels.sort();
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("controller-revision-hash"))
+            .cloned(),
+        running: has_ip && pod.metadata.deletion_timestamp.is_none(),
+        ready,
+    })
+}
+
+/// The group from the listed pods (pods of other StatefulSets left out).
+pub fn from_pods(names: &Names, redis_pods: &[Pod], sentinel_pods: &[Pod]) -> Members {
+    let ours = |prefix: &str, pods: &[Pod]| {
+        let prefix = format!("{prefix}-");
+        let mut out: Vec<MemberPod> = pods
+            .iter()
+            .filter_map(member)
+            .filter(|m| {
+                m.name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|o| o.parse::<u32>().is_ok())
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    };
     Members {
-        redis,
-        sentinels: sentinels.into_iter().map(|(_, a)| a).collect(),
+        redis: ours(&names.redis, redis_pods),
+        sentinels: ours(&names.sentinel, sentinel_pods),
     }
 }
 
@@ -109,10 +122,13 @@ mod tests {
     use http::Method;
     use serde_json::json;
 
-    fn pod(name: &str, ip: Option<&str>) -> Pod {
+    fn pod(name: &str, ip: Option<&str>, revision: &str, ready: bool) -> Pod {
         serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "status": ip.map(|ip| json!({"podIP": ip})).unwrap_or(json!({}))
+            "metadata": {"name": name, "labels": {"controller-revision-hash": revision}},
+            "status": {
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
+            }
         }))
         .unwrap()
     }
@@ -122,45 +138,33 @@ mod tests {
     }
 
     #[test]
-    fn redis_pods_are_ordered_by_ordinal_and_gaps_stay_visible() {
-        let redis = [
-            pod("chat-redis-2", Some("10.0.0.12")),
-            pod("chat-redis-0", Some("10.0.0.10")),
-            pod("chat-redis-1", None),
-        ];
-        let sentinels = [
-            pod("chat-sentinel-b", Some("10.0.1.2")),
-            pod("chat-sentinel-a", Some("fd00::1")),
-            pod("chat-sentinel-c", None),
-        ];
-        let m = from_pods(&names(), &redis, &sentinels);
-        assert_eq!(
-            m.redis,
-            [
-                Some("10.0.0.10".to_owned()),
-                None,
-                Some("10.0.0.12".to_owned())
-            ]
-        );
-        assert_eq!(m.sentinels, ["fd00::1", "10.0.1.2"]);
-        assert!(!m.complete(3, 2), "pod 1 has no IP yet");
-        assert!(m.complete(1, 2));
-        assert!(!m.complete(1, 3));
-    }
-
-    #[test]
-    fn terminating_and_foreign_pods_are_left_out() {
-        let mut leaving = pod("chat-redis-0", Some("10.0.0.10"));
+    fn pods_carry_their_revision_readiness_and_whether_they_run() {
+        let mut leaving = pod("chat-redis-0", Some("10.0.0.10"), "r1", true);
         leaving.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             ));
-        let m = from_pods(
-            &names(),
-            &[leaving, pod("other-redis-1", Some("10.0.9.9"))],
-            &[],
+        let redis = [
+            pod("chat-redis-2", Some("10.0.0.12"), "r2", true),
+            leaving,
+            pod("chat-redis-1", None, "r2", false),
+            pod("other-redis-1", Some("10.0.9.9"), "x", true),
+        ];
+        let m = from_pods(&names(), &redis, &[]);
+        let summary: Vec<_> = m
+            .redis
+            .iter()
+            .map(|p| (p.name.as_str(), p.revision.as_deref(), p.running, p.ready))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("chat-redis-0", Some("r1"), false, true),
+                ("chat-redis-1", Some("r2"), false, false),
+                ("chat-redis-2", Some("r2"), true, true),
+            ]
         );
-        assert_eq!(m.redis, [None]);
+        assert!(!m.started(), "no sentinel yet");
     }
 
     #[tokio::test]
@@ -175,19 +179,25 @@ mod tests {
                 expect(
                     Method::GET,
                     pods,
-                    Reply::Json(200, list(vec![pod("chat-redis-0", Some("10.0.0.10"))])),
+                    Reply::Json(
+                        200,
+                        list(vec![pod("chat-redis-0", Some("10.0.0.10"), "a", true)]),
+                    ),
                 ),
                 expect(
                     Method::GET,
                     pods,
-                    Reply::Json(200, list(vec![pod("chat-sentinel-x", Some("10.0.1.1"))])),
+                    Reply::Json(
+                        200,
+                        list(vec![pod("chat-sentinel-0", Some("10.0.1.1"), "b", true)]),
+                    ),
                 ),
             ],
         )
         .await;
         let members = observing.await.unwrap().unwrap();
-        assert_eq!(members.redis, [Some("10.0.0.10".to_owned())]);
-        assert_eq!(members.sentinels, ["10.0.1.1"]);
+        assert_eq!(members.redis[0].name, "chat-redis-0");
+        assert!(members.started());
         assert!(
             seen[0]
                 .query

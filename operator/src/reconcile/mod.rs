@@ -25,6 +25,7 @@ pub mod apply;
 pub mod dereference;
 pub mod members;
 pub mod redis_group;
+pub mod roll;
 pub mod status;
 
 #[cfg(test)]
@@ -76,6 +77,8 @@ pub enum Error {
     Apply(#[from] apply::ApplyError),
     #[error("redis group: {0}")]
     RedisGroup(#[from] crate::topology::TopologyError),
+    #[error("roll: {0}")]
+    Roll(#[from] roll::RollError),
     #[error("status: {0}")]
     Status(#[from] status::StatusError),
 }
@@ -88,6 +91,7 @@ impl Error {
             Error::Dereference(_) => "dereference",
             Error::Apply(_) => "apply",
             Error::RedisGroup(_) => "redis_group",
+            Error::Roll(_) => "roll",
             Error::Status(_) => "status",
         }
     }
@@ -101,7 +105,7 @@ impl Error {
             Error::InvalidSpec(_) => return true,
             Error::Apply(e) => e.kube_error(),
             Error::Status(status::StatusError::Patch { source, .. }) => source,
-            Error::Dereference(_) | Error::RedisGroup(_) => return false,
+            Error::Dereference(_) | Error::RedisGroup(_) | Error::Roll(_) => return false,
         };
         matches!(kube_error, kube::Error::Api(s) if s.is_invalid() || s.code == 400)
     }
@@ -201,7 +205,24 @@ async fn run_pipeline(mc: &MessagingCluster, ctx: &Context) -> Result<Action, Er
     let applied = apply::apply_all(&ctx.client, &c, &resources, new_secret.as_ref()).await?;
     // 5. topology of a managed Redis group
     let topology = redis_group::step(&c, &refs).await?;
-    let group_settled = topology.as_ref().is_none_or(|r| r.converged());
+    // 5b. replace one outdated Redis pod, if the group is healthy
+    let update_revision = applied
+        .redis
+        .as_ref()
+        .and_then(|r| r.statefulset.status.as_ref())
+        .and_then(|s| s.update_revision.clone());
+    let rolled = match &refs.members {
+        Some(members) => roll::next(members, update_revision.as_deref(), topology.as_ref()),
+        None => None,
+    };
+    if let Some(pod) = &rolled {
+        roll::replace(&ctx.client, &c.names.namespace, pod).await?;
+        let note = format!("replaced Redis pod {pod} to run the current template");
+        info!(%note, "redis group: roll");
+        ctx.publish(mc, EventType::Normal, "RedisPodRolled", note)
+            .await;
+    }
+    let group_settled = rolled.is_none() && topology.as_ref().is_none_or(|r| r.converged());
     let observed_master = topology.and_then(|report| report.master.map(|m| m.to_string()));
     // 6. status
     let new_status = status::compute(mc, &c, &applied, observed_master, Timestamp::now());

@@ -1,30 +1,24 @@
-//! The Redis topology step of a managed group: bring the Redis pods and
-//! sentinels the dereference step found to one master with every sentinel
-//! monitoring it ([`crate::topology`], which talks to Redis over the
-//! network, never to Kubernetes).
+//! The Redis topology step of a managed group: bring the members and
+//! sentinels, addressed by their stable DNS names, to one master with every
+//! sentinel monitoring it ([`crate::topology`], which talks to Redis over
+//! the network, never to Kubernetes). The group elects and heals itself;
+//! this step corrects what Sentinel cannot: no master among the members,
+//! split brain, sentinels that lost or never had the master, a sentinel
+//! monitoring a host outside the group.
 //!
-//! Pods that are not up yet are not an error: the step reports what it saw
-//! and the next reconcile goes on from there.
+//! Members that are not up yet are not an error: the step reports what it
+//! saw and the next reconcile goes on from there.
 
-use std::time::Duration;
-
-use chorus_crds::MessagingClusterSpec;
 use tracing::{info, warn};
 
 use super::dereference::Dereferenced;
-use super::members::Members;
-use crate::build::meta::{REDIS_PORT, SENTINEL_PORT};
-use crate::build::sentinel::quorum;
+use crate::build::redis_group::{redis_members, sentinel_members};
+use crate::build::sentinel::{DOWN_AFTER, FAILOVER_TIMEOUT, quorum};
 use crate::cluster::ValidCluster;
 use crate::topology::{self, NodeAddr, TopologyConfig, TopologyReport};
 
-/// How long sentinels wait before they call a silent master down.
-pub const DOWN_AFTER: Duration = Duration::from_secs(5);
-/// Sentinel's failover timeout for the group.
-pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Runs the step for a managed group; `None` for external Redis or while no
-/// pod of the group has an address yet.
+/// Runs the step for a managed group; `None` for external Redis and
+/// before the group has pods.
 pub async fn step(
     c: &ValidCluster,
     refs: &Dereferenced,
@@ -32,11 +26,14 @@ pub async fn step(
     let Some(members) = &refs.members else {
         return Ok(None);
     };
-    let Some(mut config) = config_for(&c.spec, members) else {
-        info!(cluster = %c.names.instance, "redis group: waiting for pod 0 and a sentinel to have addresses");
+    // Nothing to talk to before the first pods exist.
+    if !members.started() {
+        info!(cluster = %c.names.instance, "redis group: waiting for its pods");
         return Ok(None);
-    };
+    }
+    let mut config = config_for(c);
     config.password = refs.redis_password.clone();
+    config.sentinel_password = refs.redis_password.clone();
     let report = topology::reconcile_topology(&config).await?;
     for action in &report.actions {
         info!(cluster = %c.names.instance, ?action, "redis group: topology action");
@@ -47,68 +44,46 @@ pub async fn step(
     Ok(Some(report))
 }
 
-/// The topology module's view of the group: Redis pods in ordinal order up
-/// to the first without an address (so pod 0 is always first), and every
-/// sentinel with one. `None` until pod 0 and one sentinel have addresses.
-pub fn config_for(spec: &MessagingClusterSpec, members: &Members) -> Option<TopologyConfig> {
-    let redis: Vec<NodeAddr> = members
-        .redis
-        .iter()
-        .map_while(|ip| {
-            ip.as_ref()
-                .map(|ip| NodeAddr::new(ip.clone(), REDIS_PORT as u16))
-        })
-        .collect();
-    if redis.is_empty() || members.sentinels.is_empty() {
-        return None;
-    }
-    let sentinels = members
-        .sentinels
-        .iter()
-        .map(|ip| NodeAddr::new(ip.clone(), SENTINEL_PORT as u16))
-        .collect();
+fn addr(hostport: &str) -> NodeAddr {
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "0"));
+    NodeAddr::new(host, port.parse().unwrap_or(0))
+}
+
+/// The topology module's view of the group: every member and sentinel the
+/// spec asks for, by name, whether its pod exists yet or not.
+pub fn config_for(c: &ValidCluster) -> TopologyConfig {
     let mut config = TopologyConfig::new(
-        redis,
-        sentinels,
-        u32::try_from(quorum(spec.redis.sentinels)).unwrap_or(2),
+        redis_members(c).iter().map(|m| addr(m)).collect(),
+        sentinel_members(c).iter().map(|m| addr(m)).collect(),
+        u32::try_from(quorum(c.spec.redis.sentinels)).unwrap_or(2),
     );
     config.down_after = Some(DOWN_AFTER);
     config.failover_timeout = Some(FAILOVER_TIMEOUT);
-    Some(config)
+    config
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::build::fixtures::TestCluster;
+    use crate::build::fixtures::{TestCluster, valid};
     use chorus_crds::MessagingCluster;
 
-    fn members(redis: &[Option<&str>], sentinels: &[&str]) -> Members {
-        Members {
-            redis: redis.iter().map(|r| r.map(String::from)).collect(),
-            sentinels: sentinels.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
     #[test]
-    fn pod_zero_comes_first_and_gaps_end_the_list() {
-        let mc = MessagingCluster::test();
-        let c = config_for(
-            &mc.spec,
-            &members(&[Some("10.0.0.1"), None, Some("10.0.0.3")], &["10.0.1.1"]),
-        )
-        .unwrap();
-        assert_eq!(c.redis, vec![NodeAddr::new("10.0.0.1", 6379)]);
-        assert_eq!(c.sentinels, vec![NodeAddr::new("10.0.1.1", 26379)]);
-        assert_eq!(c.quorum, 2, "3 sentinels by default");
-        assert_eq!(c.down_after, Some(DOWN_AFTER));
-    }
-
-    #[test]
-    fn nothing_to_do_until_pod_zero_and_a_sentinel_have_addresses() {
-        let mc = MessagingCluster::test();
-        assert!(config_for(&mc.spec, &members(&[None, Some("10.0.0.2")], &["10.0.1.1"])).is_none());
-        assert!(config_for(&mc.spec, &members(&[Some("10.0.0.1")], &[])).is_none());
+    fn the_group_is_every_member_the_spec_asks_for_by_name() {
+        let mut mc = MessagingCluster::test();
+        mc.spec.redis.sentinels = 5;
+        let config = config_for(&valid(&mc));
+        assert_eq!(config.redis.len(), 3);
+        assert_eq!(
+            config.redis[0],
+            NodeAddr::new("chat-redis-0.chat-redis.default.svc", 6379)
+        );
+        assert_eq!(
+            config.sentinels[4],
+            NodeAddr::new("chat-sentinel-4.chat-sentinel.default.svc", 26379)
+        );
+        assert_eq!(config.quorum, 3);
+        assert_eq!(config.down_after, Some(DOWN_AFTER));
     }
 }

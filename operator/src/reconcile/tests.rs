@@ -162,10 +162,11 @@ impl Script {
             ));
         }
         steps.extend([
+            p(format!("{NS}/configmaps/chat-redis-group")),
             p(format!("{NS}/services/chat-redis")),
             redis(format!("{APPS}/statefulsets/chat-redis")),
             p(format!("{NS}/services/chat-sentinel")),
-            redis(format!("{APPS}/deployments/chat-sentinel")),
+            redis(format!("{APPS}/statefulsets/chat-sentinel")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-sentinel")),
             expect(
@@ -211,7 +212,7 @@ fn settled_cluster() -> MessagingCluster {
         redis: Some(super::apply::AppliedRedis {
             statefulset: serde_json::from_value(json!({"metadata": {}, "status": redis(3)}))
                 .unwrap(),
-            sentinel_deployment: serde_json::from_value(
+            sentinel_statefulset: serde_json::from_value(
                 json!({"metadata": {}, "status": redis(3)}),
             )
             .unwrap(),
@@ -265,7 +266,7 @@ async fn new_cluster_applies_every_object_generates_the_password_and_reports_sta
     let cm = out.body(Method::PATCH, &format!("{NS}/configmaps/chat-server"));
     assert_eq!(
         cm["data"]["CHORUS_BROKER"],
-        "redis+sentinel://chat-sentinel:26379/chorus"
+        "redis+sentinel://chat-sentinel-0.chat-sentinel.default.svc:26379,chat-sentinel-1.chat-sentinel.default.svc:26379,chat-sentinel-2.chat-sentinel.default.svc:26379/chorus"
     );
     let secret = out.body(Method::POST, &format!("{NS}/secrets"));
     assert_eq!(secret["metadata"]["name"], "chat-redis-auth");
@@ -458,9 +459,9 @@ async fn refused_apply_is_a_user_error_and_outage_is_transient() {
         events: 0,
     }
     .build();
-    // Secret, two pod lists, ConfigMap, headless Service, StatefulSet.
-    script.truncate(6);
-    script[5].reply = Reply::Json(422, invalid);
+    // Secret, two pod lists, ConfigMap, group ConfigMap, headless Service, StatefulSet.
+    script.truncate(7);
+    script[6].reply = Reply::Json(422, invalid);
     let out = run(mc, script).await;
     let error = out.result.unwrap_err();
     assert!(error.is_user_error(), "{error}");
@@ -520,7 +521,8 @@ async fn external_redis_removes_the_managed_group_and_reports_the_url() {
     )];
     script.extend([
         d(format!("{APPS}/statefulsets/chat-redis")),
-        d(format!("{APPS}/deployments/chat-sentinel")),
+        d(format!("{APPS}/statefulsets/chat-sentinel")),
+        d(format!("{NS}/configmaps/chat-redis-group")),
         d(format!("{NS}/services/chat-redis")),
         d(format!("{NS}/services/chat-sentinel")),
         d(format!("{POLICY}/poddisruptionbudgets/chat-redis")),

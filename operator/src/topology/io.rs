@@ -131,7 +131,29 @@ pub async fn observe(config: &TopologyConfig) -> Observed {
     Observed { redis, sentinels }
 }
 
+/// A member on its port, or else in its waiting room (port + 1).
 async fn observe_redis(
+    addr: &NodeAddr,
+    config: &TopologyConfig,
+) -> Result<RedisRole, TopologyError> {
+    let serving = Conn::open(addr, config.password.as_deref(), config.call_timeout).await;
+    let mut con = match serving {
+        Ok(con) => con,
+        Err(serving_error) => {
+            let waiting = NodeAddr::new(addr.host.clone(), addr.port.saturating_add(1));
+            return match observe_waiting(&waiting, config).await {
+                Ok(role) => Ok(role),
+                Err(_) => Err(serving_error),
+            };
+        }
+    };
+    let text: String = con
+        .query("INFO replication", redis::cmd("INFO").arg("replication"))
+        .await?;
+    parse::replication_info(&text).map_err(|detail| con.reply_error("INFO replication", detail))
+}
+
+async fn observe_waiting(
     addr: &NodeAddr,
     config: &TopologyConfig,
 ) -> Result<RedisRole, TopologyError> {
@@ -139,7 +161,12 @@ async fn observe_redis(
     let text: String = con
         .query("INFO replication", redis::cmd("INFO").arg("replication"))
         .await?;
-    parse::replication_info(&text).map_err(|detail| con.reply_error("INFO replication", detail))
+    let offset = parse::replication_info(&text)
+        .map_err(|detail| con.reply_error("INFO replication", detail))?
+        .data()
+        .0;
+    let keys: u64 = con.query("DBSIZE", &redis::cmd("DBSIZE")).await?;
+    Ok(RedisRole::Waiting { offset, keys })
 }
 
 fn sentinel_cmd(sub: &str, config: &TopologyConfig) -> redis::Cmd {

@@ -152,6 +152,25 @@ pub enum RedisRole {
         /// `slave_repl_offset`.
         offset: u64,
     },
+    /// Not serving yet: the member runs in its waiting room (its port + 1)
+    /// until it knows its role, which it takes from the sentinels.
+    Waiting {
+        /// `master_repl_offset` of the data it loaded.
+        offset: u64,
+        /// Keys it holds.
+        keys: u64,
+    },
+}
+
+impl RedisRole {
+    /// How much data the member holds, for choosing a master: its
+    /// replication offset, then its key count.
+    pub fn data(&self) -> (u64, u64) {
+        match self {
+            RedisRole::Master { offset } | RedisRole::Replica { offset, .. } => (*offset, 0),
+            RedisRole::Waiting { offset, keys } => (*offset, *keys),
+        }
+    }
 }
 
 /// What one sentinel knows about the monitored master.
@@ -190,7 +209,7 @@ pub struct SentinelNode {
 }
 
 /// Everything observed in one pass, Redis pods in config order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub redis: Vec<RedisNode>,
     pub sentinels: Vec<SentinelNode>,
@@ -290,6 +309,9 @@ pub enum MasterBasis {
     /// Sentinels know no master and no pod is master: the replica with the
     /// highest offset is promoted.
     PromotedReplica,
+    /// As `PromotedReplica`, but the member with the most data is waiting to
+    /// learn its role: the sentinels are told, and it promotes itself.
+    ChoseWaiting,
 }
 
 /// Why the plan holds back (changes nothing on the Redis side). The
@@ -310,6 +332,9 @@ pub enum Waiting {
     MasterIsReplica,
     /// First start, but pod 0 does not answer yet.
     FirstMasterUnreachable,
+    /// The sentinels know no master and a member holding data does not
+    /// answer: choosing now could pick a member with less.
+    MembersUnreachable,
     /// No pod claims to be master and the sentinels neither agree nor are
     /// all reachable and empty: nobody can safely pick one.
     NoMaster,

@@ -83,6 +83,11 @@ pub fn plan(observed: &Observed, config: &TopologyConfig) -> Plan {
                 Ok(RedisRole::Replica { .. }) => {
                     return wait(Some(agreed), Waiting::MasterIsReplica);
                 }
+                // Restarted and deciding its role: it serves again, or the
+                // sentinels fail over, within seconds.
+                Ok(RedisRole::Waiting { .. }) => {
+                    return wait(Some(agreed), Waiting::MasterUnreachable);
+                }
                 Ok(RedisRole::Master { .. }) => (agreed.clone(), MasterBasis::SentinelMajority),
             },
         }
@@ -91,6 +96,10 @@ pub fn plan(observed: &Observed, config: &TopologyConfig) -> Plan {
             .redis
             .iter()
             .any(|n| matches!(n.role, Ok(RedisRole::Replica { .. })));
+        let any_data = observed
+            .redis
+            .iter()
+            .any(|n| n.role.as_ref().is_ok_and(|r| r.data() != (0, 0)));
         let best_master = observed
             .redis
             .iter()
@@ -100,7 +109,7 @@ pub fn plan(observed: &Observed, config: &TopologyConfig) -> Plan {
                 _ => None,
             })
             .max();
-        if views.is_empty() && !any_replica {
+        if views.is_empty() && !any_replica && !any_data {
             match observed.redis.first() {
                 Some(pod0) if pod0.role.is_ok() => (pod0.addr.clone(), MasterBasis::FirstStart),
                 _ => return wait(None, Waiting::FirstMasterUnreachable),
@@ -112,20 +121,35 @@ pub fn plan(observed: &Observed, config: &TopologyConfig) -> Plan {
                 .sentinels
                 .iter()
                 .all(|s| matches!(s.view, Ok(None)));
-            let best_replica = observed
+            // The member holding the most data, serving as a replica or
+            // waiting to learn its role (lowest pod index on a tie).
+            let best = observed
                 .redis
                 .iter()
                 .enumerate()
-                .filter_map(|(i, n)| match n.role {
-                    Ok(RedisRole::Replica { offset, .. }) => Some((offset, Reverse(i), &n.addr)),
+                .filter_map(|(i, n)| match &n.role {
+                    Ok(r @ (RedisRole::Replica { .. } | RedisRole::Waiting { .. })) => {
+                        Some((r.data(), Reverse(i), n))
+                    }
                     _ => None,
                 })
-                .max();
-            match best_replica {
-                Some((_, _, addr)) if all_sentinels_empty => {
-                    actions.push(Action::Promote { node: addr.clone() });
-                    (addr.clone(), MasterBasis::PromotedReplica)
+                .max_by_key(|(data, i, _)| (*data, *i));
+            let all_answer = observed.redis.iter().all(|n| n.role.is_ok());
+            match best {
+                // A member that does not answer may hold more than an empty
+                // best candidate: never choose an empty pod over it.
+                Some((data, _, _)) if all_sentinels_empty && data == (0, 0) && !all_answer => {
+                    return wait(None, Waiting::MembersUnreachable);
                 }
+                Some((_, _, node)) if all_sentinels_empty => match node.role {
+                    Ok(RedisRole::Waiting { .. }) => (node.addr.clone(), MasterBasis::ChoseWaiting),
+                    _ => {
+                        actions.push(Action::Promote {
+                            node: node.addr.clone(),
+                        });
+                        (node.addr.clone(), MasterBasis::PromotedReplica)
+                    }
+                },
                 _ => return wait(None, Waiting::NoMaster),
             }
         }
@@ -137,7 +161,8 @@ pub fn plan(observed: &Observed, config: &TopologyConfig) -> Plan {
             continue;
         }
         let attached = match &node.role {
-            Err(_) => continue,
+            // A waiting member takes its role from the sentinels itself.
+            Err(_) | Ok(RedisRole::Waiting { .. }) => continue,
             Ok(RedisRole::Replica { master: m, .. }) => m == &master,
             Ok(RedisRole::Master { .. }) => false,
         };

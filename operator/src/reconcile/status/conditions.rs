@@ -139,7 +139,7 @@ pub fn redis(
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
     let sentinels_ready = group
-        .sentinel_deployment
+        .sentinel_statefulset
         .status
         .as_ref()
         .and_then(|s| s.ready_replicas)

@@ -28,8 +28,8 @@ fn applied(ready: i32, replicas: i32, redis_ready: i32) -> Applied {
         }),
         ..Default::default()
     };
-    let sentinel_deployment = Deployment {
-        status: Some(DeploymentStatus {
+    let sentinel_statefulset = StatefulSet {
+        status: Some(StatefulSetStatus {
             ready_replicas: Some(3),
             ..Default::default()
         }),
@@ -39,7 +39,7 @@ fn applied(ready: i32, replicas: i32, redis_ready: i32) -> Applied {
         server_deployment: deployment,
         redis: Some(AppliedRedis {
             statefulset,
-            sentinel_deployment,
+            sentinel_statefulset,
         }),
         generated_secret: false,
     }
