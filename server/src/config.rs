@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::secret::{Secret, redact_url};
+
+/// Every field that may hold a secret has a type whose `Debug` hides it
+/// ([`Secret`], [`BrokerUrl`]), so `{config:?}` is safe to log.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "chorus-server",
@@ -20,8 +24,13 @@ pub struct Config {
 
     /// Message bus: `memory://` (one process, no Redis), `redis://[:password@]host:port[/db]`,
     /// or `redis+sentinel://[:password@]host:port[,host:port…]/<master-name>`.
-    #[arg(long, env = "CHORUS_BROKER", default_value = "memory://")]
-    pub broker: String,
+    #[arg(
+        long,
+        env = "CHORUS_BROKER",
+        default_value = "memory://",
+        hide_env_values = true
+    )]
+    pub broker: BrokerUrl,
 
     /// `pubsub`: at-most-once live fan-out. `streams`: durable history with recovery (needs Redis).
     #[arg(long, env = "CHORUS_DELIVERY", value_enum, default_value_t = DeliveryMode::Pubsub)]
@@ -47,7 +56,7 @@ pub struct Config {
         hide_env_values = true,
         conflicts_with = "api_key_file"
     )]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 
     /// File holding the backend API key (surrounding whitespace is ignored).
     #[arg(long, env = "CHORUS_API_KEY_FILE")]
@@ -61,7 +70,7 @@ pub struct Config {
         hide_env_values = true,
         conflicts_with = "jwt_secret_file"
     )]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
 
     /// File holding the HS256 secret for client JWTs.
     #[arg(long, env = "CHORUS_JWT_SECRET_FILE")]
@@ -166,6 +175,38 @@ pub struct Config {
     pub canary_timeout: Duration,
 }
 
+/// The `--broker` URL. It may carry a password: its `Debug` form hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `memory`, `redis`, `redis+sentinel`, … (`None` without `://`).
+    pub fn scheme(&self) -> Option<&str> {
+        self.0.split_once("://").map(|(scheme, _)| scheme)
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl From<String> for BrokerUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeliveryMode {
     Pubsub,
@@ -259,7 +300,7 @@ mod tests {
     fn defaults_match_the_documented_ones() {
         let c = Config::defaults();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.broker, "memory://");
+        assert_eq!(c.broker.as_str(), "memory://");
         assert_eq!(c.delivery, DeliveryMode::Pubsub);
         assert_eq!(c.max_frame_bytes, 65536);
         assert_eq!(c.history_ttl, Duration::from_secs(600));

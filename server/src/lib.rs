@@ -4,8 +4,12 @@
 //! - [`hub`]: the node's room registry and fan-out to local subscribers
 //! - [`broker`]: the message bus between nodes (memory, Redis Pub/Sub)
 //! - [`transport`]: axum routes, the WebSocket connection loop, HTTP API
-//! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain)
-//! - [`config`], [`metrics`], [`auth`], [`shutdown`]; `sync`: poison-tolerant std locks
+//! - [`session`]: one connection's protocol state (subscriptions, replies,
+//!   replays, grants), between the transport and the node
+//! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain);
+//!   it stands between the sessions and the broker
+//! - [`config`], [`metrics`], [`auth`], [`shutdown`]; [`secret`]: secrets kept
+//!   out of `Debug`; `sync`: poison-tolerant std locks
 
 pub mod auth;
 pub mod broker;
@@ -14,6 +18,8 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod secret;
+pub mod session;
 pub mod shutdown;
 mod sync;
 pub mod transport;

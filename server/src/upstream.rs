@@ -36,7 +36,7 @@ pub fn dead_letter_key(room: &str) -> String {
     format!("{DEAD_LETTER_PREFIX}{room}")
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConsumerConfig {
     /// `redis://[:password@]host:port[/db]` of the master.
     pub redis_url: String,
@@ -54,6 +54,22 @@ pub struct ConsumerConfig {
     pub claim_idle: Duration,
     /// Deliveries after which an entry goes to the dead-letter stream.
     pub max_attempts: u64,
+}
+
+// By hand: the URL may carry the Redis password.
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerConfig")
+            .field("redis_url", &crate::secret::redact_url(&self.redis_url))
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("rooms", &self.rooms)
+            .field("batch", &self.batch)
+            .field("block", &self.block)
+            .field("claim_idle", &self.claim_idle)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
 }
 
 impl ConsumerConfig {

@@ -42,7 +42,7 @@ fn child_parses_its_environment() {
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let parsed = json!({
         "listen": config.listen.to_string(),
-        "broker": config.broker,
+        "broker": config.broker.as_str(),
         "delivery": config.delivery.as_str(),
         "history_size": config.history_size,
         "history_ttl_secs": config.history_ttl.as_secs(),

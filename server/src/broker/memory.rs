@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
@@ -146,7 +145,7 @@ impl MemoryBroker {
                 room: req.room,
                 offset,
                 epoch: seq.epoch.clone(),
-                frame: Utf8Bytes::from(frame),
+                frame,
                 published_at_us: now_us(),
             });
         }

@@ -40,13 +40,12 @@ pub mod tracker;
 
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use crate::protocol::RoomName;
+use crate::protocol::{Frame, RoomName};
 
 pub use self::redis::{RedisBroker, RedisOptions, RedisUrl};
 pub use memory::MemoryBroker;
@@ -85,7 +84,7 @@ pub struct Delivery {
     pub room: RoomName,
     pub offset: u64,
     pub epoch: Arc<str>,
-    pub frame: Utf8Bytes,
+    pub frame: Frame,
     /// When the publish was accepted, in microseconds since the Unix epoch
     /// (for the publish-to-delivery latency histogram).
     pub published_at_us: u64,

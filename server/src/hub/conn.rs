@@ -225,7 +225,7 @@ mod tests {
             room: crate::protocol::RoomName::parse("r").unwrap(),
             offset: 1,
             epoch: "e".into(),
-            frame: axum::extract::ws::Utf8Bytes::from_static(s),
+            frame: crate::protocol::Frame::from_static(s),
             published_at_us: 0,
         }))
     }

@@ -204,7 +204,7 @@ impl Deliver for Hub {
             room: room.clone(),
             offset: upto,
             epoch: epoch.clone(),
-            frame: frame.into(),
+            frame,
             published_at_us: 0,
         });
     }

@@ -1,11 +1,12 @@
-//! Frame codec: JSON text frames to [`ClientFrame`] and [`ServerFrame`] to text.
+//! Frame codec: JSON text frames to [`ClientFrame`] and [`ServerFrame`] to text
+//! (the `message` frame has its own module, [`super::message`]).
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::{RoomName, check_key};
+use super::{Frame, RoomName, check_key};
 
 /// A request from a client, validated.
 #[derive(Debug, Clone)]
@@ -352,56 +353,10 @@ impl ServerFrame<'_> {
     }
 }
 
-/// A `message` frame; encoded once per node and shared by every local subscriber.
-#[derive(Debug, Serialize)]
-pub struct MessageFrame<'a> {
-    pub room: &'a str,
-    pub data: &'a RawValue,
-    pub offset: u64,
-    pub epoch: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct Tagged<'a, T> {
-    op: &'static str,
-    #[serde(flatten)]
-    frame: &'a T,
-}
-
-/// A `message` frame cut around its offset and epoch, for a broker that
-/// assigns those itself: the frame is `head + offset + ,"epoch":"<epoch>" + tail`.
-/// Only valid for epochs that need no JSON escaping (the brokers' hex ids).
-pub fn message_parts(room: &str, data: &RawValue, from: Option<&str>) -> (String, String) {
-    let mut head = String::with_capacity(48 + room.len() + data.get().len());
-    head.push_str(r#"{"op":"message","room":"#);
-    head.push_str(&serde_json::to_string(room).unwrap_or_default());
-    head.push_str(r#","data":"#);
-    head.push_str(data.get());
-    head.push_str(r#","offset":"#);
-    let tail = match from {
-        Some(from) => format!(
-            r#","from":{}}}"#,
-            serde_json::to_string(from).unwrap_or_default()
-        ),
-        None => "}".to_string(),
-    };
-    (head, tail)
-}
-
-pub fn encode(frame: &ServerFrame<'_>) -> String {
+pub fn encode(frame: &ServerFrame<'_>) -> Frame {
     // Serialising these plain structs cannot fail (string keys, no maps of
     // non-string keys, no failing Serialize impls).
-    serde_json::to_string(frame).unwrap_or_default()
-}
-
-pub fn encode_message(frame: &MessageFrame<'_>) -> String {
-    serde_json::to_string(&Tagged {
-        op: "message",
-        frame,
-    })
-    .unwrap_or_default()
+    Frame::from(serde_json::to_string(frame).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -576,46 +531,8 @@ mod tests {
     }
 
     #[test]
-    fn encodes_message_frames_with_raw_data() {
-        let data = RawValue::from_string(r#"{"text":"hé \"q\""}"#.into()).unwrap();
-        let text = encode_message(&MessageFrame {
-            room: "lobby",
-            data: &data,
-            offset: 3,
-            epoch: "e",
-            from: Some("s1"),
-        });
-        let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(
-            v,
-            json!({"op":"message","room":"lobby","data":{"text":"hé \"q\""},"offset":3,"epoch":"e","from":"s1"})
-        );
-        let text = encode_message(&MessageFrame {
-            room: "r",
-            data: &data,
-            offset: 1,
-            epoch: "e",
-            from: None,
-        });
-        assert!(!text.contains("from"));
+    fn error_codes_print_as_the_protocol_says() {
         assert_eq!(ErrorCode::HistoryGone.as_str(), "history_gone");
         assert_eq!(ErrorCode::NoHistory.as_str(), "no_history");
-    }
-
-    #[test]
-    fn message_parts_assemble_the_same_frame() {
-        let data = RawValue::from_string(r#"[1,{"a":"b"}]"#.into()).unwrap();
-        for from in [Some("s1"), None] {
-            let (head, tail) = message_parts("r:1", &data, from);
-            let assembled = format!(r#"{head}42,"epoch":"e0"{tail}"#);
-            let whole = encode_message(&MessageFrame {
-                room: "r:1",
-                data: &data,
-                offset: 42,
-                epoch: "e0",
-                from,
-            });
-            assert_eq!(assembled, whole);
-        }
     }
 }

@@ -1,4 +1,5 @@
-//! Wire protocol v1 (README, "Protocol"): client frames in, server frames out.
+//! Wire protocol v1 (README, "Protocol"): client frames in, server frames out;
+//! room names and room patterns.
 //!
 //! No I/O here. Decoding is lenient about field order and strict about
 //! content: anything that is not a known op with its required fields is a
@@ -6,12 +7,15 @@
 //! `bad_room` / `too_large`) without closing the connection.
 
 mod frames;
+pub mod message;
+mod pattern;
 mod room;
 
 pub use frames::{
-    ClientFrame, ErrorCode, FrameError, MessageFrame, ServerFrame, Since, Token, decode, encode,
-    encode_message, is_json_object, message_parts,
+    ClientFrame, ErrorCode, FrameError, ServerFrame, Since, Token, decode, encode, is_json_object,
 };
+pub use message::{Frame, MessageFrame, encode_message, message_parts};
+pub use pattern::Pattern;
 pub use room::{MAX_ROOM_BYTES, RoomError, RoomName};
 
 /// Sub-protocol name negotiated on the WebSocket upgrade.

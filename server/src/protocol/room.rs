@@ -39,6 +39,11 @@ impl RoomName {
     }
 }
 
+/// Whether `name` is a room name (what [`RoomName::parse`] accepts).
+pub(crate) fn is_room_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_ROOM_BYTES && name.bytes().all(is_room_byte)
+}
+
 fn is_room_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'@' | b'-')
 }

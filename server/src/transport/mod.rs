@@ -12,6 +12,7 @@
 //!   (still serving HTTP meanwhile), asks every HTTP connection to finish,
 //!   and returns by the drain's deadline whatever the clients do.
 
+mod connection;
 mod http;
 mod ws;
 

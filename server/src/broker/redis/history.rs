@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::FutureExt;
 use redis::aio::MultiplexedConnection;
 
@@ -18,7 +17,7 @@ use crate::broker::continuity::{self, Check, Cursor, Resume};
 use crate::broker::tracker::{FillJob, ReadPage, Tracker};
 use crate::broker::{Delivery, History, new_epoch};
 use crate::metrics::Metrics;
-use crate::protocol::RoomName;
+use crate::protocol::{Frame, RoomName};
 use crate::sync::lock;
 
 /// Reads the room's epoch, last offset and up to `limit` kept messages after
@@ -51,7 +50,7 @@ pub(super) async fn read(
         let Some(offset) = scripts::entry_offset(&id) else {
             continue;
         };
-        let Ok(frame) = Utf8Bytes::try_from(bytes::Bytes::from(frame)) else {
+        let Some(frame) = Frame::from_utf8(frame) else {
             continue;
         };
         messages.push(Delivery {

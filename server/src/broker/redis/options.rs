@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::url::RedisUrl;
-use crate::auth::Pattern;
+use crate::protocol::Pattern;
 
 #[derive(Debug, Clone)]
 pub struct RedisOptions {

@@ -9,7 +9,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use redis::aio::PubSubStream;
 use tokio::sync::{Notify, watch};
@@ -20,7 +19,7 @@ use super::scripts;
 use super::url::Addr;
 use crate::broker::tracker::{FillJob, ReadPage, Tracker};
 use crate::broker::{Deliver, Delivery};
-use crate::protocol::RoomName;
+use crate::protocol::{Frame, RoomName};
 
 /// Gap fills reading history at once per link; more wait their turn.
 const CONCURRENT_FILLS: usize = 8;
@@ -134,9 +133,9 @@ fn delivery(room: &str, payload: &[u8]) -> Option<Delivery> {
         tracing::warn!(room, "ignoring a malformed notification");
         return None;
     };
-    let (Ok(room), Ok(frame)) = (
+    let (Ok(room), Some(frame)) = (
         RoomName::parse(room),
-        Utf8Bytes::try_from(bytes::Bytes::copy_from_slice(n.frame)),
+        Frame::from_utf8(bytes::Bytes::copy_from_slice(n.frame)),
     ) else {
         tracing::warn!(
             room,

@@ -26,24 +26,33 @@
 //!
 //! The live notification on channel `chorus:room:<room>` is
 //! `"<published_at_us> <offset> <epoch> <message frame>"`: the frame is
-//! assembled here from a head and a tail the publishing node encoded, so
-//! receiving nodes forward the bytes without decoding or re-encoding them.
+//! assembled here from a head and a tail the publishing node encoded
+//! ([`crate::protocol::message`] defines how), so receiving nodes forward the
+//! bytes without decoding or re-encoding them.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
+use crate::protocol::message::EPOCH_FIELD;
+
 /// KEYS: room hash, history stream, idempotency key, upstream stream (the
 /// last three may be `""` when unused).
-/// ARGV: 1 channel, 2 frame head, 3 frame tail, 4 published_at_us, 5 epoch
-/// for a new room, 6 idle TTL (s), 7 history MAXLEN (0: no history),
+/// ARGV: 1 channel, 2 frame head, 3 frame tail (both from
+/// [`crate::protocol::message_parts`]), 4 published_at_us, 5 epoch for a
+/// new room, 6 idle TTL (s), 7 history MAXLEN (0: no history),
 /// 8 idempotency window (s), 9 upstream MAXLEN, 10 data, 11 publisher
 /// session, 12 fence (`""`: none).
 /// A room whose epoch was started under another fence gets a new epoch (see
 /// [`FENCE`]). Returns `{offset, epoch, duplicate}`.
+///
+/// The frame is joined as [`crate::protocol::message::splice`] joins it,
+/// with [`EPOCH_FIELD`] from there: the protocol module owns the frame's
+/// format, and the `wire_format` test in `chorus-tests` holds the two to it.
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r#"
+        &[
+            r#"
 if KEYS[3] ~= '' then
   local prev = redis.call('GET', KEYS[3])
   if prev then
@@ -59,7 +68,9 @@ if not epoch or (ARGV[12] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[12]
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-local frame = ARGV[2] .. offset .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
+local frame = ARGV[2] .. offset .. '"#,
+            EPOCH_FIELD,
+            r#"' .. epoch .. ARGV[3]
 if KEYS[2] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '0-' .. offset, 'f', frame)
   redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -74,6 +85,8 @@ end
 redis.call('PUBLISH', ARGV[1], ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. ' ' .. frame)
 return {offset, epoch, 0}
 "#,
+        ]
+        .concat(),
     )
 });
 

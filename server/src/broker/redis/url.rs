@@ -59,7 +59,7 @@ pub struct UrlError {
 impl RedisUrl {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
         let fail = |why: &str| UrlError {
-            url: redact(url),
+            url: crate::secret::redact_url(url),
             why: why.to_string(),
         };
         let (scheme, rest) = url
@@ -167,14 +167,6 @@ fn parse_addr(s: &str, default_port: u16) -> Option<Addr> {
             host: s.to_string(),
             port: default_port,
         }),
-    }
-}
-
-/// The URL with its password replaced, for error messages and logs.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
     }
 }
 

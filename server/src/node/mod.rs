@@ -1,5 +1,16 @@
 //! A node: the hub, the broker, auth, metrics and the connection registry,
 //! shared by every request handler.
+//!
+//! The node stands between the connections and the message bus: a session
+//! subscribes a connection through [`Node::subscribe`] (the hub joins it to
+//! the room, subscribing the node to the room's broker channel for its first
+//! local subscriber; [`recovery`] says where it starts), leaves with
+//! [`Node::leave`] and publishes with [`Node::publish`]. The broker hands
+//! each message to the hub, which queues it for every local subscriber.
+
+mod recovery;
+
+pub use recovery::{Page, REPLAY_PAGE, REPLAY_PAGE_BYTES, Recovery, Replay, Subscribed};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -8,16 +19,19 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::auth::{AuthConfig, Authenticator, Pattern};
+use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
     Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
     RedisOptions, RedisUrl,
 };
 use crate::config::{Config, DeliveryMode, read_secret};
-use crate::hub::{CloseReason, ConnControl, ConnId, Hub};
+use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Hub};
 use crate::metrics::Metrics;
+use crate::protocol::{Pattern, RoomName, Since};
 use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +65,12 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub auth: Authenticator,
     health: watch::Receiver<Health>,
-    /// Open connections, for the drain. Std mutex: insert/remove/snapshot only.
+    /// Open connections, for the drain to tell them. Std mutex:
+    /// insert/remove/snapshot only.
     conns: Mutex<HashMap<ConnId, Arc<ConnControl>>>,
+    /// Every WebSocket connection's task, from its upgrade to the end of its
+    /// closing handshake: what the drain waits for.
+    tasks: TaskTracker,
     next_conn: AtomicU64,
     open: AtomicUsize,
     draining: AtomicBool,
@@ -63,7 +81,7 @@ impl Node {
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let broker: Arc<dyn Broker> = match config.broker.split_once("://").map(|(s, _)| s) {
+        let broker: Arc<dyn Broker> = match config.broker.scheme() {
             Some("memory") => {
                 if config.delivery == DeliveryMode::Streams {
                     return Err(StartError::StreamsNeedRedis);
@@ -77,7 +95,7 @@ impl Node {
                 )
             }
             Some("redis" | "redis+sentinel") => {
-                let mut url = RedisUrl::parse(&config.broker)?;
+                let mut url = RedisUrl::parse(config.broker.as_str())?;
                 if let Some(path) = &config.redis_password_file {
                     url.password = Some(file_secret("the Redis password", path)?);
                 }
@@ -109,13 +127,13 @@ impl Node {
                 }
                 Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
             }
-            _ => return Err(StartError::BrokerUrl(config.broker.clone())),
+            _ => return Err(StartError::BrokerUrl(config.broker.redacted())),
         };
         let auth = Authenticator::new(auth_config(&config)?)?;
         Ok(Self::assemble(config, hub, broker, metrics, auth))
     }
 
-    fn assemble(
+    pub(crate) fn assemble(
         config: Config,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
@@ -132,6 +150,7 @@ impl Node {
             auth,
             health,
             conns: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -155,6 +174,37 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Joins a connection to `room` (the hub subscribes the node to it for
+    /// its first local subscriber: nothing published from then on is
+    /// missed), then says where the connection starts and, with `since`,
+    /// what it missed ([`Node::recover`]). On an error the connection is not
+    /// in the room.
+    pub async fn subscribe(
+        &self,
+        id: ConnId,
+        handle: &ConnHandle,
+        room: &RoomName,
+        since: Option<Since>,
+    ) -> Result<Subscribed, BrokerError> {
+        self.hub
+            .join(&*self.broker, room, id, handle.clone())
+            .await?;
+        let subscribed = match self.broker.position(room).await {
+            Ok(pos) => self.recover(room, since, pos).await,
+            Err(e) => Err(e),
+        };
+        if subscribed.is_err() {
+            self.leave(id, room);
+        }
+        subscribed
+    }
+
+    /// Takes a connection out of `room` (the node unsubscribes from it with
+    /// its last local subscriber). Whether it was in the room.
+    pub fn leave(&self, id: ConnId, room: &RoomName) -> bool {
+        self.hub.leave(&*self.broker, room, id)
     }
 
     /// Publishes through the broker and counts the outcome.
@@ -183,7 +233,10 @@ impl Node {
             })
             .ok()?;
         self.metrics.connections.inc();
-        Some(Slot { node: self.clone() })
+        Some(Slot {
+            node: self.clone(),
+            _task: self.tasks.token(),
+        })
     }
 
     pub(crate) fn register(&self, ctl: Arc<ConnControl>) -> ConnId {
@@ -203,8 +256,9 @@ impl Node {
 
     /// Drains the node: `/readyz` turns 503, new upgrades are refused, every
     /// client gets `reconnect` (spread over `--drain-seconds`) and is closed.
-    /// Resolves when the connections are gone, or at the returned deadline
-    /// ([`DRAIN_GRACE`] after the spread), by which the node must stop.
+    /// Resolves when the last connection's task has ended (its closing
+    /// handshake done), or at the returned deadline ([`DRAIN_GRACE`] after
+    /// the spread), by which the node must stop.
     pub async fn drain(&self) -> Instant {
         if self.draining.swap(true, Ordering::AcqRel) {
             return Instant::now();
@@ -227,10 +281,9 @@ impl Node {
             });
         }
         let deadline = Instant::now() + DRAIN_GRACE;
-        while self.connections() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tracing::info!(left = self.connections(), "drained");
+        self.tasks.close();
+        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
+        tracing::info!(left = self.tasks.len(), "drained");
         deadline
     }
 }
@@ -239,9 +292,12 @@ impl Node {
 /// in flight may still take before the node stops regardless.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// A reserved connection slot; released on drop.
+/// A reserved connection slot, held by the connection's task from before
+/// its upgrade to the end of its closing handshake: counted against
+/// `--max-connections` and waited for by [`Node::drain`]. Released on drop.
 pub(crate) struct Slot {
     node: Arc<Node>,
+    _task: TaskTrackerToken,
 }
 
 impl Drop for Slot {
@@ -262,12 +318,12 @@ fn file_secret(what: &'static str, path: &std::path::Path) -> Result<String, Sta
 fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
     let file = file_secret;
     let api_key = match (&config.api_key, &config.api_key_file) {
-        (Some(k), _) => Some(k.clone()),
+        (Some(k), _) => Some(k.expose().to_owned()),
         (None, Some(p)) => Some(file("the API key", p)?),
         (None, None) => None,
     };
     let jwt_secret = match (&config.jwt_secret, &config.jwt_secret_file) {
-        (Some(s), _) => Some(s.clone().into_bytes()),
+        (Some(s), _) => Some(s.expose().as_bytes().to_vec()),
         (None, Some(p)) => Some(file("the JWT secret", p)?.into_bytes()),
         (None, None) => None,
     };
@@ -284,4 +340,32 @@ fn auth_config(config: &Config) -> Result<AuthConfig, StartError> {
         jwt_public_key_pem,
         api_key,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::hub::ConnHandle;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_ends_when_the_last_connection_does() {
+        let mut config = Config::defaults();
+        config.drain_seconds = 0;
+        let node = Node::start(config).await.unwrap();
+        let (handle, _queue) = ConnHandle::new(1);
+        let slot = node.reserve_slot().unwrap();
+        let id = node.register(handle.ctl.clone());
+        let conn = node.clone();
+        tokio::spawn(async move {
+            handle.ctl.closed().await;
+            conn.unregister(id);
+            // The closing handshake.
+            tokio::time::sleep(Duration::from_millis(1005)).await;
+            drop(slot);
+        });
+        let start = Instant::now();
+        node.drain().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(1005));
+    }
 }
