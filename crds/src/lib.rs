@@ -3,14 +3,17 @@
 //! - [`spec`]: what the user asks for, with a default for every optional
 //!   field and the schema rules the API server enforces (ranges, enums,
 //!   patterns, CEL `x-kubernetes-validations`).
+//! - [`overrides`]: `spec.pods`, a platform team's settings for the pods.
 //! - [`status`]: what the operator reports back.
 //! - [`mod@validate`]: the rules a schema cannot express; the operator runs them
 //!   before touching anything.
 
+pub mod overrides;
 pub mod spec;
 pub mod status;
 pub mod validate;
 
+pub use overrides::{PodOverrides, PodsSpec};
 pub use spec::*;
 pub use status::*;
 pub use validate::{ValidationError, validate};

@@ -21,6 +21,7 @@ use crate::status::MessagingClusterStatus;
     kind = "MessagingCluster",
     plural = "messagingclusters",
     shortname = "mc",
+    category = "all",
     namespaced,
     status = "MessagingClusterStatus",
     derive = "PartialEq",
@@ -37,10 +38,16 @@ use crate::status::MessagingClusterStatus;
         json_path = ".spec.replicas"
     ),
     printcolumn(
-        name = "Ready",
+        name = "Pods",
         type_ = "integer",
         description = "Ready WebSocket server pods",
         json_path = ".status.readyReplicas"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "Every server pod ready and Redis ready",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
         name = "Delivery",
@@ -63,8 +70,8 @@ use crate::status::MessagingClusterStatus;
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.autoscaling) || (has(self.resources) && has(self.resources.requests) && 'cpu' in self.resources.requests)",
-        "message": "spec.resources.requests.cpu is required when spec.autoscaling is set: the autoscaler measures CPU use against it"
+        "rule": "!has(self.autoscaling) || has(self.autoscaling.connectionsPerPod) || (has(self.resources) && has(self.resources.requests) && 'cpu' in self.resources.requests)",
+        "message": "spec.resources.requests.cpu is required when spec.autoscaling scales on CPU (no connectionsPerPod): the autoscaler measures CPU use against it"
     }
 ]))]
 pub struct MessagingClusterSpec {
@@ -127,6 +134,20 @@ pub struct MessagingClusterSpec {
     /// A NetworkPolicy letting only this cluster's pods (and the operator) reach Redis.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
+
+    /// Settings for the pods of each component (scheduling, labels, pull
+    /// secrets, security context).
+    #[serde(default, skip_serializing_if = "crate::overrides::PodsSpec::is_empty")]
+    pub pods: crate::overrides::PodsSpec,
+
+    /// Client publishes in matching rooms also go to Redis streams for
+    /// backends (`chorus:upstream:<room>`); absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamSpec>,
+
+    /// The servers' logs.
+    #[serde(default)]
+    pub logging: LoggingSpec,
 }
 
 impl Default for MessagingClusterSpec {
@@ -146,6 +167,9 @@ impl Default for MessagingClusterSpec {
             pod_disruption_budget: PodDisruptionBudgetSpec::default(),
             ingress: None,
             network_policy: NetworkPolicySpec::default(),
+            pods: crate::overrides::PodsSpec::default(),
+            upstream: None,
+            logging: LoggingSpec::default(),
         }
     }
 }
@@ -236,6 +260,9 @@ pub struct ServiceSpec {
     /// Sticky sessions: a client IP keeps reaching the same pod.
     #[serde(default)]
     pub session_affinity: SessionAffinitySpec,
+    /// Annotations of the Service (a cloud load balancer's settings, say).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ServiceSpec {
@@ -244,6 +271,7 @@ impl Default for ServiceSpec {
             type_: ServiceType::default(),
             port: default_service_port(),
             session_affinity: SessionAffinitySpec::default(),
+            annotations: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -469,6 +497,10 @@ pub struct AuthSpec {
     /// Secret key holding the API key for HTTP publishing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding a PEM public key that client JWTs are signed
+    /// for (RS256 or ES256), instead of or besides `jwtSecretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Per-pod limits of the server.
@@ -487,6 +519,11 @@ pub struct LimitsSpec {
     #[serde(default = "default_max_connections")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_connections_per_pod: i32,
+    /// Publishes per second one connection may send (burst: one second's
+    /// worth); more are answered `rate_limited`. 0: no limit.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_publish_rate: i32,
 }
 
 impl Default for LimitsSpec {
@@ -495,6 +532,7 @@ impl Default for LimitsSpec {
             max_frame_bytes: default_max_frame_bytes(),
             send_queue: default_send_queue(),
             max_connections_per_pod: default_max_connections(),
+            max_publish_rate: 0,
         }
     }
 }
@@ -533,6 +571,14 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1, max = 100))]
     #[serde(rename = "targetCPUUtilizationPercentage")]
     pub target_cpu_utilization_percentage: i32,
+    /// Scale on WebSocket connections instead of CPU: the operator reads
+    /// them from the pods and keeps about this many per pod (no
+    /// HorizontalPodAutoscaler, no metrics adapter). A pod it removes is
+    /// drained first; after a scale-out it moves connections to the new
+    /// pods with paced `reconnect`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub connections_per_pod: Option<i32>,
 }
 
 fn default_min_replicas() -> i32 {
@@ -644,5 +690,66 @@ mod tests {
         assert_eq!(autoscaling.min_replicas, 2);
         assert_eq!(autoscaling.target_cpu_utilization_percentage, 70);
         assert_eq!(parsed.redis.storage.unwrap().size, "1Gi");
+    }
+}
+
+/// Client publishes copied to Redis streams for backends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamSpec {
+    /// Room names or `prefix:*` patterns (`*`: every room).
+    #[schemars(length(min = 1, max = 64))]
+    pub rooms: Vec<String>,
+    /// Entries kept per room's stream (approximately).
+    #[serde(default = "default_upstream_max_len")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub max_len: i64,
+}
+
+fn default_upstream_max_len() -> i64 {
+    100_000
+}
+
+/// The servers' logs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoggingSpec {
+    /// `RUST_LOG` filter of the servers, e.g. `info` or `debug,hyper=info`.
+    #[serde(default = "default_log_level")]
+    #[schemars(length(min = 1, max = 512))]
+    pub level: String,
+    /// `json` or `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LoggingSpec {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// Log line format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        }
     }
 }

@@ -126,10 +126,14 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
         .as_ref()
         .and_then(|r| r.requests.as_ref())
         .is_some_and(|r| r.contains_key("cpu"));
-    if spec.autoscaling.is_some() && !cpu_requested {
+    let on_cpu = spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.connections_per_pod.is_none());
+    if on_cpu && !cpu_requested {
         errors.push(ValidationError::new(
             "spec.resources.requests.cpu",
-            "is required when spec.autoscaling is set: the autoscaler measures CPU use against it",
+            "is required when spec.autoscaling scales on CPU (no connectionsPerPod): the autoscaler measures CPU use against it",
         ));
     }
     if let Some(autoscaling) = &spec.autoscaling
@@ -308,11 +312,18 @@ mod tests {
             min_replicas: 2,
             max_replicas: 5,
             target_cpu_utilization_percentage: 70,
+            connections_per_pod: None,
         });
         assert_eq!(
             fields(validate(&cluster("chat", spec.clone()))),
             ["spec.resources.requests.cpu"]
         );
+        // Scaling on connections measures no CPU.
+        let mut on_connections = spec.clone();
+        if let Some(a) = on_connections.autoscaling.as_mut() {
+            a.connections_per_pod = Some(100);
+        }
+        assert_eq!(validate(&cluster("chat", on_connections)), Ok(()));
         spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
             requests: Some(
                 [(

@@ -15,6 +15,23 @@ use serde_json::Value;
 /// reference stops at them instead of listing their inner fields.
 const KUBERNETES_TYPES: [&str; 2] = ["spec.resources", "spec.redis.resources"];
 
+/// Kubernetes types inside every `spec.pods.<component>`.
+const POD_KUBERNETES_TYPES: [&str; 5] = [
+    "tolerations",
+    "affinity",
+    "topologySpreadConstraints",
+    "imagePullSecrets",
+    "securityContext",
+];
+
+fn is_kubernetes_type(path: &str) -> bool {
+    KUBERNETES_TYPES.contains(&path)
+        || path.strip_prefix("spec.pods.").is_some_and(|rest| {
+            rest.split_once('.')
+                .is_some_and(|(_, field)| POD_KUBERNETES_TYPES.contains(&field))
+        })
+}
+
 /// What the reference says about one field.
 #[derive(Debug, PartialEq)]
 struct Row {
@@ -52,7 +69,7 @@ fn schema_rows(path: &str, schema: &Value, out: &mut BTreeMap<String, Row>) {
             default,
         };
         out.insert(sub.clone(), row);
-        if !KUBERNETES_TYPES.contains(&sub.as_str()) {
+        if !is_kubernetes_type(&sub) {
             schema_rows(&sub, field, out);
         }
     }

@@ -6,6 +6,7 @@
 //! - [`build`]: pure builders, one per object kind (no client).
 //! - [`reconcile`]: the validate → build → apply → status pipeline.
 //! - [`controller`]: the kube-runtime Controller around it.
+//! - [`render`]: the objects for a manifest, printed without a cluster.
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`]: `/metrics` and `/healthz`.
 //! - [`topology`]: brings the Redis pods and sentinels to one master (talks to Redis, not Kubernetes).
@@ -20,4 +21,5 @@ pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod reconcile;
+pub mod render;
 pub mod topology;

@@ -36,6 +36,22 @@ enum Command {
     Run(RunArgs),
     /// Print the MessagingCluster CustomResourceDefinition as YAML.
     Crd,
+    /// Print the objects the operator would create for a MessagingCluster
+    /// manifest, without a cluster.
+    Render(RenderArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RenderArgs {
+    /// The MessagingCluster manifest (`-` for standard input).
+    #[arg(short = 'f', long = "filename")]
+    file: std::path::PathBuf,
+    /// Namespace of a manifest that names none.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Namespace the operator runs in (its NetworkPolicy admits it).
+    #[arg(long, default_value = "chorus-system")]
+    operator_namespace: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -91,6 +107,21 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Crd) => {
             print!("{}", crd::crd_yaml()?);
+            Ok(())
+        }
+        Some(Command::Render(args)) => {
+            let manifest = if args.file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                std::fs::read_to_string(&args.file)
+                    .with_context(|| format!("reading {}", args.file.display()))?
+            };
+            let out = chorus_operator::render::render(
+                &manifest,
+                &args.namespace,
+                &args.operator_namespace,
+            )?;
+            print!("{out}");
             Ok(())
         }
         Some(Command::Run(args)) => run(args).await,

@@ -17,7 +17,7 @@ use chorus_crds::{
 };
 use chorus_operator::build::Names;
 use chorus_operator::build::config_map::{
-    API_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, server_env,
+    API_KEY_FILE, JWT_PUBLIC_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, server_env,
 };
 use chorus_operator::build::meta::{SENTINEL_PORT, SERVER_PORT};
 use chorus_server::Config;
@@ -54,6 +54,10 @@ fn child_parses_its_environment() {
         "redis_password_file": path(&config.redis_password_file),
         "jwt_secret_file": path(&config.jwt_secret_file),
         "api_key_file": path(&config.api_key_file),
+        "jwt_public_key_file": path(&config.jwt_public_key_file),
+        "max_publish_rate": config.max_publish_rate,
+        "upstream_rooms": config.upstream_rooms,
+        "upstream_maxlen": config.upstream_maxlen,
     });
     println!("{MARK}{parsed}");
 }
@@ -152,6 +156,19 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             }),
         ),
         (
+            "features",
+            spec(|s| {
+                s.upstream = Some(chorus_crds::UpstreamSpec {
+                    rooms: vec!["orders:*".into(), "support".into()],
+                    max_len: 500,
+                });
+                s.limits.max_publish_rate = 20;
+                s.auth.jwt_public_key_secret_ref = key_ref("jwt-pem");
+                s.logging.format = chorus_crds::LogFormat::Text;
+                s.logging.level = "debug,hyper=info".into();
+            }),
+        ),
+        (
             "smallest limits",
             spec(|s| {
                 s.limits.max_frame_bytes = 256;
@@ -205,6 +222,8 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
         .get_arguments()
         .filter_map(|a| a.get_env())
         .map(|e| e.to_string_lossy().into_owned())
+        // The log filter, read by the logger rather than a flag.
+        .chain(["RUST_LOG".to_owned()])
         .collect();
     for (case, spec) in specs() {
         let mut mc = MessagingCluster::new("chat", spec.clone());
@@ -237,11 +256,22 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             "send_queue": spec.limits.send_queue,
             "max_connections": spec.limits.max_connections_per_pod,
             "drain_seconds": spec.drain_seconds,
-            "log_format": "Json",
+            "log_format": match spec.logging.format {
+                chorus_crds::LogFormat::Json => "Json",
+                chorus_crds::LogFormat::Text => "Text",
+            },
             "redis_password_file": file(password, REDIS_PASSWORD_FILE),
             "jwt_secret_file": file(spec.auth.jwt_secret_ref.is_some(), JWT_SECRET_FILE),
             "api_key_file": file(spec.auth.api_key_secret_ref.is_some(), API_KEY_FILE),
+            "jwt_public_key_file": file(
+                spec.auth.jwt_public_key_secret_ref.is_some(),
+                JWT_PUBLIC_KEY_FILE
+            ),
+            "max_publish_rate": spec.limits.max_publish_rate,
+            "upstream_rooms": spec.upstream.as_ref().map(|u| u.rooms.clone()).unwrap_or_default(),
+            "upstream_maxlen": spec.upstream.as_ref().map(|u| u.max_len).unwrap_or(100_000),
         });
         assert_eq!(parsed, expected, "{case}: {env:#?}");
+        assert_eq!(env["RUST_LOG"], spec.logging.level, "{case}");
     }
 }

@@ -15,6 +15,8 @@ pub const REDIS_PASSWORD_FILE: &str = "/var/run/chorus/redis/password";
 pub const JWT_SECRET_FILE: &str = "/var/run/chorus/jwt/secret";
 /// Where the API key is mounted in server pods.
 pub const API_KEY_FILE: &str = "/var/run/chorus/api-key/key";
+/// Where the JWT public key (PEM) is mounted in server pods.
+pub const JWT_PUBLIC_KEY_FILE: &str = "/var/run/chorus/jwt-public-key/key.pem";
 /// Key of the generated password in `Secret <name>-redis-auth`.
 pub const GENERATED_PASSWORD_KEY: &str = "password";
 
@@ -71,7 +73,18 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
         spec.limits.max_connections_per_pod.to_string(),
     );
     set("CHORUS_DRAIN_SECONDS", spec.drain_seconds.to_string());
-    set("CHORUS_LOG_FORMAT", "json".to_owned());
+    set("CHORUS_LOG_FORMAT", spec.logging.format.as_str().to_owned());
+    set("RUST_LOG", spec.logging.level.clone());
+    if spec.limits.max_publish_rate > 0 {
+        set(
+            "CHORUS_MAX_PUBLISH_RATE",
+            spec.limits.max_publish_rate.to_string(),
+        );
+    }
+    if let Some(upstream) = &spec.upstream {
+        set("CHORUS_UPSTREAM_ROOMS", upstream.rooms.join(","));
+        set("CHORUS_UPSTREAM_MAXLEN", upstream.max_len.to_string());
+    }
     if redis_password_ref(spec, names).is_some() {
         set("CHORUS_REDIS_PASSWORD_FILE", REDIS_PASSWORD_FILE.to_owned());
     }
@@ -80,6 +93,9 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     }
     if spec.auth.api_key_secret_ref.is_some() {
         set("CHORUS_API_KEY_FILE", API_KEY_FILE.to_owned());
+    }
+    if spec.auth.jwt_public_key_secret_ref.is_some() {
+        set("CHORUS_JWT_PUBLIC_KEY_FILE", JWT_PUBLIC_KEY_FILE.to_owned());
     }
     env
 }
@@ -108,6 +124,7 @@ pub fn hash(config_map: &ConfigMap, spec: &MessagingClusterSpec) -> String {
         ("redis", &spec.redis.password_secret_ref),
         ("jwt", &spec.auth.jwt_secret_ref),
         ("api-key", &spec.auth.api_key_secret_ref),
+        ("jwt-public-key", &spec.auth.jwt_public_key_secret_ref),
     ]
     .into_iter()
     .filter_map(|(what, r)| r.as_ref().map(|r| format!("{what}:{}/{}\n", r.name, r.key)));

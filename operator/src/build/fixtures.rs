@@ -58,6 +58,7 @@ impl TestCluster for MessagingCluster {
             min_replicas: min,
             max_replicas: max,
             target_cpu_utilization_percentage: 70,
+            connections_per_pod: None,
         });
         self
     }

@@ -11,6 +11,7 @@ pub mod hpa;
 pub mod ingress;
 pub mod meta;
 pub mod network_policy;
+pub mod overrides;
 pub mod pdb;
 pub mod pod_policy;
 pub mod redis_auth_secret;

@@ -271,7 +271,7 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
             ..Default::default()
         }]
     });
-    StatefulSet {
+    let mut built = StatefulSet {
         metadata: object_meta(c, &names.redis, Component::Redis),
         spec: Some(StatefulSetSpec {
             replicas: Some(redis.replicas),
@@ -307,7 +307,11 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
             ..Default::default()
         }),
         ..Default::default()
+    };
+    if let Some(spec) = built.spec.as_mut() {
+        super::overrides::apply(&mut spec.template, &c.spec.pods.redis);
     }
+    built
 }
 
 #[cfg(test)]

@@ -93,7 +93,7 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
         security_context: Some(container_security),
         ..Default::default()
     };
-    StatefulSet {
+    let mut built = StatefulSet {
         metadata: object_meta(c, &names.sentinel, Component::Sentinel),
         spec: Some(StatefulSetSpec {
             replicas: Some(c.spec.redis.sentinels),
@@ -121,7 +121,11 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
             ..Default::default()
         }),
         ..Default::default()
+    };
+    if let Some(spec) = built.spec.as_mut() {
+        super::overrides::apply(&mut spec.template, &c.spec.pods.sentinel);
     }
+    built
 }
 
 #[cfg(test)]

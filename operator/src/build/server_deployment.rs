@@ -15,7 +15,9 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::config_map::{API_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, redis_password_ref};
+use super::config_map::{
+    API_KEY_FILE, JWT_PUBLIC_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, redis_password_ref,
+};
 use super::meta::{Component, SERVER_PORT, label_selector, object_meta, pod_labels};
 use super::pod_policy::{restricted_security, scratch, spread};
 use crate::cluster::ValidCluster;
@@ -51,6 +53,11 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
             "api-key",
             spec.auth.api_key_secret_ref.clone(),
             API_KEY_FILE,
+        ),
+        (
+            "jwt-public-key",
+            spec.auth.jwt_public_key_secret_ref.clone(),
+            JWT_PUBLIC_KEY_FILE,
         ),
     ];
     for (volume, secret, file) in secret_files {
@@ -121,7 +128,7 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
         volume_mounts: Some(mounts),
         ..Default::default()
     };
-    Deployment {
+    let mut built = Deployment {
         metadata: object_meta(c, &names.server, Component::Server),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
@@ -157,7 +164,11 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
             ..Default::default()
         }),
         ..Default::default()
+    };
+    if let Some(spec) = built.spec.as_mut() {
+        super::overrides::apply(&mut spec.template, &c.spec.pods.server);
     }
+    built
 }
 
 /// A volume with one key of a Secret, mounted read-only as `file`.

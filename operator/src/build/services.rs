@@ -29,8 +29,12 @@ pub fn client(c: &ValidCluster) -> Service {
     let s = &c.spec.service;
     let mut http = port("http", s.port, 0);
     http.target_port = Some(IntOrString::String("http".to_owned()));
+    let mut metadata = object_meta(c, &names.service, Component::Server);
+    if !s.annotations.is_empty() {
+        metadata.annotations = Some(s.annotations.clone());
+    }
     Service {
-        metadata: object_meta(c, &names.service, Component::Server),
+        metadata,
         spec: Some(ServiceSpec {
             type_: Some(s.type_.as_str().to_owned()),
             selector: Some(selector_labels(names, Component::Server)),
