@@ -31,6 +31,9 @@ pub enum CloseReason {
     SlowConsumer,
     /// The node is draining: send `reconnect`, then close 1001.
     Draining { after_ms: u64 },
+    /// The node sheds this connection to balance the fleet: send
+    /// `reconnect` (reason `rebalance`), then close 1001.
+    Rebalancing { after_ms: u64 },
 }
 
 /// Shared between the connection task and whoever may ask it to close.

@@ -288,6 +288,37 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Sheds up to `count` connections to balance the fleet: each is told
+    /// `reconnect` (reason `rebalance`), spread evenly over `over` with a
+    /// little jitter, and closed; clients come back through the Service,
+    /// to any pod. Returns how many were scheduled; the rest of the node
+    /// carries on.
+    pub fn shed(self: &Arc<Self>, count: usize, over: Duration) -> usize {
+        let mut conns: Vec<Arc<ConnControl>> = lock(&self.conns).values().cloned().collect();
+        conns.truncate(count);
+        let n = conns.len();
+        if n == 0 {
+            return 0;
+        }
+        tracing::info!(
+            connections = n,
+            seconds = over.as_secs_f64(),
+            "shedding connections to rebalance"
+        );
+        tokio::spawn(async move {
+            let start = Instant::now();
+            for (i, ctl) in conns.iter().enumerate() {
+                tokio::time::sleep_until(start + over * i as u32 / n as u32).await;
+                ctl.close(CloseReason::Rebalancing {
+                    after_ms: rand::random_range(0..250),
+                });
+            }
+        });
+        n
+    }
+}
+
 /// After the drain's spread, how long closing handshakes and HTTP requests
 /// in flight may still take before the node stops regardless.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);

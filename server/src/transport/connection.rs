@@ -56,8 +56,8 @@ pub async fn serve<S: Socket>(socket: &mut S, session: &mut Session, queue: Queu
     session.close();
     if let Some((code, reason)) = end.close_frame() {
         let before = match end {
-            End::Drained { after_ms } => Some(protocol::encode(&ServerFrame::Reconnect {
-                reason: "draining",
+            End::Drained { after_ms, reason } => Some(protocol::encode(&ServerFrame::Reconnect {
+                reason,
                 after_ms,
             })),
             _ => None,
@@ -80,8 +80,11 @@ enum End {
     ClientClosed,
     ClientGone,
     SlowConsumer,
+    /// Told to reconnect: the node drains (`draining`) or sheds the
+    /// connection to balance the fleet (`rebalance`).
     Drained {
         after_ms: u64,
+        reason: &'static str,
     },
     BinaryFrame,
     TokenExpired,
@@ -100,7 +103,14 @@ impl From<Stop> for End {
     fn from(stop: Stop) -> Self {
         match stop {
             Stop::Requested(CloseReason::SlowConsumer) => End::SlowConsumer,
-            Stop::Requested(CloseReason::Draining { after_ms }) => End::Drained { after_ms },
+            Stop::Requested(CloseReason::Draining { after_ms }) => End::Drained {
+                after_ms,
+                reason: "draining",
+            },
+            Stop::Requested(CloseReason::Rebalancing { after_ms }) => End::Drained {
+                after_ms,
+                reason: "rebalance",
+            },
             Stop::TokenExpired => End::TokenExpired,
         }
     }
@@ -112,6 +122,10 @@ impl End {
             End::ClientClosed => "client_closed",
             End::ClientGone => "client_gone",
             End::SlowConsumer => "slow_consumer",
+            End::Drained {
+                reason: "rebalance",
+                ..
+            } => "rebalanced",
             End::Drained { .. } => "drained",
             End::BinaryFrame => "binary_frame",
             End::TokenExpired => "token_expired",

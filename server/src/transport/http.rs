@@ -240,6 +240,61 @@ pub async fn history(
     }
 }
 
+/// `POST /api/v1/admin/shed` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShedBody {
+    /// How many connections to move.
+    connections: usize,
+    /// Over how many seconds to spread their `reconnect`s.
+    #[serde(default = "default_shed_seconds")]
+    seconds: u64,
+}
+
+fn default_shed_seconds() -> u64 {
+    10
+}
+
+/// `POST /api/v1/admin/shed`: move connections elsewhere (the operator calls
+/// it after a scale-out so new pods take a share). Same API key as the
+/// publish API; → `{"scheduled": n}`.
+pub async fn shed(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = node.auth.check_api_key(authorization) {
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            &e.to_string(),
+        );
+    }
+    const EXPECTED: &str = r#"expected {"connections": <count>, "seconds"?: <spread>}"#;
+    let body = match body {
+        Ok(b) if is_json_object(&b) => b,
+        _ => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED),
+    };
+    let Ok(body) = serde_json::from_slice::<ShedBody>(&body) else {
+        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED);
+    };
+    if body.seconds > 3600 {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            "seconds must be at most 3600",
+        );
+    }
+    let scheduled = node.shed(
+        body.connections,
+        std::time::Duration::from_secs(body.seconds),
+    );
+    axum::Json(json!({ "scheduled": scheduled })).into_response()
+}
+
 /// Checks a backend call's API key and the room in its path (a path that
 /// does not decode, e.g. bad percent-encoding, is a `bad_room` too); the
 /// error is the response to send.

@@ -43,6 +43,7 @@ pub fn app(node: Arc<Node>) -> Router {
     let api = Router::new()
         .route("/api/v1/rooms/{room}/messages", post(http::publish))
         .route("/api/v1/rooms/{room}/history", get(http::history))
+        .route("/api/v1/admin/shed", post(http::shed))
         .layer(api_cors(&node.config.cors_origins));
     Router::new()
         .route("/", get(http::demo_page))
