@@ -50,6 +50,12 @@ use crate::status::MessagingClusterStatus;
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        description = "Open WebSocket connections, all pods",
+        json_path = ".status.fleet.connections"
+    ),
+    printcolumn(
         name = "Delivery",
         type_ = "string",
         description = "pubsub (at-most-once) or streams (history + recovery)",
@@ -72,6 +78,10 @@ use crate::status::MessagingClusterStatus;
     {
         "rule": "!has(self.autoscaling) || has(self.autoscaling.connectionsPerPod) || (has(self.resources) && has(self.resources.requests) && 'cpu' in self.resources.requests)",
         "message": "spec.resources.requests.cpu is required when spec.autoscaling scales on CPU (no connectionsPerPod): the autoscaler measures CPU use against it"
+    },
+    {
+        "rule": "!has(self.autoscaling) || !has(self.autoscaling.deliveriesPerSecondPerPod) || has(self.autoscaling.connectionsPerPod)",
+        "message": "spec.autoscaling.deliveriesPerSecondPerPod needs spec.autoscaling.connectionsPerPod: the operator's autoscaler reads both from the pods (the CPU autoscaler cannot)"
     }
 ]))]
 pub struct MessagingClusterSpec {
@@ -579,6 +589,12 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub connections_per_pod: Option<i32>,
+    /// With `connectionsPerPod`: also keep deliveries (messages handed to
+    /// subscribers) under this many per second per pod; the larger of the
+    /// two pod counts wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub deliveries_per_second_per_pod: Option<i32>,
 }
 
 fn default_min_replicas() -> i32 {

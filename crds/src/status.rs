@@ -32,6 +32,73 @@ pub struct MessagingClusterStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// What the server pods report, read from their `/metrics` by the
+    /// operator (every 15 s while the cluster is up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// The server pods' own figures. Rates and the p99 cover the time since
+/// the previous reading; totals count since each pod started.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetStatus {
+    /// Open WebSocket connections, all pods.
+    pub connections: i64,
+    /// Rooms with a subscriber, summed over pods (a room with subscribers
+    /// on three pods counts three times).
+    pub rooms: i64,
+    /// Messages handed to subscribers per second, all pods.
+    pub deliveries_per_second: i64,
+    /// Publish-to-delivery latency under which 99 % of the deliveries
+    /// since the previous reading fell (`"2.5ms"`); absent without traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_p99: Option<String>,
+    /// Connections closed because they did not read fast enough, summed
+    /// over the pods' lifetimes.
+    pub slow_consumers_dropped: i64,
+    /// Pods that answered.
+    pub pods_reporting: i32,
+    /// Per pod, by name (at most 100).
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub pods: Vec<FleetPodStatus>,
+    /// The replica count the connection autoscaler asks for
+    /// (`spec.autoscaling.connectionsPerPod`), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<AutoscalerStatus>,
+}
+
+/// One server pod's figures.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetPodStatus {
+    /// Pod name.
+    pub name: String,
+    /// Open WebSocket connections.
+    pub connections: i64,
+    /// Rooms with a subscriber on this pod.
+    pub rooms: i64,
+    /// Messages handed to its subscribers per second.
+    pub deliveries_per_second: i64,
+    /// Last round trip of its canary through the backplane (`"1.2ms"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_rtt: Option<String>,
+    /// Its backplane works end to end (its canary comes back).
+    pub broker_up: bool,
+    /// Why it could not be read, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The connection autoscaler's last decision.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerStatus {
+    /// Server pods it asks for.
+    pub desired_replicas: i32,
+    /// Why (`"450 connections at 100 per pod"`).
+    pub reason: String,
 }
 
 /// Observed state of the Redis group.
@@ -47,6 +114,13 @@ pub struct RedisStatus {
     /// Sentinel pods that are ready.
     #[serde(default)]
     pub sentinels_ready: i32,
+    /// Replicas streaming from the master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_linked: Option<i32>,
+    /// How far the furthest-behind linked replica trails the master, in
+    /// bytes of the replication stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_lag_bytes: Option<i64>,
 }
 
 /// In-cluster URLs of the fleet.
@@ -71,4 +145,7 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The Redis group has a master and its sentinels.
     pub const REDIS_READY: &str = "RedisReady";
+    /// Every server pod answers and delivers through the backplane, none
+    /// near its connection limit.
+    pub const FLEET_HEALTHY: &str = "FleetHealthy";
 }

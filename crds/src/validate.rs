@@ -137,6 +137,15 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
         ));
     }
     if let Some(autoscaling) = &spec.autoscaling
+        && autoscaling.deliveries_per_second_per_pod.is_some()
+        && autoscaling.connections_per_pod.is_none()
+    {
+        errors.push(ValidationError::new(
+            "spec.autoscaling.deliveriesPerSecondPerPod",
+            "needs spec.autoscaling.connectionsPerPod: the operator's autoscaler reads both from the pods (the CPU autoscaler cannot)",
+        ));
+    }
+    if let Some(autoscaling) = &spec.autoscaling
         && autoscaling.min_replicas > autoscaling.max_replicas
     {
         errors.push(ValidationError::new(
@@ -313,6 +322,7 @@ mod tests {
             max_replicas: 5,
             target_cpu_utilization_percentage: 70,
             connections_per_pod: None,
+            deliveries_per_second_per_pod: None,
         });
         assert_eq!(
             fields(validate(&cluster("chat", spec.clone()))),
@@ -323,7 +333,27 @@ mod tests {
         if let Some(a) = on_connections.autoscaling.as_mut() {
             a.connections_per_pod = Some(100);
         }
+        assert_eq!(validate(&cluster("chat", on_connections.clone())), Ok(()));
+        // Deliveries are read by the same autoscaler, not the CPU one.
+        if let Some(a) = spec.autoscaling.as_mut() {
+            a.deliveries_per_second_per_pod = Some(5000);
+        }
+        let mut fields_of = fields(validate(&cluster("chat", spec.clone())));
+        fields_of.sort();
+        assert_eq!(
+            fields_of,
+            [
+                "spec.autoscaling.deliveriesPerSecondPerPod",
+                "spec.resources.requests.cpu"
+            ]
+        );
+        if let Some(a) = on_connections.autoscaling.as_mut() {
+            a.deliveries_per_second_per_pod = Some(5000);
+        }
         assert_eq!(validate(&cluster("chat", on_connections)), Ok(()));
+        if let Some(a) = spec.autoscaling.as_mut() {
+            a.deliveries_per_second_per_pod = None;
+        }
         spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
             requests: Some(
                 [(

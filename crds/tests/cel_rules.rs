@@ -63,7 +63,7 @@ fn every_rule_compiles() {
     let (mut rules, mut errors) = (0, Vec::new());
     count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
     assert_eq!(errors, Vec::<String>::new());
-    assert_eq!(rules, 6);
+    assert_eq!(rules, 7);
 }
 
 #[test]
@@ -140,6 +140,22 @@ fn autoscaling_without_a_cpu_request_is_refused() {
         json!({"resources": {"requests": {"memory": "1Gi"}}, "autoscaling": {"maxReplicas": 3}}),
     );
     assert_eq!(v.len(), 1, "{v:?}");
+}
+
+#[test]
+fn deliveries_per_pod_needs_the_connection_autoscaler() {
+    let v = violations(json!({"resources": {"requests": {"cpu": "1"}},
+        "autoscaling": {"maxReplicas": 3, "deliveriesPerSecondPerPod": 5000}}));
+    assert!(
+        v.len() == 1
+            && v[0].contains("deliveriesPerSecondPerPod needs spec.autoscaling.connectionsPerPod"),
+        "{v:?}"
+    );
+    let v = violations(
+        json!({"autoscaling": {"maxReplicas": 3, "connectionsPerPod": 100,
+        "deliveriesPerSecondPerPod": 5000}}),
+    );
+    assert_eq!(v, Vec::<String>::new());
 }
 
 #[test]

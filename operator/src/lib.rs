@@ -15,6 +15,7 @@ pub mod build;
 pub mod cluster;
 pub mod controller;
 pub mod crd;
+pub mod fleet;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -31,11 +31,20 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `out` or `in`.
+    pub direction: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<ResultLabels, Counter>,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    restarts: Counter,
+    scales: Family<DirectionLabels, Counter>,
+    shed: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +68,27 @@ impl Default for Metrics {
             "Time spent in one reconciliation",
             duration.clone(),
         );
+        let restarts = Counter::default();
+        let scales = Family::<DirectionLabels, Counter>::default();
+        let shed = Counter::default();
+        registry.register(
+            "server_pod_restarts",
+            "Server pods restarted because their backplane stayed down while it worked for the others",
+            restarts.clone(),
+        );
+        registry.register(
+            "autoscaler_scales",
+            "Replica changes made by the connection autoscaler, by direction",
+            scales.clone(),
+        );
+        registry.register(
+            "connections_shed",
+            "Connections the operator asked server pods to move elsewhere (rebalance after a scale-out)",
+            shed.clone(),
+        );
+        for direction in ["out", "in"] {
+            drop(scales.get_or_create(&DirectionLabels { direction }));
+        }
         // Export every series from the start, so rates and alerts work
         // before the first failure.
         for result in ["ok", "invalid_spec", "error"] {
@@ -72,6 +102,9 @@ impl Default for Metrics {
             reconciles,
             failures,
             duration,
+            restarts,
+            scales,
+            shed,
         }
     }
 }
@@ -87,6 +120,20 @@ impl Metrics {
     pub fn failed(&self, error: &'static str) {
         debug_assert!(ERROR_STEPS.contains(&error), "unlisted error label {error}");
         self.failures.get_or_create(&ErrorLabels { error }).inc();
+    }
+
+    pub fn server_pod_restarted(&self) {
+        self.restarts.inc();
+    }
+
+    pub fn autoscaled(&self, direction: &'static str) {
+        self.scales
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    pub fn shed(&self, connections: u64) {
+        self.shed.inc_by(connections);
     }
 
     /// The registry in the Prometheus text format.

@@ -45,7 +45,18 @@ fn crd_has_scale_and_status_subresources_for_kubectl_scale_and_hpa() {
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(columns, ["Replicas", "Ready", "Delivery", "Master", "Age"]);
+    assert_eq!(
+        columns,
+        [
+            "Replicas",
+            "Pods",
+            "Ready",
+            "Connections",
+            "Delivery",
+            "Master",
+            "Age"
+        ]
+    );
 }
 
 #[test]

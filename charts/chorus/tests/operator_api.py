@@ -16,7 +16,8 @@ API calls by their shape:
   ``helper::<K>(…)`` (such helpers must be called with the turbofish);
 - a variable, parameter or struct field of a concrete type ``Api<K>``: the
   ``Api`` methods called on it (``get_opt`` → get, ``replace`` → update,
-  ``patch_status`` → patch on ``k/status``, …) and the watch helpers it is
+  ``patch_status`` → patch on ``k/status``, ``patch_scale`` → patch on
+  ``k/scale``, …) and the watch helpers it is
   given (``await_condition`` → list and watch);
 - ``Recorder::new``: kube-runtime's event recorder (events.k8s.io/v1 Events:
   create, then patch for a repeated one — kube-runtime ``src/events.rs``);
@@ -71,6 +72,11 @@ STATUS_METHOD_VERBS = {
     "get_status": ("get",),
     "patch_status": ("patch",),
     "replace_status": ("update",),
+}
+SCALE_METHOD_VERBS = {
+    "get_scale": ("get",),
+    "patch_scale": ("patch",),
+    "replace_scale": ("update",),
 }
 WATCHING_HELPERS = ("await_condition", "watch_object", "watcher", "metadata_watcher")
 
@@ -391,11 +397,13 @@ def required_permissions(crd_name: str, lease_name: str) -> set[Permission]:
                 found.append(("", method))
             elif method in STATUS_METHOD_VERBS:
                 found.append(("status", method))
+            elif method in SCALE_METHOD_VERBS:
+                found.append(("scale", method))
         return found
 
     def record(kind: Kind, path: Path, found: list[tuple[str, str]], server_side_apply: bool):
         for sub, method in found:
-            verbs = API_METHOD_VERBS.get(method) or STATUS_METHOD_VERBS[method]
+            verbs = API_METHOD_VERBS.get(method) or STATUS_METHOD_VERBS.get(method) or SCALE_METHOD_VERBS[method]
             if method == "patch" and server_side_apply:
                 verbs = verbs + ("create",)
             # A plain create is authorised before the object has a name.

@@ -59,6 +59,7 @@ impl TestCluster for MessagingCluster {
             max_replicas: max,
             target_cpu_utilization_percentage: 70,
             connections_per_pod: None,
+            deliveries_per_second_per_pod: None,
         });
         self
     }

@@ -96,7 +96,12 @@ pub fn build(c: &ValidCluster) -> Resources {
         server_deployment: server_deployment::build(c, &config_hash),
         service: services::client(c),
         server_pdb: pdb::server(c),
-        hpa: spec.autoscaling.as_ref().map(|a| hpa::build(c, a)),
+        // On connections the operator scales itself (crate::fleet).
+        hpa: spec
+            .autoscaling
+            .as_ref()
+            .filter(|a| a.connections_per_pod.is_none())
+            .map(|a| hpa::build(c, a)),
         ingress: spec.ingress.as_ref().map(|i| ingress::build(c, i)),
         network_policy: (spec.network_policy.enabled && spec.redis.mode == RedisMode::Managed)
             .then(|| network_policy::build(c)),

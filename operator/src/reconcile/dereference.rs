@@ -22,6 +22,8 @@ pub enum DereferenceError {
     },
     #[error("Secret {name} (spec.redis.passwordSecretRef) does not exist")]
     MissingSecret { name: String },
+    #[error("Secret {name} (spec.auth.apiKeySecretRef) does not exist")]
+    MissingApiKeySecret { name: String },
     #[error("Secret {name} has no key {key}")]
     MissingKey { name: String, key: String },
     #[error(transparent)]
@@ -39,6 +41,9 @@ pub struct Dereferenced {
     pub new_password: Option<String>,
     /// The managed group's pods; `None` for external Redis.
     pub members: Option<Members>,
+    /// The servers' API key, when the connection autoscaler needs it to ask
+    /// pods to shed connections (`spec.auth.apiKeySecretRef`).
+    pub api_key: Option<String>,
 }
 
 /// Reads the password and the group's pods of a managed cluster.
@@ -46,12 +51,30 @@ pub async fn dereference(
     client: &Client,
     c: &ValidCluster,
 ) -> Result<Dereferenced, DereferenceError> {
-    if !c.managed_redis() {
-        return Ok(Dereferenced::default());
-    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &c.names.namespace);
     let mut out = Dereferenced::default();
+    let scales_on_connections = c
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.connections_per_pod.is_some());
+    if scales_on_connections && let Some(r) = &c.spec.auth.api_key_secret_ref {
+        let secret = secrets
+            .get_opt(&r.name)
+            .await
+            .map_err(|source| DereferenceError::ReadSecret {
+                name: r.name.clone(),
+                source,
+            })?
+            .ok_or_else(|| DereferenceError::MissingApiKeySecret {
+                name: r.name.clone(),
+            })?;
+        out.api_key = Some(secret_value(&secret, &r.name, &r.key)?);
+    }
+    if !c.managed_redis() {
+        return Ok(out);
+    }
     if let Some(r) = &c.password {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &c.names.namespace);
         let secret =
             secrets
                 .get_opt(&r.name)

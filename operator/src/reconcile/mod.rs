@@ -13,8 +13,11 @@
 //!    for, one-time creation of the generated password Secret.
 //! 5. **topology** (Redis, not Kubernetes): [`redis_group::step`], one
 //!    master with every sentinel monitoring it.
+//! 5. **fleet** (client, pods' HTTP): [`crate::fleet::step`] reads every
+//!    server pod's `/metrics` and acts on them: restarts a pod whose
+//!    backplane stays down, autoscales on connections, rebalances.
 //! 6. **status** (pure, then client): [`status::compute`] from what apply
-//!    got back and topology observed, [`status::patch`], and Events for the
+//!    got back and topology and the fleet observed, [`status::patch`], and Events for the
 //!    transitions.
 //!
 //! The status is written even when a step fails: `Degraded` names the
@@ -63,6 +66,10 @@ use crate::metrics::Metrics;
 /// Redis topology step so a failover shows in the status and a restarted
 /// Redis pod is re-attached as a replica within a minute.
 pub const RESYNC: Duration = Duration::from_secs(60);
+/// Requeue interval of a healthy cluster with server pods: their figures
+/// in `status.fleet`, the connection autoscaler and the repair of a pod
+/// whose backplane stays down follow within this.
+pub const FLEET_RESYNC: Duration = Duration::from_secs(15);
 /// Requeue interval while pods are still coming up.
 pub const PROGRESS_RESYNC: Duration = Duration::from_secs(15);
 /// Requeue interval while the Redis group is not settled (a failover in
@@ -154,6 +161,10 @@ pub struct Context {
     pub operator_namespace: String,
     /// Consecutive failures per `namespace/name`, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Reads the server pods' metrics, asks them to shed connections.
+    pub http: reqwest::Client,
+    /// What the fleet step remembers per cluster.
+    pub fleet: crate::fleet::Memories,
 }
 
 impl Context {
@@ -166,6 +177,8 @@ impl Context {
             client,
             metrics,
             failures: Mutex::default(),
+            http: reqwest::Client::new(),
+            fleet: Mutex::default(),
         }
     }
 
@@ -194,7 +207,13 @@ impl Context {
         failures.remove(&Self::key(mc));
     }
 
-    async fn publish(&self, mc: &MessagingCluster, type_: EventType, reason: &str, note: String) {
+    pub async fn publish(
+        &self,
+        mc: &MessagingCluster,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.to_owned(),
@@ -343,9 +362,14 @@ async fn converge(
         && rolled.is_none()
         && topology.as_ref().is_none_or(|r| r.converged());
     let seen = topology.as_ref().map(status::GroupSeen::from_report);
-    // 6. status, from what apply and topology observed
+    // 5c. the fleet: read the server pods; restart one whose backplane
+    // stays down, autoscale on connections, rebalance after a scale-out
+    let master_seen = seen.as_ref().is_some_and(|g| g.master.is_some());
+    let fleet = crate::fleet::step(ctx, mc, c, refs.api_key.as_deref(), master_seen).await;
+    // 6. status, from what apply, topology and the fleet observed
     let now = Timestamp::now();
     let mut new_status = status::compute(mc, c, &applied, seen.as_ref(), now);
+    status::with_fleet(&mut new_status, mc, fleet, c.generation, now);
     // Refusals first: only the user can clear them; the rest is transient.
     let mut failures: Vec<Error> = skipped.refused.into_iter().map(Error::from).collect();
     failures.extend(topology_error);
@@ -379,7 +403,15 @@ async fn converge(
         .conditions
         .iter()
         .any(|c| c.type_ == chorus_crds::condition::READY && c.status == "True");
-    Ok(Action::requeue(requeue_after(settled, group_settled)))
+    let watching = new_status
+        .fleet
+        .as_ref()
+        .is_some_and(|f| !f.pods.is_empty());
+    Ok(Action::requeue(requeue_after(
+        settled,
+        group_settled,
+        watching,
+    )))
 }
 
 /// The status of a reconcile that failed before it observed anything new:
@@ -406,9 +438,10 @@ async fn publish_transitions(
 
 /// When to look again: soon while the Redis group is moving, later while
 /// pods come up, rarely once everything is Ready.
-pub fn requeue_after(ready: bool, group_settled: bool) -> Duration {
+pub fn requeue_after(ready: bool, group_settled: bool, fleet_running: bool) -> Duration {
     match (ready, group_settled) {
         (_, false) => TOPOLOGY_RESYNC,
+        (true, true) if fleet_running => FLEET_RESYNC,
         (true, true) => RESYNC,
         (false, true) => PROGRESS_RESYNC,
     }

@@ -148,6 +148,15 @@ fn empty_pod_list() -> Value {
     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
 }
 
+/// The fleet step lists the server pods (none answer in these scripts).
+fn server_pods() -> Expect {
+    expect(
+        Method::GET,
+        &format!("{NS}/pods"),
+        Reply::Json(200, empty_pod_list()),
+    )
+}
+
 /// Redis and Sentinel pods all ready, as the API server reports them in
 /// the apply response of a settled cluster.
 fn redis_ready() -> Value {
@@ -222,6 +231,7 @@ impl Script {
             ),
             p(format!("{NET}/networkpolicies/chat-redis")),
         ]);
+        steps.push(server_pods());
         steps.push(expect(Method::PATCH, STATUS, Reply::Echo));
         steps.extend((0..self.events).map(|_| expect(Method::POST, EVENTS, Reply::Created)));
         steps
@@ -257,6 +267,7 @@ fn settled_cluster() -> MessagingCluster {
         master: Some("chat-redis-0.chat-redis.default.svc:6379".to_owned()),
         replicas_linked: 2,
         sentinels_agreeing: 3,
+        replication_lag_bytes: None,
         problem: None,
     };
     mc.status = Some(super::status::compute(
@@ -655,9 +666,10 @@ async fn only_objects_this_cluster_controls_are_deleted() {
     script[np] = expect(Method::GET, &policy, Reply::Json(200, nobodys));
     // The two left alone are named in one Warning event, before the status.
     let status_at = script.iter().position(|e| e.path == STATUS).unwrap();
-    script.truncate(status_at);
+    script.truncate(status_at - 1);
     script.extend([
         expect(Method::POST, EVENTS, Reply::Created),
+        server_pods(),
         expect(Method::PATCH, STATUS, Reply::Echo),
         // No Redis pods in this script: the group turns NotReady.
         expect(Method::POST, EVENTS, Reply::Created),
@@ -707,10 +719,12 @@ fn a_moving_redis_group_is_looked_at_again_within_seconds() {
     use super::{PROGRESS_RESYNC, RESYNC, TOPOLOGY_RESYNC, requeue_after};
     // A Ready cluster whose Sentinel group is failing over must not wait for
     // the minute-long resync before its status names the new master.
-    assert_eq!(requeue_after(true, false), TOPOLOGY_RESYNC);
-    assert_eq!(requeue_after(false, false), TOPOLOGY_RESYNC);
-    assert_eq!(requeue_after(false, true), PROGRESS_RESYNC);
-    assert_eq!(requeue_after(true, true), RESYNC);
+    assert_eq!(requeue_after(true, false, true), TOPOLOGY_RESYNC);
+    assert_eq!(requeue_after(false, false, false), TOPOLOGY_RESYNC);
+    assert_eq!(requeue_after(false, true, true), PROGRESS_RESYNC);
+    assert_eq!(requeue_after(true, true, false), RESYNC);
+    // Pods to read: their figures and the autoscaler follow within 15 s.
+    assert_eq!(requeue_after(true, true, true), super::FLEET_RESYNC);
     assert!(TOPOLOGY_RESYNC < PROGRESS_RESYNC);
 }
 
@@ -747,6 +761,7 @@ async fn external_redis_removes_the_managed_group_and_reports_the_url() {
         d(HPA.to_owned()),
         d(format!("{NET}/ingresses/chat")),
         d(format!("{NET}/networkpolicies/chat-redis")),
+        server_pods(),
         // The master changes from the managed pod to the external URL: no
         // failover event.
         expect(Method::PATCH, STATUS, Reply::Echo),

@@ -5,7 +5,7 @@ use chorus_crds::RedisStatus;
 use crate::build::config_map::broker_url;
 use crate::cluster::ValidCluster;
 use crate::reconcile::apply::Applied;
-use crate::topology::{TopologyReport, Waiting};
+use crate::topology::{RedisRole, TopologyReport, Waiting};
 
 /// A condition's value before it gets its type, generation and time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn new(ok: bool, reason: &'static str, message: String) -> Self {
+    pub fn new(ok: bool, reason: &'static str, message: String) -> Self {
         Self {
             ok,
             reason,
@@ -116,6 +116,9 @@ pub struct GroupSeen {
     pub replicas_linked: usize,
     /// Sentinels that name it.
     pub sentinels_agreeing: usize,
+    /// Bytes of the replication stream the furthest-behind linked replica
+    /// has yet to apply (`None`: no master or no linked replica).
+    pub replication_lag_bytes: Option<u64>,
     /// Why there is no usable master, when there is none.
     pub problem: Option<String>,
 }
@@ -133,12 +136,39 @@ impl GroupSeen {
             (None, None) => Some("the master does not answer".to_owned()),
         };
         Self {
+            replication_lag_bytes: master.as_ref().and_then(|_| replication_lag(report)),
             master,
             replicas_linked: report.ready_replicas(),
             sentinels_agreeing: report.sentinels_agreeing,
             problem,
         }
     }
+}
+
+/// The master's offset minus the lowest offset of a replica linked to it.
+fn replication_lag(report: &TopologyReport) -> Option<u64> {
+    let master = report.master.as_ref()?;
+    let roles = || {
+        report
+            .observed
+            .redis
+            .iter()
+            .filter_map(|n| Some((&n.addr, n.role.as_ref().ok()?)))
+    };
+    let master_offset = roles().find_map(|(addr, role)| match role {
+        RedisRole::Master { offset } if addr == master => Some(*offset),
+        _ => None,
+    })?;
+    roles()
+        .filter_map(|(_, role)| match role {
+            RedisRole::Replica {
+                master: of,
+                link_up: true,
+                offset,
+            } if of == master => Some(master_offset.saturating_sub(*offset)),
+            _ => None,
+        })
+        .max()
 }
 
 fn describe(waiting: &Waiting) -> String {
@@ -170,8 +200,7 @@ pub fn redis(
         return (
             RedisStatus {
                 master: Some(url.clone()),
-                ready_replicas: 0,
-                sentinels_ready: 0,
+                ..RedisStatus::default()
             },
             Verdict::new(
                 true,
@@ -196,6 +225,8 @@ pub fn redis(
         master,
         ready_replicas: redis_ready,
         sentinels_ready,
+        replicas_linked: None,
+        replication_lag_bytes: None,
     };
     let pods = format!(
         "{redis_ready}/{want_redis} Redis pods and {sentinels_ready}/{want_sentinels} sentinels are ready"
@@ -239,5 +270,12 @@ pub fn redis(
             ),
         ),
     };
-    (status(seen.master.clone()), verdict)
+    let mut redis = status(seen.master.clone());
+    if seen.master.is_some() {
+        redis.replicas_linked = i32::try_from(seen.replicas_linked).ok();
+        redis.replication_lag_bytes = seen
+            .replication_lag_bytes
+            .and_then(|b| i64::try_from(b).ok());
+    }
+    (redis, verdict)
 }

@@ -185,7 +185,32 @@ pub fn compute(
         redis,
         endpoints: endpoints(c),
         conditions,
+        fleet: None,
     }
+}
+
+/// Adds what the fleet step saw: `status.fleet` and `FleetHealthy` (both
+/// absent when the pods could not be listed yet).
+pub fn with_fleet(
+    status: &mut MessagingClusterStatus,
+    mc: &MessagingCluster,
+    fleet: Option<crate::fleet::Observed>,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let Some(fleet) = fleet else { return };
+    let v = fleet.health;
+    let mut healthy = [condition(
+        condition::FLEET_HEALTHY,
+        v.ok,
+        v.reason,
+        v.message,
+        generation,
+        now,
+    )];
+    carry_transition_times(mc.status.as_ref(), &mut healthy);
+    status.conditions.extend(healthy);
+    status.fleet = Some(fleet.status);
 }
 
 /// Sets `Degraded` to True, naming the failed step and its error, in a

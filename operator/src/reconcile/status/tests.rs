@@ -51,6 +51,7 @@ fn group(master: &str) -> GroupSeen {
         master: Some(master.to_owned()),
         replicas_linked: 2,
         sentinels_agreeing: 3,
+        replication_lag_bytes: None,
         problem: None,
     }
 }
@@ -231,6 +232,7 @@ fn a_group_without_a_usable_master_is_not_ready_and_says_why() {
         master: None,
         replicas_linked: 0,
         sentinels_agreeing: 0,
+        replication_lag_bytes: None,
         problem: Some("no member is master and the sentinels do not agree on one".to_owned()),
     };
     let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), Some(&lost), now());
@@ -252,6 +254,7 @@ fn a_group_without_a_usable_master_is_not_ready_and_says_why() {
 
     let split = GroupSeen {
         sentinels_agreeing: 1,
+        replication_lag_bytes: None,
         ..group("chat-redis-2.chat-redis.default.svc:6379")
     };
     let s = compute(&mc, &valid(&mc), &applied(3, 3, 3), Some(&split), now());
