@@ -267,7 +267,9 @@ pub struct ServiceSpec {
     #[serde(default = "default_service_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
-    /// Sticky sessions: a client IP keeps reaching the same pod.
+    /// Sticky sessions: a client IP keeps reaching the same pod (or, with
+    /// `type: None`, any pod: a reconnecting client recovers from the
+    /// backplane wherever it lands).
     #[serde(default)]
     pub session_affinity: SessionAffinitySpec,
     /// Annotations of the Service (a cloud load balancer's settings, say).
@@ -310,10 +312,17 @@ impl ServiceType {
     }
 }
 
-/// `sessionAffinity: ClientIP` settings.
+/// Session affinity of the Service (and the Ingress's cookie).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionAffinitySpec {
+    /// `ClientIP`: a client IP keeps reaching the same pod (the Ingress,
+    /// if any, pins with a cookie). `None`: every connection may land on
+    /// any pod, which spreads clients that share an IP (behind a NAT or a
+    /// load balancer that does not keep source IPs) and lets the
+    /// operator's rebalance move clients after a scale-out.
+    #[serde(default, rename = "type")]
+    pub type_: AffinityType,
     /// How long a client IP sticks to its pod (Kubernetes allows up to a day).
     #[serde(default = "default_affinity_timeout")]
     #[schemars(range(min = 1, max = 86400))]
@@ -323,8 +332,24 @@ pub struct SessionAffinitySpec {
 impl Default for SessionAffinitySpec {
     fn default() -> Self {
         Self {
+            type_: AffinityType::default(),
             timeout_seconds: default_affinity_timeout(),
         }
+    }
+}
+
+/// Kubernetes Service session affinity.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AffinityType {
+    #[default]
+    ClientIP,
+    None,
+}
+
+impl SessionAffinitySpec {
+    /// Clients are pinned to their pods.
+    pub fn sticky(&self) -> bool {
+        self.type_ == AffinityType::ClientIP
     }
 }
 

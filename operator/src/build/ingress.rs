@@ -16,10 +16,12 @@ use crate::cluster::ValidCluster;
 /// Name of the affinity cookie.
 pub const AFFINITY_COOKIE: &str = "chorus-affinity";
 
-/// Cookie-affinity and WebSocket annotations for ingress-nginx.
+/// WebSocket annotations for ingress-nginx, with cookie affinity unless
+/// the spec turns session affinity off.
 pub fn annotations(c: &ValidCluster) -> BTreeMap<String, String> {
-    let max_age = c.spec.service.session_affinity.timeout_seconds.to_string();
-    [
+    let affinity = &c.spec.service.session_affinity;
+    let max_age = affinity.timeout_seconds.to_string();
+    let sticky = [
         ("nginx.ingress.kubernetes.io/affinity", "cookie"),
         ("nginx.ingress.kubernetes.io/affinity-mode", "persistent"),
         (
@@ -30,12 +32,17 @@ pub fn annotations(c: &ValidCluster) -> BTreeMap<String, String> {
             "nginx.ingress.kubernetes.io/session-cookie-max-age",
             max_age.as_str(),
         ),
+    ];
+    let timeouts = [
         ("nginx.ingress.kubernetes.io/proxy-read-timeout", "3600"),
         ("nginx.ingress.kubernetes.io/proxy-send-timeout", "3600"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+    ];
+    let sticky = if affinity.sticky() { &sticky[..] } else { &[] };
+    sticky
+        .iter()
+        .chain(&timeouts)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 pub fn build(c: &ValidCluster, spec: &IngressSpec) -> Ingress {
@@ -114,6 +121,25 @@ mod tests {
         assert_eq!(
             spec.tls.expect("tls")[0].secret_name.as_deref(),
             Some("chat-tls")
+        );
+    }
+
+    #[test]
+    fn without_session_affinity_the_ingress_sets_no_cookie() {
+        let mut mc = MessagingCluster::test().with_ingress("chat.example.com");
+        mc.spec.service.session_affinity.type_ = chorus_crds::AffinityType::None;
+        let spec = mc.spec.ingress.clone().expect("ingress");
+        let annotations = build(&valid(&mc), &spec)
+            .metadata
+            .annotations
+            .expect("annotations");
+        assert!(
+            !annotations.contains_key("nginx.ingress.kubernetes.io/affinity"),
+            "{annotations:?}"
+        );
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"],
+            "3600"
         );
     }
 }

@@ -23,7 +23,8 @@ fn port(name: &str, port: i32, target: i32) -> ServicePort {
 }
 
 /// `Service <name>`: what clients connect to. `sessionAffinity: ClientIP`
-/// keeps a client on the pod holding its WebSocket.
+/// (unless the spec says `None`) keeps a client on the pod holding its
+/// WebSocket.
 pub fn client(c: &ValidCluster) -> Service {
     let names = &c.names;
     let s = &c.spec.service;
@@ -39,8 +40,15 @@ pub fn client(c: &ValidCluster) -> Service {
             type_: Some(s.type_.as_str().to_owned()),
             selector: Some(selector_labels(names, Component::Server)),
             ports: Some(vec![http]),
-            session_affinity: Some("ClientIP".to_owned()),
-            session_affinity_config: Some(SessionAffinityConfig {
+            session_affinity: Some(
+                if s.session_affinity.sticky() {
+                    "ClientIP"
+                } else {
+                    "None"
+                }
+                .to_owned(),
+            ),
+            session_affinity_config: s.session_affinity.sticky().then(|| SessionAffinityConfig {
                 client_ip: Some(ClientIPConfig {
                     timeout_seconds: Some(s.session_affinity.timeout_seconds),
                 }),
@@ -133,6 +141,15 @@ mod tests {
             spec.selector.expect("selector")["app.kubernetes.io/component"],
             "server"
         );
+    }
+
+    #[test]
+    fn client_service_without_session_affinity_lets_any_pod_take_a_client() {
+        let mut mc = MessagingCluster::test();
+        mc.spec.service.session_affinity.type_ = chorus_crds::AffinityType::None;
+        let spec = client(&valid(&mc)).spec.expect("spec");
+        assert_eq!(spec.session_affinity.as_deref(), Some("None"));
+        assert_eq!(spec.session_affinity_config, None);
     }
 
     #[test]

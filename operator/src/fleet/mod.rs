@@ -323,6 +323,8 @@ async fn scale(
             ctx.metrics.autoscaled(direction);
             let how = if to < from {
                 "; the removed pods drain first (paced reconnects)"
+            } else if c.spec.service.session_affinity.sticky() {
+                "; new clients go to the new pods (sessionAffinity ClientIP keeps the others on their pods; type None lets the operator move them)"
             } else {
                 "; connections will be rebalanced onto the new pods"
             };
@@ -367,7 +369,9 @@ async fn rebalance(
     let Some(plan) = &memory.autoscale.rebalance else {
         return;
     };
-    if now >= plan.until {
+    // Sticky sessions send a reconnecting client back to its pod: moving
+    // clients would only make them reconnect.
+    if now >= plan.until || c.spec.service.session_affinity.sticky() {
         memory.autoscale.rebalance = None;
         return;
     }
