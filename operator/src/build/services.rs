@@ -48,11 +48,14 @@ pub fn client(c: &ValidCluster) -> Service {
                 }
                 .to_owned(),
             ),
-            session_affinity_config: s.session_affinity.sticky().then(|| SessionAffinityConfig {
-                client_ip: Some(ClientIPConfig {
-                    timeout_seconds: Some(s.session_affinity.timeout_seconds),
+            session_affinity_config: s
+                .session_affinity
+                .sticky()
+                .then_some(SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(s.session_affinity.timeout_seconds),
+                    }),
                 }),
-            }),
             ..Default::default()
         }),
         ..Default::default()

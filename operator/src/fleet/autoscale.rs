@@ -73,6 +73,21 @@ pub struct Rebalance {
     pub until: Instant,
     /// The next round is not before this.
     pub next_round: Instant,
+    /// The pods the scale-out asked for: rounds wait until they all run.
+    pub pods: i32,
+}
+
+impl Rebalance {
+    /// A round may run now: its time has come, the fleet is at the size
+    /// the scale-out asked for, and every pod of it is ready and answered
+    /// (judging the balance before the new pods run would find the old
+    /// ones balanced among themselves and stop at once).
+    pub fn round_due(&self, now: Instant, replicas: i32, pods: &[(bool, bool)]) -> bool {
+        now >= self.next_round
+            && replicas == self.pods
+            && usize::try_from(self.pods).is_ok_and(|n| n == pods.len())
+            && pods.iter().all(|&(ready, answered)| ready && answered)
+    }
 }
 
 fn pods_for(load: f64, per_pod: Option<i32>, share: f64) -> i64 {
@@ -174,6 +189,29 @@ pub fn shed_plan(pods: &[(String, i64)]) -> Vec<(String, i64)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_rebalance_round_waits_for_the_pods_the_scale_out_asked_for() {
+        let t0 = Instant::now();
+        let plan = Rebalance {
+            until: t0 + REBALANCE_FOR,
+            next_round: t0,
+            pods: 5,
+        };
+        let old_pods = [(true, true); 3];
+        assert!(!plan.round_due(t0, 3, &old_pods), "before the patch lands");
+        assert!(!plan.round_due(t0, 5, &old_pods), "new pods not listed yet");
+        let mut starting = [(true, true); 5];
+        starting[4] = (false, false);
+        assert!(!plan.round_due(t0, 5, &starting), "a new pod not ready");
+        let all = [(true, true); 5];
+        assert!(plan.round_due(t0, 5, &all));
+        let later = Rebalance {
+            next_round: t0 + REBALANCE_ROUND,
+            ..plan.clone()
+        };
+        assert!(!later.round_due(t0, 5, &all), "between rounds");
+    }
+
     use super::*;
 
     fn spec(min: i32, max: i32, per_pod: i32) -> AutoscalingSpec {

@@ -338,6 +338,7 @@ async fn scale(
             memory.autoscale.rebalance = (to > from).then(|| autoscale::Rebalance {
                 until: now + autoscale::REBALANCE_FOR,
                 next_round: now,
+                pods: to,
             });
         }
         Err(e) => {
@@ -375,9 +376,11 @@ async fn rebalance(
         memory.autoscale.rebalance = None;
         return;
     }
-    let all_in = samples.len() == usize::try_from(c.spec.replicas).unwrap_or(0)
-        && samples.iter().all(|s| s.ready && s.reading.is_ok());
-    if now < plan.next_round || !all_in {
+    let pods_in: Vec<(bool, bool)> = samples
+        .iter()
+        .map(|s| (s.ready, s.reading.is_ok()))
+        .collect();
+    if !plan.round_due(now, c.spec.replicas, &pods_in) {
         return;
     }
     let load: Vec<(String, i64)> = samples
