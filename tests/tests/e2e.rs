@@ -15,11 +15,15 @@
 //! out and in, fail the Redis master over, upgrade the operator, switch to
 //! streams and roll the servers under load, refuse invalid manifests,
 //! delete the cluster; then `examples/durable.yaml` through the faults of
-//! a Redis group's life ([`faults`]). On failure it prints the
+//! a Redis group's life ([`faults`]) and the operator's autopilot
+//! ([`autopilot`]: insights, scaling on connections, a silently cut
+//! backplane repaired). On failure it prints the
 //! operator's log, the events and the pod states; it deletes what it
 //! created (unless `CHORUS_E2E_KEEP=1` and a step failed).
 #![allow(clippy::unwrap_used)]
 
+#[path = "e2e/autopilot.rs"]
+mod autopilot;
 #[path = "e2e/faults.rs"]
 mod faults;
 
@@ -107,8 +111,13 @@ impl Run {
     }
 
     async fn service_ip(&self) -> String {
+        self.service_ip_of(MC).await
+    }
+
+    /// The cluster IP of `Service <name>`.
+    async fn service_ip_of(&self, name: &str) -> String {
         let svc: Service = Api::namespaced(self.client.clone(), &self.ns)
-            .get(MC)
+            .get(name)
             .await
             .unwrap();
         svc.spec.unwrap().cluster_ip.unwrap()
@@ -293,6 +302,7 @@ async fn steps(run: &Run) {
     step("6. streams and a rolling restart", streams_roll(run)).await;
     step("7. delete the MessagingCluster", delete_cluster(run)).await;
     step("9. Redis group faults", faults::redis_group_faults(run)).await;
+    step("10. the operator's autopilot", autopilot::autopilot(run)).await;
 }
 
 async fn step(what: &str, body: impl std::future::Future<Output = ()>) {
@@ -610,12 +620,26 @@ struct Seen {
     /// Subscribes answered `unavailable` and sent again.
     retried_subscribes: usize,
     reconnect_frames: usize,
+    /// When each `reconnect` frame came.
+    reconnects_at: Vec<Instant>,
     /// `ok` replies to re-subscriptions with `since`.
     recoveries: Vec<Value>,
     errors: Vec<String>,
 }
 
 impl Seen {
+    /// Whether it was told it missed history (`history_gone`); panics on
+    /// any other error or unexpected frame.
+    fn told_history_gone(&self, i: usize) -> bool {
+        let unexpected: Vec<&String> = self
+            .errors
+            .iter()
+            .filter(|e| !e.starts_with("history_gone"))
+            .collect();
+        assert!(unexpected.is_empty(), "subscriber {i}: {unexpected:?}");
+        self.errors.iter().any(|e| e.starts_with("history_gone"))
+    }
+
     fn has(&self, marker: &str) -> Option<u64> {
         self.messages
             .iter()
@@ -741,7 +765,20 @@ async fn follow(
                     since = Some((epoch.clone(), offset));
                     s.messages.push((epoch, offset, frame["data"].clone()));
                 }
-                Some("reconnect") => s.reconnect_frames += 1,
+                // Durable delivery: messages that fell out of the history
+                // (or were lost with a Redis master) before this node could
+                // deliver them; the next message follows `offset`.
+                Some("gap") if frame["code"] == "history_gone" => {
+                    s.errors.push(format!("history_gone: {frame}"));
+                    since = Some((
+                        frame["epoch"].as_str().unwrap_or_default().to_owned(),
+                        frame["offset"].as_u64().unwrap_or(0),
+                    ));
+                }
+                Some("reconnect") => {
+                    s.reconnect_frames += 1;
+                    s.reconnects_at.push(Instant::now());
+                }
                 _ => s.errors.push(format!("unexpected frame: {frame}")),
             }
         }

@@ -7,14 +7,14 @@
 
 use super::*;
 
-const DURABLE: &str = "chat-durable";
+pub(super) const DURABLE: &str = "chat-durable";
 
-fn selector(component: &str) -> String {
+pub(super) fn selector(component: &str) -> String {
     format!("app.kubernetes.io/instance={DURABLE},app.kubernetes.io/component={component}")
 }
 
 /// The durable cluster's status conditions, by type: (status, reason).
-async fn conditions(run: &Run) -> BTreeMap<String, (String, String)> {
+pub(super) async fn conditions(run: &Run) -> BTreeMap<String, (String, String)> {
     let mc = Api::<MessagingCluster>::namespaced(run.client.clone(), &run.ns)
         .get(DURABLE)
         .await
@@ -34,6 +34,23 @@ async fn redis_ready(run: &Run) -> bool {
         .await
         .get("RedisReady")
         .is_some_and(|(status, _)| status == "True")
+}
+
+/// The reasons of the Events about the durable cluster.
+pub(super) async fn events(run: &Run) -> Vec<String> {
+    kubectl(&[
+        "get",
+        "events",
+        &run.ns_flag(),
+        "--field-selector",
+        &format!("involvedObject.name={DURABLE}"),
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ])
+    .await
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 /// Waits until the status says the group is whole again, and until every
@@ -74,13 +91,18 @@ async fn servers(run: &Run) -> BTreeMap<String, i32> {
 }
 
 /// A backend publishing through the Service, retrying with the same key.
-struct Publisher {
+pub(super) struct Publisher {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Vec<(u64, Value)>>,
 }
 
 impl Publisher {
-    fn start(url: String) -> Self {
+    pub(super) fn start(url: String) -> Self {
+        Self::every(url, Duration::from_millis(50))
+    }
+
+    /// Publishes one message, then waits `pause`, until stopped.
+    pub(super) fn every(url: String, pause: Duration) -> Self {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut acked = Vec::new();
@@ -97,14 +119,14 @@ impl Publisher {
                         Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(pause).await;
             }
             acked
         });
         Self { stop, task }
     }
 
-    async fn finish(self) -> Vec<(u64, Value)> {
+    pub(super) async fn finish(self) -> Vec<(u64, Value)> {
         let _ = self.stop.send(true);
         self.task.await.unwrap()
     }
@@ -125,13 +147,7 @@ pub async fn redis_group_faults(run: &Run) {
         "durable cluster Ready after apply (PVCs bound)",
         started.elapsed(),
     );
-    let service = {
-        let svc: Service = Api::namespaced(run.client.clone(), &run.ns)
-            .get(DURABLE)
-            .await
-            .unwrap();
-        svc.spec.unwrap().cluster_ip.unwrap()
-    };
+    let service = run.service_ip_of(DURABLE).await;
     let url = format!("http://{service}/api/v1/rooms/e2e-faults/messages");
     let again = format!("ws://{service}:80/ws");
     let followers: Vec<Follower> = (0..2)
@@ -220,19 +236,9 @@ pub async fn redis_group_faults(run: &Run) {
     )
     .await;
     healed(run, "master and every sentinel deleted", t).await;
-    let events = kubectl(&[
-        "get",
-        "events",
-        &run.ns_flag(),
-        "--field-selector",
-        &format!("involvedObject.name={DURABLE}"),
-        "-o",
-        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-    ])
-    .await;
     say(format!(
         "events of {DURABLE}: {}",
-        events.lines().collect::<Vec<_>>().join(", ")
+        events(run).await.join(", ")
     ));
 
     // The operator is away while the master pod is deleted: the group
@@ -285,36 +291,9 @@ pub async fn redis_group_faults(run: &Run) {
     let end_epoch = end["epoch"].clone();
     for (i, f) in followers.into_iter().enumerate() {
         let seen = f.finish().await;
-        let told = seen.errors.iter().any(|e| e.starts_with("history_gone"));
-        let unexpected: Vec<&String> = seen
-            .errors
-            .iter()
-            .filter(|e| !e.starts_with("history_gone"))
-            .collect();
-        assert!(unexpected.is_empty(), "subscriber {i}: {unexpected:?}");
-        let received: BTreeSet<(String, u64)> = seen
-            .messages
-            .iter()
-            .map(|(e, o, _)| (e.clone(), *o))
-            .collect();
-        let missing: Vec<u64> = acked
-            .iter()
-            .filter(|(o, e)| !received.contains(&(e.as_str().unwrap_or_default().to_owned(), *o)))
-            .map(|(o, _)| *o)
-            .collect();
-        assert!(
-            missing.is_empty() || told,
-            "subscriber {i} silently missed {} acknowledged messages: {:?}",
-            missing.len(),
-            &missing[..missing.len().min(10)]
-        );
-        say(format!(
-            "subscriber {i}: {} messages, {} acknowledged ones missing{}, epoch at the end {end_epoch}",
-            seen.messages.len(),
-            missing.len(),
-            if told { " (told: history_gone)" } else { "" }
-        ));
+        nothing_silently_missed(i, &seen, &acked);
     }
+    say(format!("epoch at the end {end_epoch}"));
     say(format!(
         "{} publishes acknowledged through the faults",
         acked.len()
@@ -322,11 +301,40 @@ pub async fn redis_group_faults(run: &Run) {
 }
 
 /// Runs a command and returns its stdout and stderr, whatever its status.
-async fn run_cmd(program: &str, args: &[&str]) -> String {
+pub(super) async fn run_cmd(program: &str, args: &[&str]) -> String {
     let out = chorus_tests::cluster::run(program, args).await;
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Asserts that a subscriber saw every acknowledged publish in `acked`, or
+/// was told it could not (`history_gone`), and no frame it did not expect;
+/// prints what it saw.
+pub(super) fn nothing_silently_missed(i: usize, seen: &Seen, acked: &[(u64, Value)]) {
+    let told = seen.told_history_gone(i);
+    let received: BTreeSet<(String, u64)> = seen
+        .messages
+        .iter()
+        .map(|(e, o, _)| (e.clone(), *o))
+        .collect();
+    let missing: Vec<u64> = acked
+        .iter()
+        .filter(|(o, e)| !received.contains(&(e.as_str().unwrap_or_default().to_owned(), *o)))
+        .map(|(o, _)| *o)
+        .collect();
+    assert!(
+        missing.is_empty() || told,
+        "subscriber {i} silently missed {} acknowledged messages: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    say(format!(
+        "subscriber {i}: {} messages, {} acknowledged ones missing{}",
+        seen.messages.len(),
+        missing.len(),
+        if told { " (told: history_gone)" } else { "" }
+    ));
 }
