@@ -550,10 +550,12 @@ pub struct LimitsSpec {
     #[serde(default = "default_send_queue")]
     #[schemars(range(min = 1, max = 65536))]
     pub send_queue: i32,
-    /// WebSocket connections one pod accepts.
-    #[serde(default = "default_max_connections")]
+    /// WebSocket connections one pod accepts. Absent: derived from the
+    /// server pods' memory limit (`resources.limits.memory`), 16 KiB per
+    /// connection after 64 MiB for the process; 10000 without a limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
-    pub max_connections_per_pod: i32,
+    pub max_connections_per_pod: Option<i32>,
     /// Publishes per second one connection may send (burst: one second's
     /// worth); more are answered `rate_limited`. 0: no limit.
     #[serde(default)]
@@ -566,7 +568,7 @@ impl Default for LimitsSpec {
         Self {
             max_frame_bytes: default_max_frame_bytes(),
             send_queue: default_send_queue(),
-            max_connections_per_pod: default_max_connections(),
+            max_connections_per_pod: None,
             max_publish_rate: 0,
         }
     }
@@ -578,10 +580,6 @@ fn default_max_frame_bytes() -> i32 {
 
 fn default_send_queue() -> i32 {
     256
-}
-
-fn default_max_connections() -> i32 {
-    10000
 }
 
 /// HorizontalPodAutoscaler settings.

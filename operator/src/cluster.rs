@@ -37,6 +37,42 @@ pub struct ValidCluster {
     /// Namespace the operator's own pods run in: the Redis NetworkPolicy
     /// admits the operator from there.
     pub operator_namespace: String,
+    /// WebSocket connections one server pod accepts: the spec's
+    /// `limits.maxConnectionsPerPod`, or [`max_connections`] of its memory.
+    pub max_connections: i32,
+}
+
+/// Connections a server pod accepts without `limits.maxConnectionsPerPod`
+/// and without a memory limit.
+pub const DEFAULT_MAX_CONNECTIONS: i32 = 10_000;
+/// Memory kept for the process (runtime, rooms, frames being fanned out)
+/// before connections are counted.
+pub const PROCESS_MEMORY: u64 = 64 << 20;
+/// Memory budgeted per connection: an idle subscribed connection costs
+/// about 5 KiB (BENCHMARKS.md); three times that leaves room for frames in
+/// flight and the kernel's socket buffers charged to the pod.
+pub const MEMORY_PER_CONNECTION: u64 = 16 << 10;
+
+/// The connection limit of a server pod: the spec's, else what its memory
+/// limit holds at [`MEMORY_PER_CONNECTION`] after [`PROCESS_MEMORY`]
+/// (at least 100, at most 1,000,000), else [`DEFAULT_MAX_CONNECTIONS`].
+pub fn max_connections(spec: &MessagingClusterSpec) -> i32 {
+    if let Some(n) = spec.limits.max_connections_per_pod {
+        return n;
+    }
+    let limit = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| crate::build::redis_statefulset::parse_quantity(&q.0));
+    match limit {
+        Some(bytes) => {
+            let n = bytes.saturating_sub(PROCESS_MEMORY) / MEMORY_PER_CONNECTION;
+            i32::try_from(n.clamp(100, 1_000_000)).unwrap_or(1_000_000)
+        }
+        None => DEFAULT_MAX_CONNECTIONS,
+    }
 }
 
 impl ValidCluster {
@@ -81,6 +117,7 @@ pub fn validate(
             owner,
             generation: mc.metadata.generation,
             operator_namespace: operator_namespace.to_owned(),
+            max_connections: max_connections(&mc.spec),
         }),
         _ => Err(InvalidSpec {
             message: problems.join("; "),
@@ -95,6 +132,29 @@ mod tests {
 
     fn validate(mc: &MessagingCluster) -> Result<ValidCluster, InvalidSpec> {
         super::validate(mc, OPERATOR_NAMESPACE)
+    }
+
+    #[test]
+    fn the_connection_limit_is_the_specs_or_what_the_memory_limit_holds() {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut mc = MessagingCluster::test();
+        assert_eq!(max_connections(&mc.spec), DEFAULT_MAX_CONNECTIONS);
+        mc.spec.resources = Some(ResourceRequirements {
+            limits: Some([("memory".to_owned(), Quantity("512Mi".to_owned()))].into()),
+            ..Default::default()
+        });
+        // (512 - 64) MiB at 16 KiB each.
+        assert_eq!(max_connections(&mc.spec), 28_672);
+        assert_eq!(validate(&mc).expect("valid").max_connections, 28_672);
+        mc.spec.limits.max_connections_per_pod = Some(500);
+        assert_eq!(max_connections(&mc.spec), 500);
+        mc.spec.limits.max_connections_per_pod = None;
+        mc.spec.resources = Some(ResourceRequirements {
+            limits: Some([("memory".to_owned(), Quantity("64Mi".to_owned()))].into()),
+            ..Default::default()
+        });
+        assert_eq!(max_connections(&mc.spec), 100, "a floor, not zero");
     }
 
     #[test]

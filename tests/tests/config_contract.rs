@@ -173,7 +173,7 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             spec(|s| {
                 s.limits.max_frame_bytes = 256;
                 s.limits.send_queue = 1;
-                s.limits.max_connections_per_pod = 1;
+                s.limits.max_connections_per_pod = Some(1);
                 s.drain_seconds = 0;
             }),
         ),
@@ -182,7 +182,7 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             spec(|s| {
                 s.limits.max_frame_bytes = 16_777_216;
                 s.limits.send_queue = 65_536;
-                s.limits.max_connections_per_pod = 1_000_000;
+                s.limits.max_connections_per_pod = Some(1_000_000);
                 s.drain_seconds = 3600;
                 s.history.size = 1_000_000;
                 s.history.ttl = "9999999h".into();
@@ -254,7 +254,7 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             "history_ttl_secs": crd_ttl_secs(&spec.history.ttl),
             "max_frame_bytes": spec.limits.max_frame_bytes,
             "send_queue": spec.limits.send_queue,
-            "max_connections": spec.limits.max_connections_per_pod,
+            "max_connections": chorus_operator::cluster::max_connections(&spec),
             "drain_seconds": spec.drain_seconds,
             "log_format": match spec.logging.format {
                 chorus_crds::LogFormat::Json => "Json",

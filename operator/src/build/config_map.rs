@@ -70,7 +70,7 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     set("CHORUS_SEND_QUEUE", spec.limits.send_queue.to_string());
     set(
         "CHORUS_MAX_CONNECTIONS",
-        spec.limits.max_connections_per_pod.to_string(),
+        crate::cluster::max_connections(spec).to_string(),
     );
     set("CHORUS_DRAIN_SECONDS", spec.drain_seconds.to_string());
     set("CHORUS_LOG_FORMAT", spec.logging.format.as_str().to_owned());

@@ -69,7 +69,7 @@ fn memory_limit(c: &ValidCluster) -> Option<u64> {
 }
 
 /// Bytes of a Kubernetes memory quantity (`512Mi`, `1G`, `1048576`).
-fn parse_quantity(q: &str) -> Option<u64> {
+pub(crate) fn parse_quantity(q: &str) -> Option<u64> {
     let split = q.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(q.len());
     let (number, unit) = q.split_at(split);
     let n: u64 = number.parse().ok()?;

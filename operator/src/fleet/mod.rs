@@ -201,7 +201,7 @@ async fn observe_and_act(
         .collect()
         .await;
     let mut status = model::summarize(&memory.previous, now, &samples);
-    let health = model::health(&samples, c.spec.limits.max_connections_per_pod);
+    let health = model::health(&samples, c.max_connections);
     memory.previous = Previous {
         at: Some(now),
         readings: samples

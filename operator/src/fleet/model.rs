@@ -217,7 +217,7 @@ pub fn health(samples: &[PodSample], max_connections: i32) -> Verdict {
             false,
             "ConnectionLimitNear",
             format!(
-                "pods at {:.0} % or more of spec.limits.maxConnectionsPerPod: {}",
+                "pods at {:.0} % or more of their connection limit (limits.maxConnectionsPerPod, or derived from the memory limit): {}",
                 NEAR_LIMIT * 100.0,
                 near.join(", ")
             ),
