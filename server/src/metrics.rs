@@ -28,11 +28,12 @@ pub const REFUSALS: [&str; 4] = ["limit", "draining", "auth", "bad_request"];
 
 /// Why a WebSocket connection ended (`chorus_connections_closed_total{reason}`),
 /// as the node logs it.
-pub const CLOSES: [&str; 9] = [
+pub const CLOSES: [&str; 10] = [
     "client_closed",
     "client_gone",
     "slow_consumer",
     "drained",
+    "rebalanced",
     "binary_frame",
     "token_expired",
     "replay_failed",

@@ -270,6 +270,7 @@ pub async fn shed(
         .and_then(|v| v.to_str().ok());
     if let Err(e) = node.auth.check_api_key(authorization) {
         return api_error(
+            &node.metrics,
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             &e.to_string(),
@@ -278,13 +279,26 @@ pub async fn shed(
     const EXPECTED: &str = r#"expected {"connections": <count>, "seconds"?: <spread>}"#;
     let body = match body {
         Ok(b) if is_json_object(&b) => b,
-        _ => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED),
+        _ => {
+            return api_error(
+                &node.metrics,
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                EXPECTED,
+            );
+        }
     };
     let Ok(body) = serde_json::from_slice::<ShedBody>(&body) else {
-        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED);
+        return api_error(
+            &node.metrics,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            EXPECTED,
+        );
     };
     if body.seconds > 3600 {
         return api_error(
+            &node.metrics,
             StatusCode::BAD_REQUEST,
             ErrorCode::BadFrame,
             "seconds must be at most 3600",

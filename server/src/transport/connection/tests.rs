@@ -557,7 +557,14 @@ fn every_close_reason_has_a_metric_series() {
         End::ClientClosed,
         End::ClientGone,
         End::SlowConsumer,
-        End::Drained { after_ms: 0 },
+        End::Drained {
+            after_ms: 0,
+            reason: "draining",
+        },
+        End::Drained {
+            after_ms: 0,
+            reason: "rebalance",
+        },
         End::BinaryFrame,
         End::TokenExpired,
         End::ReplayFailed,
