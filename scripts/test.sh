@@ -30,12 +30,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-# The monitoring tests (tests/tests/monitoring.rs) load the chart's alerts into
-# a real Prometheus: Debian's package, unpacked rather than installed (no
-# service starts) under ~/.cache/chorus/prometheus, where the test kit looks
-# when `prometheus` is not on PATH. About 19 MB and two seconds.
+# The monitoring tests load the chart's alerts into a real Prometheus
+# (tests/tests/monitoring.rs) and run each alert's rules test through
+# promtool (charts/chorus/tests/test_alerts.py): Debian's package, which has
+# both, unpacked rather than installed (no service starts) under
+# ~/.cache/chorus/prometheus, where the tests look when they are not on PATH.
+# A 19 MB download (about 100 MB unpacked) and a few seconds.
 prom_dir="$HOME/.cache/chorus/prometheus"
-if ! command -v prometheus >/dev/null 2>&1 && [ ! -x "$prom_dir/usr/bin/prometheus" ]; then
+if ! { command -v prometheus && command -v promtool; } >/dev/null 2>&1 \
+  && ! [ -x "$prom_dir/usr/bin/prometheus" -a -x "$prom_dir/usr/bin/promtool" ]; then
   echo "test.sh: unpacking Debian's prometheus into $prom_dir"
   deb_dir=$(mktemp -d)
   chmod a+rwx "$deb_dir" # apt's download sandbox user writes there

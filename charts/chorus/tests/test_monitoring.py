@@ -1,6 +1,7 @@
 """The monitoring objects: rendered only when asked, of the right kinds,
 pointed at the pods and ports the operator really creates, and a dashboard
-that parses. (That every alert expression and dashboard query names only
+that parses. (Each alert firing on its fault and only then: test_alerts.py,
+through promtool. That every alert expression and dashboard query names only
 metrics the servers and the operator export, and that an alert fires on a
 real fault, is checked by tests/tests/monitoring.rs against a real node.)"""
 
