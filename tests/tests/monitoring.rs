@@ -189,6 +189,9 @@ async fn alerts_and_dashboard_name_only_metrics_the_servers_and_the_operator_exp
         "chorus_operator_redis_replicas_linked",
         "chorus_operator_redis_master_up",
         "chorus_operator_reconcile_errors_total",
+        "chorus_operator_autoscaler_scales_total",
+        "chorus_operator_server_pod_restarts_total",
+        "chorus_operator_connections_shed_total",
     ] {
         assert!(used.contains(name), "no alert or panel uses {name}");
     }
