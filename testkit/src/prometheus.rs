@@ -15,6 +15,13 @@ use crate::daemon::{Daemon, DaemonSpec, deref_daemon};
 use crate::process::{ProcSpec, free_port, workdir};
 use crate::{Error, Result};
 
+/// Now in seconds since the epoch, as Prometheus's API takes times.
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// One scrape target: `host:port` serving `/metrics`, and the labels its
 /// series get (as a PodMonitor gives them `namespace`, `pod`, `cluster`).
 #[derive(Clone, Debug)]
@@ -151,6 +158,20 @@ impl Prometheus {
     /// per series; panics if the query fails.
     pub async fn query(&self, expr: &str) -> Vec<Value> {
         self.list("query", &[("query", expr)], "result").await
+    }
+
+    /// What `expr` evaluated to at each second from `start` to `end`
+    /// (seconds since the epoch): one `{metric, values}` per series that
+    /// had a result at some point; panics if the query fails.
+    pub async fn query_range(&self, expr: &str, start: f64, end: f64) -> Vec<Value> {
+        let (start, end) = (start.to_string(), end.to_string());
+        let query = [
+            ("query", expr),
+            ("start", start.as_str()),
+            ("end", end.as_str()),
+            ("step", "1"),
+        ];
+        self.list("query_range", &query, "result").await
     }
 
     /// The array `key` of what [`Prometheus::api`] answers; panics if the

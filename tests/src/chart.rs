@@ -39,3 +39,17 @@ pub fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     assert_eq!(found.len(), 1, "one {kind} expected among {objects:?}");
     found[0]
 }
+
+/// Every alert's expression (name, expr) in the rendered PrometheusRule.
+pub fn alert_exprs(objects: &[Value]) -> Vec<(String, String)> {
+    one(objects, "PrometheusRule")["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .map(|r| {
+            let name = r["alert"].as_str().unwrap().to_owned();
+            (name, r["expr"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}

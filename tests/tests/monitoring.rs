@@ -8,8 +8,9 @@
 
 use std::collections::BTreeSet;
 
+use chorus_testkit::prometheus::now;
 use chorus_testkit::{Prometheus, PrometheusOptions, RedisServer, Target};
-use chorus_tests::chart::{one, render};
+use chorus_tests::chart::{alert_exprs, one, render};
 use chorus_tests::{TestNode, wait_until};
 use serde_json::{Value, json};
 
@@ -64,20 +65,6 @@ fn as_sent(query: &str) -> String {
         .replace("$__rate_interval", "1m")
         .replace("$namespace", ".*")
         .replace("$cluster", ".*")
-}
-
-/// Every alert's expression (name, expr) in the chart's PrometheusRule.
-fn alert_exprs(objects: &[Value]) -> Vec<(String, String)> {
-    one(objects, "PrometheusRule")["spec"]["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|g| g["rules"].as_array().unwrap().clone())
-        .map(|r| {
-            let name = r["alert"].as_str().unwrap().to_owned();
-            (name, r["expr"].as_str().unwrap().to_owned())
-        })
-        .collect()
 }
 
 /// Every panel query of the chart's dashboard (panel title, expr).
@@ -259,6 +246,7 @@ async fn the_broker_down_alert_fires_while_redis_is_dead_and_clears_once_it_is_b
     }
     assert!(node.metric("chorus_redis_canary_round_trips_total").await > 0.0);
 
+    let killed_at = now();
     redis.kill();
     wait_until("the broker-down alert to fire", || async {
         prometheus
@@ -290,4 +278,9 @@ async fn the_broker_down_alert_fires_while_redis_is_dead_and_clears_once_it_is_b
     })
     .await;
     assert!(prometheus.query(&expr).await.is_empty());
+    // Looking back, as the end-to-end suite does after a failover: the
+    // expression held for the pod while Redis was dead.
+    let held = prometheus.query_range(&expr, killed_at, now()).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["metric"]["pod"], "chat-0");
 }
