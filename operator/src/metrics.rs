@@ -243,7 +243,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_error_series_is_exported_at_zero_from_the_start() {
+    fn every_counter_series_is_exported_at_zero_from_the_start() {
         let text = Metrics::default().encode().expect("encodes");
         for error in ERROR_STEPS {
             assert!(
@@ -252,6 +252,16 @@ mod tests {
                 )),
                 "{error}: {text}"
             );
+        }
+        // The autopilot's counters too, so that increase() counts their first.
+        for series in [
+            "chorus_operator_reconciles_total{result=\"error\"} 0",
+            "chorus_operator_server_pod_restarts_total 0",
+            "chorus_operator_connections_shed_total 0",
+            "chorus_operator_autoscaler_scales_total{direction=\"out\"} 0",
+            "chorus_operator_autoscaler_scales_total{direction=\"in\"} 0",
+        ] {
+            assert!(text.contains(series), "{series}: {text}");
         }
     }
 
