@@ -1,20 +1,82 @@
 //! Prometheus metrics of a node (`GET /metrics`).
+//!
+//! Every label takes its values from a fixed list — refusal reasons
+//! ([`REFUSALS`]), close reasons ([`CLOSES`]), protocol error codes
+//! ([`ErrorCode::ALL`]) — and every such series is exported at 0 from the
+//! start, so that rates and alerts work before the first event. The
+//! standard process metrics (`process_*`, unprefixed) are read from
+//! `/proc/self` at each scrape.
 
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::protocol::ErrorCode;
+
+/// Why a WebSocket upgrade was refused (`chorus_connections_refused_total{reason}`):
+/// `--max-connections` reached, the node draining, no valid token, or a
+/// request that is not a WebSocket upgrade (a proxy that drops the
+/// `Upgrade` header, say).
+pub const REFUSALS: [&str; 4] = ["limit", "draining", "auth", "bad_request"];
+
+/// Why a WebSocket connection ended (`chorus_connections_closed_total{reason}`),
+/// as the node logs it.
+pub const CLOSES: [&str; 10] = [
+    "client_closed",
+    "client_gone",
+    "slow_consumer",
+    "drained",
+    "rebalanced",
+    "binary_frame",
+    "token_expired",
+    "replay_failed",
+    "protocol_error",
+    "socket_error",
+];
+
+/// Buckets of `chorus_delivery_latency_seconds`: 100 µs to 10 s in 1-2.5-5
+/// steps, so `histogram_quantile(0.99, …)` is within a step of the truth from
+/// a healthy loopback (sub-millisecond) to a failover (seconds).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Code {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: &'static str,
+}
 
 /// Every metric of the node, registered once in its own registry.
 pub struct Metrics {
     registry: Registry,
     /// Open WebSocket connections.
     pub connections: Gauge,
-    /// WebSocket upgrades refused (connection limit or draining).
-    pub connections_refused: Counter,
+    /// `--max-connections`: with `connections`, how near the node is to refusing.
+    pub max_connections: Gauge,
+    /// WebSocket upgrades refused, by [`REFUSALS`] reason.
+    connections_refused: Family<Reason, Counter>,
+    /// WebSocket connections ended, by [`CLOSES`] reason.
+    connections_closed: Family<Reason, Counter>,
+    /// Error frames and HTTP error bodies sent, by code.
+    errors: Family<Code, Counter>,
     /// Rooms with at least one local subscriber.
     pub rooms: Gauge,
     /// Publishes accepted by the broker through this node.
@@ -35,6 +97,9 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     /// Last round-trip time of the canary through Redis Pub/Sub.
     pub canary_rtt: Gauge<f64, AtomicU64>,
+    /// Canaries that came back through Redis Pub/Sub: stops rising when the
+    /// subscription no longer delivers.
+    pub canary_round_trips: Counter,
     /// Messages a node read from history to fill a gap in its live feed.
     pub gap_filled: Counter,
     /// Messages a node could not fill from history (told as `history_gone`).
@@ -53,18 +118,48 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("chorus");
+        let mut root = Registry::default();
+        #[cfg(target_os = "linux")]
+        root.register_collector(Box::new(process::Collector::new()));
+        let registry = root.sub_registry_with_prefix("chorus");
+        registry.register(
+            "build",
+            "The version of this chorus-server (always 1)",
+            Info::new(Build {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
         let connections = Gauge::default();
         registry.register(
             "connections",
             "Open WebSocket connections",
             connections.clone(),
         );
-        let connections_refused = Counter::default();
+        let max_connections = Gauge::default();
         registry.register(
+            "max_connections",
+            "WebSocket connections this node accepts at once (--max-connections)",
+            max_connections.clone(),
+        );
+        let connections_refused = labelled(
+            registry,
             "connections_refused",
-            "WebSocket upgrades refused because of the connection limit or a drain",
-            connections_refused.clone(),
+            "WebSocket upgrades refused, by reason: limit (--max-connections), draining, auth (no valid token), bad_request (not a WebSocket upgrade)",
+            REFUSALS.map(|reason| Reason { reason }),
+        );
+        let connections_closed = labelled(
+            registry,
+            "connections_closed",
+            "WebSocket connections ended, by reason (as logged)",
+            CLOSES.map(|reason| Reason { reason }),
+        );
+        let errors = labelled(
+            registry,
+            "errors",
+            "Error frames and HTTP error bodies sent, by code",
+            ErrorCode::ALL.map(|code| Code {
+                code: code.as_str(),
+            }),
         );
         let rooms = Gauge::default();
         registry.register(
@@ -102,8 +197,7 @@ impl Metrics {
             "Client frames refused as malformed, too large or binary",
             bad_frames.clone(),
         );
-        // 50 µs .. ~1.6 s
-        let delivery_latency = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let delivery_latency = Histogram::new(LATENCY_BUCKETS);
         registry.register(
             "delivery_latency_seconds",
             "Time from a publish being accepted to its fan-out on this node",
@@ -126,6 +220,12 @@ impl Metrics {
             "redis_canary_rtt_seconds",
             "Last round trip of the canary message through Redis Pub/Sub",
             canary_rtt.clone(),
+        );
+        let canary_round_trips = Counter::default();
+        registry.register(
+            "redis_canary_round_trips",
+            "Canary messages that came back through Redis Pub/Sub (one a --canary-interval while the subscription delivers)",
+            canary_round_trips.clone(),
         );
         let gap_filled = Counter::default();
         registry.register(
@@ -170,7 +270,11 @@ impl Metrics {
             http_connections_refused.clone(),
         );
         Self {
-            registry,
+            registry: root,
+            max_connections,
+            connections_closed,
+            errors,
+            canary_round_trips,
             http_connections,
             http_connections_refused,
             gap_filled,
@@ -197,6 +301,31 @@ impl Metrics {
         &mut self.registry
     }
 
+    /// Counts a refused WebSocket upgrade; `reason` is one of [`REFUSALS`].
+    pub fn refused(&self, reason: &'static str) {
+        debug_assert!(REFUSALS.contains(&reason), "unlisted refusal {reason}");
+        self.connections_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    /// Counts an ended WebSocket connection; `reason` is one of [`CLOSES`].
+    pub fn closed(&self, reason: &'static str) {
+        debug_assert!(CLOSES.contains(&reason), "unlisted close reason {reason}");
+        self.connections_closed
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    /// Counts an error frame or HTTP error body sent with `code`.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors
+            .get_or_create(&Code {
+                code: code.as_str(),
+            })
+            .inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -209,5 +338,165 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A counter family registered with one series per label set in `all`, each
+/// at 0.
+fn labelled<L, const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    all: [L; N],
+) -> Family<L, Counter>
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Counter>::default();
+    for labels in &all {
+        drop(family.get_or_create(labels));
+    }
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// The standard process metrics, as Prometheus's own client libraries name
+/// them, read from `/proc/self` at each scrape.
+#[cfg(target_os = "linux")]
+mod process {
+    use procfs::process::{LimitValue, Process};
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    #[derive(Debug)]
+    pub struct Collector {
+        /// Seconds since the epoch at which the process started (fixed).
+        start_time: Option<f64>,
+    }
+
+    impl Collector {
+        pub fn new() -> Self {
+            let start_time = Process::myself()
+                .and_then(|me| me.stat())
+                .and_then(|stat| {
+                    let boot = procfs::boot_time_secs()?;
+                    Ok(boot as f64 + stat.starttime as f64 / procfs::ticks_per_second() as f64)
+                })
+                .ok();
+            Self { start_time }
+        }
+    }
+
+    fn gauge(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: f64,
+    ) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+    }
+
+    impl prometheus_client::collector::Collector for Collector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            // A /proc that cannot be read (a sandbox without it) leaves
+            // these metrics out rather than failing the scrape.
+            let Ok(me) = Process::myself() else {
+                return Ok(());
+            };
+            if let Ok(stat) = me.stat() {
+                let ticks = procfs::ticks_per_second() as f64;
+                let cpu = ConstCounter::new((stat.utime + stat.stime) as f64 / ticks);
+                cpu.encode(encoder.encode_descriptor(
+                    "process_cpu_seconds",
+                    "Total user and system CPU time spent in seconds",
+                    None,
+                    cpu.metric_type(),
+                )?)?;
+                let rss = stat.rss.saturating_mul(procfs::page_size());
+                gauge(
+                    &mut encoder,
+                    "process_resident_memory_bytes",
+                    "Resident memory size in bytes",
+                    rss as f64,
+                )?;
+                gauge(
+                    &mut encoder,
+                    "process_virtual_memory_bytes",
+                    "Virtual memory size in bytes",
+                    stat.vsize as f64,
+                )?;
+                gauge(
+                    &mut encoder,
+                    "process_threads",
+                    "Number of OS threads in the process",
+                    stat.num_threads as f64,
+                )?;
+            }
+            if let Ok(fds) = me.fd_count() {
+                gauge(
+                    &mut encoder,
+                    "process_open_fds",
+                    "Number of open file descriptors",
+                    fds as f64,
+                )?;
+            }
+            if let Ok(limits) = me.limits()
+                && let LimitValue::Value(max) = limits.max_open_files.soft_limit
+            {
+                gauge(
+                    &mut encoder,
+                    "process_max_fds",
+                    "Maximum number of open file descriptors",
+                    max as f64,
+                )?;
+            }
+            if let Some(start) = self.start_time {
+                gauge(
+                    &mut encoder,
+                    "process_start_time_seconds",
+                    "Start time of the process since unix epoch in seconds",
+                    start,
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_labelled_series_is_exported_at_zero_from_the_start() {
+        let text = Metrics::new().render();
+        for reason in REFUSALS {
+            let line = format!("chorus_connections_refused_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        for reason in CLOSES {
+            let line = format!("chorus_connections_closed_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        for code in ErrorCode::ALL {
+            let line = format!("chorus_errors_total{{code=\"{}\"}} 0", code.as_str());
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        let build = format!(
+            "chorus_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+    }
+
+    #[test]
+    fn latency_buckets_rise_in_steps_of_at_most_two_and_a_half() {
+        for pair in LATENCY_BUCKETS.windows(2) {
+            assert!(pair[1] > pair[0] && pair[1] / pair[0] <= 2.5, "{pair:?}");
+        }
+        const { assert!(LATENCY_BUCKETS[0] <= 0.0001 && LATENCY_BUCKETS[15] >= 10.0) };
     }
 }

@@ -1,12 +1,13 @@
 //! `POST /api/v1/admin/shed`: a node moves some of its connections
 //! elsewhere (the operator's rebalance after a scale-out): exactly that many
 //! clients get `reconnect` with reason `rebalance` and a 1001 close, spread
-//! over the given time; the others stay; the API key guards it.
+//! over the given time, counted as closes with reason `rebalanced`; the
+//! others stay; the API key guards it.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use chorus_tests::{Event, TestNode, WsClient};
+use chorus_tests::{Event, TestNode, WsClient, wait_until};
 use serde_json::{Value, json};
 
 async fn post(node: &TestNode, key: Option<&str>, body: Value) -> (u16, Value) {
@@ -67,4 +68,11 @@ async fn shedding_moves_exactly_the_asked_connections_with_paced_reconnects() {
     let last = moved.iter().max().unwrap();
     assert!(*last - *first >= Duration::from_millis(500), "{moved:?}");
     assert_eq!(node.node.connections(), 6);
+    // Counted as moved, not as drained.
+    let closed = |reason| format!("chorus_connections_closed_total{{reason=\"{reason}\"}}");
+    wait_until("the four moves to be counted", || async {
+        node.metric(&closed("rebalanced")).await == 4.0
+    })
+    .await;
+    assert_eq!(node.metric(&closed("drained")).await, 0.0);
 }

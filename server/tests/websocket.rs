@@ -250,7 +250,11 @@ async fn upgrades_past_the_connection_limit_get_503() {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 503),
         other => panic!("expected HTTP 503, got {other}"),
     }
-    assert_eq!(node.metric("chorus_connections_refused_total").await, 1.0);
+    assert_eq!(
+        node.metric("chorus_connections_refused_total{reason=\"limit\"}")
+            .await,
+        1.0
+    );
     first.close().await;
     wait_until("the slot to be released", || async {
         node.node.connections() == 0

@@ -15,6 +15,9 @@
 //!   of master, replicas and sentinels with small timeouts ([`SentinelGroup`]).
 //! - [`chorus`]: the `chorus-server` binary ([`ChorusServer`]), ready when
 //!   `/readyz` answers 200.
+//! - [`prometheus`]: a Prometheus server ([`Prometheus`]) scraping given
+//!   targets and evaluating a rule file every second, asked through its
+//!   HTTP API.
 //!
 //! Constructors come in two forms: `launch` returns an [`Error`] (the bench
 //! reports it), `start` panics with that error's message (tests). Helpers
@@ -38,6 +41,7 @@ pub mod chorus;
 pub mod daemon;
 mod error;
 pub mod process;
+pub mod prometheus;
 pub mod redis;
 pub mod sentinel;
 pub mod wait;
@@ -46,5 +50,6 @@ pub use chorus::ChorusServer;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
 pub use process::{ChildGuard, Proc, ProcSpec, free_port};
+pub use prometheus::{Prometheus, PrometheusOptions, Target};
 pub use redis::{RedisOptions, RedisServer};
 pub use sentinel::{GroupOptions, MASTER_NAME, Monitor, Sentinel, SentinelGroup};

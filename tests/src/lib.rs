@@ -1,9 +1,11 @@
 //! Helpers for integration tests: real WebSocket clients, in-process
-//! `chorus-server` nodes on ephemeral ports, a silencing proxy. External
+//! `chorus-server` nodes on ephemeral ports, a silencing proxy, the Helm
+//! chart as Helm renders it. External
 //! processes (Redis, Sentinel, the `chorus-server` binary) come from
 //! `chorus-testkit`.
 #![allow(clippy::unwrap_used)]
 
+pub mod chart;
 pub mod cluster;
 pub mod proxy;
 

@@ -12,16 +12,19 @@
 //! One test, in steps that build on each other, each printed with its
 //! time: install the chart, apply `examples/basic.yaml` in a namespace that
 //! enforces Pod Security "restricted", exchange messages across pods, scale
-//! out and in, fail the Redis master over, upgrade the operator, switch to
-//! streams and roll the servers under load, refuse invalid manifests,
-//! delete the cluster; then `examples/durable.yaml` through the faults of
-//! a Redis group's life ([`faults`]) and the operator's autopilot
-//! ([`autopilot`]: insights, scaling on connections, a silently cut
-//! backplane repaired). On failure it prints the
+//! out and in, fail the Redis master over (with the chart's broker-down
+//! alert evaluated on the pods' real metrics, [`alerts`]), upgrade the
+//! operator, switch to streams and roll the servers under load, refuse
+//! invalid manifests, delete the cluster; then `examples/durable.yaml`
+//! through the faults of a Redis group's life ([`faults`]) and the
+//! operator's autopilot ([`autopilot`]: insights, scaling on connections,
+//! a silently cut backplane repaired). On failure it prints the
 //! operator's log, the events and the pod states; it deletes what it
 //! created (unless `CHORUS_E2E_KEEP=1` and a step failed).
 #![allow(clippy::unwrap_used)]
 
+#[path = "e2e/alerts.rs"]
+mod alerts;
 #[path = "e2e/autopilot.rs"]
 mod autopilot;
 #[path = "e2e/faults.rs"]
@@ -54,6 +57,8 @@ const REDIS: &str = "app.kubernetes.io/instance=chat,app.kubernetes.io/component
 const SENTINELS: &str = "app.kubernetes.io/instance=chat,app.kubernetes.io/component=sentinel";
 /// The operator's pods, as the chart labels them.
 const OPERATOR: &str = "app.kubernetes.io/name=chorus-operator";
+/// The chart's alert for a server pod that cannot reach Redis.
+const BROKER_DOWN: &str = "ChorusBrokerDown";
 /// Bound on anything that involves pods starting or stopping.
 const POD_WAIT: Duration = Duration::from_secs(240);
 
@@ -935,8 +940,11 @@ async fn failover(run: &Run) {
     all_subscribed(&followers).await;
     publish_marker(&service, "e2e-failover", "before-failover").await;
     all_saw(&followers, "before-failover", Duration::from_secs(30)).await;
+    let alerts = alerts::Alerts::watch_servers(run).await;
+    alerts.wait_clear(BROKER_DOWN).await;
 
     say(format!("deleting the Redis master {master} ({ip})"));
+    let deleted_at = chorus_testkit::prometheus::now();
     let master_uid = pods(&run.client, &run.ns, REDIS)
         .await
         .iter()
@@ -975,6 +983,17 @@ async fn failover(run: &Run) {
         "failover: master deleted until delivery on every pod",
         deleted.elapsed(),
     );
+    // The broker-down alert's expression, evaluated on the pods' real
+    // metrics, held while no master answered (Sentinel waits 5 s before
+    // promoting; Prometheus scrapes every second) and clears now that
+    // every pod delivers again.
+    let held = alerts.held_for_since(BROKER_DOWN, deleted_at).await;
+    let servers: BTreeSet<String> = run.servers().await.iter().map(name).collect();
+    assert!(
+        !held.is_empty() && held.is_subset(&servers),
+        "{BROKER_DOWN} held for {held:?} of {servers:?}"
+    );
+    alerts.wait_clear(BROKER_DOWN).await;
 
     let (new_master, new_ip) = eventually("the status to name a new master", POD_WAIT, || async {
         run.status_master().await.filter(|(pod, _)| *pod != master)

@@ -323,6 +323,7 @@ async fn converge(
         Ok(topology) => (topology, None),
         Err(e) => (None, Some(Error::from(e))),
     };
+    ctx.metrics.redis_group(c, topology.as_ref());
     if let Some(report) = &topology {
         let repaired: Vec<String> = report
             .actions

@@ -141,6 +141,9 @@ impl Node {
         auth: Authenticator,
     ) -> Arc<Self> {
         let health = broker.health();
+        metrics
+            .max_connections
+            .set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
         Arc::new(Self {
             node_id: config.node_id().into(),
             config,

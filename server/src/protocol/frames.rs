@@ -125,6 +125,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code (the metrics export a series for each from the start).
+    pub const ALL: [ErrorCode; 12] = [
+        Self::BadFrame,
+        Self::BadRoom,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotSubscribed,
+        Self::Unavailable,
+        Self::OutcomeUnknown,
+        Self::HistoryGone,
+        Self::TooManyRooms,
+        Self::NoHistory,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadFrame => "bad_frame",
@@ -364,6 +380,30 @@ pub fn encode(frame: &ServerFrame<'_>) -> Frame {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn error_code_all_lists_every_code_once() {
+        use ErrorCode::*;
+        // Exhaustive: a new code fails to compile here until it has a
+        // place, and then this test until ALL has it there too.
+        let place = |code: ErrorCode| match code {
+            BadFrame => 0,
+            BadRoom => 1,
+            TooLarge => 2,
+            RateLimited => 3,
+            Unauthorized => 4,
+            Forbidden => 5,
+            NotSubscribed => 6,
+            Unavailable => 7,
+            OutcomeUnknown => 8,
+            HistoryGone => 9,
+            TooManyRooms => 10,
+            NoHistory => 11,
+        };
+        for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(place(code), i, "{code:?}");
+        }
+    }
 
     fn err(text: &str) -> FrameError {
         decode(text).unwrap_err()

@@ -30,6 +30,7 @@ use tokio::time::Sleep;
 use crate::auth::Grants;
 use crate::broker::{BrokerError, PublishRequest};
 use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx};
+use crate::metrics::Metrics;
 use crate::node::{Node, Page, Replay};
 use crate::protocol::{self, ClientFrame, ErrorCode, Frame, RoomName, ServerFrame, Since};
 use rate::RateLimit;
@@ -151,14 +152,14 @@ impl Session {
         if text.len() > max {
             self.node.metrics.bad_frames.inc();
             let message = format!("frame is larger than {max} bytes");
-            out.push(error(None, ErrorCode::TooLarge, &message));
+            out.push(self.error(None, ErrorCode::TooLarge, &message));
             return None;
         }
         let frame = match protocol::decode(text) {
             Ok(frame) => frame,
             Err(e) => {
                 self.node.metrics.bad_frames.inc();
-                out.push(error(e.id, e.code, &e.message));
+                out.push(self.error(e.id, e.code, &e.message));
                 return None;
             }
         };
@@ -200,7 +201,7 @@ impl Session {
     ) {
         if !self.grants.may_subscribe(room.as_str()) {
             let message = format!("may not subscribe to `{room}`");
-            out.push(error(Some(id), ErrorCode::Forbidden, &message));
+            out.push(self.error(Some(id), ErrorCode::Forbidden, &message));
             return;
         }
         let node = self.node.clone();
@@ -212,7 +213,7 @@ impl Session {
                     let message = format!(
                         "a connection may be in at most {max_rooms} rooms: unsubscribe from one first"
                     );
-                    out.push(error(Some(id), ErrorCode::TooManyRooms, &message));
+                    out.push(self.error(Some(id), ErrorCode::TooManyRooms, &message));
                     return;
                 }
                 node.subscribe(self.id, &self.handle, &room, since).await
@@ -234,14 +235,14 @@ impl Session {
                     self.replay = Some(Box::new(replay));
                 }
             }
-            Err(e) => out.push(broker_error(Some(id), &e)),
+            Err(e) => out.push(broker_error(&node.metrics, Some(id), &e)),
         }
     }
 
     fn unsubscribe(&mut self, id: u64, room: &RoomName) -> Frame {
         if self.rooms.remove(room).is_none() {
             let message = format!("not subscribed to `{room}`");
-            return error(Some(id), ErrorCode::NotSubscribed, &message);
+            return self.error(Some(id), ErrorCode::NotSubscribed, &message);
         }
         self.node.leave(self.id, room);
         protocol::encode(&ServerFrame::ok(id))
@@ -259,11 +260,11 @@ impl Session {
         if !self.rate.allow() {
             let rate = self.node.config.max_publish_rate;
             let message = format!("more than {rate} publishes per second");
-            return Err(error(Some(id), ErrorCode::RateLimited, &message));
+            return Err(self.error(Some(id), ErrorCode::RateLimited, &message));
         }
         if !self.grants.may_publish(room.as_str()) {
             let message = format!("may not publish to `{room}`");
-            return Err(error(Some(id), ErrorCode::Forbidden, &message));
+            return Err(self.error(Some(id), ErrorCode::Forbidden, &message));
         }
         let published = self.node.publish(PublishRequest {
             room,
@@ -271,6 +272,8 @@ impl Session {
             from: Some(self.name.clone()),
             key,
         });
+        // For the error frame, should the broker fail it.
+        let metrics = self.node.metrics.clone();
         Ok(async move {
             match published.await {
                 Ok(p) => protocol::encode(&ServerFrame::Ok {
@@ -281,7 +284,7 @@ impl Session {
                     missed: None,
                     code: None,
                 }),
-                Err(e) => broker_error(Some(id), &e),
+                Err(e) => broker_error(&metrics, Some(id), &e),
             }
         }
         .boxed())
@@ -294,10 +297,10 @@ impl Session {
     fn refresh(&mut self, id: u64, token: &str) -> Frame {
         let fresh = match self.node.auth.authenticate(Some(token)) {
             Ok(fresh) => fresh,
-            Err(e) => return error(Some(id), ErrorCode::Unauthorized, &e.to_string()),
+            Err(e) => return self.error(Some(id), ErrorCode::Unauthorized, &e.to_string()),
         };
         if fresh.user() != self.grants.user() {
-            return error(
+            return self.error(
                 Some(id),
                 ErrorCode::Forbidden,
                 "the token is for another user: connect again with it",
@@ -305,7 +308,7 @@ impl Session {
         }
         if let Some(room) = self.rooms.keys().find(|r| !fresh.may_subscribe(r.as_str())) {
             let message = format!("the token does not allow `{room}`: unsubscribe from it first");
-            return error(Some(id), ErrorCode::Forbidden, &message);
+            return self.error(Some(id), ErrorCode::Forbidden, &message);
         }
         self.grants = fresh;
         self.expiry = expiry_timer(&self.grants);
@@ -360,18 +363,28 @@ impl Session {
     }
 }
 
+impl Session {
+    /// An error frame for the client, counted in `chorus_errors_total`.
+    fn error(&self, id: Option<u64>, code: ErrorCode, message: &str) -> Frame {
+        error(&self.node.metrics, id, code, message)
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         self.close();
     }
 }
 
-fn error(id: Option<u64>, code: ErrorCode, message: &str) -> Frame {
+/// An error frame, counted in `chorus_errors_total`.
+fn error(metrics: &Metrics, id: Option<u64>, code: ErrorCode, message: &str) -> Frame {
+    metrics.error(code);
     protocol::encode(&ServerFrame::Error { id, code, message })
 }
 
-fn broker_error(id: Option<u64>, e: &BrokerError) -> Frame {
-    error(id, e.code(), &e.public_message())
+/// A broker failure as the client is told it (counted like any error frame).
+fn broker_error(metrics: &Metrics, id: Option<u64>, e: &BrokerError) -> Frame {
+    error(metrics, id, e.code(), &e.public_message())
 }
 
 /// A timer for the token's `exp`; `None` without one.

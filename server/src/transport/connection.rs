@@ -65,6 +65,7 @@ pub async fn serve<S: Socket>(socket: &mut S, session: &mut Session, queue: Queu
         shut(socket, before, code, reason).await;
     }
     let reason = end.as_str();
+    session.node().metrics.closed(reason);
     match &end {
         End::SocketError(error) | End::ProtocolError { error, .. } => {
             tracing::info!(conn, session = %name, reason, %error, "connection closed")

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use tower_http::timeout::TimeoutError;
 
 use crate::broker::{BrokerError, PublishRequest};
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::protocol::{ErrorCode, RoomName, check_key, is_json_object};
 
@@ -118,6 +119,7 @@ pub async fn publish(
         Ok(body) => body,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return api_error(
+                &node.metrics,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::TooLarge,
                 &format!("body is larger than {} bytes", node.config.max_frame_bytes),
@@ -125,6 +127,7 @@ pub async fn publish(
         }
         Err(e) if timed_out(&e) => {
             return api_error(
+                &node.metrics,
                 StatusCode::REQUEST_TIMEOUT,
                 ErrorCode::BadFrame,
                 &format!(
@@ -134,25 +137,21 @@ pub async fn publish(
             );
         }
         Err(e) => {
-            return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &e.body_text());
+            return bad_frame(&node, &e.body_text());
         }
     };
     const EXPECTED: &str = r#"expected one JSON object {"data": <json>, "key"?: <string>}"#;
     if !is_json_object(&body) {
-        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED);
+        return bad_frame(&node, EXPECTED);
     }
     let body: PublishBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadFrame,
-                &format!("{EXPECTED}: {e}"),
-            );
+            return bad_frame(&node, &format!("{EXPECTED}: {e}"));
         }
     };
     if let Some(Err(why)) = body.key.as_deref().map(check_key) {
-        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &why);
+        return bad_frame(&node, &why);
     }
     let req = PublishRequest {
         room,
@@ -166,7 +165,7 @@ pub async fn publish(
             axum::Json(json!({"offset": p.offset, "epoch": &*p.epoch})),
         )
             .into_response(),
-        Err(e) => broker_error(&e),
+        Err(e) => broker_error(&node.metrics, &e),
     }
 }
 
@@ -208,7 +207,9 @@ pub async fn history(
     };
     let query = match query {
         Ok(Query(query)) => query,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, &e.body_text()),
+        Err(e) => {
+            return bad_frame(&node, &e.body_text());
+        }
     };
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
     match node
@@ -232,11 +233,12 @@ pub async fn history(
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Ok(None) => api_error(
+            &node.metrics,
             StatusCode::NOT_FOUND,
             ErrorCode::NoHistory,
             "no history is kept: this node runs --delivery pubsub",
         ),
-        Err(e) => broker_error(&e),
+        Err(e) => broker_error(&node.metrics, &e),
     }
 }
 
@@ -268,6 +270,7 @@ pub async fn shed(
         .and_then(|v| v.to_str().ok());
     if let Err(e) = node.auth.check_api_key(authorization) {
         return api_error(
+            &node.metrics,
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             &e.to_string(),
@@ -276,13 +279,26 @@ pub async fn shed(
     const EXPECTED: &str = r#"expected {"connections": <count>, "seconds"?: <spread>}"#;
     let body = match body {
         Ok(b) if is_json_object(&b) => b,
-        _ => return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED),
+        _ => {
+            return api_error(
+                &node.metrics,
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                EXPECTED,
+            );
+        }
     };
     let Ok(body) = serde_json::from_slice::<ShedBody>(&body) else {
-        return api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, EXPECTED);
+        return api_error(
+            &node.metrics,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            EXPECTED,
+        );
     };
     if body.seconds > 3600 {
         return api_error(
+            &node.metrics,
             StatusCode::BAD_REQUEST,
             ErrorCode::BadFrame,
             "seconds must be at most 3600",
@@ -309,12 +325,20 @@ fn backend_room(
         .and_then(|v| v.to_str().ok());
     if let Err(e) = node.auth.check_api_key(authorization) {
         return Err(api_error(
+            &node.metrics,
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             &e.to_string(),
         ));
     }
-    let bad_room = |why: &str| api_error(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, why);
+    let bad_room = |why: &str| {
+        api_error(
+            &node.metrics,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRoom,
+            why,
+        )
+    };
     let Path(room) = room.map_err(|e| bad_room(&e.body_text()))?;
     RoomName::parse(&room).map_err(|e| bad_room(&e.to_string()))
 }
@@ -333,18 +357,30 @@ fn timed_out(e: &BytesRejection) -> bool {
 
 /// 503 `unavailable` (nothing happened: retry), or 504 `outcome_unknown`
 /// (a publish got no answer: retry with the same key).
-fn broker_error(e: &BrokerError) -> Response {
+fn broker_error(metrics: &Metrics, e: &BrokerError) -> Response {
     let status = match e.code() {
         ErrorCode::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let mut resp = api_error(status, e.code(), &e.public_message());
+    let mut resp = api_error(metrics, status, e.code(), &e.public_message());
     resp.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     resp
 }
 
-fn api_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+/// 400 `bad_frame`.
+fn bad_frame(node: &Node, why: &str) -> Response {
+    api_error(
+        &node.metrics,
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadFrame,
+        why,
+    )
+}
+
+/// The documented JSON error body, counted in `chorus_errors_total`.
+fn api_error(metrics: &Metrics, status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    metrics.error(code);
     (
         status,
         axum::Json(json!({"error": {"code": code.as_str(), "message": message}})),

@@ -34,6 +34,7 @@ use tower_http::timeout::RequestBodyDeadline;
 
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::protocol::ErrorCode;
 
 /// The node's routes: `/` (demo page), `/ws`, the backend API, health and metrics.
 pub fn app(node: Arc<Node>) -> Router {
@@ -207,6 +208,7 @@ impl Drop for HttpSlot {
 /// it at once, then closed.
 fn refuse(tcp: TcpStream, metrics: &Metrics) {
     metrics.http_connections_refused.inc();
+    metrics.error(ErrorCode::Unavailable);
     const BODY: &str =
         r#"{"error":{"code":"unavailable","message":"too many HTTP connections: retry"}}"#;
     let response = format!(

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -36,10 +37,17 @@ pub async fn upgrade(
     State(node): State<Arc<Node>>,
     Query(query): Query<UpgradeQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            node.metrics.refused("bad_request");
+            return rejection.into_response();
+        }
+    };
     if node.is_draining() {
-        node.metrics.connections_refused.inc();
+        node.metrics.refused("draining");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: connect to another node\n",
@@ -53,11 +61,12 @@ pub async fn upgrade(
     let grants = match node.auth.authenticate(query.token.as_deref().or(bearer)) {
         Ok(grants) => grants,
         Err(e) => {
+            node.metrics.refused("auth");
             return (StatusCode::UNAUTHORIZED, format!("unauthorized: {e}\n")).into_response();
         }
     };
     let Some(slot) = node.reserve_slot() else {
-        node.metrics.connections_refused.inc();
+        node.metrics.refused("limit");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "connection limit reached: connect to another node\n",

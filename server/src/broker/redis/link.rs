@@ -196,6 +196,7 @@ async fn watch_link(
                     && seq == want
                 {
                     shared.metrics.canary_rtt.set(sent.elapsed().as_secs_f64());
+                    shared.metrics.canary_round_trips.inc();
                     canary = None;
                 }
             }

@@ -550,3 +550,31 @@ impl Broker for Durable {
         "durable-test"
     }
 }
+
+#[test]
+fn every_close_reason_has_a_metric_series() {
+    let ends = [
+        End::ClientClosed,
+        End::ClientGone,
+        End::SlowConsumer,
+        End::Drained {
+            after_ms: 0,
+            reason: "draining",
+        },
+        End::Drained {
+            after_ms: 0,
+            reason: "rebalance",
+        },
+        End::BinaryFrame,
+        End::TokenExpired,
+        End::ReplayFailed,
+        End::ProtocolError {
+            code: 1002,
+            reason: "",
+            error: String::new(),
+        },
+        End::SocketError(String::new()),
+    ];
+    let reasons: Vec<&str> = ends.iter().map(End::as_str).collect();
+    assert_eq!(reasons, crate::metrics::CLOSES);
+}
