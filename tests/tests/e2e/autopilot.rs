@@ -351,6 +351,7 @@ pub async fn autopilot(run: &Run) {
         ));
         let victim_uid = victim.uid().unwrap();
         let unhealthy_seen = Mutex::new(None);
+        let victim_unready = Mutex::new(None);
         eventually(
             "the operator to restart the pod whose backplane is cut",
             Duration::from_secs(300),
@@ -361,6 +362,12 @@ pub async fn autopilot(run: &Run) {
                     unhealthy_seen.lock().unwrap().get_or_insert(reason.clone());
                 }
                 let all = pods(&run.client, &run.ns, &selector("server")).await;
+                if all
+                    .iter()
+                    .any(|p| p.uid().as_deref() == Some(victim_uid.as_str()) && !is_ready(p))
+                {
+                    victim_unready.lock().unwrap().get_or_insert(t.elapsed());
+                }
                 let gone = all
                     .iter()
                     .all(|p| p.uid().as_deref() != Some(victim_uid.as_str()));
@@ -371,6 +378,16 @@ pub async fn autopilot(run: &Run) {
         let unhealthy_seen = unhealthy_seen.into_inner().unwrap();
         run.timed("backplane cut until the pod is replaced", t.elapsed());
         say(format!("FleetHealthy while cut: {unhealthy_seen:?}"));
+        assert!(
+            unhealthy_seen.is_some(),
+            "FleetHealthy never turned False while a pod could not deliver"
+        );
+        let victim_unready = victim_unready.into_inner().unwrap();
+        say(format!("the cut pod unready after {victim_unready:?}"));
+        assert!(
+            victim_unready.is_some(),
+            "the pod whose backplane was cut never turned unready"
+        );
         assert!(
             events(run).await.iter().any(|r| r == "ServerPodRestarted"),
             "no ServerPodRestarted Event"
