@@ -19,7 +19,8 @@
 //! message.
 
 use super::faults::{
-    DURABLE, Publisher, conditions, events, nothing_silently_missed, run_cmd, selector,
+    DURABLE, Publisher, conditions, container_pid, events, nothing_silently_missed, run_cmd,
+    selector,
 };
 use super::*;
 use chorus_crds::FleetStatus;
@@ -81,33 +82,6 @@ fn no_gap(i: usize, seen: &Seen) {
             last = Some((epoch, *offset));
         }
     }
-}
-
-/// The PID of a pod's server container on this machine, from the node's
-/// containerd; `None` when the cluster's node is not this machine.
-async fn container_pid(pod: &Pod) -> Option<String> {
-    let id = pod
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == "server")?
-        .container_id
-        .as_ref()?
-        .strip_prefix("containerd://")?
-        .to_owned();
-    let socket = std::env::var("CHORUS_CONTAINERD_SOCK")
-        .unwrap_or_else(|_| "/run/chorus-containerd/containerd.sock".to_owned());
-    let tasks = run_cmd(
-        "ctr",
-        &["--address", &socket, "--namespace", "k8s.io", "task", "ls"],
-    )
-    .await;
-    tasks.lines().find_map(|line| {
-        let mut cols = line.split_whitespace();
-        (cols.next()? == id).then(|| cols.next().map(str::to_owned))?
-    })
 }
 
 /// A node drain, as `kubectl drain` does it, for the server pods: each is
@@ -335,7 +309,7 @@ pub async fn autopilot(run: &Run) {
         .into_iter()
         .next()
         .unwrap();
-    if let Some(pid) = container_pid(&victim).await {
+    if let Some(pid) = container_pid(&victim, "server").await {
         let t = Instant::now();
         let out = run_cmd(
             "nsenter",

@@ -338,3 +338,46 @@ pub(super) fn nothing_silently_missed(i: usize, seen: &Seen, acked: &[(u64, Valu
         if told { " (told: history_gone)" } else { "" }
     ));
 }
+
+/// The PID on this machine of a pod's container's first process, from the
+/// node's containerd; `None` when the pod's node is not this machine.
+pub(super) async fn container_pid(pod: &Pod, container: &str) -> Option<String> {
+    let id = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == container)?
+        .container_id
+        .as_ref()?
+        .strip_prefix("containerd://")?
+        .to_owned();
+    let socket = std::env::var("CHORUS_CONTAINERD_SOCK")
+        .unwrap_or_else(|_| "/run/chorus-containerd/containerd.sock".to_owned());
+    let tasks = run_cmd(
+        "ctr",
+        &["--address", &socket, "--namespace", "k8s.io", "task", "ls"],
+    )
+    .await;
+    tasks.lines().find_map(|line| {
+        let mut cols = line.split_whitespace();
+        (cols.next()? == id).then(|| cols.next().map(str::to_owned))?
+    })
+}
+
+/// The PID of the process named `program` that a pod's container started
+/// (its first process, or a child of it).
+pub(super) async fn container_child_pid(
+    pod: &Pod,
+    container: &str,
+    program: &str,
+) -> Option<String> {
+    let first = container_pid(pod, container).await?;
+    let children = run_cmd("pgrep", &["-P", &first, "-x", program]).await;
+    let own = run_cmd("ps", &["-o", "comm=", "-p", &first]).await;
+    if own.trim() == program {
+        return Some(first);
+    }
+    children.lines().next().map(|l| l.trim().to_owned())
+}
