@@ -1007,10 +1007,10 @@ async fn failover(run: &Run) {
 
     // A deleted master hands over before it stops, too fast for any alert.
     // Now the master is killed instead: it hangs first (as a stuck process
-    // does), long enough for Sentinel to promote a replica, then dies. The
-    // chart's broker-down alert expression, evaluated on the pods' real
-    // metrics, holds while the pods have no master and clears once they
-    // deliver again.
+    // does) until Sentinel promotes a replica, then dies. The chart's
+    // broker-down alert expression, evaluated on the pods' real metrics,
+    // holds while the pods have no master and clears after the failover,
+    // once they deliver again.
     let (master, _) = run.status_master().await.expect("a master in the status");
     let pod = pods(&run.client, &run.ns, REDIS)
         .await
@@ -1030,6 +1030,13 @@ async fn failover(run: &Run) {
             },
         )
         .await;
+        eventually("Sentinel to promote a replica", POD_WAIT, || async {
+            run.status_master()
+                .await
+                .filter(|(pod, _)| *pod != master)
+                .map(|_| ())
+        })
+        .await;
         faults::run_cmd("kill", &["-KILL", &pid]).await;
         let servers: BTreeSet<String> = run.servers().await.iter().map(name).collect();
         assert!(
@@ -1038,7 +1045,7 @@ async fn failover(run: &Run) {
         );
         alerts.wait_clear(BROKER_DOWN).await;
         run.timed(
-            "master hung then killed: broker-down alert held and cleared",
+            "master hung, failed over, killed: broker-down alert held and cleared",
             t.elapsed(),
         );
         let marker = "after-master-killed";
