@@ -169,19 +169,32 @@ pub fn decide(
 /// One pod's share of a rebalance round: `(pod, connections to shed)`,
 /// for the pods above the mean by more than [`BALANCED`] (and a few
 /// connections), each at most [`MAX_SHED_SHARE`] of what it holds.
+///
+/// A shed client lands on any pod (the Service picks), so a share of what
+/// a pod sheds comes back to the busy pods. A pod therefore sheds its own
+/// excess plus its part of what the pods below the mean lack (the total
+/// excess over the number of pods below the mean): expected, one round
+/// brings every pod to about the mean, short of the cap.
 pub fn shed_plan(pods: &[(String, i64)]) -> Vec<(String, i64)> {
     if pods.len() < 2 {
         return Vec::new();
     }
     let total: i64 = pods.iter().map(|(_, c)| *c).sum();
     let mean = total as f64 / pods.len() as f64;
+    let excess: f64 = pods.iter().map(|(_, c)| (*c as f64 - mean).max(0.0)).sum();
+    let below = pods.iter().filter(|(_, c)| (*c as f64) < mean).count();
+    let refill = if below > 0 {
+        excess / below as f64
+    } else {
+        0.0
+    };
     pods.iter()
         .filter_map(|(name, c)| {
-            let excess = *c as f64 - mean;
-            if excess <= mean * BALANCED || excess < 5.0 {
+            let over = *c as f64 - mean;
+            if over <= mean * BALANCED || over < 5.0 {
                 return None;
             }
-            let shed = excess.min(*c as f64 * MAX_SHED_SHARE).floor() as i64;
+            let shed = (over + refill).min(*c as f64 * MAX_SHED_SHARE).floor() as i64;
             (shed > 0).then(|| (name.clone(), shed))
         })
         .collect()
@@ -308,22 +321,29 @@ mod tests {
         );
     }
 
+    fn pods(c: &[i64]) -> Vec<(String, i64)> {
+        c.iter()
+            .enumerate()
+            .map(|(i, c)| (format!("p{i}"), *c))
+            .collect()
+    }
+
     #[test]
-    fn shed_plan_moves_a_bounded_share_of_the_excess() {
-        let pods = |c: &[i64]| -> Vec<(String, i64)> {
-            c.iter()
-                .enumerate()
-                .map(|(i, c)| (format!("p{i}"), *c))
-                .collect()
-        };
-        // 450 on 3 of 5 pods: mean 90; each old pod sheds 60 (under half).
+    fn shed_plan_moves_a_bounded_share() {
+        // 450 on 3 of 5 pods: mean 90, excess 180 for 2 pods below: each
+        // old pod would shed 60 + 90, capped at half of its 150.
         assert_eq!(
             shed_plan(&pods(&[150, 150, 150, 0, 0])),
             vec![
-                ("p0".to_owned(), 60),
-                ("p1".to_owned(), 60),
-                ("p2".to_owned(), 60)
+                ("p0".to_owned(), 75),
+                ("p1".to_owned(), 75),
+                ("p2".to_owned(), 75)
             ]
+        );
+        // One busy pod among many with room: its excess and the refill.
+        assert_eq!(
+            shed_plan(&pods(&[200, 90, 90, 90, 30])),
+            vec![("p0".to_owned(), 100)]
         );
         // Half at most.
         assert_eq!(
@@ -334,5 +354,42 @@ mod tests {
         assert!(shed_plan(&pods(&[100, 95, 90, 80])).is_empty());
         assert!(shed_plan(&pods(&[6, 0])).is_empty());
         assert!(shed_plan(&pods(&[500])).is_empty());
+    }
+
+    /// The counts expected after a round whose shed clients land evenly.
+    fn after_round(counts: &[i64]) -> Vec<i64> {
+        let plan = shed_plan(&pods(counts));
+        let moved: i64 = plan.iter().map(|(_, n)| n).sum();
+        let share = moved / counts.len() as i64;
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let shed = plan
+                    .iter()
+                    .find(|(p, _)| *p == format!("p{i}"))
+                    .map_or(0, |(_, n)| *n);
+                c - shed + share
+            })
+            .collect()
+    }
+
+    #[test]
+    fn expected_rounds_balance_a_scale_out_within_three() {
+        for start in [
+            vec![150, 150, 150, 0, 0],
+            vec![166, 150, 134, 0, 0],
+            vec![300, 0],
+            vec![100, 100, 100, 100, 0],
+            vec![1000, 1000, 1000, 0, 0, 0],
+        ] {
+            let mut counts = start.clone();
+            let mut rounds = 0;
+            while !shed_plan(&pods(&counts)).is_empty() {
+                counts = after_round(&counts);
+                rounds += 1;
+                assert!(rounds <= 3, "{start:?}: still {counts:?} after 3 rounds");
+            }
+        }
     }
 }
