@@ -13,6 +13,9 @@
 //! - [`redis`]: `redis-server` ([`RedisServer`]) and one-shot commands.
 //! - [`sentinel`]: `redis-sentinel` ([`Sentinel`]) and a monitored group
 //!   of master, replicas and sentinels with small timeouts ([`SentinelGroup`]).
+//! - [`redis_cluster`]: a Redis Cluster ([`RedisCluster`]): shards of a
+//!   master and replicas joined by `redis-cli --cluster create`, with slot
+//!   migration and master failover helpers.
 //! - [`chorus`]: the `chorus-server` binary ([`ChorusServer`]), ready when
 //!   `/readyz` answers 200.
 //! - [`prometheus`]: a Prometheus server ([`Prometheus`]) scraping given
@@ -43,6 +46,7 @@ mod error;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
+pub mod redis_cluster;
 pub mod sentinel;
 pub mod wait;
 
@@ -52,4 +56,5 @@ pub use error::{Error, Result};
 pub use process::{ChildGuard, Proc, ProcSpec, free_port};
 pub use prometheus::{Prometheus, PrometheusOptions, Target};
 pub use redis::{RedisOptions, RedisServer};
+pub use redis_cluster::{ClusterOptions, Migration, RedisCluster};
 pub use sentinel::{GroupOptions, MASTER_NAME, Monitor, Sentinel, SentinelGroup};
