@@ -23,7 +23,8 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Message bus: `memory://` (one process, no Redis), `redis://[:password@]host:port[/db]`,
-    /// or `redis+sentinel://[:password@]host:port[,host:port…]/<master-name>`.
+    /// `redis+sentinel://[:password@]host:port[,host:port…]/<master-name>`, or
+    /// `redis+cluster://[:password@]host:port[,host:port…]` (Redis Cluster, sharded Pub/Sub).
     #[arg(
         long,
         env = "CHORUS_BROKER",

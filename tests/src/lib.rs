@@ -323,7 +323,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn start(mut client: WsClient, room: &'static str) -> Self {
+    pub fn start(mut client: WsClient, room: impl Into<String>) -> Self {
+        let room = room.into();
         let acked = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s) = (acked.clone(), stop.clone());
@@ -331,7 +332,7 @@ impl Publisher {
             let mut n = 0u64;
             while !s.load(Ordering::SeqCst) {
                 n += 1;
-                let ok = client.publish(room, json!({"n": n})).await;
+                let ok = client.publish(&room, json!({"n": n})).await;
                 if ok["op"] == "ok" {
                     a.store(ok["offset"].as_u64().unwrap(), Ordering::SeqCst);
                 }

@@ -13,7 +13,8 @@
 //! publishes to a room keep their order.
 //!
 //! - [`memory`]: one process, no bus (the default, and the tests' reference)
-//! - [`redis`]: Redis Pub/Sub, or Redis Streams with history, with Sentinel
+//! - [`redis`]: Redis Pub/Sub, or Redis Streams with history, with Sentinel;
+//!   on a Redis Cluster, sharded Pub/Sub ([`redis::cluster`])
 //! - [`continuity`]: the offset/epoch rules (deliver, drop, fill, report
 //!   lost, resume after a reconnect), pure functions
 //! - [`tracker`]: those rules applied per served room, with gap fills that
@@ -47,6 +48,7 @@ use tokio::sync::watch;
 
 use crate::protocol::{Frame, RoomName};
 
+pub use self::redis::cluster::RedisClusterBroker;
 pub use self::redis::{RedisBroker, RedisOptions, RedisUrl};
 pub use memory::MemoryBroker;
 

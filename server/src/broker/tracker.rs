@@ -204,10 +204,16 @@ impl Tracker {
     /// messages they held are let go — they are caught up from history after
     /// the next epoch check, like everything else published meanwhile.
     pub fn stop_fills(&self) {
+        self.stop_fills_of(|_| true);
+    }
+
+    /// [`Tracker::stop_fills`] for the rooms `which` says (the fills a
+    /// broker with several links ran on the one that ended).
+    pub fn stop_fills_of(&self, which: impl Fn(&RoomName) -> bool) {
         let mut rooms = lock(&self.rooms);
         let mut generation = rooms.next_generation;
-        for track in rooms.map.values_mut() {
-            if track.held.take().is_some() {
+        for (room, track) in rooms.map.iter_mut() {
+            if which(room) && track.held.take().is_some() {
                 generation += 1;
                 track.generation = generation;
             }

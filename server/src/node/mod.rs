@@ -26,7 +26,7 @@ use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
     Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
-    RedisOptions, RedisUrl,
+    RedisClusterBroker, RedisOptions, RedisUrl,
 };
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Hub};
@@ -36,9 +36,13 @@ use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("unsupported --broker URL `{0}` (expected memory://, redis://… or redis+sentinel://…)")]
+    #[error(
+        "unsupported --broker URL `{0}` (expected memory://, redis://…, redis+sentinel://… or redis+cluster://…)"
+    )]
     BrokerUrl(String),
-    #[error("--delivery streams needs a Redis broker (--broker redis://… or redis+sentinel://…)")]
+    #[error(
+        "--delivery streams needs a Redis broker (--broker redis://…, redis+sentinel://… or redis+cluster://…)"
+    )]
     StreamsNeedRedis,
     #[error("cannot read {what} from {path}: {source}")]
     SecretFile {
@@ -49,7 +53,9 @@ pub enum StartError {
     },
     #[error(transparent)]
     RedisUrl(#[from] crate::broker::redis::UrlError),
-    #[error("--upstream-rooms needs a Redis broker (--broker redis://… or redis+sentinel://…)")]
+    #[error(
+        "--upstream-rooms needs a Redis broker (--broker redis://…, redis+sentinel://… or redis+cluster://…)"
+    )]
     UpstreamNeedsRedis,
     #[error("--upstream-rooms: `{0}` is not a room name, `prefix:*` or `*`")]
     UpstreamPattern(String),
@@ -94,7 +100,7 @@ impl Node {
                         .with_idempotency_window(config.idempotency_window),
                 )
             }
-            Some("redis" | "redis+sentinel") => {
+            Some("redis" | "redis+sentinel" | "redis+cluster") => {
                 let mut url = RedisUrl::parse(config.broker.as_str())?;
                 if let Some(path) = &config.redis_password_file {
                     url.password = Some(file_secret("the Redis password", path)?);
@@ -125,7 +131,15 @@ impl Node {
                         maxlen: config.upstream_maxlen,
                     });
                 }
-                Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
+                if config.broker.scheme() == Some("redis+cluster") {
+                    Arc::new(RedisClusterBroker::start(
+                        opts,
+                        hub.clone(),
+                        metrics.clone(),
+                    ))
+                } else {
+                    Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
+                }
             }
             _ => return Err(StartError::BrokerUrl(config.broker.redacted())),
         };

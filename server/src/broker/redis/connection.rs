@@ -29,6 +29,11 @@ pub(super) struct Master {
 
 /// A client for `addr` with the URL's database and credentials.
 pub(super) fn client(url: &RedisUrl, addr: &Addr) -> Result<redis::Client, Error> {
+    client_with(addr, settings(url))
+}
+
+/// The URL's database and credentials.
+fn settings(url: &RedisUrl) -> RedisConnectionInfo {
     let mut settings = RedisConnectionInfo::default().set_db(url.db);
     if let Some(user) = &url.username {
         settings = settings.set_username(user);
@@ -36,7 +41,7 @@ pub(super) fn client(url: &RedisUrl, addr: &Addr) -> Result<redis::Client, Error
     if let Some(pw) = &url.password {
         settings = settings.set_password(pw);
     }
-    client_with(addr, settings)
+    settings
 }
 
 /// A client for `addr` with these settings (database, credentials, protocol).
@@ -88,12 +93,14 @@ pub(super) async fn open_master(
     ] {
         bounded(addr, "SCRIPT LOAD", limit, script.load_async(&mut conn)).await?;
     }
-    let fence = if opts.history.is_none() {
-        fence(&mut conn, addr, limit).await?
-    } else {
+    let fence = if opts.history.is_some() {
         // History mode keeps epochs across failovers when nothing was lost
         // (each node checks the offsets it saw: `history::check_epochs`).
         Arc::from("")
+    } else if opts.keys() == scripts::Keyspace::Tagged {
+        process_fence(&mut conn, addr, limit).await?
+    } else {
+        fence(&mut conn, addr, limit).await?
     };
     let master = Master {
         addr: addr.clone(),
@@ -114,6 +121,26 @@ pub(super) async fn open_pubsub(
     Ok(pubsub.split())
 }
 
+/// A RESP3 connection to `addr` whose pushes (sharded Pub/Sub messages,
+/// subscription confirmations, a `SUNSUBSCRIBE` the server sends by itself)
+/// go to `pushes`, with the URL's credentials; connecting and every answer
+/// bounded by `limit`.
+pub(super) async fn open_push(
+    url: &RedisUrl,
+    addr: &Addr,
+    limit: Duration,
+    pushes: impl redis::aio::AsyncPushSender,
+) -> Result<MultiplexedConnection, Error> {
+    let settings = settings(url).set_protocol(redis::ProtocolVersion::RESP3);
+    let connected = client_with(addr, settings)?
+        .get_multiplexed_async_connection_with_config(&config(limit).set_push_sender(pushes))
+        .await;
+    connected.map_err(|source| Error::Connect {
+        addr: addr.clone(),
+        source,
+    })
+}
+
 /// Whether the connection reaches a master (`ROLE`).
 pub(super) async fn is_master(
     conn: &mut MultiplexedConnection,
@@ -123,6 +150,23 @@ pub(super) async fn is_master(
     let role: redis::Value =
         bounded(addr, "ROLE", limit, redis::cmd("ROLE").query_async(conn)).await?;
     Ok(role_is_master(&role))
+}
+
+/// The publisher saw an error: does the connection still answer, and does
+/// it still reach a master? (A `READONLY` reply means it was demoted.)
+pub(super) async fn check_master(master: &mut Master, limit: Duration) -> Result<(), Error> {
+    bounded(
+        &master.addr,
+        "PING",
+        limit,
+        redis::cmd("PING").query_async::<String>(&mut master.conn),
+    )
+    .await?;
+    match is_master(&mut master.conn, &master.addr, limit).await {
+        Ok(false) => Err(Error::NotMaster(master.addr.clone())),
+        // It answered PING: a failed ROLE alone does not end the link.
+        _ => Ok(()),
+    }
 }
 
 fn role_is_master(role: &redis::Value) -> bool {
@@ -164,10 +208,46 @@ async fn fence(
     Ok(token.into())
 }
 
+/// The fence of a Redis Cluster shard's master (pubsub mode): its `run_id`
+/// and replication ID, read with `INFO`. A cluster has no key every node
+/// would look up on the shard whatever its slots (a `chorus:fence` key lives
+/// in one slot of one shard), so the fence is what the master process says
+/// of itself: a restart changes its `run_id`, and a replica promoted by a
+/// failover — or a demoted master promoted again — changes its replication
+/// ID, so every case `scripts::FENCE` tells apart is told apart here too,
+/// and all nodes read the same value from the same process.
+async fn process_fence(
+    conn: &mut MultiplexedConnection,
+    addr: &Addr,
+    limit: Duration,
+) -> Result<Arc<str>, Error> {
+    let mut fence = String::new();
+    for (section, field) in [("server", "run_id:"), ("replication", "master_replid:")] {
+        let info: String = bounded(
+            addr,
+            "INFO",
+            limit,
+            redis::cmd("INFO").arg(section).query_async(&mut *conn),
+        )
+        .await?;
+        let value = info_field(&info, field).ok_or_else(|| Error::NoRunId(addr.clone()))?;
+        if !fence.is_empty() {
+            fence.push(':');
+        }
+        fence.push_str(value);
+    }
+    Ok(fence.into())
+}
+
 /// The `run_id` line of `INFO server`.
 fn run_id(info: &str) -> Option<&str> {
+    info_field(info, "run_id:")
+}
+
+/// A `field:value` line of an `INFO` reply (`field` with its colon).
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
+        .find_map(|l| l.strip_prefix(field))
         .map(str::trim)
         .filter(|id| !id.is_empty())
 }

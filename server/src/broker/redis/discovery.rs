@@ -43,6 +43,8 @@ impl Discovery {
         let located = match target {
             Target::Direct(addr) => Ok(addr.clone()),
             Target::Sentinel { master, .. } => Err(Error::Locating(master.clone())),
+            // Not for this broker: `redis+cluster://` starts the cluster one.
+            Target::Cluster { .. } => Err(Error::Locating("a Redis Cluster".into())),
         };
         Self {
             master: watch::Sender::new(located),

@@ -68,6 +68,34 @@ pub enum Error {
     },
     #[error("not connected")]
     NotConnected,
+    /// Redis Cluster: no master is known for the slot.
+    #[error("no master serves slot {0}")]
+    SlotUnserved(u16),
+    /// Redis Cluster: the link to the master serving a room is down.
+    #[error("shard {shard}: {why}")]
+    ShardDown { shard: Addr, why: String },
+    /// Redis Cluster: redirected again and again.
+    #[error("the slot of `{0}` keeps moving")]
+    KeepsMoving(RoomName),
+    /// Redis Cluster: a `CLUSTER SLOTS` answer that makes no sense.
+    #[error("cluster topology: {0}")]
+    Topology(String),
+    /// Redis Cluster: the master serves no slot (any more).
+    #[error("{0} serves no slots")]
+    NoSlots(Addr),
+    /// Messages came faster than the reader took them: some were dropped.
+    #[error("the pub/sub reader of {0} fell behind")]
+    Overflow(Addr),
+    /// A subscription command was answered with another's confirmation (a
+    /// `SUNSUBSCRIBE` Redis pushed crossed it): the link's subscriptions
+    /// are no longer certain.
+    #[error("{addr} answered {command} `{channel}` with {answer}")]
+    Unconfirmed {
+        addr: Addr,
+        command: &'static str,
+        channel: String,
+        answer: String,
+    },
     /// One of the broker's tasks is gone (the broker is shutting down) or
     /// dropped the request (its link restarted).
     #[error("{0}")]

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 
 use super::connection::Master;
 use super::error::{Error, bounded};
-use super::scripts;
+use super::scripts::{self, Keyspace};
 use super::url::Addr;
 use crate::broker::continuity::{self, Check, Cursor, Resume};
 use crate::broker::tracker::{FillJob, ReadPage, Tracker};
@@ -23,17 +23,19 @@ use crate::sync::lock;
 /// Reads the room's epoch, last offset and up to `limit` kept messages after
 /// `after` (no more than `max_bytes` of frames, but at least one), in one
 /// round trip.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn read(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl ConnectionLike,
     addr: &Addr,
+    keys: Keyspace,
     room: &RoomName,
     after: u64,
     limit: usize,
     max_bytes: usize,
     op_timeout: Duration,
 ) -> Result<History, Error> {
-    let mut inv = scripts::HISTORY.key(scripts::room_key(room.as_str()));
-    inv.key(scripts::history_key(room.as_str()))
+    let mut inv = scripts::HISTORY.key(keys.room_key(room.as_str()));
+    inv.key(keys.history_key(room.as_str()))
         .arg(after)
         .arg(limit.max(1))
         .arg(max_bytes);
@@ -74,31 +76,48 @@ pub(super) fn pages(master: &Master, op_timeout: Duration) -> ReadPage<Error> {
     Arc::new(move |room, after, limit, max_bytes| {
         let mut conn = master.conn.clone();
         let addr = master.addr.clone();
-        async move { read(&mut conn, &addr, &room, after, limit, max_bytes, op_timeout).await }
-            .boxed()
+        async move {
+            read(
+                &mut conn,
+                &addr,
+                Keyspace::Plain,
+                &room,
+                after,
+                limit,
+                max_bytes,
+                op_timeout,
+            )
+            .await
+        }
+        .boxed()
     })
 }
 
 /// The rooms' epochs and last offsets (a room not created yet: no epoch,
-/// offset 0), in one round trip.
+/// offset 0), in one round trip; each room's answer apart (on a Redis
+/// Cluster, a room whose slot moved is answered `MOVED`).
 pub(super) async fn positions(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl ConnectionLike,
     addr: &Addr,
+    keys: Keyspace,
     rooms: &[RoomName],
     limit: Duration,
-) -> Result<Vec<Cursor>, Error> {
+) -> Result<Vec<redis::RedisResult<Cursor>>, Error> {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for room in rooms {
         pipe.cmd("HMGET")
-            .arg(scripts::room_key(room.as_str()))
+            .arg(keys.room_key(room.as_str()))
             .arg("o")
             .arg("e");
     }
-    let replies: Vec<(Option<u64>, Option<String>)> =
+    let replies: Vec<redis::RedisResult<(Option<u64>, Option<String>)>> =
         bounded(addr, "HMGET room positions", limit, pipe.query_async(conn)).await?;
     Ok(replies
         .into_iter()
-        .map(|(offset, epoch)| Cursor::new(epoch.unwrap_or_default(), offset.unwrap_or(0)))
+        .map(|reply| {
+            reply.map(|(offset, epoch)| Cursor::new(epoch.unwrap_or_default(), offset.unwrap_or(0)))
+        })
         .collect())
 }
 
@@ -125,21 +144,41 @@ impl Acked {
     }
 }
 
+/// What the epoch check after a reconnect found.
+#[derive(Default)]
+pub(super) struct Checked {
+    /// Catch-up fills for what was published while this node was away.
+    pub fills: Vec<FillJob>,
+    /// Rooms the master redirected (`MOVED`, `ASK`: on a Redis Cluster,
+    /// their slot is elsewhere), unchecked.
+    pub moved: Vec<(RoomName, redis::RedisError)>,
+}
+
 /// After (re)connecting in history mode, before any publish reaches the
 /// master: for every room this node saw offsets of (acknowledged or
-/// delivered), make sure the master still has them (else the room gets a new
-/// epoch: acknowledged messages were lost), and set each delivered room's
-/// cursor. Returns the catch-up fills for what was published while this node
-/// was away, to run once live messages flow.
+/// delivered) and that `owns` says this master holds, make sure the master
+/// still has them (else the room gets a new epoch: acknowledged messages
+/// were lost), and set each delivered room's cursor. Returns the catch-up
+/// fills for what was published while this node was away, to run once live
+/// messages flow.
 pub(super) async fn check_epochs(
     master: &mut Master,
+    keys: Keyspace,
     tracker: &Tracker,
     acked: &Acked,
     metrics: &Metrics,
     limit: Duration,
-) -> Result<Vec<FillJob>, Error> {
-    let mut known: HashMap<RoomName, Cursor> = lock(&acked.0).clone();
+    owns: impl Fn(&RoomName) -> bool,
+) -> Result<Checked, Error> {
+    let mut known: HashMap<RoomName, Cursor> = lock(&acked.0)
+        .iter()
+        .filter(|(room, _)| owns(room))
+        .map(|(room, cursor)| (room.clone(), cursor.clone()))
+        .collect();
     for (room, cursor) in tracker.cursors() {
+        if !owns(&room) {
+            continue;
+        }
         match known.get_mut(&room) {
             Some(k) => k.advance(&cursor.epoch, cursor.offset),
             None => {
@@ -147,30 +186,45 @@ pub(super) async fn check_epochs(
             }
         }
     }
+    let mut checked = Checked::default();
     if known.is_empty() {
-        return Ok(Vec::new());
+        return Ok(checked);
     }
     let rooms: Vec<(RoomName, Cursor)> = known.into_iter().collect();
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for (room, seen) in &rooms {
         pipe.cmd("EVALSHA")
             .arg(scripts::EPOCH_CHECK.get_hash())
             .arg(2)
-            .arg(scripts::room_key(room.as_str()))
-            .arg(scripts::history_key(room.as_str()))
+            .arg(keys.room_key(room.as_str()))
+            .arg(keys.history_key(room.as_str()))
             .arg(&*seen.epoch)
             .arg(seen.offset)
             .arg(new_epoch());
     }
-    let replies: Vec<(u8, u64, String)> = bounded(
+    let replies: Vec<redis::RedisResult<(u8, u64, String)>> = bounded(
         &master.addr,
         "epoch check",
         limit * 2,
         pipe.query_async(&mut master.conn),
     )
     .await?;
-    let mut fills = Vec::new();
-    for ((room, seen), (reset, last, epoch)) in rooms.into_iter().zip(replies) {
+    for ((room, seen), reply) in rooms.into_iter().zip(replies) {
+        let (reset, last, epoch) = match reply {
+            Ok(reply) => reply,
+            Err(e) if e.redirect_node().is_some() => {
+                checked.moved.push((room, e));
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::Command {
+                    command: "epoch check",
+                    addr: master.addr.clone(),
+                    source,
+                });
+            }
+        };
         let check = Check {
             reset: reset == 1,
             last,
@@ -189,8 +243,8 @@ pub(super) async fn check_epochs(
             Resume::Reset(cursor) => {
                 tracker.resume(&room, cursor, 0);
             }
-            Resume::From { from, upto } => fills.extend(tracker.resume(&room, from, upto)),
+            Resume::From { from, upto } => checked.fills.extend(tracker.resume(&room, from, upto)),
         }
     }
-    Ok(fills)
+    Ok(checked)
 }

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
 use super::Shared;
+use super::canary::{self, Canary};
 use super::connection::{self, Master};
 use super::discovery::Located;
 use super::error::{Error, bounded};
@@ -111,7 +111,11 @@ async fn connect(
         Some((tracker, acked)) => {
             // Rooms left while the link was down are no longer tracked.
             tracker.retain(|room| subscribed.active.contains(room));
-            history::check_epochs(&mut master, tracker, acked, &shared.metrics, limit).await?
+            let keys = shared.opts.keys();
+            let metrics = &shared.metrics;
+            history::check_epochs(&mut master, keys, tracker, acked, metrics, limit, |_| true)
+                .await?
+                .fills
         }
         None => Vec::new(),
     };
@@ -163,9 +167,7 @@ async fn watch_link(
     let opts = &shared.opts;
     let mut canary_tick = tokio::time::interval(opts.canary_interval);
     canary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The canary in flight: its number and when it was sent.
-    let mut canary: Option<(u64, Instant)> = None;
-    let mut canary_seq = 0u64;
+    let mut canary = Canary::default();
     let (canary_err_tx, mut canary_err_rx) = mpsc::channel::<Error>(1);
     let tracker = shared.history.as_ref().map(|(t, _)| &**t);
     loop {
@@ -186,33 +188,22 @@ async fn watch_link(
                 }
             }
             () = shared.trouble.notified() => {
-                if let Err(e) = check_master(shared, &mut link.master).await {
+                if let Err(e) = connection::check_master(&mut link.master, opts.op_timeout).await {
                     return e;
                 }
             }
             Ok(()) = link.canary_seen.changed() => {
-                let seq = *link.canary_seen.borrow_and_update();
-                if let Some((want, sent)) = canary
-                    && seq == want
-                {
-                    shared.metrics.canary_rtt.set(sent.elapsed().as_secs_f64());
-                    shared.metrics.canary_round_trips.inc();
-                    canary = None;
-                }
+                canary.seen(*link.canary_seen.borrow_and_update(), &shared.metrics);
             }
-            _ = canary_tick.tick() => {
-                match canary {
-                    Some((_, sent)) if sent.elapsed() > opts.canary_timeout => {
-                        return Error::CanaryLost(opts.canary_timeout);
-                    }
-                    Some(_) => {}
-                    None => {
-                        canary_seq += 1;
-                        canary = Some((canary_seq, Instant::now()));
-                        send_canary(shared, &link.master, canary_seq, canary_err_tx.clone());
-                    }
+            _ = canary_tick.tick() => match canary.tick(opts.canary_timeout) {
+                Err(lost) => return lost,
+                Ok(Some(seq)) => {
+                    let errors = canary_err_tx.clone();
+                    let channel = &shared.canary_channel;
+                    canary::send(&link.master, "PUBLISH", channel, seq, opts.op_timeout, errors);
                 }
-            }
+                Ok(None) => {}
+            },
             Some(err) = canary_err_rx.recv() => return err,
             Ok(()) = located.changed() => {
                 if let Ok(now) = &*located.borrow_and_update()
@@ -223,39 +214,4 @@ async fn watch_link(
             }
         }
     }
-}
-
-/// The publisher saw an error: does the connection still answer, and does
-/// it still reach a master? (A `READONLY` reply means it was demoted.)
-async fn check_master(shared: &Shared, master: &mut Master) -> Result<(), Error> {
-    let limit = shared.opts.op_timeout;
-    bounded(
-        &master.addr,
-        "PING",
-        limit,
-        redis::cmd("PING").query_async::<String>(&mut master.conn),
-    )
-    .await?;
-    match connection::is_master(&mut master.conn, &master.addr, limit).await {
-        Ok(false) => Err(Error::NotMaster(master.addr.clone())),
-        // It answered PING: a failed ROLE alone does not end the link.
-        _ => Ok(()),
-    }
-}
-
-/// Publishes canary `seq` on its own task (the link keeps watching); a
-/// failure comes back on `errors`.
-fn send_canary(shared: &Shared, master: &Master, seq: u64, errors: mpsc::Sender<Error>) {
-    let mut conn = master.conn.clone();
-    let addr = master.addr.clone();
-    let channel = shared.canary_channel.clone();
-    let limit = shared.opts.op_timeout;
-    tokio::spawn(async move {
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(channel).arg(seq);
-        let sent = publish.query_async::<i64>(&mut conn);
-        if let Err(e) = bounded(&addr, "canary PUBLISH", limit, sent).await {
-            let _ = errors.try_send(e);
-        }
-    });
 }

@@ -50,6 +50,8 @@
 //! Kafka broker would keep only the broker-agnostic parts and `error`'s
 //! pattern.
 
+mod canary;
+pub mod cluster;
 mod connection;
 mod discovery;
 mod error;
@@ -177,7 +179,11 @@ impl Broker for RedisBroker {
             return std::future::ready(Err(down)).boxed();
         }
         let (reply, rx) = oneshot::channel();
-        if let Err(e) = self.publish_tx.try_send(PublishCmd { req, reply }) {
+        if let Err(e) = self.publish_tx.try_send(PublishCmd {
+            req,
+            reply,
+            hops: 0,
+        }) {
             let err = match e {
                 mpsc::error::TrySendError::Full(_) => BrokerError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => Error::Dropped("publisher stopped").into(),
@@ -254,8 +260,11 @@ impl Broker for RedisBroker {
         let op_timeout = self.shared.opts.op_timeout;
         async move {
             let Master { addr, mut conn, .. } = master.ok_or(Error::NotConnected)?;
-            let page =
-                history::read(&mut conn, &addr, &room, after, limit, max_bytes, op_timeout).await?;
+            let keys = scripts::Keyspace::Plain;
+            let page = history::read(
+                &mut conn, &addr, keys, &room, after, limit, max_bytes, op_timeout,
+            )
+            .await?;
             Ok(Some(page))
         }
         .boxed()
@@ -272,7 +281,7 @@ impl Broker for RedisBroker {
 
 /// The answer one of the broker's tasks sends back, waited for at most
 /// `limit`; `gone` says why there is none when the task dropped the request.
-async fn await_reply<T>(
+pub(super) async fn await_reply<T>(
     limit: std::time::Duration,
     rx: oneshot::Receiver<Result<T, BrokerError>>,
     gone: &'static str,

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use super::url::RedisUrl;
+use super::scripts::Keyspace;
+use super::url::{RedisUrl, Target};
 use crate::protocol::Pattern;
 
 #[derive(Debug, Clone)]
@@ -63,12 +64,20 @@ impl RedisOptions {
         self.room_ttl.as_secs().max(1)
     }
 
-    /// The room's history stream, or `""` (no key) without history.
+    /// How room keys are named: hash-tagged on a Redis Cluster.
+    pub(super) fn keys(&self) -> Keyspace {
+        match self.url.target {
+            Target::Cluster { .. } => Keyspace::Tagged,
+            _ => Keyspace::Plain,
+        }
+    }
+
+    /// The room's history stream, or an unused key without history.
     pub(super) fn history_key(&self, room: &str) -> String {
         if self.history.is_some() {
-            super::scripts::history_key(room)
+            self.keys().history_key(room)
         } else {
-            String::new()
+            self.keys().unused(room)
         }
     }
 }

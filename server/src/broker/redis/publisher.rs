@@ -13,6 +13,8 @@ use tokio::time::timeout;
 use super::Shared;
 use super::connection::Master;
 use super::error::Error;
+use super::history::Acked;
+use super::options::RedisOptions;
 use super::scripts;
 use crate::broker::{BrokerError, PublishRequest, Published, new_epoch, now_us};
 use crate::protocol::message_parts;
@@ -20,11 +22,14 @@ use crate::protocol::message_parts;
 /// Publishes waiting for the publisher task; more are refused (`Overloaded`).
 pub(super) const QUEUE: usize = 16 * 1024;
 /// Publishes sent in one pipeline at most.
-const MAX_PIPELINE: usize = 512;
+pub(super) const MAX_PIPELINE: usize = 512;
 
 pub(super) struct PublishCmd {
     pub req: PublishRequest,
     pub reply: oneshot::Sender<Result<Published, BrokerError>>,
+    /// Publishers it was handed to so far (a Redis Cluster sends a publish
+    /// on when its slot moved).
+    pub hops: u8,
 }
 
 pub(super) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>) {
@@ -43,22 +48,52 @@ pub(super) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishCmd>)
 }
 
 /// Sends one pipeline and answers its callers.
-async fn send_batch(
-    shared: &Shared,
-    Master {
-        addr,
-        mut conn,
-        fence,
-    }: Master,
-    batch: &mut Vec<PublishCmd>,
-) {
-    let opts = &shared.opts;
+async fn send_batch(shared: &Shared, mut master: Master, batch: &mut Vec<PublishCmd>) {
+    let limit = shared.opts.op_timeout;
+    let results = match send_pipeline(&shared.opts, &mut master, batch).await {
+        Ok(results) => results,
+        Err(unknown) => {
+            shared.trouble.notify_one();
+            for cmd in batch.drain(..) {
+                let _ = cmd.reply.send(Err(unknown.clone()));
+            }
+            return;
+        }
+    };
+    for (cmd, res) in batch.drain(..).zip(results) {
+        let reply = match res {
+            Some(res) => answer(
+                shared.history.as_ref().map(|(_, a)| a),
+                &master,
+                &cmd,
+                res,
+                || shared.trouble.notify_one(),
+            ),
+            None => Err(unanswered(limit)),
+        };
+        let _ = cmd.reply.send(reply);
+    }
+}
+
+/// One publish script's reply: what was assigned.
+pub(super) type Reply = redis::RedisResult<(u64, String, u8)>;
+
+/// Sends `batch` as one pipeline of `EVALSHA` on the master's connection
+/// (a call whose script the master lost is run again with `EVAL`, one at a
+/// time, so the order is kept) and returns each call's reply — `None` for
+/// one that got no answer in time. `Err`: the pipeline as a whole got no
+/// answer (or its link broke), so Redis may have run any of its scripts.
+pub(super) async fn send_pipeline(
+    opts: &RedisOptions,
+    master: &mut Master,
+    batch: &[PublishCmd],
+) -> Result<Vec<Option<Reply>>, BrokerError> {
     let limit = opts.op_timeout;
     let ts = now_us().to_string();
     // Arguments of each script call, kept for a retry with EVAL.
     let calls: Vec<(Vec<String>, Vec<String>)> = batch
         .iter()
-        .map(|cmd| script_call(shared, &cmd.req, &ts, &fence))
+        .map(|cmd| script_call(opts, &cmd.req, &ts, &master.fence))
         .collect();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
@@ -71,7 +106,7 @@ async fn send_batch(
     }
     let outcome = timeout(
         limit,
-        pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+        pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut master.conn),
     )
     .await;
     let results = match outcome {
@@ -79,23 +114,15 @@ async fn send_batch(
         // The pipeline was (maybe partly) sent: Redis may have run any of
         // its scripts.
         Ok(Err(e)) => {
-            shared.trouble.notify_one();
-            for cmd in batch.drain(..) {
-                let _ = cmd.reply.send(Err(BrokerError::OutcomeUnknown(format!(
-                    "the link to {addr} failed with the publish in flight: {e}"
-                ))));
-            }
-            return;
+            return Err(BrokerError::OutcomeUnknown(format!(
+                "the link to {} failed with the publish in flight: {e}",
+                master.addr
+            )));
         }
-        Err(_) => {
-            shared.trouble.notify_one();
-            for cmd in batch.drain(..) {
-                let _ = cmd.reply.send(Err(unanswered(limit)));
-            }
-            return;
-        }
+        Err(_) => return Err(unanswered(limit)),
     };
-    for ((cmd, res), (keys, args)) in batch.drain(..).zip(results).zip(calls) {
+    let mut replies = Vec::with_capacity(results.len());
+    for (res, (keys, args)) in results.into_iter().zip(calls) {
         let res = match res {
             // The script cache was flushed under us: EVAL loads it again
             // (one call at a time, so the order is kept).
@@ -107,75 +134,88 @@ async fn send_batch(
                 for a in args {
                     inv.arg(a);
                 }
-                match timeout(limit, inv.invoke_async::<redis::Value>(&mut conn)).await {
+                match timeout(limit, inv.invoke_async::<redis::Value>(&mut master.conn)).await {
                     Ok(r) => r,
                     Err(_) => {
-                        let _ = cmd.reply.send(Err(unanswered(limit)));
+                        replies.push(None);
                         continue;
                     }
                 }
             }
             other => other,
         };
-        let reply = match res
-            .and_then(|v| redis::from_redis_value::<(u64, String, u8)>(v).map_err(Into::into))
-        {
-            Ok((offset, epoch, duplicate)) => {
-                let epoch: Arc<str> = epoch.into();
-                if let Some((_, acked)) = &shared.history {
-                    acked.note(&cmd.req.room, &epoch, offset);
-                }
-                Ok(Published {
-                    offset,
-                    epoch,
-                    duplicate: duplicate == 1,
-                })
+        replies.push(Some(res.and_then(|v| {
+            redis::from_redis_value::<(u64, String, u8)>(v).map_err(Into::into)
+        })));
+    }
+    Ok(replies)
+}
+
+/// The caller's answer for one script reply: what was assigned (noted as
+/// acknowledged in history mode), or the error; `trouble` is called for an
+/// error that says the link may be broken (`READONLY`, I/O).
+pub(super) fn answer(
+    acked: Option<&Acked>,
+    master: &Master,
+    cmd: &PublishCmd,
+    reply: Reply,
+    trouble: impl FnOnce(),
+) -> Result<Published, BrokerError> {
+    match reply {
+        Ok((offset, epoch, duplicate)) => {
+            let epoch: Arc<str> = epoch.into();
+            if let Some(acked) = acked {
+                acked.note(&cmd.req.room, &epoch, offset);
             }
-            Err(source) => {
-                if source.code() == Some("READONLY")
-                    || source.is_io_error()
-                    || source.is_connection_dropped()
-                {
-                    shared.trouble.notify_one();
-                }
-                Err(Error::Command {
-                    command: "publish script",
-                    addr: addr.clone(),
-                    source,
-                }
-                .into())
+            Ok(Published {
+                offset,
+                epoch,
+                duplicate: duplicate == 1,
+            })
+        }
+        Err(source) => {
+            if source.code() == Some("READONLY")
+                || source.is_io_error()
+                || source.is_connection_dropped()
+            {
+                trouble();
             }
-        };
-        let _ = cmd.reply.send(reply);
+            Err(Error::Command {
+                command: "publish script",
+                addr: master.addr.clone(),
+                source,
+            }
+            .into())
+        }
     }
 }
 
 /// The keys and arguments of one publish script call (see `scripts::PUBLISH`).
-fn script_call(
-    shared: &Shared,
+pub(super) fn script_call(
+    opts: &RedisOptions,
     req: &PublishRequest,
     ts: &str,
     fence: &str,
 ) -> (Vec<String>, Vec<String>) {
-    let opts = &shared.opts;
+    let keys_of = opts.keys();
     let room = req.room.as_str();
     let (head, tail) = message_parts(room, &req.data, req.from.as_deref());
     let upstream = req.from.is_some() && opts.upstream.as_ref().is_some_and(|u| u.wants(room));
     let keys = vec![
-        scripts::room_key(room),
+        keys_of.room_key(room),
         opts.history_key(room),
         req.key
             .as_deref()
-            .map(|k| scripts::idempotency_key(room, k))
-            .unwrap_or_default(),
+            .map(|k| keys_of.idempotency_key(room, k))
+            .unwrap_or_else(|| keys_of.unused(room)),
         if upstream {
-            scripts::upstream_key(room)
+            keys_of.upstream_key(room)
         } else {
-            String::new()
+            keys_of.unused(room)
         },
     ];
     let args = vec![
-        scripts::room_channel(room),
+        keys_of.room_channel(room),
         head,
         tail,
         ts.to_string(),
@@ -197,6 +237,7 @@ fn script_call(
         },
         req.from.as_deref().unwrap_or("").to_string(),
         fence.to_string(),
+        keys_of.publish_command().to_string(),
     ];
     (keys, args)
 }

@@ -6,7 +6,7 @@
 //! read, a sentinel or anything else: one room's trouble never holds up
 //! another room's delivery. Canary arrivals are passed on to the link.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -42,34 +42,26 @@ impl Reader {
     /// stop (`None`); first queues `fills` (the catch-ups after a
     /// reconnect). Ends its fills before it returns.
     pub async fn run(mut self, fills: Vec<FillJob>) -> Option<Error> {
-        let mut fills = Fills {
-            waiting: fills.into(),
-            running: JoinSet::new(),
-        };
-        fills.start(&self.history);
+        let mut fills = Fills::new(self.history.clone(), fills);
         let why = loop {
             tokio::select! {
                 msg = self.stream.next() => match msg {
                     Some(msg) => {
                         if let Some(job) = self.dispatch(&msg) {
-                            fills.waiting.push_back(job);
-                            fills.start(&self.history);
+                            fills.push(job);
                         }
                     }
                     None => break Some(Error::SubscriptionClosed(self.master.clone())),
                 },
-                Some(done) = fills.running.join_next() => {
-                    match done {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break Some(e),
-                        Err(e) => tracing::error!(error = %e, "a gap fill panicked"),
+                Some(done) = fills.next_done() => {
+                    if let Err(e) = done {
+                        break Some(e);
                     }
-                    fills.start(&self.history);
                 }
                 () = self.stop.notified() => break None,
             }
         };
-        fills.running.shutdown().await;
+        fills.stop().await;
         why
     }
 
@@ -98,17 +90,66 @@ impl Reader {
     }
 }
 
-/// The link's gap fills: a few running, the rest waiting their turn (one
+/// A link's gap fills: a few running, the rest waiting their turn (one
 /// per room at most, as the tracker opens no second fill for a room).
-struct Fills {
+pub(super) struct Fills {
+    history: Option<(Arc<Tracker>, ReadPage<Error>)>,
     waiting: VecDeque<FillJob>,
     running: JoinSet<Result<(), Error>>,
+    /// The room of each running fill.
+    rooms: HashMap<tokio::task::Id, RoomName>,
 }
 
 impl Fills {
+    /// Fills through `history` (none without history), `waiting` first.
+    pub fn new(history: Option<(Arc<Tracker>, ReadPage<Error>)>, waiting: Vec<FillJob>) -> Self {
+        let mut fills = Self {
+            history,
+            waiting: waiting.into(),
+            running: JoinSet::new(),
+            rooms: HashMap::new(),
+        };
+        fills.start();
+        fills
+    }
+
+    pub fn push(&mut self, job: FillJob) {
+        self.waiting.push_back(job);
+        self.start();
+    }
+
+    /// The next fill to end (`None` while none runs), and starts the next
+    /// waiting one. A fill fails only when it could not catch a room up
+    /// after a reconnect.
+    pub async fn next_done(&mut self) -> Option<Result<(), Error>> {
+        let done = self.running.join_next_with_id().await?;
+        let result = match done {
+            Ok((id, result)) => {
+                self.rooms.remove(&id);
+                result
+            }
+            Err(e) => {
+                self.rooms.remove(&e.id());
+                tracing::error!(error = %e, "a gap fill panicked");
+                Ok(())
+            }
+        };
+        self.start();
+        Some(result)
+    }
+
+    /// Stops every fill; the rooms they were filling (waiting or running),
+    /// whose live messages the tracker holds for them.
+    pub async fn stop(mut self) -> Vec<RoomName> {
+        self.running.shutdown().await;
+        let mut rooms: Vec<RoomName> = self.rooms.into_values().collect();
+        rooms.extend(self.waiting.iter().map(|job| job.room().clone()));
+        rooms
+    }
+
     /// Starts waiting fills while there is room.
-    fn start(&mut self, history: &Option<(Arc<Tracker>, ReadPage<Error>)>) {
-        let Some((tracker, read)) = history else {
+    fn start(&mut self) {
+        let Some((tracker, read)) = &self.history else {
             return;
         };
         while self.running.len() < CONCURRENT_FILLS {
@@ -116,19 +157,21 @@ impl Fills {
                 return;
             };
             let (tracker, read) = (tracker.clone(), read.clone());
-            self.running.spawn(async move {
-                let room = job.room().clone();
+            let room = job.room().clone();
+            let failed = room.clone();
+            let task = self.running.spawn(async move {
                 tracker.fill(job, &read).await.map_err(|e| Error::CatchUp {
-                    room,
+                    room: failed,
                     source: Box::new(e),
                 })
             });
+            self.rooms.insert(task.id(), room);
         }
     }
 }
 
 /// A room notification as a delivery (`None`, logged, when malformed).
-fn delivery(room: &str, payload: &[u8]) -> Option<Delivery> {
+pub(super) fn delivery(room: &str, payload: &[u8]) -> Option<Delivery> {
     let Some(n) = scripts::split_notification(payload) else {
         tracing::warn!(room, "ignoring a malformed notification");
         return None;

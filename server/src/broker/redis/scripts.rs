@@ -24,6 +24,15 @@
 //! Every other key is a fixed prefix followed by the whole room name, which
 //! is unambiguous as it is.
 //!
+//! On a Redis Cluster ([`Keyspace::Tagged`]) the room name in every key and
+//! in the channel is written `{<room>}`, a hash tag: a room's hash, history,
+//! idempotency entries, upstream stream and channel then share one slot, so
+//! the script that touches them runs on one shard and `SPUBLISH`es there
+//! (room names cannot contain braces, so the tag is always the room). A key
+//! a call does not use is passed as `""` (one Redis) or as the room hash's
+//! own name (a cluster refuses keys of other slots in one call); the scripts
+//! treat both as unused.
+//!
 //! The live notification on channel `chorus:room:<room>` is
 //! `"<published_at_us> <offset> <epoch> <message frame>"`: the frame is
 //! assembled here from a head and a tail the publishing node encoded
@@ -42,7 +51,8 @@ use crate::protocol::message::EPOCH_FIELD;
 /// [`crate::protocol::message_parts`]), 4 published_at_us, 5 epoch for a
 /// new room, 6 idle TTL (s), 7 history MAXLEN (0: no history),
 /// 8 idempotency window (s), 9 upstream MAXLEN, 10 data, 11 publisher
-/// session, 12 fence (`""`: none).
+/// session, 12 fence (`""`: none), 13 the publish command (`PUBLISH`, the
+/// default, or `SPUBLISH` on a Redis Cluster).
 /// A room whose epoch was started under another fence gets a new epoch (see
 /// [`FENCE`]). Returns `{offset, epoch, duplicate}`.
 ///
@@ -53,7 +63,8 @@ pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[
             r#"
-if KEYS[3] ~= '' then
+local function used(i) return KEYS[i] ~= '' and KEYS[i] ~= KEYS[1] end
+if used(3) then
   local prev = redis.call('GET', KEYS[3])
   if prev then
     local sp = string.find(prev, ' ', 1, true)
@@ -64,25 +75,25 @@ local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch or (ARGV[12] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[12]) then
   epoch = ARGV[5]
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'r', ARGV[12])
-  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+  if used(2) then redis.call('DEL', KEYS[2]) end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local frame = ARGV[2] .. offset .. '"#,
             EPOCH_FIELD,
             r#"' .. epoch .. ARGV[3]
-if KEYS[2] ~= '' then
+if used(2) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '0-' .. offset, 'f', frame)
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-if KEYS[3] ~= '' then
+if used(3) then
   redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'EX', ARGV[8])
 end
-if KEYS[4] ~= '' then
+if used(4) then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
     'offset', offset, 'epoch', epoch, 'data', ARGV[10], 'from', ARGV[11], 'ts', ARGV[4])
 end
-redis.call('PUBLISH', ARGV[1], ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. ' ' .. frame)
+redis.call(ARGV[13] or 'PUBLISH', ARGV[1], ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. ' ' .. frame)
 return {offset, epoch, 0}
 "#,
         ]
@@ -101,7 +112,7 @@ pub static POSITION: LazyLock<Script> = LazyLock::new(|| {
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e or (ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[3]) then
   redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', 0, 'r', ARGV[3])
-  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+  if KEYS[2] ~= '' and KEYS[2] ~= KEYS[1] then redis.call('DEL', KEYS[2]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local v = redis.call('HMGET', KEYS[1], 'o', 'e')
@@ -154,7 +165,7 @@ if not v[2] then return {0, 0, ''} end
 local last = tonumber(v[1]) or 0
 if v[2] == ARGV[1] and last < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'e', ARGV[3])
-  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+  if KEYS[2] ~= '' and KEYS[2] ~= KEYS[1] then redis.call('DEL', KEYS[2]) end
   return {1, last, ARGV[3]}
 end
 return {0, last, v[2]}
@@ -197,25 +208,79 @@ return {v[1], v[2], out}
 });
 
 pub fn room_key(room: &str) -> String {
-    format!("chorus:room:{room}")
+    Keyspace::Plain.room_key(room)
 }
-
-pub fn history_key(room: &str) -> String {
-    format!("chorus:hist:{room}")
-}
-
-/// The idempotency entry of `key` in `room`: scoped by the room's length, so
-/// no (room, key) pair can name another pair's entry.
-pub fn idempotency_key(room: &str, key: &str) -> String {
-    format!("chorus:idem:{}:{room}:{key}", room.len())
-}
-
-pub use crate::upstream::upstream_key;
 
 pub const ROOM_CHANNEL_PREFIX: &str = "chorus:room:";
 
 pub fn room_channel(room: &str) -> String {
-    format!("{ROOM_CHANNEL_PREFIX}{room}")
+    Keyspace::Plain.room_channel(room)
+}
+
+/// How a room's keys and channel are named: as they always were (one
+/// Redis, with or without Sentinel), or with the room as hash tag (Redis
+/// Cluster), so that all of them live in the room's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyspace {
+    Plain,
+    Tagged,
+}
+
+impl Keyspace {
+    /// The room as it appears in key and channel names.
+    fn room(self, room: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            Keyspace::Plain => room.into(),
+            Keyspace::Tagged => format!("{{{room}}}").into(),
+        }
+    }
+
+    pub fn room_key(self, room: &str) -> String {
+        format!("chorus:room:{}", self.room(room))
+    }
+
+    pub fn history_key(self, room: &str) -> String {
+        format!("chorus:hist:{}", self.room(room))
+    }
+
+    /// The idempotency entry of `key` in `room`: scoped by the room's
+    /// length, so no (room, key) pair can name another pair's entry.
+    pub fn idempotency_key(self, room: &str, key: &str) -> String {
+        format!("chorus:idem:{}:{}:{key}", room.len(), self.room(room))
+    }
+
+    pub fn upstream_key(self, room: &str) -> String {
+        crate::upstream::upstream_key(&self.room(room))
+    }
+
+    pub fn room_channel(self, room: &str) -> String {
+        format!("{ROOM_CHANNEL_PREFIX}{}", self.room(room))
+    }
+
+    /// The room a channel named by [`Keyspace::room_channel`] belongs to.
+    pub fn channel_room(self, channel: &str) -> Option<&str> {
+        let rest = channel.strip_prefix(ROOM_CHANNEL_PREFIX)?;
+        match self {
+            Keyspace::Plain => Some(rest),
+            Keyspace::Tagged => rest.strip_prefix('{')?.strip_suffix('}'),
+        }
+    }
+
+    /// A key the script call does not use (see the module doc).
+    pub fn unused(self, room: &str) -> String {
+        match self {
+            Keyspace::Plain => String::new(),
+            Keyspace::Tagged => self.room_key(room),
+        }
+    }
+
+    /// The publish command the script runs.
+    pub fn publish_command(self) -> &'static str {
+        match self {
+            Keyspace::Plain => "PUBLISH",
+            Keyspace::Tagged => "SPUBLISH",
+        }
+    }
 }
 
 /// A live notification, split.
@@ -268,8 +333,34 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_room_keeps_its_keys_and_channel_in_one_slot() {
+        let k = Keyspace::Tagged;
+        let names = [
+            k.room_key("chat:lobby"),
+            k.history_key("chat:lobby"),
+            k.idempotency_key("chat:lobby", "m-{1}"),
+            k.upstream_key("chat:lobby"),
+            k.room_channel("chat:lobby"),
+            k.unused("chat:lobby"),
+        ];
+        for name in &names {
+            assert_eq!(
+                super::super::cluster::slot(name),
+                super::super::cluster::slot(&names[0]),
+                "{name}"
+            );
+        }
+        assert_eq!(names[0], "chorus:room:{chat:lobby}");
+        assert_eq!(names[3], "chorus:upstream:{chat:lobby}");
+        assert_eq!(k.channel_room(&names[4]), Some("chat:lobby"));
+        assert_eq!(Keyspace::Plain.channel_room("chorus:room:a"), Some("a"));
+        assert_eq!(k.channel_room("chorus:room:a"), None);
+    }
+
+    #[test]
     fn idempotency_keys_of_different_rooms_never_collide() {
         // Both rooms and keys may contain `:`.
+        let idempotency_key = |room, key| Keyspace::Plain.idempotency_key(room, key);
         assert_ne!(idempotency_key("a", "b:c"), idempotency_key("a:b", "c"));
         assert_ne!(idempotency_key("a:", "b"), idempotency_key("a", ":b"));
         assert_eq!(

@@ -115,3 +115,45 @@ async fn the_epoch_check_resets_an_epoch_as_its_rule_says() {
         assert_eq!(last, bus.as_ref().map_or(0, |b| b.offset), "{bus:?}");
     }
 }
+
+#[tokio::test]
+async fn in_the_cluster_keyspace_unused_keys_name_the_room_hash_and_are_left_alone() {
+    let redis = RedisServer::start().await;
+    let mut conn = connect(&redis).await;
+    let keys = Keyspace::Tagged;
+    let (room, unused, channel) = (keys.room_key("r"), keys.unused("r"), keys.room_channel("r"));
+    for want in 1..=2u64 {
+        let mut inv = PUBLISH.key(&room);
+        inv.key(&unused).key(&unused).key(&unused);
+        let args = [
+            channel.as_str(),
+            "{",
+            "}",
+            "1",
+            "fresh",
+            "60",
+            "0",
+            "60",
+            "0",
+            "",
+            "",
+            "",
+            keys.publish_command(),
+        ];
+        for arg in args {
+            inv.arg(arg);
+        }
+        let (offset, epoch, _): (u64, String, u8) = inv.invoke_async(&mut conn).await.unwrap();
+        assert_eq!((offset, epoch.as_str()), (want, "fresh"));
+    }
+    let (offset, epoch): (u64, String) = POSITION
+        .key(&room)
+        .key(&unused)
+        .arg("other")
+        .arg(60)
+        .arg("")
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((offset, epoch.as_str()), (2, "fresh"));
+}

@@ -119,8 +119,14 @@ impl Subscriptions {
             // delivered.
             if let Some(tracker) = tracker {
                 let mut conn = master.conn.clone();
-                let baselines = history::positions(&mut conn, addr, chunk, limit).await?;
+                let keys = scripts::Keyspace::Plain;
+                let baselines = history::positions(&mut conn, addr, keys, chunk, limit).await?;
                 for (room, cursor) in chunk.iter().zip(baselines) {
+                    let cursor = cursor.map_err(|source| Error::Command {
+                        command: "HMGET room positions",
+                        addr: addr.clone(),
+                        source,
+                    })?;
                     tracker.baseline(room, cursor);
                 }
             }

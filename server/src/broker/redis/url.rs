@@ -1,6 +1,8 @@
 //! `--broker` URLs for Redis:
 //! `redis://[[user]:password@]host:port[/db]` and
-//! `redis+sentinel://[[user]:password@]host:port[,host:port…]/<master-name>[/db]`.
+//! `redis+sentinel://[[user]:password@]host:port[,host:port…]/<master-name>[/db]` and
+//! `redis+cluster://[[user]:password@]host:port[,host:port…]` (any nodes of
+//! a Redis Cluster: the rest is learnt from them; database 0 only).
 
 use std::fmt;
 
@@ -31,9 +33,13 @@ pub enum Target {
         sentinels: Vec<Addr>,
         master: String,
     },
+    /// Redis Cluster: the nodes to learn the topology from first.
+    Cluster {
+        seeds: Vec<Addr>,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Addr {
     pub host: String,
     pub port: u16,
@@ -65,10 +71,15 @@ impl RedisUrl {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| fail("missing scheme"))?;
-        let sentinel = match scheme {
-            "redis" => false,
-            "redis+sentinel" => true,
-            _ => return Err(fail("scheme must be redis:// or redis+sentinel://")),
+        let (sentinel, cluster) = match scheme {
+            "redis" => (false, false),
+            "redis+sentinel" => (true, false),
+            "redis+cluster" => (false, true),
+            _ => {
+                return Err(fail(
+                    "scheme must be redis://, redis+sentinel:// or redis+cluster://",
+                ));
+            }
         };
         let (authority, path) = match rest.split_once('/') {
             Some((a, p)) => (a, p),
@@ -109,10 +120,15 @@ impl RedisUrl {
                 },
                 segments.next(),
             )
+        } else if cluster {
+            if segments.next().is_some() {
+                return Err(fail("a Redis Cluster has database 0 only: no path"));
+            }
+            (Target::Cluster { seeds: addrs }, None)
         } else {
             if addrs.len() != 1 {
                 return Err(fail(
-                    "redis:// takes one host:port (use redis+sentinel:// for several)",
+                    "redis:// takes one host:port (use redis+sentinel:// or redis+cluster:// for several)",
                 ));
             }
             (
@@ -141,7 +157,8 @@ impl RedisUrl {
     }
 }
 
-fn parse_addr(s: &str, default_port: u16) -> Option<Addr> {
+/// `host:port`, `[v6]:port` or `host` (then `default_port`).
+pub(super) fn parse_addr(s: &str, default_port: u16) -> Option<Addr> {
     if s.is_empty() {
         return None;
     }
@@ -222,6 +239,21 @@ mod tests {
     }
 
     #[test]
+    fn parses_cluster_urls() {
+        let u = RedisUrl::parse("redis+cluster://:pw@a:7000,b:7001,c").unwrap();
+        assert_eq!(
+            (u.target, u.password.as_deref(), u.db),
+            (
+                Target::Cluster {
+                    seeds: vec![addr("a", 7000), addr("b", 7001), addr("c", 6379)]
+                },
+                Some("pw"),
+                0
+            )
+        );
+    }
+
+    #[test]
     fn refuses_bad_urls_without_leaking_the_password() {
         for bad in [
             "http://x",
@@ -230,6 +262,8 @@ mod tests {
             "redis://a:notaport",
             "redis://a:1/x",
             "redis://:pw@a:1/x/y",
+            "redis+cluster://:pw@a:1/1",
+            "redis+cluster://:pw@",
         ] {
             let e = RedisUrl::parse(bad).unwrap_err();
             assert!(!e.to_string().contains("pw"), "{e}");
