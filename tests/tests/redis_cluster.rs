@@ -1,7 +1,8 @@
 //! Sharded Pub/Sub on a real Redis Cluster (three shards of a master and a
 //! replica, from the test kit): nodes deliver across each other through
-//! `SSUBSCRIBE`/`SPUBLISH` on the shard that serves each room, and recover
-//! durable rooms on every shard.
+//! `SSUBSCRIBE`/`SPUBLISH` on the shard that serves each room, follow a
+//! slot that moves and a master that fails over, and recover durable rooms
+//! on every shard.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -175,6 +176,117 @@ async fn publish_n(c: &mut WsClient, room: &str, count: u64) {
     for _ in 0..count {
         let ok = c.publish(room, json!("m")).await;
         assert_eq!(ok["op"], "ok", "{ok}");
+    }
+}
+
+/// Waits until a node subscribed `room` on the master on `port` (and on no
+/// other).
+async fn wait_subscribed_on(cluster: &RedisCluster, room: &str, port: u16) {
+    let channel = format!("chorus:room:{{{room}}}");
+    wait_until(
+        &format!("{room} to be subscribed on {port} only"),
+        || async {
+            let numsub = cluster.shard_numsub(&channel).await;
+            numsub.iter().all(|(p, n)| (*n > 0) == (*p == port))
+        },
+    )
+    .await;
+}
+
+/// The slot of `room` and a master other than the one serving it.
+async fn slot_and_another_master(cluster: &RedisCluster, room: &str) -> (u16, u16) {
+    let slot = room_slot(room);
+    let from = cluster.master_of(slot).await;
+    let masters = cluster.masters().await;
+    (slot, *masters.iter().find(|p| **p != from).unwrap())
+}
+
+#[tokio::test]
+async fn a_busy_durable_room_is_delivered_whole_while_its_slot_moves() {
+    let cluster = RedisCluster::start().await;
+    let nodes = nodes(2, &cluster, &["--delivery", "streams"]).await;
+    let room = "busy";
+    let (slot, to) = slot_and_another_master(&cluster, room).await;
+    let mut sub = nodes[1].client().await;
+    sub.subscribe(room).await;
+    let mut publisher = nodes[0].client().await;
+
+    publish_n(&mut publisher, room, 20).await;
+    // The room's keys move; its old master answers ASK for them until the
+    // slot is handed over: publishes go on through the new master.
+    let migration = cluster.begin_migration(slot, to).await;
+    publish_n(&mut publisher, room, 20).await;
+    assert!(calls(&cluster, to, "asking").await >= 20, "ASK followed");
+    migration.finish(&cluster).await;
+    publish_n(&mut publisher, room, 20).await;
+
+    // Nothing lost, nothing twice, one epoch (history moved with the room).
+    read_contiguous(&mut sub, 1, 60).await;
+    wait_subscribed_on(&cluster, room, to).await;
+    publish_n(&mut publisher, room, 1).await;
+    read_contiguous(&mut sub, 61, 61).await;
+}
+
+#[tokio::test]
+async fn a_room_whose_slot_moved_is_subscribed_on_its_new_shard() {
+    let cluster = RedisCluster::start().await;
+    let nodes = nodes(2, &cluster, &[]).await;
+    let room = "moving";
+    let (slot, to) = slot_and_another_master(&cluster, room).await;
+    let mut sub = nodes[1].client().await;
+    sub.subscribe(room).await;
+    let mut publisher = nodes[0].client().await;
+    publish_n(&mut publisher, room, 5).await;
+    let epoch = read_contiguous(&mut sub, 1, 5).await;
+
+    cluster.migrate_slot(slot, to).await;
+    // The old master pushed SUNSUBSCRIBE; the node subscribed the room on
+    // the new one.
+    wait_subscribed_on(&cluster, room, to).await;
+    let ok = publisher.publish(room, json!("after")).await;
+    assert_eq!(ok["op"], "ok", "{ok}");
+    let m = sub.message().await;
+    assert_eq!(m["data"], "after");
+    // pubsub mode: the room changed masters, so its counter is trusted no
+    // further than a failover's (a new epoch, clients are told).
+    assert_ne!(m["epoch"], epoch.as_str(), "{m}");
+    assert_eq!(
+        (m["offset"].as_u64(), &m["epoch"]),
+        (ok["offset"].as_u64(), &ok["epoch"])
+    );
+}
+
+#[tokio::test]
+async fn a_shard_whose_master_dies_delivers_again_once_its_replica_takes_over() {
+    let mut cluster = RedisCluster::start().await;
+    let nodes = nodes(2, &cluster, &["--redis-timeout", "500ms"]).await;
+    let rooms = rooms_by_master(&cluster, 1).await;
+    let mut sub = nodes[1].client().await;
+    let all: Vec<&String> = rooms.values().flatten().collect();
+    for room in &all {
+        sub.subscribe(room).await;
+    }
+    let mut publisher = nodes[0].client().await;
+    let victim = all[0].clone();
+    let slot = room_slot(&victim);
+
+    let promoted = cluster.kill_master_of(slot).await;
+    // The nodes find the new master and subscribe its rooms there.
+    for node in &nodes {
+        wait_until("the node to be ready again", || async {
+            node.node.ready().is_ok()
+        })
+        .await;
+    }
+    wait_subscribed_on(&cluster, &victim, promoted).await;
+    for room in &all {
+        let ok = publisher.publish(room, json!(room)).await;
+        assert_eq!(ok["op"], "ok", "{room}: {ok}");
+        let m = sub.message().await;
+        assert_eq!(
+            (m["room"].as_str(), &m["data"]),
+            (Some(room.as_str()), &json!(room))
+        );
     }
 }
 
