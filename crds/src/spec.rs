@@ -503,10 +503,11 @@ fn default_storage_size() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRedisSpec {
-    /// `redis://host:port[/db]` or
-    /// `redis+sentinel://host:port[,host:port...]/<master-name>`, without a
-    /// password (use `passwordSecretRef`).
-    #[schemars(pattern(r"^redis(\+sentinel)?://[^@\s]+$"))]
+    /// `redis://host:port[/db]`,
+    /// `redis+sentinel://host:port[,host:port...]/<master-name>` or
+    /// `redis+cluster://host:port[,host:port...]` (a Redis Cluster: sharded
+    /// Pub/Sub), without a password (use `passwordSecretRef`).
+    #[schemars(pattern(r"^redis(\+sentinel|\+cluster)?://[^@\s]+$"))]
     pub url: String,
 }
 

@@ -157,13 +157,15 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
 
 /// `redis://host:port[/db]` or `redis+sentinel://host:port[,host:port...]/<master>`.
 fn check_redis_url(url: &str) -> Result<(), String> {
-    let (rest, sentinel) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-        (rest, true)
+    let (rest, kind) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        (rest, UrlKind::Sentinel)
+    } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        (rest, UrlKind::Cluster)
     } else if let Some(rest) = url.strip_prefix("redis://") {
-        (rest, false)
+        (rest, UrlKind::Direct)
     } else {
         return Err(format!(
-            "{url:?} must start with redis:// or redis+sentinel://"
+            "{url:?} must start with redis://, redis+sentinel:// or redis+cluster://"
         ));
     };
     if rest.contains('@') {
@@ -174,22 +176,31 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     }
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     let hosts: Vec<&str> = hosts.split(',').collect();
-    if !sentinel && hosts.len() != 1 {
+    if kind == UrlKind::Direct && hosts.len() != 1 {
         return Err(format!("{url:?}: redis:// takes exactly one host:port"));
     }
     for host in &hosts {
         check_host_port(host).map_err(|m| format!("{url:?}: {m}"))?;
     }
-    if sentinel {
-        if path.is_empty() || path.contains('/') {
-            return Err(format!(
-                "{url:?} must end with /<master-name>, e.g. /mymaster"
-            ));
+    match kind {
+        UrlKind::Sentinel if path.is_empty() || path.contains('/') => Err(format!(
+            "{url:?} must end with /<master-name>, e.g. /mymaster"
+        )),
+        UrlKind::Cluster if !path.is_empty() => Err(format!(
+            "{url:?}: a Redis Cluster has database 0 only, so no path"
+        )),
+        UrlKind::Direct if !path.is_empty() && path.parse::<u8>().is_err() => {
+            Err(format!("{url:?}: the path must be a database number"))
         }
-    } else if !path.is_empty() && path.parse::<u8>().is_err() {
-        return Err(format!("{url:?}: the path must be a database number"));
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UrlKind {
+    Direct,
+    Sentinel,
+    Cluster,
 }
 
 fn check_host_port(host_port: &str) -> Result<(), String> {
@@ -291,7 +302,13 @@ mod tests {
             with_url("redis+sentinel://s1:26379,s2:26379/mymaster"),
             Ok(())
         );
+        assert_eq!(
+            with_url("redis+cluster://c0.infra:6379,c1.infra:6379"),
+            Ok(())
+        );
         for bad in [
+            "redis+cluster://c0.infra:6379/1",
+            "redis+cluster://:secret@c0.infra:6379",
             "redis+sentinel://s1:26379",
             "redis://a:1,b:2",
             "redis://host",

@@ -169,6 +169,14 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             }),
         ),
         (
+            "external redis cluster with password",
+            spec(|s| {
+                external(s, "redis+cluster://c0.infra:6379,c1.infra:6379");
+                s.redis.password_secret_ref = key_ref("redis");
+                s.delivery = Delivery::Streams;
+            }),
+        ),
+        (
             "smallest limits",
             spec(|s| {
                 s.limits.max_frame_bytes = 256;
