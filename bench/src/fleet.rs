@@ -1,5 +1,6 @@
 //! The processes under test: `chorus-server` nodes and their broker (one
-//! `redis-server`, or a Sentinel group of 2 Redis and 3 sentinels), started
+//! `redis-server`, a Sentinel group of 2 Redis and 3 sentinels, or a Redis
+//! Cluster of masters without replicas), started
 //! by chorus-testkit on free ports of 127.0.0.1, each in a temporary
 //! directory with its log (kept with `CHORUS_KEEP_TEST_DIRS=1`), and killed
 //! when the [`Fleet`] is dropped. A fleet can also be a list of nodes
@@ -9,13 +10,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use chorus_testkit::{ChorusServer, GroupOptions, RedisServer, SentinelGroup};
+
+use crate::procfs;
+use chorus_testkit::{
+    ChorusServer, ClusterOptions, GroupOptions, RedisCluster, RedisServer, SentinelGroup,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
     Memory,
     Redis,
     Sentinel,
+    /// A Redis Cluster of this many masters (no replicas: each shard's CPU
+    /// is its own rooms' work).
+    Cluster(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -38,7 +46,36 @@ impl FleetSpec {
                 "{} nodes + sentinel group (2 redis, 3 sentinels)",
                 self.nodes
             ),
+            BrokerKind::Cluster(shards) => {
+                format!("{} nodes + redis cluster ({shards} shards)", self.nodes)
+            }
         }
+    }
+}
+
+/// One Redis master's load at an instant, or between two.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisLoad {
+    pub port: u16,
+    pub cpu_s: f64,
+    /// Publish scripts run: messages of the rooms this master serves.
+    pub scripts: u64,
+}
+
+impl RedisLoad {
+    /// `self - before`, per port.
+    pub fn deltas(after: &[RedisLoad], before: &[RedisLoad]) -> Vec<RedisLoad> {
+        after
+            .iter()
+            .filter_map(|a| {
+                let b = before.iter().find(|b| b.port == a.port)?;
+                Some(RedisLoad {
+                    port: a.port,
+                    cpu_s: a.cpu_s - b.cpu_s,
+                    scripts: a.scripts.saturating_sub(b.scripts),
+                })
+            })
+            .collect()
     }
 }
 
@@ -66,6 +103,7 @@ pub enum Broker {
     None,
     Redis(RedisServer),
     Sentinel(SentinelGroup),
+    Cluster(RedisCluster),
 }
 
 pub struct Fleet {
@@ -126,6 +164,16 @@ impl Fleet {
                 let url = group.broker_url();
                 (Broker::Sentinel(group), url)
             }
+            BrokerKind::Cluster(shards) => {
+                let cluster = RedisCluster::launch(ClusterOptions {
+                    shards,
+                    replicas_per_shard: 0,
+                    ..ClusterOptions::default()
+                })
+                .await?;
+                let url = cluster.broker_url();
+                (Broker::Cluster(cluster), url)
+            }
         };
         let mut fleet = Self {
             label: spec.label(),
@@ -157,11 +205,12 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// The Redis servers (master first).
+    /// The Redis servers (master first; a cluster's in no fixed order).
     fn redis(&self) -> Vec<&RedisServer> {
         match &self.broker {
             Broker::None => Vec::new(),
             Broker::Redis(redis) => vec![redis],
+            Broker::Cluster(cluster) => cluster.nodes.iter().collect(),
             Broker::Sentinel(group) => std::iter::once(&group.master)
                 .chain(&group.replicas)
                 .collect(),
@@ -198,10 +247,46 @@ impl Fleet {
         self.nodes.iter().all(|n| n.pid().is_some())
     }
 
-    /// A numeric field of the master's `INFO` (e.g. `total_net_output_bytes`).
+    /// A numeric field of the master's `INFO` (e.g. `total_net_output_bytes`),
+    /// summed over a cluster's masters.
     pub async fn redis_stat(&self, field: &str) -> Option<u64> {
-        let master = *self.redis().first()?;
-        master.info("stats").await?.number(field)
+        let masters = match &self.broker {
+            Broker::Cluster(cluster) => cluster.nodes.iter().collect(),
+            _ => vec![*self.redis().first()?],
+        };
+        let mut total = 0;
+        for master in masters {
+            total += master.info("stats").await?.number(field)?;
+        }
+        Some(total)
+    }
+
+    /// Each Redis master's load so far: its port, CPU seconds and publish
+    /// scripts run (`EVALSHA` and `EVAL` calls in `INFO commandstats`).
+    pub async fn redis_loads(&self) -> Vec<RedisLoad> {
+        let masters = match &self.broker {
+            Broker::Cluster(cluster) => cluster.nodes.iter().collect(),
+            _ => self.redis().into_iter().take(1).collect::<Vec<_>>(),
+        };
+        let mut out = Vec::new();
+        for master in masters {
+            let stats = master.info("commandstats").await;
+            let calls = |command: &str| {
+                stats
+                    .as_ref()
+                    .and_then(|s| s.get(&format!("cmdstat_{command}")))
+                    .and_then(|v| v.strip_prefix("calls="))
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            out.push(RedisLoad {
+                port: master.port,
+                cpu_s: master.pid().and_then(procfs::cpu_seconds).unwrap_or(0.0),
+                scripts: calls("evalsha") + calls("eval"),
+            });
+        }
+        out
     }
 
     /// A counter from a node's `/metrics` (summed over label sets).

@@ -40,6 +40,9 @@ pub struct Cli {
     /// Broker of the started fleet (failover always uses a Sentinel group).
     #[arg(long, global = true, value_enum, default_value_t = BrokerArg::Redis)]
     pub broker: BrokerArg,
+    /// Masters of the Redis Cluster (`--broker cluster`).
+    #[arg(long, global = true, default_value_t = 3)]
+    pub shards: usize,
     /// The chorus-server binary (default: next to this executable).
     #[arg(long, global = true)]
     pub server_bin: Option<PathBuf>,
@@ -62,6 +65,8 @@ pub struct Cli {
 pub enum BrokerArg {
     Memory,
     Redis,
+    /// A Redis Cluster of `--shards` masters (sharded Pub/Sub).
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -132,6 +137,7 @@ pub async fn run(cli: Cli) -> Result<Vec<Value>> {
             (true, _) => BrokerKind::Sentinel,
             (false, BrokerArg::Memory) => BrokerKind::Memory,
             (false, BrokerArg::Redis) => BrokerKind::Redis,
+            (false, BrokerArg::Cluster) => BrokerKind::Cluster(cli.shards.max(1)),
         },
         server_bin: cli
             .server_bin

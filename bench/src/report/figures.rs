@@ -118,6 +118,38 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         r.put_json("server_delivered", v);
     }
     report_cpu(r, fleet, &d.cpu, d.wall_secs, a.frames, a.acked);
+    report_shards(r, d);
+}
+
+/// Per Redis master (one, or each shard of a cluster): CPU seconds, the
+/// publish scripts it ran (its own rooms' messages) and its CPU per million
+/// of them.
+fn report_shards(r: &mut Report, d: &Delivery) {
+    if d.shards.is_empty() {
+        return;
+    }
+    let mut json = Vec::new();
+    let mut shown = Vec::new();
+    for s in &d.shards {
+        let per_m = (s.scripts > 0).then(|| s.cpu_s / s.scripts as f64 * 1e6);
+        json.push(serde_json::json!({
+            "port": s.port, "cpu_s": num(Some(s.cpu_s)), "messages": s.scripts,
+            "cpu_s_per_m_messages": num(per_m),
+        }));
+        shown.push(format!(
+            ":{} {:.2} s / {} msgs ({})",
+            s.port,
+            s.cpu_s,
+            s.scripts,
+            show(per_m, " s/1M")
+        ));
+    }
+    r.put(
+        "redis_shards",
+        "per redis master: CPU / own messages",
+        json,
+        shown.join(", "),
+    );
 }
 
 /// CPU seconds per million deliveries (and per million messages for Redis).

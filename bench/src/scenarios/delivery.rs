@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::client::{self, PubReport, PubSpec, StopAt, SubReport};
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, RedisLoad};
 use crate::hist::Histogram;
 use crate::procfs;
 
@@ -83,6 +83,8 @@ pub struct Delivery {
     pub subs: Vec<SubReport>,
     pub pubs: Vec<PubReport>,
     pub cpu: CpuSnap,
+    /// Each Redis master's CPU and publish scripts over the run.
+    pub shards: Vec<RedisLoad>,
     /// From the first publish to the last frame received (s).
     pub active_secs: f64,
     /// Wall time between the CPU snapshots (s).
@@ -130,6 +132,7 @@ where
     let delivered_before = fleet.metric("chorus_messages_delivered_total").await;
     // Let the connection set-up settle before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let loads_before = fleet.redis_loads().await;
     let before = CpuSnap::take(fleet);
     let start_us = client::now_us();
     let pub_tasks: Vec<_> = plan
@@ -157,6 +160,7 @@ where
         subs.push(t.await.context("subscriber task")?);
     }
     let after = CpuSnap::take(fleet);
+    let shards = RedisLoad::deltas(&fleet.redis_loads().await, &loads_before);
     let last = subs
         .iter()
         .map(|s| s.last_frame_at)
@@ -179,6 +183,7 @@ where
             subs,
             pubs,
             cpu: after.delta(&before),
+            shards,
             active_secs: last.saturating_sub(start_us) as f64 / 1e6,
             wall_secs,
             rooms: plan.rooms.len(),
