@@ -13,7 +13,7 @@ use redis::Value;
 
 use crate::daemon::START_LIMIT;
 use crate::redis::{RedisOptions, RedisServer, query};
-use crate::{Error, Result, wait};
+use crate::{Error, Result, free_port, wait};
 
 /// The shape of a [`RedisCluster`].
 #[derive(Clone, Debug)]
@@ -62,7 +62,7 @@ impl RedisCluster {
         let count = options.shards * (1 + options.replicas_per_shard);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
-            nodes.push(RedisServer::launch(node_options(&options)).await?);
+            nodes.push(launch_node(&options).await?);
         }
         let cluster = Self { nodes };
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
@@ -322,6 +322,21 @@ impl Migration {
     }
 }
 
+/// Starts one node; a node that exits at once (a port of the two it was
+/// given was taken by another process meanwhile) is started again on
+/// other ports, twice at most.
+async fn launch_node(options: &ClusterOptions) -> Result<RedisServer> {
+    let mut tries = 0;
+    loop {
+        match RedisServer::launch(node_options(options)).await {
+            Err(Error::Exited { .. }) if tries < 2 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// A node's options. Its cluster bus gets a free port of its own: the
+/// default, its port + 10 000, may be taken (or past 65 535).
 fn node_options(options: &ClusterOptions) -> RedisOptions {
     RedisOptions {
         extra: [
@@ -329,6 +344,8 @@ fn node_options(options: &ClusterOptions) -> RedisOptions {
             "yes",
             "--cluster-config-file",
             "nodes.conf",
+            "--cluster-port",
+            &free_port().to_string(),
             "--cluster-node-timeout",
             &options.node_timeout.as_millis().to_string(),
         ]
