@@ -176,6 +176,43 @@ async fn rows_read_together_are_relayed_in_commit_order_not_id_order() {
     nothing_more(&mut sub).await;
 }
 
+/// What an operator watches in `/metrics`: rows waiting and for how long
+/// while no relay can take them (here kept off their room), then relayed,
+/// counted and timed.
+#[tokio::test]
+async fn pending_rows_and_lag_show_in_metrics_until_relayed() {
+    let pg = Postgres::start().await;
+    let node = relay_node(&pg, "memory://", &["--outbox-poll-interval", "100ms"]).await;
+    assert_eq!(node.metric("chorus_outbox_up").await, 1.0);
+    let holder = pg.client().await;
+    keep_relays_off(&holder, "held").await;
+    let db = pg.client().await;
+    for n in 0..3 {
+        insert(&db, "held", json!(n)).await;
+    }
+    wait_until("three rows pending, for some time", || async {
+        node.metric("chorus_outbox_pending_rows").await == 3.0
+            && node.metric("chorus_outbox_lag_seconds").await > 0.0
+    })
+    .await;
+    assert_eq!(node.metric("chorus_outbox_relayed_total").await, 0.0);
+    holder
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    wait_until("the rows relayed and the gauges back at 0", || async {
+        node.metric("chorus_outbox_relayed_total").await == 3.0
+            && node.metric("chorus_outbox_pending_rows").await == 0.0
+            && node.metric("chorus_outbox_lag_seconds").await == 0.0
+    })
+    .await;
+    assert_eq!(
+        node.metric("chorus_outbox_relay_latency_seconds_count")
+            .await,
+        3.0
+    );
+}
+
 /// Transactions that insert their message first and commit in an order of
 /// their own (a counter row they update last serialises their commits, so
 /// its value is each one's place in the commit order): the room gets them
