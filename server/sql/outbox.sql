@@ -44,6 +44,15 @@ CREATE INDEX IF NOT EXISTS chorus_outbox_unstamped
 
 CREATE SEQUENCE IF NOT EXISTS chorus_outbox_commit_seq;
 
+-- The stamp runs as the table's owner (SECURITY DEFINER), so a backend's
+-- role needs only INSERT on the table and USAGE on chorus_outbox_id_seq.
+-- It finds its table and sequence by the search_path of this migration
+-- (the table's schema), then pg_temp: a backend's temporary table cannot
+-- stand in for them. (In a transaction, as --outbox-init runs it; outside
+-- one, this line lasts only for itself and the function keeps the
+-- session's search_path.)
+SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+
 -- At commit (a deferred constraint trigger: it runs after everything else
 -- the transaction did), the first call in a transaction stamps all of the
 -- transaction's rows:
@@ -58,7 +67,7 @@ CREATE SEQUENCE IF NOT EXISTS chorus_outbox_commit_seq;
 -- committed: the relay can publish a room's rows in commit_seq order and
 -- never skips a transaction that commits late.
 CREATE OR REPLACE FUNCTION chorus_outbox_stamp() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     seq bigint;
 BEGIN

@@ -176,6 +176,43 @@ async fn rows_read_together_are_relayed_in_commit_order_not_id_order() {
     nothing_more(&mut sub).await;
 }
 
+/// Least privilege: the backend's role may only insert into the table
+/// (and draw its ids), the relay's may read, stamp and delete; neither
+/// owns anything. The commit trigger stamps the backend's rows as the
+/// table's owner.
+#[tokio::test]
+async fn a_backend_that_may_only_insert_is_relayed_by_a_relay_that_owns_nothing() {
+    let pg = Postgres::start().await;
+    pg.execute(MIGRATION).await;
+    pg.execute(
+        "CREATE ROLE shop LOGIN;
+         GRANT INSERT ON chorus_outbox TO shop;
+         GRANT USAGE ON SEQUENCE chorus_outbox_id_seq TO shop;
+         CREATE ROLE relay LOGIN;
+         GRANT SELECT, UPDATE, DELETE ON chorus_outbox TO relay;
+         GRANT USAGE ON SEQUENCE chorus_outbox_commit_seq TO relay;",
+    )
+    .await;
+    let as_role = |role: &str| pg.dsn().replacen("chorus@", &format!("{role}@"), 1);
+    let node = TestNode::start(&["--outbox", &as_role("relay")]).await;
+    wait_for_relay(&node).await;
+    let mut sub = node.client().await;
+    sub.subscribe("orders:7").await;
+    let mut shop = chorus_testkit::postgres::connect(&as_role("shop"))
+        .await
+        .unwrap();
+    let tx = shop.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO chorus_outbox (room, data) VALUES ('orders:7', '\"paid\"')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(messages(&mut sub, 1).await, [(1, json!("paid"))]);
+    wait_for_empty_outbox(&pg.client().await).await;
+}
+
 /// What an operator watches in `/metrics`: rows waiting and for how long
 /// while no relay can take them (here kept off their room), then relayed,
 /// counted and timed.
