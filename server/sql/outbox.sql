@@ -61,7 +61,8 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 --      transactions never deadlock on them), waiting for any other
 --      committing transaction of the same rooms to finish committing;
 --   2. it takes the next commit_seq and stamps the rows with it;
---   3. it wakes the relays (NOTIFY, sent at commit).
+--   3. it wakes the relays (NOTIFY, sent at commit), unless the setting
+--      chorus.outbox_notify is off.
 -- The locks are released only after the commit is visible, so within a
 -- room a higher commit_seq is never visible before a lower one that
 -- committed: the relay can publish a room's rows in commit_seq order and
@@ -83,7 +84,13 @@ BEGIN
     seq := nextval('chorus_outbox_commit_seq');
     UPDATE chorus_outbox SET commit_seq = seq, committed_at = clock_timestamp()
      WHERE xact = pg_current_xact_id() AND commit_seq IS NULL;
-    PERFORM pg_notify(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '');
+    -- A NOTIFY makes PostgreSQL take one lock per database from it to the
+    -- end of the commit: with it, every outbox commit in the database takes
+    -- turns. `chorus.outbox_notify = off` (per role, database or session)
+    -- leaves the relays to find rows by polling instead.
+    IF coalesce(current_setting('chorus.outbox_notify', true), '') <> 'off' THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '');
+    END IF;
     RETURN NULL;
 END
 $$;

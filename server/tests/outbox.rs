@@ -213,6 +213,46 @@ async fn a_backend_that_may_only_insert_is_relayed_by_a_relay_that_owns_nothing(
     wait_for_empty_outbox(&pg.client().await).await;
 }
 
+/// `chorus.outbox_notify = off` (here per session; per role or database
+/// works the same) sends no NOTIFY with a commit, so outbox commits do not
+/// take turns on NOTIFY's lock: a listener hears only the commit made
+/// with it on, and the relay finds the other row by polling.
+#[tokio::test]
+async fn a_backend_with_notify_off_sends_no_notification_and_is_relayed_by_polling() {
+    let pg = Postgres::start().await;
+    let node = relay_node(&pg, "memory://", &["--outbox-poll-interval", "100ms"]).await;
+    let mut sub = node.client().await;
+    sub.subscribe("quiet").await;
+    let (listener, mut connection) = tokio_postgres::connect(&pg.dsn(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                heard_tx.send(n.channel().to_owned()).unwrap();
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN \"public.chorus_outbox\"")
+        .await
+        .unwrap();
+
+    let quiet = pg.client().await;
+    quiet
+        .batch_execute("SET chorus.outbox_notify = off")
+        .await
+        .unwrap();
+    insert(&quiet, "quiet", json!("polled")).await;
+    assert_eq!(messages(&mut sub, 1).await, [(1, json!("polled"))]);
+    insert(&pg.client().await, "quiet", json!("notified")).await;
+    assert_eq!(messages(&mut sub, 1).await, [(2, json!("notified"))]);
+    assert_eq!(heard.recv().await.unwrap(), "public.chorus_outbox");
+    listener.batch_execute("SELECT 1").await.unwrap();
+    assert!(heard.try_recv().is_err(), "a second notification");
+}
+
 /// What an operator watches in `/metrics`: rows waiting and for how long
 /// while no relay can take them (here kept off their room), then relayed,
 /// counted and timed.

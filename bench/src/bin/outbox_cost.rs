@@ -7,11 +7,14 @@
 //!    `--seconds`, into (a) a plain table of the same columns without the
 //!    commit trigger (what an id-ordered outbox costs), (b) the outbox,
 //!    every writer in its own room, (c) the outbox, every writer in the
-//!    same room (commits take turns there): commits per second and the
-//!    `COMMIT`'s latency;
+//!    same room (commits take turns there), (d, e) the same two with
+//!    `chorus.outbox_notify = off` (no NOTIFY, whose lock makes every
+//!    notifying commit of the database take turns): commits per second and
+//!    the `COMMIT`'s latency;
 //! 2. the relay: one `chorus-server --outbox` (memory broker) and a
 //!    subscriber; `--samples` transactions one after another, each timed
-//!    from its `COMMIT` returning to the subscriber receiving it.
+//!    from its `COMMIT` returning to the subscriber receiving it, woken by
+//!    NOTIFY, then without NOTIFY polling every 50 ms.
 //!
 //! ```sh
 //! cargo build --release -p chorus-server -p chorus-bench
@@ -68,29 +71,45 @@ async fn main() -> Result<()> {
         "backends: {} writers, {} s per case, fsync on",
         args.writers, args.seconds
     );
-    println!("case                          commits/s   COMMIT p50   p99");
-    for (case, table, same_room) in [
-        ("plain table, no trigger", "plain_outbox", false),
-        ("outbox, a room per writer", "chorus_outbox", false),
-        ("outbox, one room", "chorus_outbox", true),
+    println!("case                                  commits/s   COMMIT p50       p99");
+    for case in [
+        Case::new("plain table, no trigger", "plain_outbox", false, true),
+        Case::new("outbox, a room per writer", "chorus_outbox", false, true),
+        Case::new("outbox, one room", "chorus_outbox", true, true),
+        Case::new(
+            "outbox, a room per writer, no NOTIFY",
+            "chorus_outbox",
+            false,
+            false,
+        ),
+        Case::new("outbox, one room, no NOTIFY", "chorus_outbox", true, false),
     ] {
-        let (rate, commit) = backends(&pg, &args, table, same_room).await?;
+        let (rate, commit) = backends(&pg, &args, &case).await?;
         println!(
-            "{case:<29} {rate:>9.0}   {:>7.2} ms   {:>6.2} ms",
+            "{:<37} {rate:>9.0}   {:>7.2} ms   {:>7.2} ms",
+            case.name,
             ms(commit.quantile(0.5)),
             ms(commit.quantile(0.99)),
         );
-        db.batch_execute(&format!("TRUNCATE {table}")).await?;
+        db.batch_execute(&format!("TRUNCATE {}", case.table))
+            .await?;
     }
-    let relay = relay(&pg, &args).await?;
     println!(
-        "relay: COMMIT returned -> subscriber received, {} transactions one after another: \
-         p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        relay.count(),
-        ms(relay.quantile(0.5)),
-        ms(relay.quantile(0.99)),
-        ms(relay.max()),
+        "relay: COMMIT returned -> subscriber received, {} transactions one after another",
+        args.samples
     );
+    for (name, notify, poll) in [
+        ("woken by NOTIFY", true, "1s"),
+        ("no NOTIFY, --outbox-poll-interval 50ms", false, "50ms"),
+    ] {
+        let relay = relay(&pg, &args, notify, poll).await?;
+        println!(
+            "{name:<40} p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms",
+            ms(relay.quantile(0.5)),
+            ms(relay.quantile(0.99)),
+            ms(relay.max()),
+        );
+    }
     Ok(())
 }
 
@@ -98,24 +117,52 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// One backend case.
+struct Case {
+    name: &'static str,
+    table: &'static str,
+    /// Every writer in the same room (else a room each).
+    same_room: bool,
+    /// The commit trigger's NOTIFY (`chorus.outbox_notify`).
+    notify: bool,
+}
+
+impl Case {
+    fn new(name: &'static str, table: &'static str, same_room: bool, notify: bool) -> Self {
+        Self {
+            name,
+            table,
+            same_room,
+            notify,
+        }
+    }
+}
+
+/// A connection to `pg`, with the commit trigger's NOTIFY on or off.
+async fn session(pg: &Postgres, notify: bool) -> Result<tokio_postgres::Client> {
+    let db = connect(&pg.dsn()).await?;
+    if !notify {
+        db.batch_execute("SET chorus.outbox_notify = off").await?;
+    }
+    Ok(db)
+}
+
 /// Commits per second and the `COMMIT` latencies (µs) of `--writers`
 /// connections writing a business row and a message per transaction.
-async fn backends(
-    pg: &Postgres,
-    args: &Args,
-    table: &str,
-    same_room: bool,
-) -> Result<(f64, Histogram)> {
+async fn backends(pg: &Postgres, args: &Args, case: &Case) -> Result<(f64, Histogram)> {
     let until = Instant::now() + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
     for w in 0..args.writers {
-        let mut db = connect(&pg.dsn()).await?;
-        let room = if same_room {
+        let mut db = session(pg, case.notify).await?;
+        let room = if case.same_room {
             "room".to_owned()
         } else {
             format!("room-{w}")
         };
-        let insert = format!("INSERT INTO {table} (room, data) VALUES ($1, '{{\"n\": 1}}')");
+        let insert = format!(
+            "INSERT INTO {} (room, data) VALUES ($1, '{{\"n\": 1}}')",
+            case.table
+        );
         tasks.push(tokio::spawn(async move {
             let mut commits = Histogram::default();
             while Instant::now() < until {
@@ -139,11 +186,11 @@ async fn backends(
 
 /// Time from a transaction's `COMMIT` returning to its message reaching a
 /// subscriber, through a `chorus-server --outbox` relay (µs).
-async fn relay(pg: &Postgres, args: &Args) -> Result<Histogram> {
+async fn relay(pg: &Postgres, args: &Args, notify: bool, poll: &str) -> Result<Histogram> {
     let dsn = pg.dsn();
     let server = ChorusServer::launch(
         &args.server_bin,
-        &["--outbox", &dsn],
+        &["--outbox", &dsn, "--outbox-poll-interval", poll],
         &[],
         Duration::from_secs(20),
     )
@@ -151,7 +198,7 @@ async fn relay(pg: &Postgres, args: &Args) -> Result<Histogram> {
     .with_context(|| format!("start {}", args.server_bin.display()))?;
     let mut ws = client::connect(&server.ws_url()).await?;
     client::subscribe(&mut ws, "timed").await?;
-    let mut db = connect(&dsn).await?;
+    let mut db = session(pg, notify).await?;
     let mut latency = Histogram::default();
     for n in 0..args.samples {
         let tx = db.transaction().await?;
@@ -168,10 +215,11 @@ async fn relay(pg: &Postgres, args: &Args) -> Result<Histogram> {
                 .context("no message within 10 s")?
                 .context("connection closed")??;
             if let Message::Text(text) = frame {
-                if text.contains(&format!("\"data\":{{\"n\":{n}}}")) {
-                    break;
-                }
-                if text.contains("\"op\":\"message\"") {
+                let frame: serde_json::Value = serde_json::from_str(&text)?;
+                if frame["op"] == "message" {
+                    if frame["data"]["n"] == n {
+                        break;
+                    }
                     bail!("unexpected message {text}");
                 }
             }

@@ -22,8 +22,11 @@
 //! never skips a transaction that commits late. The cost falls on
 //! backends: commits touching the same room take turns (the lock is held
 //! from the stamp to the end of the commit's WAL flush); other rooms
-//! commit in parallel. The README's "Transactional outbox" section weighs
-//! this against an xmin-horizon relay and logical decoding.
+//! commit in parallel, unless the trigger's wake-up `NOTIFY` is on (the
+//! default): PostgreSQL serialises the commits of all notifying
+//! transactions of a database, so `chorus.outbox_notify = off` trades that
+//! for polling. The README's "Transactional outbox" section weighs this
+//! against an xmin-horizon relay and logical decoding, with figures.
 //!
 //! **Several relays** (one per node) share 64 partitions of rooms: a relay
 //! works on a partition inside a transaction that holds the partition's
