@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs the whole Chorus test suite on this machine.
 #
-# First installs what the tests need and is missing (redis-server and
-# redis-sentinel from Debian's packages, Prometheus unpacked from Debian's
-# package, pytest, helm-python-sdk and PyYAML from PyPI for the chart tests
-# and the monitoring tests), so a fresh Debian machine with a Rust
-# toolchain, Go, python3 and pip needs nothing else. Tests start their
-# own redis-server / redis-sentinel processes on free ports; nothing is
-# expected to be running beforehand.
+# First installs what the tests need and is missing (redis-server,
+# redis-sentinel and postgresql from Debian's packages, Prometheus unpacked
+# from Debian's package, pytest, helm-python-sdk and PyYAML from PyPI for
+# the chart tests and the monitoring tests), so a fresh Debian machine with
+# a Rust toolchain, Go, python3 and pip needs nothing else. Tests start
+# their own redis-server / redis-sentinel / PostgreSQL processes on free
+# ports; nothing is expected to be running beforehand (PostgreSQL refuses
+# root: run as root, the test kit starts it as the `postgres` user the
+# package creates, or $CHORUS_PG_USER).
 #
 # Then the end-to-end suite (tests/tests/e2e.rs) runs on a real one-node
 # Kubernetes cluster that scripts/cluster.sh builds (cached under
@@ -24,6 +26,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
+# Debian puts postgres and initdb in /usr/lib/postgresql/<version>/bin.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   as_root apt-get update -qq
@@ -65,7 +69,7 @@ if [ "${#py_missing[@]}" -gt 0 ]; then
     || python3 -m pip install --quiet --user --break-system-packages "${py_missing[@]}"
 fi
 
-echo "test.sh: redis $(redis-server --version | awk '{print $3}')"
+echo "test.sh: redis $(redis-server --version | awk '{print $3}'), postgresql $(ls /usr/lib/postgresql | sort -n | tail -n 1)"
 
 if [ "$e2e" = 1 ]; then
   # The Kubernetes build is long on a cold machine and mostly waits on

@@ -155,6 +155,11 @@ pub struct MessagingClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamSpec>,
 
+    /// A transactional outbox in PostgreSQL that every server pod relays
+    /// to rooms in commit order; absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxSpec>,
+
     /// The servers' logs.
     #[serde(default)]
     pub logging: LoggingSpec,
@@ -179,6 +184,7 @@ impl Default for MessagingClusterSpec {
             network_policy: NetworkPolicySpec::default(),
             pods: crate::overrides::PodsSpec::default(),
             upstream: None,
+            outbox: None,
             logging: LoggingSpec::default(),
         }
     }
@@ -748,6 +754,27 @@ pub struct UpstreamSpec {
 
 fn default_upstream_max_len() -> i64 {
     100_000
+}
+
+/// The transactional outbox the servers relay (`--outbox`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxSpec {
+    /// Secret key holding the PostgreSQL connection string
+    /// (`postgres://user:password@host:5432/db`), mounted as a file.
+    pub dsn_secret_ref: SecretKeyRef,
+    /// The outbox table, `name` or `schema.name`.
+    #[serde(default = "default_outbox_table")]
+    #[schemars(pattern(r"^([a-z_][a-z0-9_]{0,47}\.)?[a-z_][a-z0-9_]{0,47}$"))]
+    pub table: String,
+    /// Create the table, its sequence and commit trigger when missing
+    /// (needs `CREATE` on the schema).
+    #[serde(default)]
+    pub init: bool,
+}
+
+fn default_outbox_table() -> String {
+    "chorus_outbox".to_owned()
 }
 
 /// The servers' logs.

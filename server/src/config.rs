@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::secret::{Secret, redact_url};
+use crate::secret::{Secret, redact_dsn, redact_url};
 
 /// Every field that may hold a secret has a type whose `Debug` hides it
-/// ([`Secret`], [`BrokerUrl`]), so `{config:?}` is safe to log.
+/// ([`Secret`], [`BrokerUrl`], [`OutboxDsn`]), so `{config:?}` is safe to log.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "chorus-server",
@@ -170,6 +170,43 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_origins: Vec<String>,
 
+    /// PostgreSQL to relay a transactional outbox from
+    /// (`postgres://user[:password]@host[:port]/db[?…]` or `host=… user=…`):
+    /// rows that backends insert into --outbox-table inside their own
+    /// transactions are published to their rooms once those commit, in
+    /// commit order. Off when neither this nor --outbox-dsn-file is set.
+    #[arg(
+        long = "outbox",
+        env = "CHORUS_OUTBOX",
+        value_name = "DSN",
+        hide_env_values = true,
+        conflicts_with = "outbox_dsn_file"
+    )]
+    pub outbox: Option<OutboxDsn>,
+
+    /// File holding the --outbox DSN (a mounted Kubernetes Secret; surrounding
+    /// whitespace is ignored).
+    #[arg(long, env = "CHORUS_OUTBOX_DSN_FILE", value_name = "PATH")]
+    pub outbox_dsn_file: Option<PathBuf>,
+
+    /// The outbox table (`name` or `schema.name`; lower-case letters, digits, `_`).
+    #[arg(long, env = "CHORUS_OUTBOX_TABLE", default_value = "chorus_outbox", value_parser = OutboxTable::parse)]
+    pub outbox_table: OutboxTable,
+
+    /// Create the outbox table, its index, sequence and commit trigger when
+    /// missing (server/sql/outbox.sql) before relaying.
+    #[arg(long, env = "CHORUS_OUTBOX_INIT")]
+    pub outbox_init: bool,
+
+    /// Rows one relay takes from a partition of rooms at a time.
+    #[arg(long, env = "CHORUS_OUTBOX_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub outbox_batch: u32,
+
+    /// How often the relay looks for rows when no notification woke it
+    /// (LISTEN/NOTIFY wakes it at once; this covers a lost notification).
+    #[arg(long, env = "CHORUS_OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = parse_positive_duration)]
+    pub outbox_poll_interval: Duration,
+
     /// A canary not back within this long marks the subscription dead:
     /// `/readyz` turns 503 and the node reconnects to Redis.
     #[arg(long, env = "CHORUS_CANARY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
@@ -205,6 +242,82 @@ impl From<String> for BrokerUrl {
 impl std::fmt::Debug for BrokerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+/// The `--outbox` DSN. It may carry a password: its `Debug` form hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OutboxDsn(String);
+
+impl OutboxDsn {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The DSN without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        redact_dsn(&self.0)
+    }
+}
+
+impl From<String> for OutboxDsn {
+    fn from(dsn: String) -> Self {
+        Self(dsn)
+    }
+}
+
+impl std::fmt::Debug for OutboxDsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+/// The `--outbox-table`: a table name, schema-qualified or not, plain
+/// enough to need no quoting and to leave room for the names derived from
+/// it (`<name>_commit_seq`, `<name>_unstamped`, …) within PostgreSQL's 63
+/// bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxTable {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl OutboxTable {
+    /// Longest table (and schema) name accepted.
+    pub const MAX_LEN: usize = 48;
+
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= Self::MAX_LEN
+                && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        let (schema, name) = match value.split_once('.') {
+            Some((schema, name)) => (Some(schema), name),
+            None => (None, value),
+        };
+        if !plain(name) || schema.is_some_and(|s| !plain(s)) {
+            return Err(format!(
+                "`{value}` is not a table name: expected `name` or `schema.name`, each 1 to {} of \
+                 a-z, 0-9 and _ (not starting with a digit)",
+                Self::MAX_LEN
+            ));
+        }
+        Ok(Self {
+            schema: schema.map(str::to_owned),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for OutboxTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "{schema}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 //!   replays, grants), between the transport and the node
 //! - [`node`]: what the handlers share (hub, broker, auth, metrics, drain);
 //!   it stands between the sessions and the broker
+//! - [`outbox`]: the transactional outbox relay (PostgreSQL → rooms, in
+//!   commit order)
 //! - [`config`], [`metrics`], [`auth`], [`shutdown`]; [`secret`]: secrets kept
 //!   out of `Debug`; `sync`: poison-tolerant std locks
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
 pub mod protocol;
 pub mod secret;
 pub mod session;

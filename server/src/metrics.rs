@@ -114,6 +114,18 @@ pub struct Metrics {
     pub http_connections: Gauge,
     /// HTTP connections refused at `--max-http-connections`.
     pub http_connections_refused: Counter,
+    /// 1 while the outbox relay is connected to PostgreSQL.
+    pub outbox_up: Gauge,
+    /// Committed outbox rows waiting to be relayed, at the relay's last look.
+    pub outbox_pending: Gauge,
+    /// Seconds since the oldest waiting outbox row's transaction committed.
+    pub outbox_lag: Gauge<f64, AtomicU64>,
+    /// Outbox rows published (or found already published) and deleted.
+    pub outbox_relayed: Counter,
+    /// Outbox rows that can never be published (deleted, logged).
+    pub outbox_rejected: Counter,
+    /// Time from an outbox row's commit to its publish.
+    pub outbox_latency: Histogram,
 }
 
 impl Metrics {
@@ -269,12 +281,54 @@ impl Metrics {
             "HTTP connections refused because --max-http-connections were open",
             http_connections_refused.clone(),
         );
+        let outbox_up = Gauge::default();
+        registry.register(
+            "outbox_up",
+            "1 while the outbox relay is connected to PostgreSQL, else 0",
+            outbox_up.clone(),
+        );
+        let outbox_pending = Gauge::default();
+        registry.register(
+            "outbox_pending_rows",
+            "Committed outbox rows waiting to be relayed, at the relay's last look",
+            outbox_pending.clone(),
+        );
+        let outbox_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "outbox_lag_seconds",
+            "Seconds since the oldest waiting outbox row's transaction committed (0: none waits)",
+            outbox_lag.clone(),
+        );
+        let outbox_relayed = Counter::default();
+        registry.register(
+            "outbox_relayed",
+            "Outbox rows published (or found already published under their key) and deleted",
+            outbox_relayed.clone(),
+        );
+        let outbox_rejected = Counter::default();
+        registry.register(
+            "outbox_rejected",
+            "Outbox rows that can never be published (bad room or key, data too large): logged and deleted",
+            outbox_rejected.clone(),
+        );
+        let outbox_latency = Histogram::new(LATENCY_BUCKETS);
+        registry.register(
+            "outbox_relay_latency_seconds",
+            "Time from an outbox row's commit to its publish",
+            outbox_latency.clone(),
+        );
         Self {
             registry: root,
             max_connections,
             connections_closed,
             errors,
             canary_round_trips,
+            outbox_up,
+            outbox_pending,
+            outbox_lag,
+            outbox_relayed,
+            outbox_rejected,
+            outbox_latency,
             http_connections,
             http_connections_refused,
             gap_filled,

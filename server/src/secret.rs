@@ -42,6 +42,45 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A PostgreSQL connection string (URL or `key=value` form) with its
+/// user information and every `password` parameter replaced by `***`.
+pub fn redact_dsn(dsn: &str) -> String {
+    let dsn = redact_url(dsn);
+    let mut out = String::with_capacity(dsn.len());
+    let mut rest = dsn.as_str();
+    while let Some(at) = rest.find("password") {
+        let (before, from) = rest.split_at(at + "password".len());
+        out.push_str(before);
+        let after_key = from.trim_start();
+        let Some(value) = after_key.strip_prefix('=') else {
+            rest = from;
+            continue;
+        };
+        let value = value.trim_start();
+        let end = match value.strip_prefix('\'') {
+            // Quoted (key=value form): up to the closing quote; `\'` escapes one.
+            Some(quoted) => {
+                let mut escaped = false;
+                quoted
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let close = c == '\'' && !escaped;
+                        escaped = c == '\\' && !escaped;
+                        close
+                    })
+                    .map_or(value.len(), |(i, _)| i + 2)
+            }
+            None => value
+                .find(|c: char| c.is_whitespace() || c == '&')
+                .unwrap_or(value.len()),
+        };
+        out.push_str("=***");
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -91,5 +130,41 @@ mod tests {
             "redis+sentinel://***@a:1,b:2/m"
         );
         assert_eq!(redact_url("memory://"), "memory://");
+    }
+
+    #[test]
+    fn postgres_passwords_stay_out_of_the_redacted_dsn() {
+        for (dsn, redacted) in [
+            (
+                "postgres://relay:s3cret@db:5432/app?sslmode=disable",
+                "postgres://***@db:5432/app?sslmode=disable",
+            ),
+            (
+                "postgresql://db/app?user=relay&password=s3cret&sslmode=disable",
+                "postgresql://db/app?user=relay&password=***&sslmode=disable",
+            ),
+            (
+                "host=db user=relay password=s3cret dbname=app",
+                "host=db user=relay password=*** dbname=app",
+            ),
+            (
+                r"host=db password = 'it\'s s3cret' dbname=app",
+                "host=db password=*** dbname=app",
+            ),
+            ("host=db dbname=app", "host=db dbname=app"),
+        ] {
+            assert_eq!(redact_dsn(dsn), redacted, "{dsn}");
+        }
+        let config = Config::try_parse_from([
+            "chorus-server",
+            "--outbox",
+            "postgres://relay:pg-pw-4@db/app",
+        ])
+        .unwrap();
+        let text = format!("{config:?}");
+        assert!(
+            !text.contains("pg-pw-4") && text.contains("db/app"),
+            "{text}"
+        );
     }
 }

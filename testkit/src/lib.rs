@@ -16,6 +16,8 @@
 //! - [`redis_cluster`]: a Redis Cluster ([`RedisCluster`]): shards of a
 //!   master and replicas joined by `redis-cli --cluster create`, with slot
 //!   migration and master failover helpers.
+//! - [`postgres`]: PostgreSQL ([`Postgres`]): `initdb` into its directory,
+//!   the server on a free port (as an unprivileged user when run as root).
 //! - [`chorus`]: the `chorus-server` binary ([`ChorusServer`]), ready when
 //!   `/readyz` answers 200.
 //! - [`prometheus`]: a Prometheus server ([`Prometheus`]) scraping given
@@ -27,22 +29,24 @@
 //! that tests call in the middle of a scenario (`query`, `restart`,
 //! `freeze`) panic like an assertion would.
 //!
-//! Adding a process kind (Kafka, PostgreSQL) is one module of the same
+//! Adding a process kind (Kafka, a Redis Cluster) is one module of the same
 //! shape as [`redis`]: an options struct; a `launch(options) -> Result<Self>`
 //! that takes a [`free_port`] and a [`process::workdir`], writes its
 //! configuration there, and calls [`Daemon::launch`] with the command line
 //! and a [`daemon::Probe`] in its own protocol (Kafka: a metadata request
-//! from a client crate or `kafka-broker-api-versions.sh`; PostgreSQL:
-//! `pg_isready`, or a `tokio-postgres` connection); a `url()`; and
+//! from a client crate or `kafka-broker-api-versions.sh`; [`postgres`]
+//! connects with `tokio-postgres`); a `url()`; and
 //! `deref_daemon!` so kill, restart, freeze and thaw need no new code. A
 //! group (a KRaft quorum, a primary with standbys) is a struct of such
 //! members whose `launch` waits until they see each other, as
-//! [`SentinelGroup::launch`] does. The program must be on `PATH`;
-//! `scripts/test.sh` installs it.
+//! [`SentinelGroup::launch`] does. The program must be on `PATH` (or, like
+//! PostgreSQL's, where its Debian package puts it); `scripts/test.sh`
+//! installs it.
 
 pub mod chorus;
 pub mod daemon;
 mod error;
+pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
@@ -53,6 +57,7 @@ pub mod wait;
 pub use chorus::ChorusServer;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
+pub use postgres::{Postgres, PostgresOptions};
 pub use process::{ChildGuard, Proc, ProcSpec, free_port};
 pub use prometheus::{Prometheus, PrometheusOptions, Target};
 pub use redis::{RedisOptions, RedisServer};

@@ -17,7 +17,8 @@ use chorus_crds::{
 };
 use chorus_operator::build::Names;
 use chorus_operator::build::config_map::{
-    API_KEY_FILE, JWT_PUBLIC_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, server_env,
+    API_KEY_FILE, JWT_PUBLIC_KEY_FILE, JWT_SECRET_FILE, OUTBOX_DSN_FILE, REDIS_PASSWORD_FILE,
+    server_env,
 };
 use chorus_operator::build::meta::{SENTINEL_PORT, SERVER_PORT};
 use chorus_server::Config;
@@ -58,6 +59,9 @@ fn child_parses_its_environment() {
         "max_publish_rate": config.max_publish_rate,
         "upstream_rooms": config.upstream_rooms,
         "upstream_maxlen": config.upstream_maxlen,
+        "outbox_dsn_file": path(&config.outbox_dsn_file),
+        "outbox_table": config.outbox_table.to_string(),
+        "outbox_init": config.outbox_init,
     });
     println!("{MARK}{parsed}");
 }
@@ -177,6 +181,24 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             }),
         ),
         (
+            "outbox",
+            spec(|s| {
+                s.outbox = Some(chorus_crds::OutboxSpec {
+                    dsn_secret_ref: key_ref("orders-db").unwrap(),
+                    table: "app.events_out".into(),
+                    init: true,
+                });
+            }),
+        ),
+        (
+            "outbox with defaults",
+            spec(|s| {
+                s.outbox =
+                    serde_json::from_value(json!({"dsnSecretRef": {"name": "db", "key": "dsn"}}))
+                        .unwrap();
+            }),
+        ),
+        (
             "smallest limits",
             spec(|s| {
                 s.limits.max_frame_bytes = 256;
@@ -278,6 +300,9 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             "max_publish_rate": spec.limits.max_publish_rate,
             "upstream_rooms": spec.upstream.as_ref().map(|u| u.rooms.clone()).unwrap_or_default(),
             "upstream_maxlen": spec.upstream.as_ref().map(|u| u.max_len).unwrap_or(100_000),
+            "outbox_dsn_file": file(spec.outbox.is_some(), OUTBOX_DSN_FILE),
+            "outbox_table": spec.outbox.as_ref().map_or("chorus_outbox", |o| o.table.as_str()),
+            "outbox_init": spec.outbox.as_ref().is_some_and(|o| o.init),
         });
         assert_eq!(parsed, expected, "{case}: {env:#?}");
         assert_eq!(env["RUST_LOG"], spec.logging.level, "{case}");

@@ -17,6 +17,8 @@ pub const JWT_SECRET_FILE: &str = "/var/run/chorus/jwt/secret";
 pub const API_KEY_FILE: &str = "/var/run/chorus/api-key/key";
 /// Where the JWT public key (PEM) is mounted in server pods.
 pub const JWT_PUBLIC_KEY_FILE: &str = "/var/run/chorus/jwt-public-key/key.pem";
+/// Where the outbox's PostgreSQL connection string is mounted in server pods.
+pub const OUTBOX_DSN_FILE: &str = "/var/run/chorus/outbox/dsn";
 /// Key of the generated password in `Secret <name>-redis-auth`.
 pub const GENERATED_PASSWORD_KEY: &str = "password";
 
@@ -32,6 +34,11 @@ pub fn redis_password_ref(spec: &MessagingClusterSpec, names: &Names) -> Option<
         }),
         (None, RedisMode::External) => None,
     }
+}
+
+/// The Secret key holding the outbox's connection string, if the outbox is on.
+pub fn outbox_dsn_ref(spec: &MessagingClusterSpec) -> Option<SecretKeyRef> {
+    spec.outbox.as_ref().map(|o| o.dsn_secret_ref.clone())
 }
 
 /// The broker URL the servers connect to (never carries the password).
@@ -85,6 +92,13 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
         set("CHORUS_UPSTREAM_ROOMS", upstream.rooms.join(","));
         set("CHORUS_UPSTREAM_MAXLEN", upstream.max_len.to_string());
     }
+    if let Some(outbox) = &spec.outbox {
+        set("CHORUS_OUTBOX_DSN_FILE", OUTBOX_DSN_FILE.to_owned());
+        set("CHORUS_OUTBOX_TABLE", outbox.table.clone());
+        if outbox.init {
+            set("CHORUS_OUTBOX_INIT", "true".to_owned());
+        }
+    }
     if redis_password_ref(spec, names).is_some() {
         set("CHORUS_REDIS_PASSWORD_FILE", REDIS_PASSWORD_FILE.to_owned());
     }
@@ -121,13 +135,17 @@ pub fn hash(config_map: &ConfigMap, spec: &MessagingClusterSpec) -> String {
         .flatten()
         .map(|(k, v)| format!("{k}={v}\n"));
     let refs = [
-        ("redis", &spec.redis.password_secret_ref),
-        ("jwt", &spec.auth.jwt_secret_ref),
-        ("api-key", &spec.auth.api_key_secret_ref),
-        ("jwt-public-key", &spec.auth.jwt_public_key_secret_ref),
+        ("redis", spec.redis.password_secret_ref.as_ref()),
+        ("jwt", spec.auth.jwt_secret_ref.as_ref()),
+        ("api-key", spec.auth.api_key_secret_ref.as_ref()),
+        (
+            "jwt-public-key",
+            spec.auth.jwt_public_key_secret_ref.as_ref(),
+        ),
+        ("outbox", spec.outbox.as_ref().map(|o| &o.dsn_secret_ref)),
     ]
     .into_iter()
-    .filter_map(|(what, r)| r.as_ref().map(|r| format!("{what}:{}/{}\n", r.name, r.key)));
+    .filter_map(|(what, r)| r.map(|r| format!("{what}:{}/{}\n", r.name, r.key)));
     let parts: Vec<String> = entries.chain(refs).collect();
     fnv1a(parts.iter().map(String::as_str))
 }
@@ -165,7 +183,7 @@ mod tests {
     use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
     use chorus_crds::MessagingCluster;
-    use chorus_crds::{Delivery, SecretKeyRef};
+    use chorus_crds::{Delivery, OutboxSpec, SecretKeyRef};
 
     fn env_of(mc: &MessagingCluster) -> BTreeMap<String, String> {
         build(&valid(mc)).data.expect("data")
@@ -214,6 +232,25 @@ mod tests {
         let env = env_of(&mc);
         assert_eq!(env["CHORUS_JWT_SECRET_FILE"], JWT_SECRET_FILE);
         assert_eq!(env["CHORUS_API_KEY_FILE"], API_KEY_FILE);
+    }
+
+    #[test]
+    fn the_outbox_dsn_is_read_from_a_file() {
+        let mut mc = MessagingCluster::test();
+        assert!(!env_of(&mc).contains_key("CHORUS_OUTBOX_DSN_FILE"));
+        mc.spec.outbox = Some(OutboxSpec {
+            dsn_secret_ref: SecretKeyRef {
+                name: "orders-db".into(),
+                key: "dsn".into(),
+            },
+            table: "app.outbox".into(),
+            init: true,
+        });
+        let env = env_of(&mc);
+        assert_eq!(env["CHORUS_OUTBOX_DSN_FILE"], OUTBOX_DSN_FILE);
+        assert_eq!(env["CHORUS_OUTBOX_TABLE"], "app.outbox");
+        assert_eq!(env["CHORUS_OUTBOX_INIT"], "true");
+        assert!(!env.values().any(|v| v.contains("orders-db")));
     }
 
     #[test]

@@ -16,7 +16,8 @@ use k8s_openapi::{
 };
 
 use super::config_map::{
-    API_KEY_FILE, JWT_PUBLIC_KEY_FILE, JWT_SECRET_FILE, REDIS_PASSWORD_FILE, redis_password_ref,
+    API_KEY_FILE, JWT_PUBLIC_KEY_FILE, JWT_SECRET_FILE, OUTBOX_DSN_FILE, REDIS_PASSWORD_FILE,
+    outbox_dsn_ref, redis_password_ref,
 };
 use super::meta::{Component, SERVER_PORT, label_selector, object_meta, pod_labels};
 use super::pod_policy::{restricted_security, scratch, spread};
@@ -59,6 +60,7 @@ pub fn build(c: &ValidCluster, config_hash: &str) -> Deployment {
             spec.auth.jwt_public_key_secret_ref.clone(),
             JWT_PUBLIC_KEY_FILE,
         ),
+        ("outbox-dsn", outbox_dsn_ref(spec), OUTBOX_DSN_FILE),
     ];
     for (volume, secret, file) in secret_files {
         if let Some(secret) = secret {
@@ -327,6 +329,31 @@ mod tests {
         assert_eq!(secret.items.expect("items")[0].path, "password");
         let mount = &pod.containers[0].volume_mounts.clone().expect("mounts")[1];
         assert_eq!(mount.mount_path, "/var/run/chorus/redis");
+    }
+
+    #[test]
+    fn the_outbox_dsn_secret_is_mounted_where_the_config_map_points() {
+        let mut mc = MessagingCluster::test().with_external_redis("redis://r:6379");
+        mc.spec.outbox = Some(chorus_crds::OutboxSpec {
+            dsn_secret_ref: SecretKeyRef {
+                name: "orders-db".into(),
+                key: "dsn".into(),
+            },
+            table: "chorus_outbox".into(),
+            init: false,
+        });
+        let pod = pod(&deployment(&mc));
+        let volume = &pod.volumes.expect("volumes")[1];
+        assert_eq!(volume.name, "outbox-dsn");
+        let secret = volume.secret.clone().expect("secret");
+        assert_eq!(secret.secret_name.as_deref(), Some("orders-db"));
+        let item = &secret.items.expect("items")[0];
+        assert_eq!(item.key, "dsn");
+        let mount = &pod.containers[0].volume_mounts.clone().expect("mounts")[1];
+        assert_eq!(
+            format!("{}/{}", mount.mount_path, item.path),
+            OUTBOX_DSN_FILE
+        );
     }
 
     #[test]

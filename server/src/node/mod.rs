@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -31,6 +32,7 @@ use crate::broker::{
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Hub};
 use crate::metrics::Metrics;
+use crate::outbox::OutboxOptions;
 use crate::protocol::{Pattern, RoomName, Since};
 use crate::sync::lock;
 
@@ -61,6 +63,8 @@ pub enum StartError {
     UpstreamPattern(String),
     #[error("auth configuration: {0}")]
     Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OptionsError),
 }
 
 pub struct Node {
@@ -80,6 +84,17 @@ pub struct Node {
     next_conn: AtomicU64,
     open: AtomicUsize,
     draining: AtomicBool,
+    /// The outbox relay's task (`--outbox`), ended with the node. Std
+    /// mutex: set once at start, taken on drop.
+    relay: Mutex<Option<AbortHandle>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(relay) = lock(&self.relay).take() {
+            relay.abort();
+        }
+    }
 }
 
 impl Node {
@@ -144,7 +159,13 @@ impl Node {
             _ => return Err(StartError::BrokerUrl(config.broker.redacted())),
         };
         let auth = Authenticator::new(auth_config(&config)?)?;
-        Ok(Self::assemble(config, hub, broker, metrics, auth))
+        let outbox = OutboxOptions::from_config(&config)?;
+        let node = Self::assemble(config, hub, broker, metrics, auth);
+        if let Some(options) = outbox {
+            let relay = crate::outbox::spawn(&node, options);
+            *lock(&node.relay) = Some(relay.abort_handle());
+        }
+        Ok(node)
     }
 
     pub(crate) fn assemble(
@@ -171,6 +192,7 @@ impl Node {
             next_conn: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            relay: Mutex::new(None),
         })
     }
 
