@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole Chorus test suite on this machine.
 #
-# First installs what the tests need and is missing (redis-server and
-# redis-sentinel from Debian's packages, Prometheus unpacked from Debian's
-# package, pytest, helm-python-sdk and PyYAML from PyPI for the chart tests
-# and the monitoring tests), so a fresh Debian machine with a Rust
+# First installs what the tests need and is missing (redis-server,
+# redis-sentinel, a Java runtime and Maven from Debian's packages, the
+# Apache Kafka broker's jars from Maven Central, Prometheus unpacked from
+# Debian's package, pytest, helm-python-sdk and PyYAML from PyPI for the
+# chart tests and the monitoring tests), so a fresh Debian machine with a Rust
 # toolchain, Go, python3 and pip needs nothing else. Tests start their
 # own redis-server / redis-sentinel processes on free ports; nothing is
 # expected to be running beforehand.
@@ -24,6 +25,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
+# The Kafka tests run a real broker (Java 17+) from Maven Central's jars.
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   as_root apt-get update -qq
@@ -65,7 +69,9 @@ if [ "${#py_missing[@]}" -gt 0 ]; then
     || python3 -m pip install --quiet --user --break-system-packages "${py_missing[@]}"
 fi
 
-echo "test.sh: redis $(redis-server --version | awk '{print $3}')"
+# Apache Kafka's jars, once, cached in ~/.cache/chorus/kafka (about 45 MB).
+kafka_lib=$(bash scripts/kafka/install.sh)
+echo "test.sh: redis $(redis-server --version | awk '{print $3}'), kafka $(basename "$(dirname "$kafka_lib")")"
 
 if [ "$e2e" = 1 ]; then
   # The Kubernetes build is long on a cold machine and mostly waits on

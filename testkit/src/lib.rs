@@ -13,6 +13,8 @@
 //! - [`redis`]: `redis-server` ([`RedisServer`]) and one-shot commands.
 //! - [`sentinel`]: `redis-sentinel` ([`Sentinel`]) and a monitored group
 //!   of master, replicas and sentinels with small timeouts ([`SentinelGroup`]).
+//! - [`kafka`]: an Apache Kafka broker in KRaft mode ([`KafkaBroker`]),
+//!   from jars cached by `scripts/kafka/install.sh`.
 //! - [`chorus`]: the `chorus-server` binary ([`ChorusServer`]), ready when
 //!   `/readyz` answers 200.
 //! - [`prometheus`]: a Prometheus server ([`Prometheus`]) scraping given
@@ -40,6 +42,7 @@
 pub mod chorus;
 pub mod daemon;
 mod error;
+pub mod kafka;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
@@ -49,6 +52,7 @@ pub mod wait;
 pub use chorus::ChorusServer;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
+pub use kafka::KafkaBroker;
 pub use process::{ChildGuard, Proc, ProcSpec, free_port};
 pub use prometheus::{Prometheus, PrometheusOptions, Target};
 pub use redis::{RedisOptions, RedisServer};
