@@ -14,6 +14,8 @@
 //!
 //! - [`memory`]: one process, no bus (the default, and the tests' reference)
 //! - [`redis`]: Redis Pub/Sub, or Redis Streams with history, with Sentinel
+//! - [`kafka`]: the partitions of one Kafka topic, each node reading those
+//!   of the rooms it serves
 //! - [`continuity`]: the offset/epoch rules (deliver, drop, fill, report
 //!   lost, resume after a reconnect), pure functions
 //! - [`tracker`]: those rules applied per served room, with gap fills that
@@ -34,6 +36,7 @@
 //! broker would keep of it.
 
 pub mod continuity;
+pub mod kafka;
 pub mod memory;
 pub mod redis;
 pub mod tracker;
@@ -47,6 +50,7 @@ use tokio::sync::watch;
 
 use crate::protocol::{Frame, RoomName};
 
+pub use self::kafka::{KafkaBroker, KafkaOptions, KafkaUrl};
 pub use self::redis::{RedisBroker, RedisOptions, RedisUrl};
 pub use memory::MemoryBroker;
 

@@ -52,6 +52,18 @@ test("offsets that go back within an epoch are new messages and a reset, not dup
   chorus.close();
 });
 
+test("on Kafka, prev tells a gap apart from other rooms' offsets", async () => {
+  const { chorus, ws, seen } = await subscribed("r");
+  ws.receive({ op: "message", room: "r", data: 1, offset: 15, epoch: "e1", prev: 10 });
+  ws.receive({ op: "message", room: "r", data: 2, offset: 19, epoch: "e1", prev: 15 });
+  assert.deepEqual(seen.gaps, []);
+  ws.receive({ op: "message", room: "r", data: 3, offset: 30, epoch: "e1", prev: 25 });
+  assert.deepEqual(seen.gaps, [["r", null]]);
+  assert.deepEqual(seen.messages, [15, 19, 30]);
+  assert.deepEqual(seen.resets, []);
+  chorus.close();
+});
+
 test("a gap frame is a reset, and the next message follows it", async () => {
   const { chorus, ws, seen } = await subscribed("r");
   ws.receive({ op: "gap", room: "r", epoch: "e1", offset: 40, code: "history_gone" });
