@@ -1,5 +1,6 @@
 //! The processes under test: `chorus-server` nodes and their broker (one
-//! `redis-server`, or a Sentinel group of 2 Redis and 3 sentinels), started
+//! `redis-server`, a Sentinel group of 2 Redis and 3 sentinels, or one
+//! Apache Kafka broker with a topic of [`KAFKA_PARTITIONS`]), started
 //! by chorus-testkit on free ports of 127.0.0.1, each in a temporary
 //! directory with its log (kept with `CHORUS_KEEP_TEST_DIRS=1`), and killed
 //! when the [`Fleet`] is dropped. A fleet can also be a list of nodes
@@ -9,13 +10,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use chorus_testkit::{ChorusServer, GroupOptions, RedisServer, SentinelGroup};
+use chorus_testkit::{ChorusServer, GroupOptions, KafkaBroker, RedisServer, SentinelGroup};
+
+/// Partitions of the bench's Kafka topic.
+pub const KAFKA_PARTITIONS: i32 = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
     Memory,
     Redis,
     Sentinel,
+    Kafka,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +41,10 @@ impl FleetSpec {
             BrokerKind::Redis => format!("{} nodes + 1 redis", self.nodes),
             BrokerKind::Sentinel => format!(
                 "{} nodes + sentinel group (2 redis, 3 sentinels)",
+                self.nodes
+            ),
+            BrokerKind::Kafka => format!(
+                "{} nodes + 1 kafka ({KAFKA_PARTITIONS} partitions)",
                 self.nodes
             ),
         }
@@ -66,6 +75,7 @@ pub enum Broker {
     None,
     Redis(RedisServer),
     Sentinel(SentinelGroup),
+    Kafka(KafkaBroker),
 }
 
 pub struct Fleet {
@@ -126,6 +136,12 @@ impl Fleet {
                 let url = group.broker_url();
                 (Broker::Sentinel(group), url)
             }
+            BrokerKind::Kafka => {
+                let kafka = KafkaBroker::launch().await?;
+                kafka.create_topic("bench", KAFKA_PARTITIONS).await;
+                let url = kafka.url("bench");
+                (Broker::Kafka(kafka), url)
+            }
         };
         let mut fleet = Self {
             label: spec.label(),
@@ -160,7 +176,7 @@ impl Fleet {
     /// The Redis servers (master first).
     fn redis(&self) -> Vec<&RedisServer> {
         match &self.broker {
-            Broker::None => Vec::new(),
+            Broker::None | Broker::Kafka(_) => Vec::new(),
             Broker::Redis(redis) => vec![redis],
             Broker::Sentinel(group) => std::iter::once(&group.master)
                 .chain(&group.replicas)
@@ -181,9 +197,13 @@ impl Fleet {
         self.nodes.iter().filter_map(NodeInfo::pid).collect()
     }
 
-    /// Pids of the redis-server processes still running.
+    /// Pids of the broker's processes still running: the redis-servers,
+    /// or Kafka's JVM (reported in the broker's CPU column).
     pub fn redis_pids(&self) -> Vec<u32> {
-        self.redis().iter().filter_map(|r| r.pid()).collect()
+        match &self.broker {
+            Broker::Kafka(kafka) => kafka.pid().into_iter().collect(),
+            _ => self.redis().iter().filter_map(|r| r.pid()).collect(),
+        }
     }
 
     pub fn sentinel_pids(&self) -> Vec<u32> {

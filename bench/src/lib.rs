@@ -62,6 +62,8 @@ pub struct Cli {
 pub enum BrokerArg {
     Memory,
     Redis,
+    /// One Apache Kafka broker (KRaft), jars from scripts/kafka/install.sh.
+    Kafka,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -132,6 +134,7 @@ pub async fn run(cli: Cli) -> Result<Vec<Value>> {
             (true, _) => BrokerKind::Sentinel,
             (false, BrokerArg::Memory) => BrokerKind::Memory,
             (false, BrokerArg::Redis) => BrokerKind::Redis,
+            (false, BrokerArg::Kafka) => BrokerKind::Kafka,
         },
         server_bin: cli
             .server_bin

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub http_connections: Gauge,
     /// HTTP connections refused at `--max-http-connections`.
     pub http_connections_refused: Counter,
+    /// Kafka partitions this node reads (those of the rooms it serves).
+    pub kafka_partitions_read: Gauge,
 }
 
 impl Metrics {
@@ -269,12 +271,19 @@ impl Metrics {
             "HTTP connections refused because --max-http-connections were open",
             http_connections_refused.clone(),
         );
+        let kafka_partitions_read = Gauge::default();
+        registry.register(
+            "kafka_partitions_read",
+            "Partitions of the Kafka topic this node reads: those of the rooms it serves",
+            kafka_partitions_read.clone(),
+        );
         Self {
             registry: root,
             max_connections,
             connections_closed,
             errors,
             canary_round_trips,
+            kafka_partitions_read,
             http_connections,
             http_connections_refused,
             gap_filled,

@@ -53,6 +53,15 @@ function secondsLeft(token) {
 const STABLE_MS = 5000;
 
 
+/** The offset up to which room `r` is complete when `f` arrives: after a
+ * recovered replay, the recovering `ok`'s offset once `f` is past it. */
+function completeUpTo(r, f) {
+  if (r.upto === undefined || f.offset <= r.upto) return r.offset;
+  const upto = r.upto;
+  r.upto = undefined;
+  return Math.max(r.offset, upto);
+}
+
 /** Whether messages of the room came between offset `had` and `f`. */
 function missedBefore(f, had) {
   return f.prev === undefined ? f.offset > had + 1 : f.prev > had;
@@ -181,7 +190,7 @@ export class Chorus {
     if (!r) return;
     if (r.epoch !== undefined && r.epoch !== f.epoch) {
       this.onReset(f.room);
-    } else if (r.offset !== undefined && missedBefore(f, r.offset)) {
+    } else if (r.offset !== undefined && missedBefore(f, completeUpTo(r, f))) {
       // Kafka mode: offsets skip other rooms' records, `prev` says where
       // the room's previous message is, and how many were missed is unknown.
       this.onGap(f.room, f.prev === undefined ? f.offset - r.offset - 1 : null);
@@ -251,7 +260,12 @@ export class Chorus {
     if (r.epoch !== undefined) frame.since = { epoch: r.epoch, offset: r.offset };
     try {
       const ok = await this.request(frame);
-      if (frame.since && ok.recovered === true) return; // the replay follows the ok
+      if (frame.since && ok.recovered === true) {
+        // The replay follows the ok; after it the room is complete up to
+        // ok.offset (on Kafka the last replayed offset may be lower).
+        r.upto = ok.offset;
+        return;
+      }
       if (frame.since) this.onReset(room); // history_gone: reload the room's state
       r.epoch = ok.epoch;
       r.offset = ok.offset;

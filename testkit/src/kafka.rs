@@ -19,6 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::daemon::{Daemon, DaemonSpec, Probe, deref_daemon};
 use crate::process::{ProcSpec, free_port, workdir};
@@ -152,14 +153,30 @@ impl KafkaBroker {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Deletes the records of a partition before Kafka offset `before`, as
+    /// retention would.
+    pub async fn delete_records(&self, topic: &str, partition: i32, before: i64) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(before))
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.admin()
+            .delete_records(&tpl, &AdminOptions::new())
+            .await
+            .unwrap_or_else(|e| panic!("delete records of {topic}/{partition}: {e}"));
+    }
+
+    fn admin(&self) -> AdminClient<DefaultClientContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .unwrap_or_else(|e| panic!("Kafka admin client: {e}"))
+    }
+
     /// Creates `topic` with `partitions` partitions (replication 1); an
     /// existing one is left as it is.
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .create()
-            .unwrap_or_else(|e| panic!("Kafka admin client: {e}"));
-        let results = admin
+        let results = self
+            .admin()
             .create_topics(
                 &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),

@@ -24,6 +24,9 @@ async fn kafka(topic: &str, partitions: i32) -> KafkaBroker {
 #[derive(Default)]
 struct Seen {
     last: HashMap<String, u64>,
+    /// After a recovered `ok` at N: the replay (offsets up to N) comes
+    /// first, and the room is then complete up to N.
+    upto: HashMap<String, u64>,
     offsets: HashMap<String, Vec<u64>>,
     data: HashMap<String, Vec<Value>>,
 }
@@ -36,12 +39,28 @@ impl Seen {
             .insert(room.into(), ok["offset"].as_u64().unwrap());
     }
 
+    /// Resumes a room from `since` after a recovered `ok`.
+    fn recover(&mut self, room: &str, since: u64, ok: &Value) {
+        assert_eq!(
+            (ok["op"].as_str(), ok["recovered"].as_bool()),
+            (Some("ok"), Some(true)),
+            "{ok}"
+        );
+        self.last.insert(room.into(), since);
+        self.upto
+            .insert(room.into(), ok["offset"].as_u64().unwrap());
+    }
+
     /// Takes a `message`, asserting that nothing before it went missing.
     fn take(&mut self, m: &Value) {
         assert_eq!(m["op"], "message", "{m}");
         let room = m["room"].as_str().unwrap().to_owned();
         let (offset, prev) = (m["offset"].as_u64().unwrap(), m["prev"].as_u64().unwrap());
-        let last = self.last.get(&room).copied().unwrap();
+        let mut last = self.last.get(&room).copied().unwrap();
+        if let Some(upto) = self.upto.get(&room).copied().filter(|u| offset > *u) {
+            last = last.max(upto);
+            self.upto.remove(&room);
+        }
         assert!(
             prev <= last,
             "missed a message of {room}: had {last}, got {m}"
@@ -200,4 +219,101 @@ async fn every_acknowledged_publish_is_delivered_across_a_kafka_restart() {
         "{} messages delivered, last offset {last}",
         seen.offsets["feed"].len()
     );
+}
+
+#[tokio::test]
+async fn a_client_recovers_with_since_from_kafka_on_a_node_that_started_late() {
+    let kafka = kafka("log", 1).await;
+    let url = kafka.url("log");
+    let first = chorus_tests::fleet(1, &url, &[]).await;
+    let mut c = first[0].client().await;
+    let mut seen = Seen::default();
+    let ok = c.subscribe("log").await;
+    seen.start("log", &ok);
+    let epoch = ok["epoch"].clone();
+    for i in 0..3 {
+        first[0].post_message("log", json!({"data": i})).await;
+    }
+    seen.read(&mut c, 3).await;
+    let since = seen.last["log"];
+    c.close().await;
+
+    // Missed: three of the room's messages among other rooms' records of
+    // the same partition.
+    for i in 3..6 {
+        first[0].post_message("log", json!({"data": i})).await;
+        first[0].post_message("other", json!({"data": i})).await;
+    }
+    let late = chorus_tests::fleet(1, &url, &[]).await;
+    let mut c = late[0].client().await;
+    let ok = c
+        .request(
+            json!({"op": "subscribe", "room": "log", "since": {"epoch": epoch, "offset": since}}),
+        )
+        .await;
+    seen.recover("log", since, &ok);
+    assert_eq!(ok["missed"], 3, "{ok}");
+    seen.read(&mut c, 3).await;
+    // Then live, seamlessly.
+    late[0].post_message("other", json!({"data": "x"})).await;
+    late[0].post_message("log", json!({"data": 6})).await;
+    seen.read(&mut c, 1).await;
+    let data: Vec<Value> = seen.data["log"].clone();
+    assert_eq!(data, (0..7).map(|i| json!(i)).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_position_older_than_retention_is_history_gone() {
+    let kafka = kafka("short", 1).await;
+    let nodes = chorus_tests::fleet(1, &kafka.url("short"), &[]).await;
+    let mut c = nodes[0].client().await;
+    let ok = c.subscribe("log").await;
+    let epoch = ok["epoch"].clone();
+    for i in 0..4 {
+        nodes[0].post_message("log", json!({"data": i})).await;
+    }
+    // Retention removes the first two records.
+    kafka.delete_records("short", 0, 2).await;
+    let mut late = nodes[0].client().await;
+    let ok = late
+        .request(json!({"op": "subscribe", "room": "log", "since": {"epoch": epoch, "offset": 1}}))
+        .await;
+    assert_eq!(
+        (ok["recovered"].as_bool(), ok["code"].as_str()),
+        (Some(false), Some("history_gone")),
+        "{ok}"
+    );
+    // From what is still kept, it recovers.
+    let mut again = nodes[0].client().await;
+    let ok = again
+        .request(json!({"op": "subscribe", "room": "log", "since": {"epoch": epoch, "offset": 2}}))
+        .await;
+    assert_eq!(
+        (ok["recovered"].as_bool(), ok["missed"].as_u64()),
+        (Some(true), Some(2)),
+        "{ok}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_reads_only_the_partitions_of_the_rooms_it_serves() {
+    let kafka = kafka("spread", 8).await;
+    let nodes = chorus_tests::fleet(1, &kafka.url("spread"), &[]).await;
+    let node = &nodes[0];
+    let read = || node.metric("chorus_kafka_partitions_read");
+    assert_eq!(read().await, 0.0);
+    let mut c = node.client().await;
+    c.subscribe("one").await;
+    assert_eq!(read().await, 1.0);
+    // Publishing to other rooms reads nothing more.
+    for i in 0..20 {
+        node.post_message(&format!("r{i}"), json!({"data": i}))
+            .await;
+    }
+    assert_eq!(read().await, 1.0);
+    c.request(json!({"op": "unsubscribe", "room": "one"})).await;
+    wait_until("the partition to be dropped", || async {
+        read().await == 0.0
+    })
+    .await;
 }

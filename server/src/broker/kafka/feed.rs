@@ -120,14 +120,7 @@ impl SeenKeys {
     /// The position of the first record of `room` with `key` within the
     /// window, if one was seen; otherwise remembers this one at `at`.
     pub fn first(&mut self, room: &RoomName, key: &str, at: u64, now: Instant) -> Option<u64> {
-        while let Some((t, _, _)) = self.expiry.front() {
-            if *t > now && self.expiry.len() < MAX_KEYS {
-                break;
-            }
-            if let Some((_, r, k)) = self.expiry.pop_front() {
-                self.keys.remove(&(r, k));
-            }
-        }
+        self.forget_expired(now);
         let id = (room.clone(), key.to_owned());
         if let Some(first) = self.keys.get(&id) {
             return Some(*first);
@@ -138,9 +131,22 @@ impl SeenKeys {
         None
     }
 
-    /// The position of an earlier record of `room` with `key`, if seen.
-    pub fn get(&self, room: &RoomName, key: &str) -> Option<u64> {
+    /// The position of an earlier record of `room` with `key`, if seen
+    /// within the window.
+    pub fn get(&mut self, room: &RoomName, key: &str, now: Instant) -> Option<u64> {
+        self.forget_expired(now);
         self.keys.get(&(room.clone(), key.to_owned())).copied()
+    }
+
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((t, _, _)) = self.expiry.front() {
+            if *t > now && self.expiry.len() < MAX_KEYS {
+                break;
+            }
+            if let Some((_, r, k)) = self.expiry.pop_front() {
+                self.keys.remove(&(r, k));
+            }
+        }
     }
 }
 
@@ -216,6 +222,8 @@ mod tests {
         assert_eq!(keys.first(&a, "k", 3, t), None);
         assert_eq!(keys.first(&a, "k", 7, t), Some(3));
         assert_eq!(keys.first(&room("b"), "k", 8, t), None);
+        assert_eq!(keys.get(&a, "k", t), Some(3));
+        assert_eq!(keys.get(&a, "k", t + Duration::from_secs(61)), None);
         assert_eq!(keys.first(&a, "k", 9, t + Duration::from_secs(61)), None);
     }
 

@@ -37,7 +37,7 @@ use futures_util::future::BoxFuture;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -50,7 +50,10 @@ use tokio::task::JoinHandle;
 pub use url::{KafkaUrl, UrlError};
 
 use self::feed::{PartitionFeed, SeenKeys, Step, partition_of};
-use super::{Broker, BrokerError, Deliver, Delivery, Health, Position, PublishRequest, Published};
+use super::{
+    Broker, BrokerError, Deliver, Delivery, Health, History, Position, PublishRequest, Published,
+    ReadSpan,
+};
 use crate::metrics::Metrics;
 use crate::protocol::{MessageFrame, RoomName, encode_message_after};
 use crate::sync::lock;
@@ -210,7 +213,7 @@ impl Broker for KafkaBroker {
             Err(e) => return fail(e),
         };
         if let Some(key) = &req.key
-            && let Some(offset) = lock(&self.shared.keys).get(&req.room, key)
+            && let Some(offset) = lock(&self.shared.keys).get(&req.room, key, Instant::now())
         {
             return std::future::ready(Ok(Published {
                 offset,
@@ -329,6 +332,43 @@ impl Broker for KafkaBroker {
         .boxed()
     }
 
+    /// Kafka keeps what its retention keeps: a room's history is its
+    /// partition's records.
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn history(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'static, Result<Option<History>, BrokerError>> {
+        let (partition, epoch) = match self.route(room) {
+            Ok(route) => route,
+            Err(e) => return fail(e),
+        };
+        let read = HistoryRead {
+            config: client_config(&self.shared.opts),
+            topic: self.shared.opts.url.topic.clone(),
+            partition,
+            epoch,
+            room: room.clone(),
+            after,
+            limit: limit.max(1),
+            max_bytes,
+            limit_time: self.shared.opts.op_timeout,
+        };
+        async move {
+            tokio::task::spawn_blocking(move || read.run())
+                .await
+                .map_err(unavailable)?
+                .map(Some)
+        }
+        .boxed()
+    }
+
     fn health(&self) -> watch::Receiver<Health> {
         self.shared.health.subscribe()
     }
@@ -336,6 +376,141 @@ impl Broker for KafkaBroker {
     fn kind(&self) -> &'static str {
         "kafka"
     }
+}
+
+/// One page of a room's history: its partition's records after `after`,
+/// read by a consumer of its own (blocking; run off the runtime).
+struct HistoryRead {
+    config: ClientConfig,
+    topic: String,
+    partition: i32,
+    epoch: Arc<str>,
+    room: RoomName,
+    after: u64,
+    limit: usize,
+    max_bytes: usize,
+    limit_time: Duration,
+}
+
+impl HistoryRead {
+    fn run(mut self) -> Result<History, BrokerError> {
+        let deadline = Instant::now() + self.limit_time;
+        let consumer: BaseConsumer = self
+            .config
+            .set("group.id", "chorus-history")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(unavailable)?;
+        let (low, high) = consumer
+            .fetch_watermarks(&self.topic, self.partition, self.limit_time)
+            .map_err(unavailable)?;
+        let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+        // Records before `low` are gone: the read covers only from there.
+        let from = self.after.max(low);
+        let mut page = History {
+            epoch: self.epoch.clone(),
+            last: high,
+            messages: Vec::new(),
+            read: Some(ReadSpan {
+                from,
+                through: from,
+            }),
+        };
+        if from >= high {
+            page.read = Some(ReadSpan {
+                from,
+                through: high,
+            });
+            return Ok(page);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(from as i64))
+            .and_then(|()| consumer.assign(&tpl))
+            .map_err(unavailable)?;
+        let (mut prev, mut bytes, mut through) = (from, 0usize, from);
+        let mut keys = std::collections::HashSet::new();
+        while through < high {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BrokerError::Timeout(self.limit_time));
+            }
+            let Some(record) = consumer.poll(left.min(Duration::from_millis(100))) else {
+                continue;
+            };
+            let record = record.map_err(unavailable)?;
+            let at = record.offset().max(0) as u64 + 1;
+            if through == from && at > from + 1 {
+                // The first record is past where the read began: the ones
+                // between were deleted meanwhile.
+                if let Some(span) = page.read.as_mut() {
+                    span.from = at - 1;
+                }
+            }
+            through = at;
+            let Some(data) = self.message(&record, &mut keys) else {
+                continue;
+            };
+            let frame = encode_message_after(
+                &MessageFrame {
+                    room: self.room.as_str(),
+                    data: data.0,
+                    offset: at,
+                    epoch: &self.epoch,
+                    from: data.1,
+                },
+                prev,
+            );
+            prev = at;
+            bytes += frame.len();
+            page.messages.push(Delivery {
+                room: self.room.clone(),
+                offset: at,
+                epoch: self.epoch.clone(),
+                frame,
+                published_at_us: 0,
+            });
+            if page.messages.len() >= self.limit || bytes >= self.max_bytes {
+                break;
+            }
+        }
+        if let Some(span) = page.read.as_mut() {
+            span.through = through;
+        }
+        Ok(page)
+    }
+
+    /// The record's data and sender if it is a message of the room (its
+    /// key's first record in this read).
+    fn message<'r>(
+        &self,
+        record: &'r BorrowedMessage<'_>,
+        keys: &mut std::collections::HashSet<String>,
+    ) -> Option<(&'r RawValue, Option<&'r str>)> {
+        if record.key() != Some(self.room.as_str().as_bytes()) {
+            return None;
+        }
+        let data = record
+            .payload()
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(|p| serde_json::from_str::<&RawValue>(p).ok())?;
+        if let Some(key) = header(record, KEY_HEADER)
+            && !keys.insert(key.to_owned())
+        {
+            return None;
+        }
+        Some((data, header(record, FROM_HEADER)))
+    }
+}
+
+/// A record's header as text.
+fn header<'r>(record: &'r BorrowedMessage<'_>, name: &str) -> Option<&'r str> {
+    record.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    })
 }
 
 /// Whether a failed produce may still have been written (the broker may
@@ -390,6 +565,7 @@ impl Shared {
             }
             return Err(unavailable(e));
         }
+        self.metrics.kafka_partitions_read.inc();
         tracing::debug!(partition, start, "reading partition");
         Ok(())
     }
@@ -406,6 +582,7 @@ impl Shared {
         }
         let mut tpl = TopicPartitionList::new();
         let _ = tpl.add_partition(self.topic(), partition);
+        self.metrics.kafka_partitions_read.dec();
         if let Err(e) = self.consumer.incremental_unassign(&tpl) {
             tracing::warn!(partition, error = %e, "could not stop reading a partition");
         }
@@ -536,14 +713,7 @@ impl Shared {
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .and_then(|k| RoomName::parse(k).ok());
-        let header = |name: &str| {
-            record.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == name)
-                    .and_then(|h| h.value)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-            })
-        };
+        let header = |name: &str| header(record, name);
         let data = record
             .payload()
             .and_then(|p| std::str::from_utf8(p).ok())
