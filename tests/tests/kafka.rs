@@ -297,19 +297,25 @@ async fn a_position_older_than_retention_is_history_gone() {
 
 #[tokio::test]
 async fn a_node_reads_only_the_partitions_of_the_rooms_it_serves() {
-    let kafka = kafka("spread", 8).await;
-    let nodes = chorus_tests::fleet(1, &kafka.url("spread"), &[]).await;
+    // The node creates the topic it does not find.
+    let kafka = KafkaBroker::start().await;
+    let nodes = chorus_tests::fleet(1, &kafka.url("spread"), &["--kafka-partitions", "8"]).await;
     let node = &nodes[0];
     let read = || node.metric("chorus_kafka_partitions_read");
     assert_eq!(read().await, 0.0);
     let mut c = node.client().await;
-    c.subscribe("one").await;
+    let ok = c.subscribe("one").await;
+    assert_eq!(ok["op"], "ok", "{ok}");
     assert_eq!(read().await, 1.0);
-    // Publishing to other rooms reads nothing more.
+    // Publishing to other rooms (all over the 8 partitions) reads nothing more.
+    let mut epochs = std::collections::HashSet::new();
     for i in 0..20 {
-        node.post_message(&format!("r{i}"), json!({"data": i}))
+        let (_, ok) = node
+            .post_message(&format!("r{i}"), json!({"data": i}))
             .await;
+        epochs.insert(ok["epoch"].as_str().unwrap().to_owned());
     }
+    assert!(epochs.len() > 4, "{epochs:?}");
     assert_eq!(read().await, 1.0);
     c.request(json!({"op": "unsubscribe", "room": "one"})).await;
     wait_until("the partition to be dropped", || async {
