@@ -2,14 +2,15 @@
 # Runs the whole Chorus test suite on this machine.
 #
 # First installs what the tests need and is missing (redis-server,
-# redis-sentinel and postgresql from Debian's packages, Prometheus unpacked
-# from Debian's package, pytest, helm-python-sdk and PyYAML from PyPI for
-# the chart tests and the monitoring tests), so a fresh Debian machine with
-# a Rust toolchain, Go, python3 and pip needs nothing else. Tests start
-# their own redis-server / redis-sentinel / PostgreSQL processes on free
-# ports; nothing is expected to be running beforehand (PostgreSQL refuses
-# root: run as root, the test kit starts it as the `postgres` user the
-# package creates, or $CHORUS_PG_USER).
+# redis-sentinel, postgresql, a Java runtime and Maven from Debian's
+# packages, the Apache Kafka broker's jars from Maven Central, Prometheus
+# unpacked from Debian's package, pytest, helm-python-sdk and PyYAML from
+# PyPI for the chart tests and the monitoring tests), so a fresh Debian
+# machine with a Rust toolchain, Go, python3 and pip needs nothing else.
+# Tests start their own redis-server / redis-sentinel / PostgreSQL / Kafka
+# processes on free ports; nothing is expected to be running beforehand
+# (PostgreSQL refuses root: run as root, the test kit starts it as the
+# `postgres` user the package creates, or $CHORUS_PG_USER).
 #
 # Then the end-to-end suite (tests/tests/e2e.rs) runs on a real one-node
 # Kubernetes cluster that scripts/cluster.sh builds (cached under
@@ -28,6 +29,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 # Debian puts postgres and initdb in /usr/lib/postgresql/<version>/bin.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+# The Kafka tests run a real broker (Java 17+) from Maven Central's jars.
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   as_root apt-get update -qq
@@ -69,7 +73,9 @@ if [ "${#py_missing[@]}" -gt 0 ]; then
     || python3 -m pip install --quiet --user --break-system-packages "${py_missing[@]}"
 fi
 
-echo "test.sh: redis $(redis-server --version | awk '{print $3}'), postgresql $(ls /usr/lib/postgresql | sort -n | tail -n 1)"
+# Apache Kafka's jars, once, cached in ~/.cache/chorus/kafka (about 45 MB).
+kafka_lib=$(bash scripts/kafka/install.sh)
+echo "test.sh: redis $(redis-server --version | awk '{print $3}'), postgresql $(ls /usr/lib/postgresql | sort -n | tail -n 1), kafka $(basename "$(dirname "$kafka_lib")")"
 
 if [ "$e2e" = 1 ]; then
   # The Kubernetes build is long on a cold machine and mostly waits on

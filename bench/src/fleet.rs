@@ -1,6 +1,7 @@
 //! The processes under test: `chorus-server` nodes and their broker (one
-//! `redis-server`, a Sentinel group of 2 Redis and 3 sentinels, or a Redis
-//! Cluster of masters without replicas), started
+//! `redis-server`, a Sentinel group of 2 Redis and 3 sentinels, a Redis
+//! Cluster of masters without replicas, or one Apache Kafka broker with a
+//! topic of [`KAFKA_PARTITIONS`]), started
 //! by chorus-testkit on free ports of 127.0.0.1, each in a temporary
 //! directory with its log (kept with `CHORUS_KEEP_TEST_DIRS=1`), and killed
 //! when the [`Fleet`] is dropped. A fleet can also be a list of nodes
@@ -13,8 +14,12 @@ use anyhow::{Context, Result, bail};
 
 use crate::procfs;
 use chorus_testkit::{
-    ChorusServer, ClusterOptions, GroupOptions, RedisCluster, RedisServer, SentinelGroup,
+    ChorusServer, ClusterOptions, GroupOptions, KafkaBroker, RedisCluster, RedisServer,
+    SentinelGroup,
 };
+
+/// Partitions of the bench's Kafka topic.
+pub const KAFKA_PARTITIONS: i32 = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
@@ -24,6 +29,7 @@ pub enum BrokerKind {
     /// A Redis Cluster of this many masters (no replicas: each shard's CPU
     /// is its own rooms' work).
     Cluster(usize),
+    Kafka,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +55,10 @@ impl FleetSpec {
             BrokerKind::Cluster(shards) => {
                 format!("{} nodes + redis cluster ({shards} shards)", self.nodes)
             }
+            BrokerKind::Kafka => format!(
+                "{} nodes + 1 kafka ({KAFKA_PARTITIONS} partitions)",
+                self.nodes
+            ),
         }
     }
 }
@@ -104,6 +114,7 @@ pub enum Broker {
     Redis(RedisServer),
     Sentinel(SentinelGroup),
     Cluster(RedisCluster),
+    Kafka(KafkaBroker),
 }
 
 pub struct Fleet {
@@ -174,6 +185,12 @@ impl Fleet {
                 let url = cluster.broker_url();
                 (Broker::Cluster(cluster), url)
             }
+            BrokerKind::Kafka => {
+                let kafka = KafkaBroker::launch().await?;
+                kafka.create_topic("bench", KAFKA_PARTITIONS).await;
+                let url = kafka.url("bench");
+                (Broker::Kafka(kafka), url)
+            }
         };
         let mut fleet = Self {
             label: spec.label(),
@@ -208,7 +225,7 @@ impl Fleet {
     /// The Redis servers (master first; a cluster's in no fixed order).
     fn redis(&self) -> Vec<&RedisServer> {
         match &self.broker {
-            Broker::None => Vec::new(),
+            Broker::None | Broker::Kafka(_) => Vec::new(),
             Broker::Redis(redis) => vec![redis],
             Broker::Cluster(cluster) => cluster.nodes.iter().collect(),
             Broker::Sentinel(group) => std::iter::once(&group.master)
@@ -230,9 +247,13 @@ impl Fleet {
         self.nodes.iter().filter_map(NodeInfo::pid).collect()
     }
 
-    /// Pids of the redis-server processes still running.
+    /// Pids of the broker's processes still running: the redis-servers,
+    /// or Kafka's JVM (reported in the broker's CPU column).
     pub fn redis_pids(&self) -> Vec<u32> {
-        self.redis().iter().filter_map(|r| r.pid()).collect()
+        match &self.broker {
+            Broker::Kafka(kafka) => kafka.pid().into_iter().collect(),
+            _ => self.redis().iter().filter_map(|r| r.pid()).collect(),
+        }
     }
 
     pub fn sentinel_pids(&self) -> Vec<u32> {

@@ -67,6 +67,8 @@ pub enum BrokerArg {
     Redis,
     /// A Redis Cluster of `--shards` masters (sharded Pub/Sub).
     Cluster,
+    /// One Apache Kafka broker (KRaft), jars from scripts/kafka/install.sh.
+    Kafka,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,6 +140,7 @@ pub async fn run(cli: Cli) -> Result<Vec<Value>> {
             (false, BrokerArg::Memory) => BrokerKind::Memory,
             (false, BrokerArg::Redis) => BrokerKind::Redis,
             (false, BrokerArg::Cluster) => BrokerKind::Cluster(cli.shards.max(1)),
+            (false, BrokerArg::Kafka) => BrokerKind::Kafka,
         },
         server_bin: cli
             .server_bin

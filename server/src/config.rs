@@ -23,8 +23,9 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Message bus: `memory://` (one process, no Redis), `redis://[:password@]host:port[/db]`,
-    /// `redis+sentinel://[:password@]host:port[,host:port…]/<master-name>`, or
-    /// `redis+cluster://[:password@]host:port[,host:port…]` (Redis Cluster, sharded Pub/Sub).
+    /// `redis+sentinel://[:password@]host:port[,host:port…]/<master-name>`,
+    /// `redis+cluster://[:password@]host:port[,host:port…]` (Redis Cluster,
+    /// sharded Pub/Sub), or `kafka://host:port[,host:port…]/<topic>`.
     #[arg(
         long,
         env = "CHORUS_BROKER",
@@ -162,6 +163,17 @@ pub struct Config {
     /// Approximate number of entries kept in each upstream stream.
     #[arg(long, env = "CHORUS_UPSTREAM_MAXLEN", default_value_t = 100_000)]
     pub upstream_maxlen: u64,
+
+    /// Partitions of the Kafka topic when a node creates it (it is created
+    /// when missing; an existing topic keeps its own count).
+    #[arg(long, env = "CHORUS_KAFKA_PARTITIONS", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub kafka_partitions: u32,
+
+    /// Bound on a Kafka publish (acknowledged by every in-sync replica) and
+    /// on metadata requests; a publish not acknowledged in time gets
+    /// `outcome_unknown`.
+    #[arg(long, env = "CHORUS_KAFKA_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub kafka_timeout: Duration,
 
     /// Origins whose browser pages may call the HTTP API (`/api/v1/…`), e.g.
     /// `https://app.example.com` (comma-separated), or `*` for any origin.

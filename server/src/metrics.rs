@@ -126,6 +126,8 @@ pub struct Metrics {
     pub outbox_rejected: Counter,
     /// Time from an outbox row's commit to its publish.
     pub outbox_latency: Histogram,
+    /// Kafka partitions this node reads (those of the rooms it serves).
+    pub kafka_partitions_read: Gauge,
 }
 
 impl Metrics {
@@ -317,6 +319,12 @@ impl Metrics {
             "Time from an outbox row's commit to its publish",
             outbox_latency.clone(),
         );
+        let kafka_partitions_read = Gauge::default();
+        registry.register(
+            "kafka_partitions_read",
+            "Partitions of the Kafka topic this node reads: those of the rooms it serves",
+            kafka_partitions_read.clone(),
+        );
         Self {
             registry: root,
             max_connections,
@@ -329,6 +337,7 @@ impl Metrics {
             outbox_relayed,
             outbox_rejected,
             outbox_latency,
+            kafka_partitions_read,
             http_connections,
             http_connections_refused,
             gap_filled,

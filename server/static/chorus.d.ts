@@ -48,8 +48,9 @@ export interface ChorusOptions {
   /** How long a request waits for its reply (default 10000). */
   timeoutMs?: number;
   onStatus?: (status: ChorusStatus) => void;
-  /** Offsets jumped: `missed` messages were lost (pubsub mode). */
-  onGap?: (room: string, missed: number) => void;
+  /** Offsets jumped: `missed` messages were lost (pubsub mode); on Kafka a
+   * message's `prev` was past the last offset seen, and `missed` is null. */
+  onGap?: (room: string, missed: number | null) => void;
   /** The room's history is gone or its epoch changed: reload its state. */
   onReset?: (room: string) => void;
 }

@@ -20,7 +20,8 @@
 // - re-subscribes every room after a reconnect with `since` = the last
 //   message it delivered, so a node in durable mode replays what was missed;
 // - reports what it could not recover: `onGap(room, missed)` when offsets
-//   jump (pubsub mode loses messages in outages), `onReset(room)` when the
+//   jump (pubsub mode loses messages in outages; on Kafka, when a message's
+//   `prev` is past the last offset it had, with `missed` null), `onReset(room)` when the
 //   server answers `history_gone` (also sent as a `gap` frame when a node
 //   could not fill a hole from history), the room's epoch changed, or its
 //   offsets went back within one epoch — reload the room's state from your
@@ -50,6 +51,21 @@ function secondsLeft(token) {
 
 /** A connection that stayed up this long resets the backoff. */
 const STABLE_MS = 5000;
+
+
+/** The offset up to which room `r` is complete when `f` arrives: after a
+ * recovered replay, the recovering `ok`'s offset once `f` is past it. */
+function completeUpTo(r, f) {
+  if (r.upto === undefined || f.offset <= r.upto) return r.offset;
+  const upto = r.upto;
+  r.upto = undefined;
+  return Math.max(r.offset, upto);
+}
+
+/** Whether messages of the room came between offset `had` and `f`. */
+function missedBefore(f, had) {
+  return f.prev === undefined ? f.offset > had + 1 : f.prev > had;
+}
 
 export class Chorus {
   constructor(url, options = {}) {
@@ -174,8 +190,10 @@ export class Chorus {
     if (!r) return;
     if (r.epoch !== undefined && r.epoch !== f.epoch) {
       this.onReset(f.room);
-    } else if (r.offset !== undefined && f.offset > r.offset + 1) {
-      this.onGap(f.room, f.offset - r.offset - 1);
+    } else if (r.offset !== undefined && missedBefore(f, completeUpTo(r, f))) {
+      // Kafka mode: offsets skip other rooms' records, `prev` says where
+      // the room's previous message is, and how many were missed is unknown.
+      this.onGap(f.room, f.prev === undefined ? f.offset - r.offset - 1 : null);
     } else if (r.offset !== undefined && f.offset <= r.offset) {
       // The server never sends an offset twice: the room's counter went
       // back without a new epoch (a broker that lost writes), so these are
@@ -242,7 +260,12 @@ export class Chorus {
     if (r.epoch !== undefined) frame.since = { epoch: r.epoch, offset: r.offset };
     try {
       const ok = await this.request(frame);
-      if (frame.since && ok.recovered === true) return; // the replay follows the ok
+      if (frame.since && ok.recovered === true) {
+        // The replay follows the ok; after it the room is complete up to
+        // ok.offset (on Kafka the last replayed offset may be lower).
+        r.upto = ok.offset;
+        return;
+      }
       if (frame.since) this.onReset(room); // history_gone: reload the room's state
       r.epoch = ok.epoch;
       r.offset = ok.offset;

@@ -18,6 +18,8 @@
 //!   migration and master failover helpers.
 //! - [`postgres`]: PostgreSQL ([`Postgres`]): `initdb` into its directory,
 //!   the server on a free port (as an unprivileged user when run as root).
+//! - [`kafka`]: an Apache Kafka broker in KRaft mode ([`KafkaBroker`]),
+//!   from jars cached by `scripts/kafka/install.sh`.
 //! - [`chorus`]: the `chorus-server` binary ([`ChorusServer`]), ready when
 //!   `/readyz` answers 200.
 //! - [`prometheus`]: a Prometheus server ([`Prometheus`]) scraping given
@@ -46,6 +48,7 @@
 pub mod chorus;
 pub mod daemon;
 mod error;
+pub mod kafka;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
@@ -57,6 +60,7 @@ pub mod wait;
 pub use chorus::ChorusServer;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
+pub use kafka::KafkaBroker;
 pub use postgres::{Postgres, PostgresOptions};
 pub use process::{ChildGuard, Proc, ProcSpec, free_port};
 pub use prometheus::{Prometheus, PrometheusOptions, Target};

@@ -126,6 +126,18 @@ impl TestNode {
         metric(&self.http("/metrics"), name).await
     }
 
+    /// `POST /api/v1/rooms/{room}/messages` with `body` (`{"data", "key"?}`):
+    /// the status and the JSON answer.
+    pub async fn post_message(&self, room: &str, body: Value) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(self.http(&format!("/api/v1/rooms/{room}/messages")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
     /// The body of `GET path` (the demo page, say), whatever the status.
     pub async fn get_text(&self, path: &str) -> String {
         reqwest::get(self.http(path))

@@ -15,6 +15,8 @@
 //! - [`memory`]: one process, no bus (the default, and the tests' reference)
 //! - [`redis`]: Redis Pub/Sub, or Redis Streams with history, with Sentinel;
 //!   on a Redis Cluster, sharded Pub/Sub ([`redis::cluster`])
+//! - [`kafka`]: the partitions of one Kafka topic, each node reading those
+//!   of the rooms it serves
 //! - [`continuity`]: the offset/epoch rules (deliver, drop, fill, report
 //!   lost, resume after a reconnect), pure functions
 //! - [`tracker`]: those rules applied per served room, with gap fills that
@@ -35,6 +37,7 @@
 //! broker would keep of it.
 
 pub mod continuity;
+pub mod kafka;
 pub mod memory;
 pub mod redis;
 pub mod tracker;
@@ -48,6 +51,7 @@ use tokio::sync::watch;
 
 use crate::protocol::{Frame, RoomName};
 
+pub use self::kafka::{KafkaBroker, KafkaOptions, KafkaUrl};
 pub use self::redis::cluster::RedisClusterBroker;
 pub use self::redis::{RedisBroker, RedisOptions, RedisUrl};
 pub use memory::MemoryBroker;
@@ -101,13 +105,30 @@ pub struct History {
     /// Kept messages after the requested offset, oldest first, up to the
     /// limit asked for. Their frames are exactly what subscribers were sent.
     pub messages: Vec<Delivery>,
+    /// For a broker whose offsets skip (Kafka's positions in a partition
+    /// shared by rooms): how far the read went. `None`: offsets grow by one
+    /// per message, so the messages show it themselves.
+    pub read: Option<ReadSpan>,
+}
+
+/// What a read of a log shared by rooms saw: every message of the room
+/// after `from` up to `through` is in the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSpan {
+    pub from: u64,
+    pub through: u64,
 }
 
 impl History {
     /// Whether every message after `after` up to `last` is in `messages`
     /// (none fell out of the history window).
     pub fn covers(&self, after: u64) -> bool {
-        after >= self.last || self.messages.first().is_some_and(|m| m.offset == after + 1)
+        match self.read {
+            Some(span) => span.from <= after,
+            None => {
+                after >= self.last || self.messages.first().is_some_and(|m| m.offset == after + 1)
+            }
+        }
     }
 }
 

@@ -53,6 +53,7 @@ fn history(kept: Option<Vec<u64>>) -> ReadPage<String> {
                 .take(limit.min(2))
                 .map(|o| msg(*o))
                 .collect(),
+            read: None,
         });
         std::future::ready(page.ok_or_else(|| "down".to_string())).boxed()
     })

@@ -26,8 +26,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
-    Broker, BrokerError, Health, MemoryBroker, PublishRequest, Published, RedisBroker,
-    RedisClusterBroker, RedisOptions, RedisUrl,
+    Broker, BrokerError, Health, KafkaBroker, KafkaOptions, KafkaUrl, MemoryBroker, PublishRequest,
+    Published, RedisBroker, RedisClusterBroker, RedisOptions, RedisUrl,
 };
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Hub};
@@ -39,7 +39,7 @@ use crate::sync::lock;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(
-        "unsupported --broker URL `{0}` (expected memory://, redis://…, redis+sentinel://… or redis+cluster://…)"
+        "unsupported --broker URL `{0}` (expected memory://, redis://…, redis+sentinel://…, redis+cluster://… or kafka://…)"
     )]
     BrokerUrl(String),
     #[error(
@@ -55,6 +55,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     RedisUrl(#[from] crate::broker::redis::UrlError),
+    #[error(transparent)]
+    KafkaUrl(#[from] crate::broker::kafka::UrlError),
+    #[error("Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
     #[error(
         "--upstream-rooms needs a Redis broker (--broker redis://…, redis+sentinel://… or redis+cluster://…)"
     )]
@@ -155,6 +159,20 @@ impl Node {
                 } else {
                     Arc::new(RedisBroker::start(opts, hub.clone(), metrics.clone()))
                 }
+            }
+            Some("kafka") => {
+                if config.delivery == DeliveryMode::Streams {
+                    return Err(StartError::StreamsNeedRedis);
+                }
+                if !config.upstream_rooms.is_empty() {
+                    return Err(StartError::UpstreamNeedsRedis);
+                }
+                let mut opts =
+                    KafkaOptions::new(KafkaUrl::parse(config.broker.as_str())?, config.node_id());
+                opts.partitions = config.kafka_partitions;
+                opts.op_timeout = config.kafka_timeout;
+                opts.idempotency_window = config.idempotency_window;
+                Arc::new(KafkaBroker::start(opts, hub.clone(), metrics.clone())?)
             }
             _ => return Err(StartError::BrokerUrl(config.broker.redacted())),
         };

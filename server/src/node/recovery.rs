@@ -106,9 +106,10 @@ impl Replay {
         let Ok(Some(page)) = page else {
             return false;
         };
-        if page.epoch != self.epoch || !page.covers(self.after) || page.messages.is_empty() {
+        if page.epoch != self.epoch || !page.covers(self.after) {
             return false;
         }
+        let start = self.after;
         let before = out.len();
         for m in page
             .messages
@@ -118,8 +119,13 @@ impl Replay {
             self.after = m.offset;
             out.push(m.frame);
         }
+        if let Some(span) = page.read {
+            // Nothing more of the room up to where the read went.
+            self.after = self.after.max(span.through.min(self.until));
+        }
         metrics.replayed.inc_by((out.len() - before) as u64);
-        true
+        // A page that moved nothing on would be asked for again forever.
+        self.after > start
     }
 
     /// Whether everything was sent.
@@ -165,10 +171,16 @@ impl Node {
         };
         let mut replayed = Vec::new();
         let page = replay.next_page(self).await?;
+        let page_span = page.as_ref().and_then(|p| p.read);
         if !replay.take(Ok(page), &mut replayed, &self.metrics) {
             return gone(pos);
         }
-        let missed = pos.offset - since.offset;
+        // Offsets that skip (Kafka) do not say how many were missed: those
+        // of the first page, when more follow.
+        let missed = match page_span {
+            Some(_) => replayed.len() as u64,
+            None => pos.offset - since.offset,
+        };
         Ok(Subscribed {
             replayed,
             replay: (!replay.done()).then_some(replay),

@@ -142,6 +142,16 @@ pub fn encode_message(m: &MessageFrame<'_>) -> Frame {
     splice(&head, m.offset, m.epoch, &tail)
 }
 
+/// Encodes a `message` frame that also says `prev`: no message of the room
+/// lies between `prev` and this one's offset (a broker whose offsets are
+/// positions in a log shared by several rooms, such as Kafka's).
+pub fn encode_message_after(m: &MessageFrame<'_>, prev: u64) -> Frame {
+    let (head, tail) = message_parts(m.room, m.data, m.from);
+    // The tail opens with the epoch's closing quote.
+    let tail = format!("\",\"prev\":{prev}{}", &tail[1..]);
+    splice(&head, m.offset, m.epoch, &tail)
+}
+
 fn push_json_str(out: &mut String, s: &str) {
     // Serialising a string cannot fail.
     out.push_str(&serde_json::to_string(s).unwrap_or_default());
@@ -178,6 +188,22 @@ mod tests {
         assert_eq!(
             text.as_str(),
             r#"{"op":"message","room":"r","data":{"text":"hé \"q\""},"offset":1,"epoch":"e"}"#
+        );
+    }
+
+    #[test]
+    fn prev_follows_the_epoch() {
+        let data = RawValue::from_string("1".into()).unwrap();
+        let m = MessageFrame {
+            room: "r",
+            data: &data,
+            offset: 9,
+            epoch: "t/0",
+            from: Some("s"),
+        };
+        assert_eq!(
+            encode_message_after(&m, 4).as_str(),
+            r#"{"op":"message","room":"r","data":1,"offset":9,"epoch":"t/0","prev":4,"from":"s"}"#
         );
     }
 

@@ -14,7 +14,7 @@ mod room;
 pub use frames::{
     ClientFrame, ErrorCode, FrameError, ServerFrame, Since, Token, decode, encode, is_json_object,
 };
-pub use message::{Frame, MessageFrame, encode_message, message_parts};
+pub use message::{Frame, MessageFrame, encode_message, encode_message_after, message_parts};
 pub use pattern::Pattern;
 pub use room::{MAX_ROOM_BYTES, RoomError, RoomName};
 

@@ -52,6 +52,39 @@ test("offsets that go back within an epoch are new messages and a reset, not dup
   chorus.close();
 });
 
+test("on Kafka, prev tells a gap apart from other rooms' offsets", async () => {
+  const { chorus, ws, seen } = await subscribed("r");
+  ws.receive({ op: "message", room: "r", data: 1, offset: 15, epoch: "e1", prev: 10 });
+  ws.receive({ op: "message", room: "r", data: 2, offset: 19, epoch: "e1", prev: 15 });
+  assert.deepEqual(seen.gaps, []);
+  ws.receive({ op: "message", room: "r", data: 3, offset: 30, epoch: "e1", prev: 25 });
+  assert.deepEqual(seen.gaps, [["r", null]]);
+  assert.deepEqual(seen.messages, [15, 19, 30]);
+  assert.deepEqual(seen.resets, []);
+  chorus.close();
+});
+
+test("on Kafka, after a recovered replay the room is complete up to the ok's offset", async () => {
+  const { chorus, ws, seen } = await subscribed("r");
+  ws.receive({ op: "message", room: "r", data: 1, offset: 12, epoch: "e1", prev: 10 });
+  ws.onclose();
+  await new Promise((resolve) => setTimeout(resolve, 1200)); // the reconnect's backoff
+  const again = FakeSocket.all.at(-1);
+  again.receive({ op: "welcome", session: "s2", node: "n", version: "0" });
+  await settle();
+  const sub = again.sent.find((f) => f.op === "subscribe");
+  assert.deepEqual(sub.since, { epoch: "e1", offset: 12 });
+  again.receive({ op: "ok", id: sub.id, offset: 30, epoch: "e1", recovered: true, missed: 1 });
+  await settle();
+  again.receive({ op: "message", room: "r", data: 2, offset: 20, epoch: "e1", prev: 12 });
+  // Live: its room's previous record is before 30, where the replay ended.
+  again.receive({ op: "message", room: "r", data: 3, offset: 35, epoch: "e1", prev: 30 });
+  assert.deepEqual(seen.messages, [12, 20, 35]);
+  assert.deepEqual(seen.gaps, []);
+  assert.deepEqual(seen.resets, []);
+  chorus.close();
+});
+
 test("a gap frame is a reset, and the next message follows it", async () => {
   const { chorus, ws, seen } = await subscribed("r");
   ws.receive({ op: "gap", room: "r", epoch: "e1", offset: 40, code: "history_gone" });

@@ -67,6 +67,7 @@ pub(super) async fn read(
         epoch,
         last: last.unwrap_or(0),
         messages,
+        read: None,
     })
 }
 

@@ -538,6 +538,7 @@ impl Broker for Durable {
                 .unwrap_or_default(),
             last: in_room().last().map_or(0, |m| m.offset),
             messages,
+            read: None,
         };
         std::future::ready(Ok(Some(history))).boxed()
     }
