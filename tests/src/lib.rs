@@ -357,12 +357,20 @@ impl Publisher {
 
     /// Waits until `offset` was acknowledged.
     pub async fn wait_for(&self, offset: u64) {
+        self.wait_for_within(offset, WAIT).await;
+    }
+
+    /// [`Self::wait_for`] with a bound of its own (after a broker restart,
+    /// say, when the first publishes time out while clients reconnect).
+    pub async fn wait_for_within(&self, offset: u64, limit: Duration) {
         let acked = self.acked.clone();
-        wait_until(&format!("offset {offset} to be published"), || {
-            let acked = acked.clone();
-            async move { acked.load(Ordering::SeqCst) >= offset }
-        })
-        .await;
+        chorus_testkit::wait::until(
+            &format!("offset {offset} to be published"),
+            limit,
+            async || (acked.load(Ordering::SeqCst) >= offset).then_some(()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Stops publishing; returns the last acknowledged offset.
