@@ -327,6 +327,74 @@ async fn a_client_that_does_not_read_is_dropped_without_stalling_the_room() {
     .await;
 }
 
+/// The fan-out writes a message to a subscriber's socket itself when its
+/// connection waits with nothing in hand; a client that stops reading fills
+/// its socket, the rest of the write goes to its connection, the next
+/// messages to its bounded queue, and it is dropped (1008) as ever, while the
+/// readers get every message in order.
+#[tokio::test]
+async fn under_direct_writes_a_client_that_does_not_read_is_dropped_and_the_room_flows() {
+    let node = TestNode::start(&["--send-queue", "64"]).await;
+    let mut slow = node.client().await;
+    slow.subscribe("busy").await;
+
+    const COUNT: u64 = 3000;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut fast = node.client().await;
+        fast.subscribe("busy").await;
+        readers.push(tokio::spawn(async move {
+            for n in 1..=COUNT {
+                let m = fast.message().await;
+                assert_eq!(m["offset"], n, "every message, in order");
+            }
+        }));
+    }
+    // 4 KiB a message: 12 MB in all, more than the socket buffers of a
+    // client that never reads.
+    let payload = json!("p".repeat(4096));
+    let mut publisher = node.client().await;
+    let mut published = 0;
+    while published < COUNT {
+        let reply = publisher.publish("busy", payload.clone()).await;
+        if reply["op"] == "ok" {
+            published += 1;
+        } else {
+            // The room pushes back while most of its subscribers are behind.
+            assert_eq!(reply["code"], "rate_limited", "{reply}");
+        }
+    }
+    for reader in readers {
+        tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        node.metric("chorus_slow_consumers_dropped_total").await,
+        1.0
+    );
+    let direct = node.metric("chorus_direct_writes_total").await;
+    assert!(direct > 0.0, "no message was written by the fan-out itself");
+
+    // The slow client, reading at last, finds messages in order, then 1008.
+    let mut seen = 0u64;
+    loop {
+        match slow.event().await {
+            Event::Frame(v) if v["op"] == "message" => {
+                seen += 1;
+                assert_eq!(v["offset"], seen, "in order up to where it was cut");
+            }
+            Event::Frame(v) => panic!("unexpected frame {v}"),
+            Event::Closed(code) => {
+                assert_eq!(code, Some(1008));
+                break;
+            }
+        }
+    }
+    assert!(seen < COUNT, "slow client got all {seen} messages");
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let node = TestNode::start(&[]).await;

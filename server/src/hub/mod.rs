@@ -1,9 +1,18 @@
 //! The node's room registry and fan-out.
 //!
 //! Each local room holds the send handles of its local subscribers. A
-//! delivery hands the same encoded frame (a cheap reference-counted clone) to
-//! every subscriber's bounded send queue with `try_send`: a full queue marks a
-//! slow consumer, which is told to close (1008) and never stalls the room.
+//! delivery offers the same framed bytes to every subscriber
+//! ([`QueueTx::offer`]): a subscriber whose connection waits with nothing in
+//! hand is written to at once, with one non-blocking write from the fan-out
+//! (no wake-up of its task); the others get a reference-counted clone in
+//! their bounded send queue. A full queue marks a slow consumer, which is
+//! told to close (1008) and never stalls the room.
+//!
+//! A room whose fan-out falls behind pushes back on its publishers: when
+//! most of its local subscribers have more than half a queue waiting, the
+//! node refuses publishes to the room (`rate_limited`) for
+//! [`CONGESTION_HOLD`] ([`Hub::congested`]), rather than accept messages
+//! that would only shed its subscribers one by one.
 //!
 //! The hub also owns the node's broker subscriptions: the first local
 //! subscriber of a room subscribes the node, the last one leaving
@@ -11,15 +20,24 @@
 //! sees them in transition order.
 
 mod conn;
+mod sent;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 pub use conn::{
-    CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx, QueueTx, TrySendError,
+    CloseReason, ConnControl, ConnHandle, ConnId, Offered, Outbound, Outbox, QueueRx, QueueTx,
+    TrySendError, Wire,
 };
+pub use sent::SentUpTo;
+
+/// How long a room whose fan-out fell behind refuses publishes; the next
+/// fan-out after that looks again.
+pub const CONGESTION_HOLD: Duration = Duration::from_millis(100);
 
 use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::metrics::Metrics;
@@ -31,14 +49,27 @@ pub struct Hub {
     /// a non-blocking broker call); it is never held across `.await`.
     rooms: Mutex<HashMap<RoomName, Arc<LocalRoom>>>,
     metrics: Arc<Metrics>,
+    /// The clock of `LocalRoom::congested_until`.
+    started: Instant,
 }
 
 struct LocalRoom {
-    /// Read-locked for a fan-out (which only `try_send`s), write-locked to
-    /// join or leave.
-    subs: RwLock<HashMap<ConnId, ConnHandle>>,
+    /// Read-locked for a fan-out (which only offers, never waits),
+    /// write-locked to join or leave.
+    subs: RwLock<HashMap<ConnId, Member>>,
     /// Whether the node's broker subscription for the room is active.
     state: watch::Sender<SubState>,
+    /// Until when (µs after `Hub::started`) publishes to the room are
+    /// refused: its last fan-out found most subscribers behind.
+    congested_until: AtomicU64,
+}
+
+/// A local subscriber of a room.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub handle: ConnHandle,
+    /// How far the room went out to it, shared with its session.
+    pub sent: Arc<Mutex<SentUpTo>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +84,7 @@ impl Hub {
         Self {
             rooms: Mutex::new(HashMap::new()),
             metrics,
+            started: Instant::now(),
         }
     }
 
@@ -64,7 +96,7 @@ impl Hub {
         broker: &dyn Broker,
         room: &RoomName,
         id: ConnId,
-        handle: ConnHandle,
+        member: Member,
     ) -> Result<(), BrokerError> {
         let (local, subscribing) = {
             let mut rooms = lock(&self.rooms);
@@ -74,13 +106,14 @@ impl Hub {
                     let local = Arc::new(LocalRoom {
                         subs: RwLock::new(HashMap::new()),
                         state: watch::Sender::new(SubState::Pending),
+                        congested_until: AtomicU64::new(0),
                     });
                     rooms.insert(room.clone(), local.clone());
                     self.metrics.rooms.set(rooms.len() as i64);
                     (local, Some(broker.subscribe(room)))
                 }
             };
-            write(&local.subs).insert(id, handle);
+            write(&local.subs).insert(id, member);
             (local, subscribing)
         };
         let outcome = match subscribing {
@@ -151,23 +184,56 @@ impl Hub {
 }
 
 impl Hub {
-    /// Hands `d` to every local subscriber of its room; returns to how
-    /// many (`None` when the node does not serve the room).
+    /// Whether publishes to `room` are refused for now: its last fan-out on
+    /// this node found most of its subscribers behind.
+    pub fn congested(&self, room: &RoomName) -> bool {
+        let Some(local) = lock(&self.rooms).get(room).cloned() else {
+            return false;
+        };
+        local.congested_until.load(Ordering::Relaxed) > self.clock_us()
+    }
+
+    fn clock_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    /// Offers `d` to every local subscriber of its room; returns to how
+    /// many it went (`None` when the node does not serve the room).
     fn fan_out(&self, d: Delivery) -> Option<u64> {
         let local = lock(&self.rooms).get(&d.room).cloned()?;
         let d = Arc::new(d);
-        let mut delivered = 0u64;
+        let (mut delivered, mut written, mut behind) = (0u64, 0u64, 0usize);
         let mut slow = Vec::new();
-        {
+        let members = {
             let subs = read(&local.subs);
-            for handle in subs.values() {
-                match handle.tx.try_send(Outbound::Message(d.clone())) {
-                    Ok(()) => delivered += 1,
-                    Err(TrySendError::Full) => slow.push(handle.ctl.clone()),
+            for member in subs.values() {
+                match member.handle.tx.offer(&d, &member.sent) {
+                    Ok(Offered::Written) => {
+                        delivered += 1;
+                        written += 1;
+                    }
+                    Ok(Offered::HandedOver) => delivered += 1,
+                    Ok(Offered::Queued(len)) => {
+                        delivered += 1;
+                        if len * 2 > member.handle.tx.capacity() {
+                            behind += 1;
+                        }
+                    }
+                    Ok(Offered::Skipped) => {}
+                    Err(TrySendError::Full) => {
+                        behind += 1;
+                        slow.push(member.handle.ctl.clone());
+                    }
                     Err(TrySendError::Closed) => {}
                 }
             }
+            subs.len()
+        };
+        if behind * 2 > members {
+            let until = self.clock_us() + CONGESTION_HOLD.as_micros() as u64;
+            local.congested_until.store(until, Ordering::Relaxed);
         }
+        self.metrics.direct_writes.inc_by(written);
         for ctl in slow {
             if ctl.close(CloseReason::SlowConsumer) {
                 self.metrics.slow_consumers.inc();
@@ -217,6 +283,13 @@ mod tests {
     use crate::broker::{MemoryBroker, PublishRequest};
     use serde_json::value::RawValue;
 
+    fn member(handle: ConnHandle) -> Member {
+        Member {
+            handle,
+            sent: Arc::default(),
+        }
+    }
+
     fn setup() -> (Arc<Hub>, MemoryBroker, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
@@ -250,8 +323,12 @@ mod tests {
         let room = RoomName::parse("lobby").unwrap();
         let (a, mut a_rx) = ConnHandle::new(16);
         let (b, mut b_rx) = ConnHandle::new(16);
-        hub.join(&broker, &room, ConnId(1), a).await.unwrap();
-        hub.join(&broker, &room, ConnId(2), b).await.unwrap();
+        hub.join(&broker, &room, ConnId(1), member(a))
+            .await
+            .unwrap();
+        hub.join(&broker, &room, ConnId(2), member(b))
+            .await
+            .unwrap();
         assert_eq!(hub.subscribers(&room), 2);
         for n in 1..=3 {
             publish(&broker, &room, n);
@@ -273,7 +350,9 @@ mod tests {
         let (hub, broker, metrics) = setup();
         let room = RoomName::parse("r").unwrap();
         let (a, mut a_rx) = ConnHandle::new(16);
-        hub.join(&broker, &room, ConnId(1), a).await.unwrap();
+        hub.join(&broker, &room, ConnId(1), member(a))
+            .await
+            .unwrap();
         assert_eq!(metrics.rooms.get(), 1);
         assert!(hub.leave(&broker, &room, ConnId(1)));
         assert!(!hub.leave(&broker, &room, ConnId(1)));
@@ -290,8 +369,12 @@ mod tests {
         let (slow, _slow_rx) = ConnHandle::new(2);
         let slow_ctl = slow.ctl.clone();
         let (fast, mut fast_rx) = ConnHandle::new(64);
-        hub.join(&broker, &room, ConnId(1), slow).await.unwrap();
-        hub.join(&broker, &room, ConnId(2), fast).await.unwrap();
+        hub.join(&broker, &room, ConnId(1), member(slow))
+            .await
+            .unwrap();
+        hub.join(&broker, &room, ConnId(2), member(fast))
+            .await
+            .unwrap();
         for n in 1..=10 {
             publish(&broker, &room, n);
         }
@@ -319,7 +402,7 @@ mod tests {
                 for i in 0..2000u64 {
                     let id = ConnId(t * 10_000 + i);
                     let (h, _rx) = ConnHandle::new(4);
-                    hub.join(&*broker, &room, id, h).await.unwrap();
+                    hub.join(&*broker, &room, id, member(h)).await.unwrap();
                     hub.leave(&*broker, &room, id);
                 }
             }));
