@@ -13,9 +13,11 @@ here="$(cd "$(dirname "$0")" && pwd)"
 dest="${CHORUS_BENCH_PEERS:-$HOME/.cache/chorus/bench}"
 mkdir -p "$dest/bin" "$dest/socketio"
 
-if [[ "$("$dest/bin/centrifugo" version 2>/dev/null || true)" != *"${CENTRIFUGO_VERSION#v}"* ]]; then
+# `go install` leaves no version in the binary: a file beside it says which.
+if [[ ! -x "$dest/bin/centrifugo" || "$(cat "$dest/bin/centrifugo.version" 2>/dev/null)" != "$CENTRIFUGO_VERSION" ]]; then
     echo "installing centrifugo $CENTRIFUGO_VERSION into $dest/bin"
     GOBIN="$dest/bin" go install "github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION"
+    echo "$CENTRIFUGO_VERSION" > "$dest/bin/centrifugo.version"
 fi
 
 if ! cmp -s "$here/socketio/package-lock.json" "$dest/socketio/package-lock.json" \
@@ -25,5 +27,5 @@ if ! cmp -s "$here/socketio/package-lock.json" "$dest/socketio/package-lock.json
     (cd "$dest/socketio" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
-"$dest/bin/centrifugo" version
+echo "centrifugo $(cat "$dest/bin/centrifugo.version")"
 node -e "console.log('socket.io', require('$dest/socketio/node_modules/socket.io/package.json').version)"
