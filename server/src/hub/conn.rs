@@ -255,8 +255,10 @@ pub enum Offered {
     /// Begun by the fan-out, the rest handed to the connection's task (the
     /// socket took part of it, or nothing).
     HandedOver,
-    /// In the send queue, for the connection's task: how many frames it
-    /// holds now.
+    /// In the send queue, for the connection's task: how many frames wait
+    /// for the connection now, queued or being written (the task takes
+    /// queued frames in batches, so the queue alone can look short while
+    /// the socket still refuses a whole batch).
     Queued(usize),
     /// Not for this connection (it has it already, or it precedes its
     /// subscription).
@@ -312,10 +314,11 @@ impl QueueTx {
             Some(wire) if direct => wire,
             _ => {
                 let queued = Self::queue(state, self.0.capacity, Outbound::Message(d.clone()));
+                let waiting = state.unsent.len();
                 drop(guard);
                 let len = queued?;
                 self.0.waker.wake();
-                return Ok(Offered::Queued(len));
+                return Ok(Offered::Queued(len + waiting));
             }
         };
         if !lock(sent).advance(&d.epoch, d.offset) {
