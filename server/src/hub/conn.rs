@@ -299,14 +299,18 @@ impl QueueTx {
     /// no wake-up); whatever the socket does not take goes to the
     /// connection's task, and so do messages that find it busy, through the
     /// bounded queue. `sent` is how far the room went out to the connection.
+    /// With `direct` false the message is queued whatever the connection
+    /// does (the node is behind: the connection's task batches).
     pub fn offer(
         &self,
         d: &Arc<Delivery>,
         sent: &Mutex<SentUpTo>,
+        direct: bool,
     ) -> Result<Offered, TrySendError> {
         let mut guard = lock(&self.0.state);
         let state = &mut *guard;
-        let direct = state.idle
+        let direct = direct
+            && state.idle
             && !state.receiver_gone
             && state.frames.is_empty()
             && state.unsent.is_empty();

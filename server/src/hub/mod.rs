@@ -39,6 +39,14 @@ pub use sent::SentUpTo;
 /// fan-out after that looks again.
 pub const CONGESTION_HOLD: Duration = Duration::from_millis(100);
 
+/// A message that reaches the fan-out later than this after its publish
+/// (the node is behind: starved of CPU, or a burst) is queued for every
+/// subscriber instead of written by the fan-out: the connections' tasks then
+/// write several messages per system call, the node catches up, and the
+/// broker's reader stays free to read (a fan-out that keeps writing one
+/// message per system call while behind never catches up).
+pub const DIRECT_WRITE_MAX_AGE: Duration = Duration::from_millis(10);
+
 use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, RoomName, ServerFrame};
@@ -201,13 +209,17 @@ impl Hub {
     /// many it went (`None` when the node does not serve the room).
     fn fan_out(&self, d: Delivery) -> Option<u64> {
         let local = lock(&self.rooms).get(&d.room).cloned()?;
+        // Wall clocks of the publishing node and this one: a skewed clock
+        // only turns direct writes on or off, never loses a message.
+        let age_us = now_us().saturating_sub(d.published_at_us);
+        let direct = age_us < DIRECT_WRITE_MAX_AGE.as_micros() as u64;
         let d = Arc::new(d);
         let (mut delivered, mut written, mut behind) = (0u64, 0u64, 0usize);
         let mut slow = Vec::new();
         let members = {
             let subs = read(&local.subs);
             for member in subs.values() {
-                match member.handle.tx.offer(&d, &member.sent) {
+                match member.handle.tx.offer(&d, &member.sent, direct) {
                     Ok(Offered::Written) => {
                         delivered += 1;
                         written += 1;
@@ -388,6 +400,65 @@ mod tests {
             "counted once, however many messages it missed"
         );
         assert_eq!(metrics.delivered.get(), 12);
+    }
+
+    /// The writing end of a socket that takes everything, and keeps it.
+    struct Recorder(Arc<Mutex<Vec<u8>>>);
+
+    impl Wire for Recorder {
+        fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn poll_write_vectored(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = bufs.first().map_or(0, |b| b.len());
+            let _ = self.try_write(bufs.first().map_or(&[][..], |b| &b[..]));
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_that_arrives_late_is_queued_not_written_by_the_fan_out() {
+        use futures_util::FutureExt;
+        let (hub, broker, metrics) = setup();
+        let room = RoomName::parse("r").unwrap();
+        let (h, mut rx) = ConnHandle::new(16);
+        let wire = Arc::new(Mutex::new(Vec::new()));
+        rx.attach(Box::new(Recorder(wire.clone())));
+        hub.join(&broker, &room, ConnId(1), member(h))
+            .await
+            .unwrap();
+        let delivery = |offset, published_at_us| Delivery {
+            room: room.clone(),
+            offset,
+            epoch: "e".into(),
+            frame: protocol::Frame::from_static("{}"),
+            published_at_us,
+        };
+        // The connection's task waits with nothing in hand.
+        let mut out = Vec::new();
+        assert!(rx.recv_many(&mut out, 8).now_or_never().is_none());
+        hub.deliver(delivery(1, now_us()));
+        assert_eq!(metrics.direct_writes.get(), 1, "fresh: written at once");
+        assert!(!lock(&wire).is_empty());
+        assert!(rx.try_recv().is_none());
+
+        assert!(rx.recv_many(&mut out, 8).now_or_never().is_none());
+        let late = now_us() - 2 * DIRECT_WRITE_MAX_AGE.as_micros() as u64;
+        hub.deliver(delivery(2, late));
+        assert_eq!(metrics.direct_writes.get(), 1, "late: not written");
+        assert_eq!(rx.try_recv().map(frame_offset_of), Some(2), "but queued");
+    }
+
+    fn frame_offset_of(out: Outbound) -> u64 {
+        match out {
+            Outbound::Message(d) => d.offset,
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
