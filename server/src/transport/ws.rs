@@ -112,7 +112,13 @@ pub async fn upgrade(
             tracing::error!("WebSocket upgrade on a connection that is not a TCP socket");
             return;
         };
-        let (read, write) = parts.io.into_inner().into_split();
+        // What the HTTP server read past the request is a slice of its read
+        // buffer (8 KiB): copied out, so that the buffer goes now rather than
+        // live as long as the connection.
+        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+        let pre_read = read_buf.to_vec();
+        drop(read_buf);
+        let (read, write) = io.into_inner().into_split();
         // The socket and the session live here, once, for the connection's
         // whole life; the loop borrows them.
         let (mut session, mut queue) = Session::open(node, grants);
@@ -121,13 +127,8 @@ pub async fn upgrade(
             read,
             out: queue.outbox(),
         };
-        let mut socket = WebSocketStream::from_partially_read(
-            io,
-            parts.read_buf.to_vec(),
-            Role::Server,
-            Some(config),
-        )
-        .await;
+        let mut socket =
+            WebSocketStream::from_partially_read(io, pre_read, Role::Server, Some(config)).await;
         connection::serve(&mut socket, &mut session, &mut queue).await;
         drop(session);
         drop(slot);
