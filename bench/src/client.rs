@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::hist::Histogram;
+use crate::peers::{CENTRIFUGO_API_KEY, Target};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -31,36 +32,105 @@ pub fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// Connects and reads the `welcome`. Buffers are small: the idle scenario
-/// holds thousands of these in one process.
-pub async fn connect(url: &str) -> Result<Ws> {
+/// Connects and reads the `welcome` (for a peer: its own opening
+/// exchange). Buffers are small: the idle scenario holds thousands of these
+/// in one process. Connections leave from 127.0.0.1 to 127.0.0.8 in turn,
+/// so that more than one address's worth of ephemeral ports can be open.
+pub async fn connect(url: &str, target: Target) -> Result<Ws> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
-    )
-    .await
-    .context("connect timed out")?
-    .with_context(|| format!("connect {url}"))?;
-    let welcome = next_json(&mut ws).await?;
-    if welcome["op"] != "welcome" {
-        bail!("expected welcome, got {welcome}");
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .context("a ws:// URL")?;
+    let addr: std::net::SocketAddr = tokio::net::lookup_host(host)
+        .await?
+        .next()
+        .context("no address")?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if addr.ip().is_loopback() {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8;
+        socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1 + n as u8], 0)))?;
+    }
+    let opened = async {
+        let tcp = socket.connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(tcp),
+            Some(config),
+        )
+        .await?;
+        anyhow::Ok(ws)
+    };
+    let mut ws = tokio::time::timeout(Duration::from_secs(10), opened)
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect {url}"))?;
+    match target {
+        Target::Chorus => {
+            let welcome = next_json(&mut ws).await?;
+            if welcome["op"] != "welcome" {
+                bail!("expected welcome, got {welcome}");
+            }
+        }
+        Target::Centrifugo => {
+            ws.send(Message::Text(r#"{"id":1,"connect":{}}"#.into()))
+                .await?;
+            let reply = next_reply(&mut ws, 1).await?;
+            if reply.get("connect").is_none() {
+                bail!("centrifugo refused the connection: {reply}");
+            }
+        }
+        Target::Socketio => {
+            let open = next_text(&mut ws).await?;
+            if !open.starts_with('0') {
+                bail!("expected the Engine.IO open packet, got {open}");
+            }
+            ws.send(Message::Text("40".into())).await?;
+            let connected = next_text(&mut ws).await?;
+            if !connected.starts_with("40") {
+                bail!("expected the Socket.IO connect packet, got {connected}");
+            }
+        }
     }
     Ok(ws)
 }
 
 async fn next_json(ws: &mut Ws) -> Result<Value> {
+    Ok(serde_json::from_str(&next_text(ws).await?)?)
+}
+
+async fn next_text(ws: &mut Ws) -> Result<String> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .context("no frame within 10 s")?
             .ok_or_else(|| anyhow!("connection closed"))??;
         match msg {
-            Message::Text(t) => return Ok(serde_json::from_str(&t)?),
+            Message::Text(t) => return Ok(t.to_string()),
             Message::Close(c) => bail!("closed by server: {c:?}"),
             _ => {}
+        }
+    }
+}
+
+/// The Centrifugo reply with `id` (pushes and pings before it are skipped;
+/// a frame may hold several replies, one a line).
+async fn next_reply(ws: &mut Ws, id: u64) -> Result<Value> {
+    loop {
+        let text = next_text(ws).await?;
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line)?;
+            if v["id"] == id {
+                if v.get("error").is_some() {
+                    bail!("centrifugo command {id} failed: {v}");
+                }
+                return Ok(v);
+            }
         }
     }
 }
@@ -80,8 +150,27 @@ pub async fn request(ws: &mut Ws, frame: Value) -> Result<Value> {
     }
 }
 
-pub async fn subscribe(ws: &mut Ws, room: &str) -> Result<()> {
-    request(ws, json!({"op":"subscribe","id":1,"room":room})).await?;
+pub async fn subscribe(ws: &mut Ws, room: &str, target: Target) -> Result<()> {
+    match target {
+        Target::Chorus => {
+            request(ws, json!({"op":"subscribe","id":1,"room":room})).await?;
+        }
+        Target::Centrifugo => {
+            let cmd = json!({"id": 2, "subscribe": {"channel": room}});
+            ws.send(Message::Text(cmd.to_string().into())).await?;
+            next_reply(ws, 2).await?;
+        }
+        Target::Socketio => {
+            let join = format!("421{}", json!(["join", room]));
+            ws.send(Message::Text(join.into())).await?;
+            loop {
+                let text = next_text(ws).await?;
+                if text.starts_with("431") {
+                    break;
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -102,7 +191,8 @@ pub fn payload(t_us: u64, seq: u64, size: usize) -> String {
 pub struct Msg {
     pub t_us: u64,
     pub seq: u64,
-    pub offset: u64,
+    /// The room offset (Chorus; the peers send none).
+    pub offset: Option<u64>,
 }
 
 fn number_after(text: &str, key: &str) -> Option<(u64, usize)> {
@@ -111,18 +201,24 @@ fn number_after(text: &str, key: &str) -> Option<(u64, usize)> {
     Some((text[at..at + digits].parse().ok()?, at + digits))
 }
 
-/// Reads a `message` frame without a full JSON parse (the load generator
-/// shares the cores with the servers): the server writes `data` verbatim
-/// before `offset`, and the payload is ours.
+/// Reads a message without a full JSON parse (the load generator shares
+/// the cores with the servers): the servers write `data` verbatim — a
+/// Chorus `message` frame, a Centrifugo publication push, a Socket.IO
+/// `message` event — and the payload is ours.
 pub fn parse_message(text: &str) -> Option<Msg> {
-    if !text.starts_with(r#"{"op":"message""#) {
+    let chorus = text.starts_with(r#"{"op":"#);
+    if chorus && !text.starts_with(r#"{"op":"message""#) {
         return None;
     }
-    let (t_us, end) = number_after(text, r#""data":{"t":"#)?;
+    let (t_us, end) = number_after(text, r#"{"t":"#)?;
     let rest = &text[end..];
     let (seq, end) = number_after(rest, r#","s":"#)?;
     let rest = &rest[end..];
-    let (offset, _) = number_after(rest, r#","offset":"#)?;
+    let offset = if chorus {
+        Some(number_after(rest, r#","offset":"#)?.0)
+    } else {
+        None
+    };
     Some(Msg { t_us, seq, offset })
 }
 
@@ -185,12 +281,17 @@ pub struct SubReport {
     /// Receive time of each delivery (µs), when asked for (failover).
     pub arrivals: Vec<(u64, u64)>,
     pub closed: Option<String>,
+    /// The close code, when the server closed with a close frame.
+    pub closed_code: Option<u16>,
     pub last_frame_at: u64,
+    /// Bytes of the text of every message frame.
+    pub bytes: u64,
 }
 
 /// Reads `message` frames until told to stop.
 pub async fn run_subscriber(
     mut ws: Ws,
+    proto: Target,
     node: usize,
     room: usize,
     mut stop: watch::Receiver<Option<StopAt>>,
@@ -216,26 +317,47 @@ pub async fn run_subscriber(
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     let now = now_us();
-                    let Some(m) = parse_message(&text) else { continue };
-                    r.frames += 1;
-                    r.last_frame_at = now;
-                    if !r.seen.insert(m.seq) {
-                        r.duplicates += 1;
+                    match (proto, text.as_str()) {
+                        // Engine.IO ping, Centrifugo ping: answered, or the
+                        // peer drops the connection.
+                        (Target::Socketio, "2") => {
+                            let _ = ws.send(Message::Text("3".into())).await;
+                            continue;
+                        }
+                        (Target::Centrifugo, "{}") => {
+                            let _ = ws.send(Message::Text("{}".into())).await;
+                            continue;
+                        }
+                        _ => {}
                     }
-                    if let Some(prev) = last_offset {
-                        if m.offset <= prev {
-                            r.out_of_order += 1;
-                        } else {
-                            r.offset_gaps += m.offset - prev - 1;
+                    let mut got = false;
+                    for line in text.lines() {
+                        let Some(m) = parse_message(line) else { continue };
+                        got = true;
+                        r.frames += 1;
+                        r.bytes += line.len() as u64;
+                        if !r.seen.insert(m.seq) {
+                            r.duplicates += 1;
+                        }
+                        if let (Some(prev), Some(offset)) = (last_offset, m.offset) {
+                            if offset <= prev {
+                                r.out_of_order += 1;
+                            } else {
+                                r.offset_gaps += offset - prev - 1;
+                            }
+                        }
+                        last_offset = m.offset.or(last_offset);
+                        r.latency.record(now.saturating_sub(m.t_us));
+                        if keep_arrivals {
+                            r.arrivals.push((m.t_us, now));
                         }
                     }
-                    last_offset = Some(m.offset);
-                    r.latency.record(now.saturating_sub(m.t_us));
-                    if keep_arrivals {
-                        r.arrivals.push((m.t_us, now));
+                    if got {
+                        r.last_frame_at = now;
                     }
                 }
                 Some(Ok(Message::Close(c))) => {
+                    r.closed_code = c.as_ref().map(|c| u16::from(c.code));
                     r.closed = Some(format!("{c:?}"));
                     break;
                 }
@@ -274,6 +396,9 @@ pub struct PubSpec {
     /// This publisher's sequence numbers are `first + k * step`.
     pub first: u64,
     pub step: u64,
+    /// What the node runs: how to publish (Chorus and Socket.IO over their
+    /// WebSocket, Centrifugo through its HTTP API).
+    pub target: Target,
 }
 
 /// What one publisher got back.
@@ -294,9 +419,139 @@ pub struct PubReport {
     pub max_lag_us: u64,
 }
 
+/// How long a publisher holds back after a publish was refused as
+/// `rate_limited` (the room pushes back): it sends nothing new meanwhile.
+const PUSHBACK_PAUSE: Duration = Duration::from_millis(20);
+
+/// Where a publisher's publishes go, and where their answers come from.
+enum Link {
+    /// Chorus or Socket.IO: requests and replies on one WebSocket.
+    Ws(Box<Ws>, Target),
+    /// Centrifugo's HTTP publish API: one request per publish.
+    Http {
+        http: reqwest::Client,
+        url: String,
+        pending: futures_util::stream::FuturesUnordered<
+            futures_util::future::BoxFuture<'static, (u64, Result<(), String>)>,
+        >,
+    },
+}
+
+impl Link {
+    async fn open(spec: &PubSpec) -> Result<Self> {
+        Ok(match spec.target {
+            Target::Centrifugo => {
+                let base = spec
+                    .url
+                    .split("/connection/")
+                    .next()
+                    .unwrap_or(&spec.url)
+                    .replacen("ws://", "http://", 1);
+                Link::Http {
+                    http: reqwest::Client::builder()
+                        .pool_max_idle_per_host(spec.window)
+                        .build()?,
+                    url: format!("{base}/api/publish"),
+                    pending: Default::default(),
+                }
+            }
+            target => Link::Ws(Box::new(connect(&spec.url, target).await?), target),
+        })
+    }
+
+    /// Queues a publish (sent by [`Link::flush`]).
+    async fn feed(&mut self, id: u64, room: &str, data: String) -> Result<()> {
+        match self {
+            Link::Ws(ws, Target::Socketio) => {
+                let frame = format!(r#"42{id}["publish","{room}",{data}]"#);
+                ws.feed(Message::Text(frame.into())).await?;
+            }
+            Link::Ws(ws, _) => {
+                let frame =
+                    format!(r#"{{"op":"publish","id":{id},"room":"{room}","data":{data}}}"#);
+                ws.feed(Message::Text(frame.into())).await?;
+            }
+            Link::Http { http, url, pending } => {
+                let request = http
+                    .post(url.as_str())
+                    .header("X-API-Key", CENTRIFUGO_API_KEY)
+                    .header("Content-Type", "application/json")
+                    .body(format!(r#"{{"channel":"{room}","data":{data}}}"#))
+                    .send();
+                pending.push(Box::pin(async move {
+                    let outcome = match request.await {
+                        Ok(resp) if resp.status().is_success() => match resp.text().await {
+                            Ok(body) if !body.contains(r#""error""#) => Ok(()),
+                            Ok(body) => Err(body),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Ok(resp) => Err(resp.status().to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (id, outcome)
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if let Link::Ws(ws, _) = self {
+            ws.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The next answer: (id, `Ok` or the error code); `None` for frames
+    /// that answer nothing (pings are answered here).
+    async fn answer(&mut self) -> Result<Option<(u64, Result<(), String>)>> {
+        match self {
+            Link::Http { pending, .. } => match pending.next().await {
+                Some(answer) => Ok(Some(answer)),
+                None => std::future::pending().await,
+            },
+            Link::Ws(ws, target) => {
+                let msg = ws
+                    .next()
+                    .await
+                    .ok_or_else(|| anyhow!("publisher connection closed"))??;
+                let Message::Text(text) = msg else {
+                    return Ok(None);
+                };
+                if *target == Target::Socketio {
+                    if &*text == "2" {
+                        ws.send(Message::Text("3".into())).await?;
+                    }
+                    // An ack: 43<id>[…].
+                    let Some(rest) = text.strip_prefix("43") else {
+                        return Ok(None);
+                    };
+                    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                    return Ok(rest[..digits].parse().ok().map(|id| (id, Ok(()))));
+                }
+                let v: Value = serde_json::from_str(&text)?;
+                let Some(id) = v["id"].as_u64() else {
+                    return Ok(None);
+                };
+                if v["op"] == "ok" {
+                    return Ok(Some((id, Ok(()))));
+                }
+                let code = v["code"].as_str().unwrap_or("?").to_string();
+                Ok(Some((id, Err(code))))
+            }
+        }
+    }
+
+    async fn close(self) {
+        if let Link::Ws(mut ws, _) = self {
+            let _ = (*ws).close(None).await;
+        }
+    }
+}
+
 /// Publishes per `spec`, keeping at most `spec.window` publishes in flight.
 pub async fn run_publisher(spec: PubSpec, keep_timeline: bool) -> Result<PubReport> {
-    let mut ws = connect(&spec.url).await?;
+    let mut link = Link::open(&spec).await?;
     let mut r = PubReport::default();
     // id -> (room index, seq, sent at)
     let mut inflight: std::collections::HashMap<u64, (usize, u64, u64)> = Default::default();
@@ -310,9 +565,12 @@ pub async fn run_publisher(spec: PubSpec, keep_timeline: bool) -> Result<PubRepo
     };
     // Once nothing is left to send, replies still owed get a bounded time.
     let mut owed_until: Option<Instant> = None;
+    // Refused as `rate_limited`: send nothing new until then.
+    let mut paused_until = start;
     loop {
         let now = Instant::now();
         let done = spec.count.is_some_and(|c| k >= c) || until.is_some_and(|u| now >= u);
+        let next_due = due_of(k).max(paused_until);
         if done {
             if inflight.is_empty() {
                 break;
@@ -322,7 +580,7 @@ pub async fn run_publisher(spec: PubSpec, keep_timeline: bool) -> Result<PubRepo
                 r.unanswered = inflight.len() as u64;
                 break;
             }
-        } else if inflight.len() < spec.window && now >= due_of(k) {
+        } else if inflight.len() < spec.window && now >= next_due {
             // Send every publish that is due (up to the window), then flush once.
             let mut batch = 0;
             while inflight.len() < spec.window && spec.count.is_none_or(|c| k < c) && batch < 64 {
@@ -338,18 +596,15 @@ pub async fn run_publisher(spec: PubSpec, keep_timeline: bool) -> Result<PubRepo
                 let (room_ix, room) = &spec.rooms[(k as usize) % spec.rooms.len()];
                 let room_ix = *room_ix;
                 let t = now_us();
-                let frame = format!(
-                    r#"{{"op":"publish","id":{next_id},"room":"{room}","data":{}}}"#,
-                    payload(t, seq, spec.payload)
-                );
-                ws.feed(Message::Text(frame.into())).await?;
+                link.feed(next_id, room, payload(t, seq, spec.payload))
+                    .await?;
                 inflight.insert(next_id, (room_ix, seq, t));
                 next_id += 1;
                 k += 1;
                 r.sent += 1;
                 batch += 1;
             }
-            ws.flush().await?;
+            link.flush().await?;
             continue;
         }
         // Wait for a reply, the next due time or the end.
@@ -359,26 +614,28 @@ pub async fn run_publisher(spec: PubSpec, keep_timeline: bool) -> Result<PubRepo
         }
         if !done {
             if inflight.len() < spec.window {
-                wake = wake.min(due_of(k));
+                wake = wake.min(next_due);
             }
             if let Some(u) = until {
                 wake = wake.min(u);
             }
         }
         tokio::select! {
-            msg = ws.next() => {
-                let msg = msg.ok_or_else(|| anyhow!("publisher connection closed"))??;
-                let Message::Text(text) = msg else { continue };
-                let v: Value = serde_json::from_str(&text)?;
-                let Some(id) = v["id"].as_u64() else { continue };
+            answer = link.answer() => {
+                let Some((id, outcome)) = answer? else { continue };
                 let Some((room_ix, seq, t)) = inflight.remove(&id) else { continue };
-                let ok = v["op"] == "ok";
-                if ok {
-                    r.acked.push((room_ix, seq));
-                    r.ack_latency.record(now_us().saturating_sub(t));
-                } else {
-                    let code = v["code"].as_str().unwrap_or("?").to_string();
-                    *r.errors.entry(code).or_default() += 1;
+                let ok = outcome.is_ok();
+                match outcome {
+                    Ok(()) => {
+                        r.acked.push((room_ix, seq));
+                        r.ack_latency.record(now_us().saturating_sub(t));
+                    }
+                    Err(code) => {
+                        if code == "rate_limited" {
+                            paused_until = Instant::now() + PUSHBACK_PAUSE;
+                        }
+                        *r.errors.entry(code).or_default() += 1;
+                    }
                 }
                 if keep_timeline {
                     r.timeline.push((t, ok));
@@ -387,7 +644,7 @@ pub async fn run_publisher(spec: PubSpec, keep_timeline: bool) -> Result<PubRepo
             _ = tokio::time::sleep_until(wake) => {}
         }
     }
-    let _ = ws.close(None).await;
+    link.close().await;
     Ok(r)
 }
 
@@ -410,10 +667,18 @@ mod tests {
             Some(Msg {
                 t_us: 123,
                 seq: 45,
-                offset: 7
+                offset: Some(7)
             })
         );
         assert_eq!(parse_message(r#"{"op":"ok","id":1}"#), None);
+        let peers = [
+            format!(r#"{{"push":{{"channel":"r","pub":{{"data":{p}}}}}}}"#),
+            format!(r#"42["message",{p}]"#),
+        ];
+        for text in peers {
+            let m = parse_message(&text).unwrap();
+            assert_eq!((m.t_us, m.seq, m.offset), (123, 45, None), "{text}");
+        }
     }
 
     #[test]

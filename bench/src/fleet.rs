@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::procfs;
 use chorus_testkit::{
-    ChorusServer, ClusterOptions, GroupOptions, KafkaBroker, RedisCluster, RedisServer,
+    ChorusServer, ClusterOptions, Daemon, GroupOptions, KafkaBroker, RedisCluster, RedisServer,
     SentinelGroup,
 };
+
+use crate::peers::{self, Target};
+use crate::procfs;
 
 /// Partitions of the bench's Kafka topic.
 pub const KAFKA_PARTITIONS: i32 = 12;
@@ -41,10 +43,15 @@ pub struct FleetSpec {
     pub server_args: Vec<String>,
     /// Sentinel `down-after-milliseconds`.
     pub down_after_ms: u64,
+    /// Chorus, or a peer run the same way (its nodes on one Redis).
+    pub target: Target,
 }
 
 impl FleetSpec {
     pub fn label(&self) -> String {
+        if self.target != Target::Chorus {
+            return format!("{} × {} + 1 redis", self.nodes, self.target.name());
+        }
         match self.broker {
             BrokerKind::Memory => format!("{} node(s), memory broker", self.nodes),
             BrokerKind::Redis => format!("{} nodes + 1 redis", self.nodes),
@@ -98,7 +105,33 @@ pub struct NodeInfo {
     pub ws_url: String,
     pub http_base: String,
     /// `None` for a node someone else runs.
-    pub proc: Option<ChorusServer>,
+    pub proc: Option<NodeProc>,
+}
+
+/// The process of a node the bench started.
+pub enum NodeProc {
+    Chorus(ChorusServer),
+    Peer(Daemon),
+}
+
+impl std::ops::Deref for NodeProc {
+    type Target = Daemon;
+
+    fn deref(&self) -> &Daemon {
+        match self {
+            NodeProc::Chorus(server) => server,
+            NodeProc::Peer(daemon) => daemon,
+        }
+    }
+}
+
+impl std::ops::DerefMut for NodeProc {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        match self {
+            NodeProc::Chorus(server) => server,
+            NodeProc::Peer(daemon) => daemon,
+        }
+    }
 }
 
 impl NodeInfo {
@@ -119,6 +152,8 @@ pub enum Broker {
 
 pub struct Fleet {
     pub label: String,
+    /// What its nodes run (and so which protocol the clients speak).
+    pub target: Target,
     // Nodes first: they are killed before their broker.
     pub nodes: Vec<NodeInfo>,
     pub broker: Broker,
@@ -150,12 +185,16 @@ impl Fleet {
         }
         Ok(Self {
             label: format!("{} external node(s)", nodes.len()),
+            target: Target::Chorus,
             nodes,
             broker: Broker::None,
         })
     }
 
     pub async fn start(spec: &FleetSpec) -> Result<Self> {
+        if spec.target != Target::Chorus {
+            return Self::start_peers(spec).await;
+        }
         if !spec.server_bin.exists() {
             bail!(
                 "no chorus-server at {} (build it with `cargo build --release -p chorus-server`, or pass --server-bin)",
@@ -194,6 +233,7 @@ impl Fleet {
         };
         let mut fleet = Self {
             label: spec.label(),
+            target: Target::Chorus,
             nodes: Vec::new(),
             broker,
         };
@@ -213,7 +253,32 @@ impl Fleet {
                 name,
                 ws_url: node.ws_url(),
                 http_base: node.http_base(),
-                proc: Some(node),
+                proc: Some(NodeProc::Chorus(node)),
+            });
+        }
+        for node in fleet.nodes.iter_mut().filter_map(|n| n.proc.as_mut()) {
+            node.ready(NODE_READY).await?;
+        }
+        Ok(fleet)
+    }
+
+    /// Nodes of a peer on one Redis.
+    async fn start_peers(spec: &FleetSpec) -> Result<Self> {
+        let redis = RedisServer::launch(Default::default()).await?;
+        let addr = redis.addr();
+        let mut fleet = Self {
+            label: spec.label(),
+            target: spec.target,
+            nodes: Vec::new(),
+            broker: Broker::Redis(redis),
+        };
+        for i in 0..spec.nodes {
+            let node = peers::spawn(spec.target, &addr)?;
+            fleet.nodes.push(NodeInfo {
+                name: format!("n{}", i + 1),
+                ws_url: node.ws_url,
+                http_base: node.http_base,
+                proc: Some(NodeProc::Peer(node.daemon)),
             });
         }
         for node in fleet.nodes.iter_mut().filter_map(|n| n.proc.as_mut()) {
@@ -310,8 +375,12 @@ impl Fleet {
         out
     }
 
-    /// A counter from a node's `/metrics` (summed over label sets).
+    /// A counter from a node's `/metrics` (summed over label sets); `None`
+    /// for peers (their metrics are named otherwise).
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        if self.target != Target::Chorus {
+            return None;
+        }
         let http = reqwest::Client::new();
         let mut total = 0.0;
         for node in &self.nodes {

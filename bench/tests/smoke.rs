@@ -13,6 +13,8 @@ async fn fanout_against_a_memory_node_loses_nothing() {
         "chorus-bench",
         "--url",
         &node.ws_url(),
+        "--floor-writer",
+        env!("CARGO_BIN_EXE_chorus-bench"),
         "fanout",
         "--subscribers",
         "10",
@@ -33,7 +35,13 @@ async fn fanout_against_a_memory_node_loses_nothing() {
     assert_eq!(line["lost"], 0);
     assert_eq!(line["duplicates"], 0);
     assert_eq!(line["out_of_order"], 0);
-    // External nodes: no pid, so no CPU figure rather than a wrong one.
+    assert_eq!(line["outcome"]["delivered"], 200);
+    assert_eq!(line["outcome"]["shed"], 0);
+    // External nodes: no pid, so no CPU figure rather than a wrong one;
+    // the floor is the bench's own, measured all the same.
     assert!(line["cpu_s_per_m_deliveries"].is_null());
+    // (200 writes: below the 10 ms tick of the CPU accounting.)
+    assert!(line["floor_us_per_delivery"].as_f64().unwrap() >= 0.0);
+    assert!(line["cpu_over_floor"].is_null());
     node.stop().await;
 }

@@ -83,8 +83,12 @@ pub struct Metrics {
     pub published: Counter,
     /// Publishes that failed (broker unavailable, timeout).
     pub publish_errors: Counter,
-    /// `message` frames handed to local subscribers' send queues.
+    /// `message` frames handed to local subscribers (written or queued).
     pub delivered: Counter,
+    /// Of those, frames the fan-out wrote to the socket itself, whole.
+    pub direct_writes: Counter,
+    /// Publishes refused because the room's fan-out on this node was behind.
+    pub publishes_congested: Counter,
     /// Connections closed because their send queue overflowed.
     pub slow_consumers: Counter,
     /// Client frames refused as malformed (bad_frame, bad_room, too_large, binary).
@@ -198,6 +202,18 @@ impl Metrics {
             "messages_delivered",
             "Messages handed to local subscribers",
             delivered.clone(),
+        );
+        let direct_writes = Counter::default();
+        registry.register(
+            "direct_writes",
+            "Message frames the fan-out wrote to a subscriber's socket itself, without waking its connection",
+            direct_writes.clone(),
+        );
+        let publishes_congested = Counter::default();
+        registry.register(
+            "publishes_congested",
+            "Publishes refused (rate_limited) because the room's fan-out on this node was behind",
+            publishes_congested.clone(),
         );
         let slow_consumers = Counter::default();
         registry.register(
@@ -353,6 +369,8 @@ impl Metrics {
             published,
             publish_errors,
             delivered,
+            direct_writes,
+            publishes_congested,
             slow_consumers,
             bad_frames,
             delivery_latency,

@@ -327,6 +327,190 @@ async fn a_client_that_does_not_read_is_dropped_without_stalling_the_room() {
     .await;
 }
 
+/// The fan-out writes a message to a subscriber's socket itself when its
+/// connection waits with nothing in hand; a client that stops reading fills
+/// its socket, the rest of the write goes to its connection, the next
+/// messages to its bounded queue, and it is dropped (1008) as ever, while the
+/// readers get every message in order.
+#[tokio::test]
+async fn under_direct_writes_a_client_that_does_not_read_is_dropped_and_the_room_flows() {
+    let node = TestNode::start(&["--send-queue", "64"]).await;
+    let mut slow = node.client().await;
+    slow.subscribe("busy").await;
+    // It reads again once the node has given up on it (its close frame
+    // waits behind what its socket holds, for 5 s): messages in order up
+    // to where it was cut, then 1008.
+    let metrics = node.http("/metrics");
+    let slow = tokio::spawn(async move {
+        while chorus_tests::metric(&metrics, "chorus_slow_consumers_dropped_total").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut seen = 0u64;
+        loop {
+            match slow.event().await {
+                Event::Frame(v) if v["op"] == "message" => {
+                    seen += 1;
+                    assert_eq!(v["offset"], seen, "in order up to where it was cut");
+                }
+                Event::Frame(v) => panic!("unexpected frame {v}"),
+                Event::Closed(code) => return (seen, code),
+            }
+        }
+    });
+
+    const COUNT: u64 = 3000;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut fast = node.client().await;
+        fast.subscribe("busy").await;
+        readers.push(tokio::spawn(async move {
+            for n in 1..=COUNT {
+                let m = fast.message().await;
+                assert_eq!(m["offset"], n, "every message, in order");
+            }
+        }));
+    }
+    // 4 KiB a message: 12 MB in all, more than the socket buffers of a
+    // client that never reads.
+    let payload = json!("p".repeat(4096));
+    let mut publisher = node.client().await;
+    let mut published = 0;
+    while published < COUNT {
+        let reply = publisher.publish("busy", payload.clone()).await;
+        if reply["op"] == "ok" {
+            published += 1;
+        } else {
+            // The room pushes back while most of its subscribers are behind.
+            assert_eq!(reply["code"], "rate_limited", "{reply}");
+        }
+    }
+    for reader in readers {
+        tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        node.metric("chorus_slow_consumers_dropped_total").await,
+        1.0
+    );
+    let direct = node.metric("chorus_direct_writes_total").await;
+    assert!(direct > 0.0, "no message was written by the fan-out itself");
+
+    let (seen, code) = slow.await.unwrap();
+    assert_eq!(code, Some(1008), "after {seen} messages");
+    assert!(seen < COUNT, "slow client got all {seen} messages");
+}
+
+/// A room whose subscribers all read more slowly than its publisher
+/// publishes pushes back on the publisher (`rate_limited`) instead of
+/// acknowledging messages its subscribers cannot take: nobody is shed, and
+/// every subscriber gets every acknowledged message, in order.
+#[tokio::test]
+async fn a_room_whose_subscribers_all_fall_behind_pushes_back_and_sheds_nobody() {
+    let node = TestNode::start(&["--send-queue", "256"]).await;
+    const COUNT: u64 = 2000;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut sub = node.client().await;
+        sub.subscribe("slowroom").await;
+        readers.push(tokio::spawn(async move {
+            for n in 1..=COUNT {
+                match sub.event().await {
+                    Event::Frame(m) => assert_eq!(m["offset"], n, "{m}"),
+                    Event::Closed(code) => return Err(format!("closed ({code:?}) at message {n}")),
+                }
+                // A client that handles each message for a while.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(())
+        }));
+    }
+    // 16 KiB a message: the readers' socket buffers hold a few hundred.
+    let payload = json!("p".repeat(16 * 1024));
+    let mut publisher = node.client().await;
+    let (mut published, mut refused) = (0u64, 0u64);
+    while published < COUNT {
+        let reply = publisher.publish("slowroom", payload.clone()).await;
+        match reply["op"].as_str() {
+            Some("ok") => published += 1,
+            _ => {
+                assert_eq!(reply["code"], "rate_limited", "{reply}");
+                refused += 1;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    let mut shed = Vec::new();
+    for reader in readers {
+        if let Err(e) = reader.await.unwrap() {
+            shed.push(e);
+        }
+    }
+    assert!(
+        shed.is_empty(),
+        "subscribers {shed:?}; {} dropped as slow consumers, publisher refused {refused} times",
+        node.metric("chorus_slow_consumers_dropped_total").await
+    );
+    assert!(refused > 0, "the publisher was never pushed back");
+    assert!(node.metric("chorus_publishes_congested_total").await > 0.0);
+    assert_eq!(
+        node.metric("chorus_slow_consumers_dropped_total").await,
+        0.0
+    );
+}
+
+/// Per-connection order where the fan-out writes to the socket itself and
+/// the connection's task writes replies: a client that keeps leaving and
+/// rejoining a room flowing without pause, pinging meanwhile, gets after
+/// each `ok` with offset N exactly N+1, N+2, … (never a message at or
+/// before N, none missing, none twice), and nothing of the room once its
+/// `unsubscribe` was answered.
+#[tokio::test]
+async fn rejoining_a_flowing_room_never_reorders_repeats_or_skips() {
+    let node = TestNode::start(&[]).await;
+    let publisher = chorus_tests::Publisher::start(node.client().await, "flow");
+    let mut other = node.client().await;
+    let first = other.subscribe("flow").await["offset"].as_u64().unwrap() + 1;
+    let mut c = node.client().await;
+    for round in 0..30 {
+        let ok = c.subscribe("flow").await;
+        assert!(
+            c.pending().iter().all(|f| f["op"] != "message"),
+            "round {round}: a message before the subscribe's ok: {:?}",
+            c.pending()
+        );
+        let mut expect = ok["offset"].as_u64().unwrap() + 1;
+        for _ in 0..5 {
+            let m = c.message().await;
+            assert_eq!(m["offset"], expect, "round {round}: {m}");
+            expect += 1;
+            c.sync().await;
+        }
+        let bye = c
+            .request(json!({"op": "unsubscribe", "room": "flow"}))
+            .await;
+        assert_eq!(bye["op"], "ok", "{bye}");
+        // What came before the unsubscribe's ok still follows in order.
+        while !c.pending().is_empty() {
+            let m = c.message().await;
+            assert_eq!(m["offset"], expect, "round {round}: {m}");
+            expect += 1;
+        }
+        c.sync().await;
+        assert!(
+            c.pending().is_empty(),
+            "round {round}: messages after the unsubscribe's ok: {:?}",
+            c.pending()
+        );
+    }
+    let last = publisher.stop().await;
+    // The room flowed for the other subscriber meanwhile, all of it.
+    for n in first..=last {
+        assert_eq!(other.message().await["offset"], n);
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let node = TestNode::start(&[]).await;

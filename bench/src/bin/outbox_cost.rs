@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use chorus_bench::client;
 use chorus_bench::hist::Histogram;
+use chorus_bench::peers::Target;
 use chorus_testkit::postgres::connect;
 use chorus_testkit::{ChorusServer, Postgres, PostgresOptions};
 use clap::Parser;
@@ -196,8 +197,8 @@ async fn relay(pg: &Postgres, args: &Args, notify: bool, poll: &str) -> Result<H
     )
     .await
     .with_context(|| format!("start {}", args.server_bin.display()))?;
-    let mut ws = client::connect(&server.ws_url()).await?;
-    client::subscribe(&mut ws, "timed").await?;
+    let mut ws = client::connect(&server.ws_url(), Target::Chorus).await?;
+    client::subscribe(&mut ws, "timed", Target::Chorus).await?;
     let mut db = session(pg, notify).await?;
     let mut latency = Histogram::default();
     for n in 0..args.samples {

@@ -44,12 +44,37 @@ pub fn report_delivery(r: &mut Report, fleet: &Fleet, d: &Delivery, a: &Accounti
         a.frames,
         format!("{} ({} distinct)", a.frames, a.received_distinct),
     );
+    let refused = d
+        .pubs
+        .iter()
+        .filter_map(|p| p.errors.get("rate_limited"))
+        .sum::<u64>();
+    r.put(
+        "outcome",
+        "delivered / shed by policy / lost (of expected)",
+        serde_json::json!({
+            "delivered": a.expected - a.shed - a.lost, "shed": a.shed, "lost": a.lost,
+            "shed_subscribers": a.shed_subscribers, "publishes_refused": refused,
+        }),
+        format!(
+            "{} / {} ({} subscribers dropped 1008) / {} — publishes refused (pushed back): {refused}",
+            a.expected - a.shed - a.lost,
+            a.shed,
+            a.shed_subscribers,
+            a.lost
+        ),
+    );
     r.put(
         "lost",
         "lost / duplicated / out of order",
         a.lost,
         format!("{} / {} / {}", a.lost, a.duplicates, a.out_of_order),
     );
+    r.put_json("shed", a.shed);
+    r.put_json("publishes_refused", refused);
+    if let Some(mean) = a.bytes.checked_div(a.frames) {
+        r.put_json("frame_text_bytes", mean);
+    }
     let per_node: serde_json::Map<String, serde_json::Value> = a
         .lost_per_node
         .iter()

@@ -65,9 +65,10 @@ pub(crate) async fn connect_subscribers(
     let jobs = placement.iter().map(|&(node, room)| {
         let url = fleet.nodes[node].ws_url.clone();
         let name = rooms[room].clone();
+        let target = fleet.target;
         async move {
-            let mut ws = client::connect(&url).await?;
-            client::subscribe(&mut ws, &name).await?;
+            let mut ws = client::connect(&url, target).await?;
+            client::subscribe(&mut ws, &name, target).await?;
             anyhow::Ok((node, room, ws))
         }
     });
@@ -123,6 +124,7 @@ where
     for (node, room, ws) in conns {
         sub_tasks.push(tokio::spawn(client::run_subscriber(
             ws,
+            fleet.target,
             node,
             room,
             stop_rx.clone(),
@@ -201,7 +203,16 @@ pub struct Accounting {
     pub expected: u64,
     pub received_distinct: u64,
     pub frames: u64,
+    /// Acknowledged, not delivered, to subscribers the server still served
+    /// at the end.
     pub lost: u64,
+    /// Acknowledged, not delivered, to subscribers the server dropped as
+    /// slow consumers (close 1008): shed by policy.
+    pub shed: u64,
+    /// Subscribers closed with 1008.
+    pub shed_subscribers: usize,
+    /// Bytes of the text of every message frame received.
+    pub bytes: u64,
     pub unacked_delivered: u64,
     pub duplicates: u64,
     pub out_of_order: u64,
@@ -225,6 +236,9 @@ pub fn account(d: &Delivery) -> Accounting {
         received_distinct: 0,
         frames: 0,
         lost: 0,
+        shed: 0,
+        shed_subscribers: 0,
+        bytes: 0,
         unacked_delivered: 0,
         duplicates: 0,
         out_of_order: 0,
@@ -239,8 +253,14 @@ pub fn account(d: &Delivery) -> Accounting {
         a.expected += acked.len() as u64;
         a.received_distinct += s.seen.len();
         a.frames += s.frames;
-        a.lost += acked.len() as u64 - got;
-        *a.lost_per_node.entry(s.node).or_default() += acked.len() as u64 - got;
+        a.bytes += s.bytes;
+        if s.closed_code == Some(1008) {
+            a.shed += acked.len() as u64 - got;
+            a.shed_subscribers += 1;
+        } else {
+            a.lost += acked.len() as u64 - got;
+            *a.lost_per_node.entry(s.node).or_default() += acked.len() as u64 - got;
+        }
         a.unacked_delivered += s.seen.len() - got;
         a.duplicates += s.duplicates;
         a.out_of_order += s.out_of_order;

@@ -48,6 +48,7 @@ pub async fn failover(fleet: &mut Fleet, args: &FailoverArgs) -> Result<Report> 
             payload: args.payload,
             first: 0,
             step: 1,
+            target: fleet.target,
         }],
         drain: Duration::from_secs(10),
         timelines: true,

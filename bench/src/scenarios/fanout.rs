@@ -40,6 +40,7 @@ pub async fn fanout(fleet: &mut Fleet, args: &FanoutArgs) -> Result<Report> {
             payload: args.payload,
             first: 0,
             step: 1,
+            target: fleet.target,
         }],
         drain: Duration::from_secs(10),
         timelines: false,

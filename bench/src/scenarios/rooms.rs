@@ -51,6 +51,7 @@ pub async fn rooms(fleet: &mut Fleet, args: &RoomsArgs) -> Result<Report> {
             payload: args.payload,
             first: p as u64,
             step: pubs as u64,
+            target: fleet.target,
         })
         .collect();
     let plan = DeliveryPlan {

@@ -44,6 +44,7 @@ pub async fn saturate(fleet: &mut Fleet, args: &SaturateArgs) -> Result<Report> 
                 payload: args.payload,
                 first: p as u64,
                 step: args.publishers as u64,
+                target: fleet.target,
             })
             .collect(),
         drain: Duration::from_secs(10),

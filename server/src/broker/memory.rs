@@ -111,7 +111,8 @@ impl MemoryBroker {
     fn publish_now(&self, req: PublishRequest) -> Published {
         let state = self.room(&req.room);
         // Held while delivering so that concurrent publishers reach the hub in
-        // offset order; delivery only enqueues (never awaits).
+        // offset order; delivery never awaits (it queues, or makes
+        // non-blocking socket writes).
         let mut seq = lock(&state.seq);
         let now = Instant::now();
         seq.forget_expired_keys(now);

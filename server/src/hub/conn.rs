@@ -1,15 +1,20 @@
-//! What the hub knows of a connection: its bounded send queue and a control
-//! block through which the node tells it to close.
+//! What the hub knows of a connection: its bounded send queue, the writing
+//! end of its socket, and a control block through which the node tells it
+//! to close.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 
+use super::SentUpTo;
 use crate::broker::Delivery;
+use crate::protocol::Frame;
 use crate::sync::lock;
 
 /// Node-local connection id.
@@ -101,6 +106,9 @@ impl ConnHandle {
             state: Mutex::new(QueueState {
                 frames: VecDeque::new(),
                 receiver_gone: false,
+                idle: false,
+                wire: None,
+                unsent: VecDeque::new(),
             }),
             waker: AtomicWaker::new(),
             capacity: capacity.max(1),
@@ -115,26 +123,120 @@ impl ConnHandle {
     }
 }
 
-/// A connection's bounded send queue.
+/// The writing end of a connection's socket, as the fan-out and the
+/// connection's task share it (behind the send queue's lock).
+pub trait Wire: Send + 'static {
+    /// Writes what the socket takes now, without waiting (`WouldBlock` when
+    /// it takes nothing).
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Writes what the socket takes; `Pending` (with `cx` woken once it
+    /// takes more) when it takes nothing.
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl Wire for tokio::net::tcp::OwnedWriteHalf {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(self), cx, bufs)
+    }
+}
+
+/// A connection's bounded send queue, and the writing end of its socket.
 ///
 /// Not a `tokio::sync::mpsc` channel on purpose: that one allocates a block
 /// of 32 slots (about 1.5 KiB with the channel) for every connection up
 /// front and takes a semaphore permit per frame. This is a `VecDeque` that
-/// stays unallocated until the first frame, behind a std mutex (push and
-/// drain only, never held across `.await`), and the connection task drains
-/// everything waiting under one lock.
-#[derive(Debug)]
+/// stays unallocated until the first frame, behind a std mutex (never held
+/// across `.await`; the only system calls made under it are non-blocking
+/// writes), and the connection task drains everything waiting under one
+/// lock.
+///
+/// Every byte that goes to the socket goes through here, in order: a
+/// message the fan-out writes itself ([`QueueTx::offer`]), the frames the
+/// connection's task writes (replies, queued messages), and what the
+/// WebSocket library writes (pongs, close frames; [`Outbox`]). Bytes that
+/// the socket did not take at once wait in `unsent`, whole frames or the
+/// rest of one, and go before anything else.
 struct SendQueue {
     state: Mutex<QueueState>,
     waker: AtomicWaker,
     capacity: usize,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for SendQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendQueue")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
 struct QueueState {
     frames: VecDeque<Outbound>,
     receiver_gone: bool,
+    /// The connection's task waits with nothing in hand (nothing to write,
+    /// no request being handled): a message may go straight to the socket,
+    /// exactly where the task would have written it next.
+    idle: bool,
+    /// The socket, once the connection has one.
+    wire: Option<Box<dyn Wire>>,
+    /// Bytes in the socket's order that it has not taken yet.
+    unsent: VecDeque<Bytes>,
 }
+
+impl QueueState {
+    /// Writes `unsent` to the wire until it is empty (`Ready`) or the wire
+    /// takes no more (`Pending`, `cx` woken when it can).
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(wire) = self.wire.as_mut() else {
+            self.unsent.clear();
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        while !self.unsent.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .unsent
+                .iter()
+                .take(MAX_SLICES)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            let mut n = match wire.poll_write_vectored(cx, &slices)? {
+                Poll::Ready(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(n) => n,
+                Poll::Pending => return Poll::Pending,
+            };
+            drop(slices);
+            while n > 0 {
+                let Some(front) = self.unsent.front_mut() else {
+                    break;
+                };
+                if n < front.len() {
+                    front.advance(n);
+                    break;
+                }
+                n -= front.len();
+                self.unsent.pop_front();
+            }
+        }
+        if self.unsent.capacity() > KEEP_CAPACITY {
+            self.unsent.shrink_to(KEEP_CAPACITY);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Most buffers handed to one `writev`.
+const MAX_SLICES: usize = 64;
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +247,24 @@ pub enum TrySendError {
     Closed,
 }
 
+/// What became of a message offered to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Written to the socket by the fan-out, whole.
+    Written,
+    /// Begun by the fan-out, the rest handed to the connection's task (the
+    /// socket took part of it, or nothing).
+    HandedOver,
+    /// In the send queue, for the connection's task: how many frames wait
+    /// for the connection now, queued or being written (the task takes
+    /// queued frames in batches, so the queue alone can look short while
+    /// the socket still refuses a whole batch).
+    Queued(usize),
+    /// Not for this connection (it has it already, or it precedes its
+    /// subscription).
+    Skipped,
+}
+
 /// The hub's end of a send queue.
 #[derive(Debug, Clone)]
 pub struct QueueTx(Arc<SendQueue>);
@@ -152,18 +272,79 @@ pub struct QueueTx(Arc<SendQueue>);
 impl QueueTx {
     /// Queues a frame without waiting.
     pub fn try_send(&self, out: Outbound) -> Result<(), TrySendError> {
-        {
-            let mut state = lock(&self.0.state);
-            if state.receiver_gone {
-                return Err(TrySendError::Closed);
-            }
-            if state.frames.len() >= self.0.capacity {
-                return Err(TrySendError::Full);
-            }
-            state.frames.push_back(out);
-        }
+        Self::queue(&mut lock(&self.0.state), self.0.capacity, out)?;
         self.0.waker.wake();
         Ok(())
+    }
+
+    /// Queues `out`; how many frames the queue holds then.
+    fn queue(
+        state: &mut QueueState,
+        capacity: usize,
+        out: Outbound,
+    ) -> Result<usize, TrySendError> {
+        if state.receiver_gone {
+            return Err(TrySendError::Closed);
+        }
+        if state.frames.len() >= capacity {
+            return Err(TrySendError::Full);
+        }
+        state.frames.push_back(out);
+        Ok(state.frames.len())
+    }
+
+    /// Hands a room's message to the connection without waiting. When the
+    /// connection's task waits with nothing in hand, the message is written
+    /// to the socket right here (one non-blocking write of the shared frame,
+    /// no wake-up); whatever the socket does not take goes to the
+    /// connection's task, and so do messages that find it busy, through the
+    /// bounded queue. `sent` is how far the room went out to the connection.
+    /// With `direct` false the message is queued whatever the connection
+    /// does (the node is behind: the connection's task batches).
+    pub fn offer(
+        &self,
+        d: &Arc<Delivery>,
+        sent: &Mutex<SentUpTo>,
+        direct: bool,
+    ) -> Result<Offered, TrySendError> {
+        let mut guard = lock(&self.0.state);
+        let state = &mut *guard;
+        let direct = direct
+            && state.idle
+            && !state.receiver_gone
+            && state.frames.is_empty()
+            && state.unsent.is_empty();
+        let wire = match state.wire.as_mut() {
+            Some(wire) if direct => wire,
+            _ => {
+                let queued = Self::queue(state, self.0.capacity, Outbound::Message(d.clone()));
+                let waiting = state.unsent.len();
+                drop(guard);
+                let len = queued?;
+                self.0.waker.wake();
+                return Ok(Offered::Queued(len + waiting));
+            }
+        };
+        if !lock(sent).advance(&d.epoch, d.offset) {
+            return Ok(Offered::Skipped);
+        }
+        let bytes = d.frame.wire();
+        let rest = match wire.try_write(bytes) {
+            Ok(n) if n == bytes.len() => return Ok(Offered::Written),
+            Ok(n) => bytes.slice(n..),
+            // Refused (or failed: the connection's task meets the error).
+            Err(_) => bytes.clone(),
+        };
+        state.unsent.push_back(rest);
+        state.idle = false;
+        drop(guard);
+        self.0.waker.wake();
+        Ok(Offered::HandedOver)
+    }
+
+    /// How many frames the queue holds at most.
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
     }
 }
 
@@ -176,16 +357,26 @@ const KEEP_CAPACITY: usize = 64;
 pub struct QueueRx(Arc<SendQueue>);
 
 impl QueueRx {
-    /// Waits until frames are queued, then moves up to `max` of them into
-    /// `out` (oldest first).
+    /// Gives the queue the socket's writing end: from now on the fan-out may
+    /// write to it.
+    pub fn attach(&self, wire: Box<dyn Wire>) {
+        lock(&self.0.state).wire = Some(wire);
+    }
+
+    /// Waits until frames are queued (moving up to `max` of them into
+    /// `out`, oldest first, and returning how many) or bytes wait to be
+    /// written ([`Self::poll_flush`]). Meanwhile the task is idle: the
+    /// fan-out may write to the socket itself.
     pub async fn recv_many(&mut self, out: &mut Vec<Outbound>, max: usize) -> usize {
         poll_fn(|cx| {
             // Register before looking, so a push in between still wakes us.
             self.0.waker.register(cx.waker());
             let mut state = lock(&self.0.state);
-            if state.frames.is_empty() {
+            if state.frames.is_empty() && state.unsent.is_empty() {
+                state.idle = true;
                 return Poll::Pending;
             }
+            state.idle = false;
             let n = state.frames.len().min(max);
             out.extend(state.frames.drain(..n));
             if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
@@ -196,10 +387,16 @@ impl QueueRx {
         .await
     }
 
+    /// The task has something in hand (a request to answer): until it waits
+    /// in [`Self::recv_many`] again, messages queue behind it.
+    pub fn hold(&self) {
+        lock(&self.0.state).idle = false;
+    }
+
     /// Waits for the next frame.
     pub async fn recv(&mut self) -> Option<Outbound> {
         let mut one = Vec::with_capacity(1);
-        self.recv_many(&mut one, 1).await;
+        while self.recv_many(&mut one, 1).await == 0 {}
         one.pop()
     }
 
@@ -207,14 +404,86 @@ impl QueueRx {
     pub fn try_recv(&mut self) -> Option<Outbound> {
         lock(&self.0.state).frames.pop_front()
     }
+
+    /// Puts frames after whatever waits for the socket (write them with
+    /// [`Self::poll_flush`]).
+    pub fn push(&self, frames: impl IntoIterator<Item = Frame>) {
+        let mut state = lock(&self.0.state);
+        state.idle = false;
+        state
+            .unsent
+            .extend(frames.into_iter().map(|f| f.wire().clone()));
+    }
+
+    /// Writes what waits for the socket; `Ready` once it all went.
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        lock(&self.0.state).poll_unsent(cx)
+    }
+
+    /// No more messages for this connection (its loop ended): the queue
+    /// refuses them and lets go of those it holds. What waits for the
+    /// socket still goes (the closing handshake follows it).
+    pub fn close(&self) {
+        let mut state = lock(&self.0.state);
+        state.receiver_gone = true;
+        state.idle = false;
+        // Frames hold shared bytes: release them with the connection.
+        state.frames = VecDeque::new();
+    }
+
+    /// Lets go of the socket's writing end (the connection is over).
+    pub fn detach(&self) {
+        let mut state = lock(&self.0.state);
+        state.wire = None;
+        state.unsent = VecDeque::new();
+    }
+
+    /// The writing end through which the WebSocket library writes (its
+    /// pongs and close frames), in order with everything else.
+    pub fn outbox(&self) -> Outbox {
+        Outbox(self.0.clone())
+    }
 }
 
 impl Drop for QueueRx {
     fn drop(&mut self) {
+        self.close();
+        self.detach();
+    }
+}
+
+/// Writes of the WebSocket library, in order with the node's own.
+#[derive(Debug)]
+pub struct Outbox(Arc<SendQueue>);
+
+impl Outbox {
+    /// Takes all of `buf` or none of it (a frame is never split around
+    /// bytes the fan-out writes): what the socket does not take at once
+    /// waits in the queue, and the connection's task is woken to write it.
+    pub fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let mut state = lock(&self.0.state);
-        state.receiver_gone = true;
-        // Frames hold shared bytes: release them with the connection.
-        state.frames = VecDeque::new();
+        if state.poll_unsent(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        let Some(wire) = state.wire.as_mut() else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let n = match wire.try_write(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if n < buf.len() {
+            state.unsent.push_back(Bytes::copy_from_slice(&buf[n..]));
+            state.idle = false;
+            drop(state);
+            self.0.waker.wake();
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        lock(&self.0.state).poll_unsent(cx)
     }
 }
 

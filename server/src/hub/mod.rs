@@ -1,9 +1,18 @@
 //! The node's room registry and fan-out.
 //!
 //! Each local room holds the send handles of its local subscribers. A
-//! delivery hands the same encoded frame (a cheap reference-counted clone) to
-//! every subscriber's bounded send queue with `try_send`: a full queue marks a
-//! slow consumer, which is told to close (1008) and never stalls the room.
+//! delivery offers the same framed bytes to every subscriber
+//! ([`QueueTx::offer`]): a subscriber whose connection waits with nothing in
+//! hand is written to at once, with one non-blocking write from the fan-out
+//! (no wake-up of its task); the others get a reference-counted clone in
+//! their bounded send queue. A full queue marks a slow consumer, which is
+//! told to close (1008) and never stalls the room.
+//!
+//! A room whose fan-out falls behind pushes back on its publishers: when
+//! most of its local subscribers have more than half a queue waiting, the
+//! node refuses publishes to the room (`rate_limited`) for
+//! [`CONGESTION_HOLD`] ([`Hub::congested`]), rather than accept messages
+//! that would only shed its subscribers one by one.
 //!
 //! The hub also owns the node's broker subscriptions: the first local
 //! subscriber of a room subscribes the node, the last one leaving
@@ -11,15 +20,32 @@
 //! sees them in transition order.
 
 mod conn;
+mod sent;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 pub use conn::{
-    CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx, QueueTx, TrySendError,
+    CloseReason, ConnControl, ConnHandle, ConnId, Offered, Outbound, Outbox, QueueRx, QueueTx,
+    TrySendError, Wire,
 };
+pub use sent::SentUpTo;
+
+/// How long a room whose fan-out fell behind refuses publishes; the next
+/// fan-out after that looks again.
+pub const CONGESTION_HOLD: Duration = Duration::from_millis(100);
+
+/// A message that reaches the fan-out later than this after its publish
+/// (the node is behind: starved of CPU, or a burst) is queued for every
+/// subscriber instead of written by the fan-out: the connections' tasks then
+/// write several messages per system call, the node catches up, and the
+/// broker's reader stays free to read (a fan-out that keeps writing one
+/// message per system call while behind never catches up).
+pub const DIRECT_WRITE_MAX_AGE: Duration = Duration::from_millis(10);
 
 use crate::broker::{Broker, BrokerError, Deliver, Delivery, now_us};
 use crate::metrics::Metrics;
@@ -31,14 +57,27 @@ pub struct Hub {
     /// a non-blocking broker call); it is never held across `.await`.
     rooms: Mutex<HashMap<RoomName, Arc<LocalRoom>>>,
     metrics: Arc<Metrics>,
+    /// The clock of `LocalRoom::congested_until`.
+    started: Instant,
 }
 
 struct LocalRoom {
-    /// Read-locked for a fan-out (which only `try_send`s), write-locked to
-    /// join or leave.
-    subs: RwLock<HashMap<ConnId, ConnHandle>>,
+    /// Read-locked for a fan-out (which only offers, never waits),
+    /// write-locked to join or leave.
+    subs: RwLock<HashMap<ConnId, Member>>,
     /// Whether the node's broker subscription for the room is active.
     state: watch::Sender<SubState>,
+    /// Until when (µs after `Hub::started`) publishes to the room are
+    /// refused: its last fan-out found most subscribers behind.
+    congested_until: AtomicU64,
+}
+
+/// A local subscriber of a room.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub handle: ConnHandle,
+    /// How far the room went out to it, shared with its session.
+    pub sent: Arc<Mutex<SentUpTo>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +92,7 @@ impl Hub {
         Self {
             rooms: Mutex::new(HashMap::new()),
             metrics,
+            started: Instant::now(),
         }
     }
 
@@ -64,7 +104,7 @@ impl Hub {
         broker: &dyn Broker,
         room: &RoomName,
         id: ConnId,
-        handle: ConnHandle,
+        member: Member,
     ) -> Result<(), BrokerError> {
         let (local, subscribing) = {
             let mut rooms = lock(&self.rooms);
@@ -74,13 +114,14 @@ impl Hub {
                     let local = Arc::new(LocalRoom {
                         subs: RwLock::new(HashMap::new()),
                         state: watch::Sender::new(SubState::Pending),
+                        congested_until: AtomicU64::new(0),
                     });
                     rooms.insert(room.clone(), local.clone());
                     self.metrics.rooms.set(rooms.len() as i64);
                     (local, Some(broker.subscribe(room)))
                 }
             };
-            write(&local.subs).insert(id, handle);
+            write(&local.subs).insert(id, member);
             (local, subscribing)
         };
         let outcome = match subscribing {
@@ -151,23 +192,60 @@ impl Hub {
 }
 
 impl Hub {
-    /// Hands `d` to every local subscriber of its room; returns to how
-    /// many (`None` when the node does not serve the room).
+    /// Whether publishes to `room` are refused for now: its last fan-out on
+    /// this node found most of its subscribers behind.
+    pub fn congested(&self, room: &RoomName) -> bool {
+        let Some(local) = lock(&self.rooms).get(room).cloned() else {
+            return false;
+        };
+        local.congested_until.load(Ordering::Relaxed) > self.clock_us()
+    }
+
+    fn clock_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    /// Offers `d` to every local subscriber of its room; returns to how
+    /// many it went (`None` when the node does not serve the room).
     fn fan_out(&self, d: Delivery) -> Option<u64> {
         let local = lock(&self.rooms).get(&d.room).cloned()?;
+        // Wall clocks of the publishing node and this one: a skewed clock
+        // only turns direct writes on or off, never loses a message.
+        let age_us = now_us().saturating_sub(d.published_at_us);
+        let direct = age_us < DIRECT_WRITE_MAX_AGE.as_micros() as u64;
         let d = Arc::new(d);
-        let mut delivered = 0u64;
+        let (mut delivered, mut written, mut behind) = (0u64, 0u64, 0usize);
         let mut slow = Vec::new();
-        {
+        let members = {
             let subs = read(&local.subs);
-            for handle in subs.values() {
-                match handle.tx.try_send(Outbound::Message(d.clone())) {
-                    Ok(()) => delivered += 1,
-                    Err(TrySendError::Full) => slow.push(handle.ctl.clone()),
+            for member in subs.values() {
+                match member.handle.tx.offer(&d, &member.sent, direct) {
+                    Ok(Offered::Written) => {
+                        delivered += 1;
+                        written += 1;
+                    }
+                    Ok(Offered::HandedOver) => delivered += 1,
+                    Ok(Offered::Queued(len)) => {
+                        delivered += 1;
+                        if len * 2 > member.handle.tx.capacity() {
+                            behind += 1;
+                        }
+                    }
+                    Ok(Offered::Skipped) => {}
+                    Err(TrySendError::Full) => {
+                        behind += 1;
+                        slow.push(member.handle.ctl.clone());
+                    }
                     Err(TrySendError::Closed) => {}
                 }
             }
+            subs.len()
+        };
+        if behind * 2 > members {
+            let until = self.clock_us() + CONGESTION_HOLD.as_micros() as u64;
+            local.congested_until.store(until, Ordering::Relaxed);
         }
+        self.metrics.direct_writes.inc_by(written);
         for ctl in slow {
             if ctl.close(CloseReason::SlowConsumer) {
                 self.metrics.slow_consumers.inc();
@@ -217,6 +295,13 @@ mod tests {
     use crate::broker::{MemoryBroker, PublishRequest};
     use serde_json::value::RawValue;
 
+    fn member(handle: ConnHandle) -> Member {
+        Member {
+            handle,
+            sent: Arc::default(),
+        }
+    }
+
     fn setup() -> (Arc<Hub>, MemoryBroker, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
@@ -250,8 +335,12 @@ mod tests {
         let room = RoomName::parse("lobby").unwrap();
         let (a, mut a_rx) = ConnHandle::new(16);
         let (b, mut b_rx) = ConnHandle::new(16);
-        hub.join(&broker, &room, ConnId(1), a).await.unwrap();
-        hub.join(&broker, &room, ConnId(2), b).await.unwrap();
+        hub.join(&broker, &room, ConnId(1), member(a))
+            .await
+            .unwrap();
+        hub.join(&broker, &room, ConnId(2), member(b))
+            .await
+            .unwrap();
         assert_eq!(hub.subscribers(&room), 2);
         for n in 1..=3 {
             publish(&broker, &room, n);
@@ -273,7 +362,9 @@ mod tests {
         let (hub, broker, metrics) = setup();
         let room = RoomName::parse("r").unwrap();
         let (a, mut a_rx) = ConnHandle::new(16);
-        hub.join(&broker, &room, ConnId(1), a).await.unwrap();
+        hub.join(&broker, &room, ConnId(1), member(a))
+            .await
+            .unwrap();
         assert_eq!(metrics.rooms.get(), 1);
         assert!(hub.leave(&broker, &room, ConnId(1)));
         assert!(!hub.leave(&broker, &room, ConnId(1)));
@@ -290,8 +381,12 @@ mod tests {
         let (slow, _slow_rx) = ConnHandle::new(2);
         let slow_ctl = slow.ctl.clone();
         let (fast, mut fast_rx) = ConnHandle::new(64);
-        hub.join(&broker, &room, ConnId(1), slow).await.unwrap();
-        hub.join(&broker, &room, ConnId(2), fast).await.unwrap();
+        hub.join(&broker, &room, ConnId(1), member(slow))
+            .await
+            .unwrap();
+        hub.join(&broker, &room, ConnId(2), member(fast))
+            .await
+            .unwrap();
         for n in 1..=10 {
             publish(&broker, &room, n);
         }
@@ -307,6 +402,65 @@ mod tests {
         assert_eq!(metrics.delivered.get(), 12);
     }
 
+    /// The writing end of a socket that takes everything, and keeps it.
+    struct Recorder(Arc<Mutex<Vec<u8>>>);
+
+    impl Wire for Recorder {
+        fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn poll_write_vectored(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = bufs.first().map_or(0, |b| b.len());
+            let _ = self.try_write(bufs.first().map_or(&[][..], |b| &b[..]));
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_that_arrives_late_is_queued_not_written_by_the_fan_out() {
+        use futures_util::FutureExt;
+        let (hub, broker, metrics) = setup();
+        let room = RoomName::parse("r").unwrap();
+        let (h, mut rx) = ConnHandle::new(16);
+        let wire = Arc::new(Mutex::new(Vec::new()));
+        rx.attach(Box::new(Recorder(wire.clone())));
+        hub.join(&broker, &room, ConnId(1), member(h))
+            .await
+            .unwrap();
+        let delivery = |offset, published_at_us| Delivery {
+            room: room.clone(),
+            offset,
+            epoch: "e".into(),
+            frame: protocol::Frame::from_static("{}"),
+            published_at_us,
+        };
+        // The connection's task waits with nothing in hand.
+        let mut out = Vec::new();
+        assert!(rx.recv_many(&mut out, 8).now_or_never().is_none());
+        hub.deliver(delivery(1, now_us()));
+        assert_eq!(metrics.direct_writes.get(), 1, "fresh: written at once");
+        assert!(!lock(&wire).is_empty());
+        assert!(rx.try_recv().is_none());
+
+        assert!(rx.recv_many(&mut out, 8).now_or_never().is_none());
+        let late = now_us() - 2 * DIRECT_WRITE_MAX_AGE.as_micros() as u64;
+        hub.deliver(delivery(2, late));
+        assert_eq!(metrics.direct_writes.get(), 1, "late: not written");
+        assert_eq!(rx.try_recv().map(frame_offset_of), Some(2), "but queued");
+    }
+
+    fn frame_offset_of(out: Outbound) -> u64 {
+        match out {
+            Outbound::Message(d) => d.offset,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn joins_leaves_and_publishes_on_one_room_from_many_threads_do_not_deadlock() {
         let (hub, broker, _) = setup();
@@ -319,7 +473,7 @@ mod tests {
                 for i in 0..2000u64 {
                     let id = ConnId(t * 10_000 + i);
                     let (h, _rx) = ConnHandle::new(4);
-                    hub.join(&*broker, &room, id, h).await.unwrap();
+                    hub.join(&*broker, &room, id, member(h)).await.unwrap();
                     hub.leave(&*broker, &room, id);
                 }
             }));

@@ -30,7 +30,7 @@ use crate::broker::{
     Published, RedisBroker, RedisClusterBroker, RedisOptions, RedisUrl,
 };
 use crate::config::{Config, DeliveryMode, read_secret};
-use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Hub};
+use crate::hub::{CloseReason, ConnControl, ConnId, Hub, Member};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxOptions;
 use crate::protocol::{Pattern, RoomName, Since};
@@ -241,13 +241,11 @@ impl Node {
     pub async fn subscribe(
         &self,
         id: ConnId,
-        handle: &ConnHandle,
+        member: Member,
         room: &RoomName,
         since: Option<Since>,
     ) -> Result<Subscribed, BrokerError> {
-        self.hub
-            .join(&*self.broker, room, id, handle.clone())
-            .await?;
+        self.hub.join(&*self.broker, room, id, member).await?;
         let subscribed = match self.broker.position(room).await {
             Ok(pos) => self.recover(room, since, pos).await,
             Err(e) => Err(e),
@@ -262,6 +260,16 @@ impl Node {
     /// its last local subscriber). Whether it was in the room.
     pub fn leave(&self, id: ConnId, room: &RoomName) -> bool {
         self.hub.leave(&*self.broker, room, id)
+    }
+
+    /// Whether a publish to `room` is refused because the room's fan-out on
+    /// this node is behind (counted); see [`Hub::congested`].
+    pub fn congested(&self, room: &RoomName) -> bool {
+        let congested = self.hub.congested(room);
+        if congested {
+            self.metrics.publishes_congested.inc();
+        }
+        congested
     }
 
     /// Publishes through the broker and counts the outcome.

@@ -161,7 +161,11 @@ mod tests {
         let node = Node::start(Config::defaults()).await.unwrap();
         let (handle, mut queue) = ConnHandle::new(16);
         let room = RoomName::parse("a").unwrap();
-        node.subscribe(crate::hub::ConnId(1), &handle, &room, None)
+        let member = crate::hub::Member {
+            handle,
+            sent: Default::default(),
+        };
+        node.subscribe(crate::hub::ConnId(1), member, &room, None)
             .await
             .unwrap();
         let rows = vec![

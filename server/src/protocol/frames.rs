@@ -372,7 +372,7 @@ impl ServerFrame<'_> {
 pub fn encode(frame: &ServerFrame<'_>) -> Frame {
     // Serialising these plain structs cannot fail (string keys, no maps of
     // non-string keys, no failing Serialize impls).
-    Frame::from(serde_json::to_string(frame).unwrap_or_default())
+    Frame::json(frame)
 }
 
 #[cfg(test)]

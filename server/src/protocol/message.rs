@@ -1,9 +1,10 @@
 //! Encoded frames, and the one definition of the `message` frame's bytes.
 //!
-//! A [`Frame`] is a server frame as it goes out: UTF-8 text in a shared,
-//! reference-counted buffer. The `message` frame of a publish is encoded
-//! once per cluster (by the broker that assigns its offset) or once per
-//! node, and every local subscriber is handed a clone of the same bytes.
+//! A [`Frame`] is a server frame as it goes out: a whole WebSocket text
+//! frame (header and UTF-8 text) in a shared, reference-counted buffer. The
+//! `message` frame of a publish is encoded once per cluster (by the broker
+//! that assigns its offset) or once per node, framed once per node, and
+//! every local subscriber's socket is written the same bytes.
 //!
 //! The `message` frame is built from three parts, so that a broker that
 //! assigns the offset and epoch itself (the Redis Lua script) can finish it
@@ -19,44 +20,102 @@
 //! [`encode_message`] is those two in one; a test in the `chorus-tests`
 //! crate (`wire_format`) checks the script's output against it byte for byte.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
+use std::io::Cursor;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde_json::value::RawValue;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-/// An encoded server frame: the text of one WebSocket text frame. Cheap to
-/// clone (a reference count); always valid UTF-8.
+/// An encoded server frame, whole: the WebSocket frame header and its text,
+/// in one shared, reference-counted buffer. Cheap to clone (a reference
+/// count); the text is always valid UTF-8.
 ///
-/// It keeps its bytes in the WebSocket library's text buffer type, so that
-/// handing a frame to a socket costs neither a copy nor a UTF-8 check —
-/// once per subscriber, on every delivery.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Frame(Utf8Bytes);
+/// Server frames are not masked, so a room's message is the same bytes for
+/// every subscriber, header included: the node frames it once and the
+/// fan-out writes these bytes to each socket as they are, with neither a
+/// copy nor framing per subscriber.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Header and text.
+    wire: Bytes,
+    /// Length of the header (2, 4 or 10 bytes).
+    head: u8,
+}
+
+/// Room kept in front of a frame's text for its header (the longest one,
+/// for texts of 64 KiB and more).
+const HEAD_ROOM: usize = 10;
 
 impl Frame {
-    /// A frame from bytes that came from elsewhere (a broker), if they are UTF-8.
-    pub fn from_utf8(bytes: impl Into<bytes::Bytes>) -> Option<Self> {
-        Utf8Bytes::try_from(bytes.into()).ok().map(Self)
+    /// A frame from text built by `write` into a buffer of `capacity` bytes.
+    fn build(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Self {
+        let mut buf = Vec::with_capacity(HEAD_ROOM + capacity);
+        buf.resize(HEAD_ROOM, 0);
+        write(&mut buf);
+        let len = (buf.len() - HEAD_ROOM) as u64;
+        let header = FrameHeader {
+            is_final: true,
+            opcode: OpCode::Data(Data::Text),
+            ..FrameHeader::default()
+        };
+        let head = header.len(len);
+        let mut at = Cursor::new(&mut buf[HEAD_ROOM - head..HEAD_ROOM]);
+        // Writing a header into room of its own size cannot fail.
+        let _ = header.format(len, &mut at);
+        Self {
+            wire: Bytes::from(buf).slice(HEAD_ROOM - head..),
+            head: head as u8,
+        }
     }
 
-    pub const fn from_static(text: &'static str) -> Self {
-        Self(Utf8Bytes::from_static(text))
+    /// A frame from bytes that came from elsewhere (a broker), if they are
+    /// UTF-8: the one copy the node makes of them.
+    pub fn from_utf8(text: &[u8]) -> Option<Self> {
+        std::str::from_utf8(text).ok()?;
+        Some(Self::build(text.len(), |buf| buf.extend_from_slice(text)))
     }
 
+    /// A frame of the JSON encoding of `value`.
+    pub fn json(value: &impl serde::Serialize) -> Self {
+        Self::build(64, |buf| {
+            // Serialising our own frame types cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, value);
+        })
+    }
+
+    pub fn from_static(text: &'static str) -> Self {
+        Self::from(text)
+    }
+
+    /// The frame as it goes on the wire: header and text.
+    pub fn wire(&self) -> &Bytes {
+        &self.wire
+    }
+
+    /// The frame's text (the JSON of the server frame).
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        // Every constructor checked or built UTF-8.
+        std::str::from_utf8(&self.wire[self.head as usize..]).unwrap_or_default()
+    }
+}
+
+impl Default for Frame {
+    fn default() -> Self {
+        Self::from("")
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Self {
+        Self::build(text.len(), |buf| buf.extend_from_slice(text.as_bytes()))
     }
 }
 
 impl From<String> for Frame {
     fn from(text: String) -> Self {
-        Self(text.into())
-    }
-}
-
-impl From<Frame> for Utf8Bytes {
-    fn from(frame: Frame) -> Self {
-        frame.0
+        Self::from(text.as_str())
     }
 }
 
@@ -120,20 +179,20 @@ pub fn message_parts(room: &str, data: &RawValue, from: Option<&str>) -> (String
 /// the Lua script does. Epochs are the brokers' hex ids, which JSON takes
 /// as they are; any other epoch is escaped here (the script never sees one).
 pub fn splice(head: &str, offset: u64, epoch: &str, tail: &str) -> Frame {
-    let mut frame =
-        String::with_capacity(head.len() + 20 + EPOCH_FIELD.len() + epoch.len() + tail.len());
-    frame.push_str(head);
-    // Writing to a String cannot fail.
-    let _ = write!(frame, "{offset}");
-    frame.push_str(EPOCH_FIELD);
-    if epoch.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        let quoted = serde_json::to_string(epoch).unwrap_or_default();
-        frame.push_str(&quoted[1..quoted.len() - 1]);
-    } else {
-        frame.push_str(epoch);
-    }
-    frame.push_str(tail);
-    Frame::from(frame)
+    let capacity = head.len() + 20 + EPOCH_FIELD.len() + epoch.len() + tail.len();
+    Frame::build(capacity, |frame| {
+        frame.extend_from_slice(head.as_bytes());
+        // Writing to a Vec cannot fail.
+        let _ = std::io::Write::write_fmt(frame, format_args!("{offset}"));
+        frame.extend_from_slice(EPOCH_FIELD.as_bytes());
+        if epoch.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            let quoted = serde_json::to_string(epoch).unwrap_or_default();
+            frame.extend_from_slice(&quoted.as_bytes()[1..quoted.len() - 1]);
+        } else {
+            frame.extend_from_slice(epoch.as_bytes());
+        }
+        frame.extend_from_slice(tail.as_bytes());
+    })
 }
 
 /// Encodes a `message` frame (for a broker that assigns offsets in the node).
@@ -236,6 +295,25 @@ mod tests {
                 assert_eq!(spliced.as_str(), serde);
             }
         }
+    }
+
+    #[test]
+    fn a_frame_is_its_websocket_header_then_its_text() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        for len in [0, 1, 125, 126, 65_535, 65_536, 70_000] {
+            let text = "x".repeat(len);
+            let frame = Frame::from(text.as_str());
+            let mut cursor = std::io::Cursor::new(frame.wire().as_ref());
+            let (header, payload) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+            assert!(header.is_final && header.mask.is_none());
+            assert_eq!(header.opcode, OpCode::Data(Data::Text));
+            assert_eq!(payload, len as u64);
+            let at = cursor.position() as usize;
+            assert_eq!(&frame.wire()[at..], text.as_bytes());
+            assert_eq!(frame.as_str(), text);
+        }
+        assert_eq!(Frame::from_utf8(b"\xff"), None);
+        assert_eq!(Frame::from_utf8(b"{}").unwrap().as_str(), "{}");
     }
 
     #[test]

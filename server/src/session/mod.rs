@@ -16,11 +16,10 @@
 //! channels.
 
 mod rate;
-mod sent;
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -29,12 +28,14 @@ use tokio::time::Sleep;
 
 use crate::auth::Grants;
 use crate::broker::{BrokerError, PublishRequest};
-use crate::hub::{CloseReason, ConnControl, ConnHandle, ConnId, Outbound, QueueRx};
+use crate::hub::{
+    CloseReason, ConnControl, ConnHandle, ConnId, Member, Outbound, QueueRx, SentUpTo,
+};
 use crate::metrics::Metrics;
 use crate::node::{Node, Page, Replay};
 use crate::protocol::{self, ClientFrame, ErrorCode, Frame, RoomName, ServerFrame, Since};
+use crate::sync::lock;
 use rate::RateLimit;
-use sent::SentUpTo;
 
 /// A reply that waits for the broker (a publish's `ok`). The transport sends
 /// these in request order.
@@ -58,8 +59,9 @@ pub struct Session {
     grants: Grants,
     /// The connection's send queue and control block, as the hub holds them.
     handle: ConnHandle,
-    /// The rooms the client is in, each with how far its messages went out.
-    rooms: HashMap<RoomName, SentUpTo>,
+    /// The rooms the client is in, each with how far its messages went out
+    /// (shared with the hub, whose fan-out may write them itself).
+    rooms: HashMap<RoomName, Arc<Mutex<SentUpTo>>>,
     /// A replay still going out (boxed: most connections never replay).
     replay: Option<Box<Replay>>,
     /// Fires at the token's `exp` (reset by `refresh`); `None` for tokens
@@ -205,8 +207,11 @@ impl Session {
             return;
         }
         let node = self.node.clone();
-        let subscribed = match self.rooms.get(&room).map(SentUpTo::position) {
-            Some(sent) => node.recover(&room, since, sent).await,
+        let (sent, subscribed) = match self.rooms.get(&room).cloned() {
+            Some(sent) => {
+                let position = lock(&sent).position();
+                (sent, node.recover(&room, since, position).await)
+            }
             None => {
                 let max_rooms = node.config.max_rooms_per_connection as usize;
                 if self.rooms.len() >= max_rooms {
@@ -216,7 +221,12 @@ impl Session {
                     out.push(self.error(Some(id), ErrorCode::TooManyRooms, &message));
                     return;
                 }
-                node.subscribe(self.id, &self.handle, &room, since).await
+                let member = Member {
+                    handle: self.handle.clone(),
+                    sent: Arc::default(),
+                };
+                let sent = member.sent.clone();
+                (sent, node.subscribe(self.id, member, &room, since).await)
             }
         };
         match subscribed {
@@ -224,11 +234,10 @@ impl Session {
                 // After `ok` with offset N (replayed through N, if asked)
                 // the client gets exactly what follows: a message that was
                 // published before but reaches this node just after the
-                // join is not sent again.
-                self.rooms
-                    .entry(room)
-                    .or_insert_with(|| SentUpTo::new(&sub.epoch))
-                    .raise(&sub.epoch, sub.offset);
+                // join is not sent again. (Until this task waits idle again,
+                // the hub queues the room's messages rather than write them.)
+                lock(&sent).raise(&sub.epoch, sub.offset);
+                self.rooms.entry(room).or_insert(sent);
                 out.push(sub.ok(id));
                 out.extend(sub.replayed);
                 if let Some(replay) = sub.replay {
@@ -265,6 +274,12 @@ impl Session {
         if !self.grants.may_publish(room.as_str()) {
             let message = format!("may not publish to `{room}`");
             return Err(self.error(Some(id), ErrorCode::Forbidden, &message));
+        }
+        if self.node.congested(&room) {
+            let message = format!(
+                "room `{room}` is congested: its subscribers on this node are behind; retry"
+            );
+            return Err(self.error(Some(id), ErrorCode::RateLimited, &message));
         }
         let published = self.node.publish(PublishRequest {
             room,
@@ -330,9 +345,7 @@ impl Session {
     /// (or it precedes the subscription, or the client left the room).
     pub fn outbound(&mut self, queued: Outbound) -> Option<Frame> {
         match queued {
-            Outbound::Message(d) => self
-                .rooms
-                .get_mut(&d.room)?
+            Outbound::Message(d) => lock(self.rooms.get(&d.room)?)
                 .advance(&d.epoch, d.offset)
                 .then(|| d.frame.clone()),
         }

@@ -1,23 +1,31 @@
 //! The connection loop: reads frames, calls the session, writes replies.
 //!
-//! One task per connection, generic over its socket — any `Sink` and
-//! `Stream` of WebSocket messages: axum's `WebSocket` in the server, a pair
-//! of channels in the tests (axum's `examples/testing-websockets`). It
-//! writes what the node queued for the connection (batched: every frame
-//! waiting in the queue goes out in one flush, so one write syscall carries
-//! many messages), keeps up to [`MAX_INFLIGHT`] publishes in flight with
-//! their replies in request order, streams replays a page at a time, and
-//! obeys the session's stops (slow consumer, drain, token expiry). What a
-//! connection holds beyond its socket is one batch or one replay page: a
+//! One task per connection, generic over its socket — any `Stream` of
+//! WebSocket messages with a `Sink` for the library's close frames: a
+//! tokio-tungstenite stream in the server, a pair of channels in the tests
+//! (axum's `examples/testing-websockets`). Frames go out through the
+//! connection's send queue ([`QueueRx`]), already framed, whoever writes
+//! them: while this task waits with nothing in hand, the hub's fan-out
+//! writes a room's message to the socket itself; otherwise the message
+//! waits in the queue and this task writes it (batched: every frame waiting
+//! goes out in one `writev`), with the rest of any write the socket took
+//! only in part. The loop keeps up to [`MAX_INFLIGHT`] publishes in flight
+//! with their replies in request order, streams replays a page at a time,
+//! and obeys the session's stops (slow consumer, drain, token expiry). What
+//! a connection holds beyond its socket is one batch or one replay page: a
 //! write the socket does not take within `--send-timeout` makes a slow
 //! consumer. Every close it initiates completes the WebSocket closing
 //! handshake.
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
+use std::future::poll_fn;
+
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::hub::{CloseReason, Outbound, QueueRx};
 use crate::protocol::{self, Frame, ServerFrame};
@@ -34,26 +42,41 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A WebSocket as the loop uses it.
 pub trait Socket:
-    Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin
+    Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
 {
 }
 
 impl<S> Socket for S where
-    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
 {
+}
+
+pub use tungstenite::Error as WsError;
+
+/// Close codes the node sends.
+mod close_code {
+    pub const AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const INVALID: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const SIZE: u16 = 1009;
+    pub const ERROR: u16 = 1011;
 }
 
 /// Runs a connection to its end: the loop, then (out of its rooms already)
 /// the closing handshake. The socket and the session are borrowed so that
 /// they live once, in the caller's task.
-pub async fn serve<S: Socket>(socket: &mut S, session: &mut Session, queue: QueueRx) {
+pub async fn serve<S: Socket>(socket: &mut S, session: &mut Session, queue: &mut QueueRx) {
     let (conn, name) = (session.id().0, session.name().clone());
     tracing::info!(conn, session = %name, user = session.user(), "connection opened");
     let send_timeout = session.node().config.send_timeout;
     let end = run(socket, session, queue, send_timeout).await;
-    // Out of its rooms (its send queue went with `run`) before the closing
-    // handshake, which may wait on a slow client.
+    // Out of its rooms, its queue closed, before the closing handshake,
+    // which may wait on a slow client: nothing more goes out but the
+    // handshake (after what the socket has not taken yet).
     session.close();
+    queue.close();
     if let Some((code, reason)) = end.close_frame() {
         let before = match end {
             End::Drained { after_ms, reason } => Some(protocol::encode(&ServerFrame::Reconnect {
@@ -62,8 +85,9 @@ pub async fn serve<S: Socket>(socket: &mut S, session: &mut Session, queue: Queu
             })),
             _ => None,
         };
-        shut(socket, before, code, reason).await;
+        shut(socket, queue, before, code, reason).await;
     }
+    queue.detach();
     let reason = end.as_str();
     session.node().metrics.closed(reason);
     match &end {
@@ -163,19 +187,16 @@ impl End {
     /// not UTF-8, 1009 for a frame or message over the size limit, 1002 for
     /// any other violation (bad continuation, reserved opcode or bits,
     /// unmasked frame, …) — or the socket failed.
-    fn read_error(e: axum::Error) -> Self {
-        use tungstenite::Error as WsError;
+    fn read_error(e: WsError) -> Self {
         use tungstenite::error::ProtocolError;
-        let (code, reason) = match std::error::Error::source(&e)
-            .and_then(|inner| inner.downcast_ref::<WsError>())
-        {
+        let (code, reason) = match &e {
             // The client closed the TCP connection without a close frame.
-            Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
                 return End::ClientGone;
             }
-            Some(WsError::Utf8(_)) => (close_code::INVALID, "text frame is not valid UTF-8"),
-            Some(WsError::Capacity(_)) => (close_code::SIZE, "frame or message too large"),
-            Some(WsError::Protocol(_)) => (close_code::PROTOCOL, "WebSocket protocol violation"),
+            WsError::Utf8(_) => (close_code::INVALID, "text frame is not valid UTF-8"),
+            WsError::Capacity(_) => (close_code::SIZE, "frame or message too large"),
+            WsError::Protocol(_) => (close_code::PROTOCOL, "WebSocket protocol violation"),
             _ => return End::SocketError(e.to_string()),
         };
         End::ProtocolError {
@@ -189,7 +210,7 @@ impl End {
 async fn run<S: Socket>(
     socket: &mut S,
     session: &mut Session,
-    mut queue: QueueRx,
+    queue: &mut QueueRx,
     send_timeout: Duration,
 ) -> End {
     let ctl = session.control();
@@ -201,15 +222,18 @@ async fn run<S: Socket>(
     let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut out: Vec<Frame> = vec![session.welcome()];
     let mut batch: Vec<Outbound> = Vec::new();
+    // Bytes wait for the socket (the rest of a write the fan-out began).
+    let mut unsent = false;
     loop {
-        if !out.is_empty() {
+        if !out.is_empty() || unsent {
+            unsent = false;
             // A client that takes nothing for `--send-timeout` is a slow
             // consumer, whether or not more traffic would overflow its
             // queue: what it holds is this batch, no more.
             tokio::select! {
                 biased;
                 stop = session.stopped(closed.as_mut()) => return stop.into(),
-                res = write_all(socket, &mut out, send_timeout) => match res {
+                res = write_all(queue, &mut out, send_timeout) => match res {
                     Ok(()) => {}
                     Err(WriteError::Stalled) => {
                         session.slow_consumer();
@@ -237,12 +261,17 @@ async fn run<S: Socket>(
                 stop = session.stopped(closed.as_mut()) => return stop.into(),
                 _ = queue.recv_many(&mut batch, MAX_BATCH) => {
                     out.extend(batch.drain(..).filter_map(|queued| session.outbound(queued)));
+                    unsent = true;
                 }
-                Some(reply) = inflight.next(), if !inflight.is_empty() => out.push(reply),
+                Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                    queue.hold();
+                    out.push(reply);
+                }
                 msg = socket.next(), if inflight.len() < MAX_INFLIGHT => match msg {
                     None => return End::ClientGone,
                     Some(Err(e)) => return End::read_error(e),
                     Some(Ok(Message::Text(text))) => {
+                        queue.hold();
                         if let Some(reply) = session.handle(text.as_str(), &mut out).await {
                             inflight.push_back(reply);
                         }
@@ -255,7 +284,12 @@ async fn run<S: Socket>(
                         // The library queued the echo of the client's close
                         // frame: send it, completing the closing handshake
                         // (the server then closes the TCP connection first).
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                            socket.flush().await?;
+                            poll_fn(|cx| queue.poll_flush(cx)).await?;
+                            Ok::<(), WsError>(())
+                        })
+                        .await;
                         return End::ClientClosed;
                     }
                     // Pings are answered by the library.
@@ -269,36 +303,31 @@ async fn run<S: Socket>(
 enum WriteError {
     /// The socket took no frame for the whole send timeout.
     Stalled,
-    Socket(axum::Error),
+    Socket(std::io::Error),
 }
 
-/// Writes `out` (emptying it) in one flush; each frame, and the flush, must
-/// be taken by the socket within `limit`.
-async fn write_all<S: Socket>(
-    socket: &mut S,
+/// Writes `out` (emptying it) after whatever waits for the socket; the
+/// socket must take all of it within `limit`.
+async fn write_all(
+    queue: &QueueRx,
     out: &mut Vec<Frame>,
     limit: Duration,
 ) -> Result<(), WriteError> {
-    for frame in out.drain(..) {
-        within(limit, socket.feed(Message::Text(frame.into()))).await?;
-    }
-    within(limit, socket.flush()).await
+    queue.push(out.drain(..));
+    let flushed = within(limit, poll_fn(|cx| queue.poll_flush(cx))).await?;
+    flushed.map_err(WriteError::Socket)
 }
 
 /// A socket write, given at most `limit` when it cannot complete at once. The
-/// timer is set only then: most writes go straight into the buffer, and this
-/// is on every delivery's path.
-async fn within<F>(limit: Duration, mut write: F) -> Result<(), WriteError>
-where
-    F: Future<Output = Result<(), axum::Error>> + Unpin,
-{
-    let done = match (&mut write).now_or_never() {
-        Some(done) => done,
+/// timer is set only then: most writes go straight to the socket, and this
+/// is on every delivery's path the fan-out could not take.
+async fn within<F: Future + Unpin>(limit: Duration, mut write: F) -> Result<F::Output, WriteError> {
+    match (&mut write).now_or_never() {
+        Some(done) => Ok(done),
         None => tokio::time::timeout(limit, write)
             .await
-            .map_err(|_| WriteError::Stalled)?,
-    };
-    done.map_err(WriteError::Socket)
+            .map_err(|_| WriteError::Stalled),
+    }
 }
 
 /// Sends `before` (if any) and a close frame, then completes the closing
@@ -307,13 +336,18 @@ where
 /// whatever its socket still holds, and the connection ends with a FIN
 /// rather than a reset. All of it within [`CLOSE_TIMEOUT`] (a client that
 /// reads nothing never gets the frame; its socket is dropped then).
-async fn shut<S: Socket>(socket: &mut S, before: Option<Frame>, code: u16, reason: &'static str) {
+async fn shut<S: Socket>(
+    socket: &mut S,
+    queue: &QueueRx,
+    before: Option<Frame>,
+    code: u16,
+    reason: &'static str,
+) {
     let handshake = async {
-        if let Some(frame) = before {
-            socket.feed(Message::Text(frame.into())).await?;
-        }
+        queue.push(before);
+        poll_fn(|cx| queue.poll_flush(cx)).await?;
         let frame = CloseFrame {
-            code,
+            code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
         };
         socket.send(Message::Close(Some(frame))).await?;
@@ -322,7 +356,7 @@ async fn shut<S: Socket>(socket: &mut S, before: Option<Frame>, code: u16, reaso
                 break;
             }
         }
-        Ok::<(), axum::Error>(())
+        Ok::<(), WsError>(())
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }

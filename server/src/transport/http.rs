@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -152,6 +152,18 @@ pub async fn publish(
     };
     if let Some(Err(why)) = body.key.as_deref().map(check_key) {
         return bad_frame(&node, &why);
+    }
+    if node.congested(&room) {
+        let mut refused = api_error(
+            &node.metrics,
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            &format!("room `{room}` is congested: its subscribers on this node are behind; retry"),
+        );
+        refused
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return refused;
     }
     let req = PublishRequest {
         room,

@@ -52,7 +52,7 @@ pub(super) async fn read(
         let Some(offset) = scripts::entry_offset(&id) else {
             continue;
         };
-        let Some(frame) = Frame::from_utf8(frame) else {
+        let Some(frame) = Frame::from_utf8(&frame) else {
             continue;
         };
         messages.push(Delivery {

@@ -176,10 +176,7 @@ pub(super) fn delivery(room: &str, payload: &[u8]) -> Option<Delivery> {
         tracing::warn!(room, "ignoring a malformed notification");
         return None;
     };
-    let (Ok(room), Some(frame)) = (
-        RoomName::parse(room),
-        Frame::from_utf8(bytes::Bytes::copy_from_slice(n.frame)),
-    ) else {
+    let (Ok(room), Some(frame)) = (RoomName::parse(room), Frame::from_utf8(n.frame)) else {
         tracing::warn!(
             room,
             "ignoring a notification for a bad room or with bad UTF-8"

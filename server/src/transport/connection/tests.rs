@@ -1,6 +1,8 @@
 //! The connection loop without a socket: a session served over a pair of
 //! channels (axum's `examples/testing-websockets`), on a node with the
-//! memory broker — or a durable test broker for recovery.
+//! memory broker — or a durable test broker for recovery. The frames the
+//! node writes as bytes (its own and the fan-out's) reach the same channel
+//! through a [`Wire`] that reads them back into messages.
 #![allow(clippy::unwrap_used)]
 
 use std::pin::Pin;
@@ -22,7 +24,7 @@ use crate::broker::{
     PublishRequest, Published,
 };
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Hub, Wire};
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::protocol::RoomName;
@@ -32,11 +34,11 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The server's end of a WebSocket made of two channels.
 struct ChannelSocket {
     to_client: mpsc::Sender<Message>,
-    from_client: mpsc::Receiver<Result<Message, axum::Error>>,
+    from_client: mpsc::Receiver<Result<Message, WsError>>,
 }
 
 impl Stream for ChannelSocket {
-    type Item = Result<Message, axum::Error>;
+    type Item = Result<Message, WsError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.from_client).poll_next(cx)
@@ -44,36 +46,91 @@ impl Stream for ChannelSocket {
 }
 
 impl Sink<Message> for ChannelSocket {
-    type Error = axum::Error;
+    type Error = WsError;
 
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         Pin::new(&mut self.to_client)
             .poll_ready(cx)
-            .map_err(axum::Error::new)
+            .map_err(|e| WsError::Io(std::io::Error::other(e)))
     }
 
-    fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), axum::Error> {
+    fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), WsError> {
         Pin::new(&mut self.to_client)
             .start_send(msg)
-            .map_err(axum::Error::new)
+            .map_err(|e| WsError::Io(std::io::Error::other(e)))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         Pin::new(&mut self.to_client)
             .poll_flush(cx)
-            .map_err(axum::Error::new)
+            .map_err(|e| WsError::Io(std::io::Error::other(e)))
     }
 
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         Pin::new(&mut self.to_client)
             .poll_close(cx)
-            .map_err(axum::Error::new)
+            .map_err(|e| WsError::Io(std::io::Error::other(e)))
+    }
+}
+
+/// The node's writes, read back into text messages for the client's
+/// channel: a write takes the whole frames the channel has room for (a
+/// socket that takes part of a write), none when it is full.
+struct ChannelWire(mpsc::Sender<Message>);
+
+impl ChannelWire {
+    /// Sends the frames at the start of `buf` while the channel takes them;
+    /// the bytes they took.
+    fn send_frames(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        use tungstenite::protocol::frame::FrameHeader;
+        let mut taken = 0;
+        while taken < buf.len() {
+            match self.0.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+                }
+                Poll::Pending if taken == 0 => return Poll::Pending,
+                Poll::Pending => break,
+            }
+            let mut cursor = std::io::Cursor::new(&buf[taken..]);
+            let (_, len) = FrameHeader::parse(&mut cursor)
+                .unwrap()
+                .expect("whole frames");
+            let start = taken + cursor.position() as usize;
+            let end = start + len as usize;
+            let text = std::str::from_utf8(&buf[start..end]).unwrap();
+            self.0.start_send(Message::Text(text.into())).unwrap();
+            taken = end;
+        }
+        Poll::Ready(Ok(taken))
+    }
+}
+
+impl Wire for ChannelWire {
+    fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.send_frames(&mut Context::from_waker(std::task::Waker::noop()), buf) {
+            Poll::Ready(res) => res,
+            Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        // Each buffer starts with a whole frame: write the first.
+        match bufs.first() {
+            Some(buf) => self.send_frames(cx, buf),
+            None => Poll::Ready(Ok(0)),
+        }
     }
 }
 
 /// The client's end, and the task serving the connection.
 struct Client {
-    tx: mpsc::Sender<Result<Message, axum::Error>>,
+    tx: mpsc::Sender<Result<Message, WsError>>,
     rx: mpsc::Receiver<Message>,
     session: String,
     next_id: u64,
@@ -89,12 +146,13 @@ async fn connect_with(node: &Arc<Node>, grants: Grants, buffer: usize) -> Client
     let (tx, from_client) = mpsc::channel(16);
     let node = node.clone();
     let task = tokio::spawn(async move {
+        let (mut session, mut queue) = Session::open(node, grants);
+        queue.attach(Box::new(ChannelWire(to_client.clone())));
         let mut socket = ChannelSocket {
             to_client,
             from_client,
         };
-        let (mut session, queue) = Session::open(node, grants);
-        serve(&mut socket, &mut session, queue).await;
+        serve(&mut socket, &mut session, &mut queue).await;
     });
     let mut client = Client {
         tx,
@@ -115,7 +173,7 @@ async fn connect(node: &Arc<Node>) -> Client {
 }
 
 impl Client {
-    async fn send(&mut self, msg: Result<Message, axum::Error>) {
+    async fn send(&mut self, msg: Result<Message, WsError>) {
         self.tx.send(msg).await.unwrap();
     }
 
@@ -169,7 +227,7 @@ impl Client {
     async fn close_code(&mut self) -> Option<u16> {
         loop {
             match self.next().await {
-                Some(Message::Close(frame)) => return frame.map(|f| f.code),
+                Some(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
                 Some(_) => continue,
                 None => return None,
             }
@@ -343,37 +401,37 @@ async fn a_socket_that_takes_nothing_for_the_send_timeout_is_a_slow_consumer() {
 async fn protocol_violations_and_binary_frames_close_with_their_codes() {
     use tungstenite::error::{CapacityError, ProtocolError};
     let node = memory_node(Config::defaults()).await;
-    let cases: Vec<(Result<Message, axum::Error>, Option<u16>)> = vec![
+    let cases: Vec<(Result<Message, WsError>, Option<u16>)> = vec![
         (
             Ok(Message::Binary(vec![1, 2].into())),
             Some(close_code::UNSUPPORTED),
         ),
         (
-            Err(axum::Error::new(tungstenite::Error::Utf8("bad".into()))),
+            Err(tungstenite::Error::Utf8("bad".into())),
             Some(close_code::INVALID),
         ),
         (
-            Err(axum::Error::new(tungstenite::Error::Capacity(
+            Err(tungstenite::Error::Capacity(
                 CapacityError::MessageTooLong {
                     size: 2 << 20,
                     max_size: 1 << 20,
                 },
-            ))),
+            )),
             Some(close_code::SIZE),
         ),
         (
-            Err(axum::Error::new(tungstenite::Error::Protocol(
+            Err(tungstenite::Error::Protocol(
                 ProtocolError::UnmaskedFrameFromClient,
-            ))),
+            )),
             Some(close_code::PROTOCOL),
         ),
         // The client closed: its close frame is answered by the library, the
         // node sends none of its own.
         (Ok(Message::Close(None)), None),
         (
-            Err(axum::Error::new(tungstenite::Error::Protocol(
+            Err(tungstenite::Error::Protocol(
                 ProtocolError::ResetWithoutClosingHandshake,
-            ))),
+            )),
             None,
         ),
     ];

@@ -1,5 +1,7 @@
 //! How far a room's messages went out to one connection, so that none goes
-//! out twice and none from before its subscription.
+//! out twice and none from before its subscription. Shared by the session
+//! (which sets the mark at each `ok`) and the hub (whose fan-out writes a
+//! message straight to the socket when it can, and so decides then).
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use crate::broker::Position;
 /// The offset (in an epoch) of the last message of a room the client was
 /// sent, or was told of in an `ok`, or was replayed.
 #[derive(Debug)]
-pub(super) struct SentUpTo {
+pub struct SentUpTo {
     epoch: Arc<str>,
     offset: u64,
     /// Just subscribed (or replayed): live messages at or below the mark
@@ -19,16 +21,23 @@ pub(super) struct SentUpTo {
     fresh: bool,
 }
 
+impl Default for SentUpTo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SentUpTo {
-    pub(super) fn new(epoch: &Arc<str>) -> Self {
+    /// Nothing sent yet: the first `ok` sets the mark (see [`Self::raise`]).
+    pub fn new() -> Self {
         Self {
-            epoch: epoch.clone(),
+            epoch: Arc::from(""),
             offset: 0,
             fresh: true,
         }
     }
 
-    pub(super) fn position(&self) -> Position {
+    pub fn position(&self) -> Position {
         Position {
             offset: self.offset,
             epoch: self.epoch.clone(),
@@ -37,7 +46,7 @@ impl SentUpTo {
 
     /// The client has the room's messages through `offset` (an `ok` or a
     /// replay): opens the window in which older live ones are dropped.
-    pub(super) fn raise(&mut self, epoch: &Arc<str>, offset: u64) {
+    pub fn raise(&mut self, epoch: &Arc<str>, offset: u64) {
         if *self.epoch == **epoch {
             self.offset = self.offset.max(offset);
         } else {
@@ -48,7 +57,7 @@ impl SentUpTo {
     }
 
     /// Whether a live message goes out; if so, it is the new mark.
-    pub(super) fn advance(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
+    pub fn advance(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
         if self.fresh {
             if *self.epoch == **epoch && offset <= self.offset {
                 return false;
@@ -70,7 +79,7 @@ mod tests {
     /// Which of `live` (epoch, offset) go out after an `ok` at (`e1`, 5).
     fn sent<'a>(live: &[(&'a str, u64)]) -> Vec<(&'a str, u64)> {
         let e1: Arc<str> = "e1".into();
-        let mut s = SentUpTo::new(&e1);
+        let mut s = SentUpTo::new();
         s.raise(&e1, 5);
         live.iter()
             .copied()
@@ -92,7 +101,7 @@ mod tests {
     #[test]
     fn a_repeated_ok_reopens_the_window_at_the_highest_mark() {
         let e1: Arc<str> = "e1".into();
-        let mut s = SentUpTo::new(&e1);
+        let mut s = SentUpTo::new();
         s.raise(&e1, 5);
         assert!(s.advance(&e1, 6));
         s.raise(&e1, 3);
