@@ -1051,6 +1051,19 @@ async fn failover(run: &Run) {
         let marker = "after-master-killed";
         publish_marker(&service, "e2e-failover", marker).await;
         all_saw(&followers, marker, POD_WAIT).await;
+        // The killed container is restarted by the kubelet and rejoins.
+        let restarted = restarts(&pod);
+        eventually(
+            "the killed Redis container to restart",
+            POD_WAIT,
+            || async {
+                let all = pods(&run.client, &run.ns, REDIS).await;
+                all.iter()
+                    .any(|p| name(p) == master && restarts(p) > restarted)
+                    .then_some(())
+            },
+        )
+        .await;
         ready_pods(&run.client, &run.ns, REDIS, 3, POD_WAIT).await;
     } else {
         say("the Redis pods' containerd is not on this machine: the kill is skipped");
