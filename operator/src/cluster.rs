@@ -37,9 +37,6 @@ pub struct ValidCluster {
     /// Namespace the operator's own pods run in: the Redis NetworkPolicy
     /// admits the operator from there.
     pub operator_namespace: String,
-    /// WebSocket connections one server pod accepts: the spec's
-    /// `limits.maxConnectionsPerPod`, or [`max_connections`] of its memory.
-    pub max_connections: i32,
 }
 
 /// Connections a server pod accepts without `limits.maxConnectionsPerPod`
@@ -117,7 +114,6 @@ pub fn validate(
             owner,
             generation: mc.metadata.generation,
             operator_namespace: operator_namespace.to_owned(),
-            max_connections: max_connections(&mc.spec),
         }),
         _ => Err(InvalidSpec {
             message: problems.join("; "),
@@ -146,7 +142,12 @@ mod tests {
         });
         // (512 - 64) MiB at 16 KiB each.
         assert_eq!(max_connections(&mc.spec), 28_672);
-        assert_eq!(validate(&mc).expect("valid").max_connections, 28_672);
+        let env =
+            crate::build::config_map::server_env(&mc.spec, &validate(&mc).expect("valid").names);
+        assert_eq!(
+            env["CHORUS_MAX_CONNECTIONS"], "28672",
+            "what the servers get"
+        );
         mc.spec.limits.max_connections_per_pod = Some(500);
         assert_eq!(max_connections(&mc.spec), 500);
         mc.spec.limits.max_connections_per_pod = None;

@@ -201,7 +201,7 @@ async fn observe_and_act(
         .collect()
         .await;
     let mut status = model::summarize(&memory.previous, now, &samples);
-    let health = model::health(&samples, c.max_connections);
+    let health = model::health(&samples, crate::cluster::max_connections(&c.spec));
     memory.previous = Previous {
         at: Some(now),
         readings: samples
