@@ -177,3 +177,16 @@ fn conditions_are_a_list_map_keyed_by_type() {
         "{required:?}"
     );
 }
+
+#[test]
+fn the_api_server_refuses_a_session_affinity_it_does_not_know() {
+    let crd = chorus_operator::crd::crd();
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+    let affinity = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["service"]["properties"]
+        ["sessionAffinity"]["properties"]["type"];
+    assert_eq!(affinity["enum"], serde_json::json!(["ClientIP", "None"]));
+    assert_eq!(
+        affinity["default"], "ClientIP",
+        "sticky unless asked otherwise"
+    );
+}
