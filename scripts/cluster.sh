@@ -615,6 +615,40 @@ cmd_status() {
   running kube-apiserver && echo "export KUBECONFIG=$(user_kubeconfig)"
 }
 
+# The kubelet's own chains (KUBE-FIREWALL, KUBE-KUBELET-CANARY, ...), which
+# kube-proxy --cleanup leaves, and a nat table that holds nothing else: an
+# idle nat table still sends every packet through connection tracking
+# (measured: about 1.5 µs more per loopback write).
+remove_kubelet_rules() {
+  local cmd table chain
+  for cmd in iptables ip6tables; do
+    command -v "$cmd" >/dev/null || continue
+    for table in filter nat mangle; do
+      for chain in INPUT OUTPUT FORWARD PREROUTING POSTROUTING; do
+        while "$cmd" -t "$table" -S "$chain" 2>/dev/null | grep -q -- '-j KUBE-'; do
+          local rule
+          rule=$("$cmd" -t "$table" -S "$chain" | grep -m1 -- '-j KUBE-' | sed 's/^-A //')
+          # shellcheck disable=SC2086
+          "$cmd" -t "$table" -D $rule 2>/dev/null || break
+        done
+      done
+      for chain in $("$cmd" -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ {print $2}'); do
+        "$cmd" -t "$table" -F "$chain" 2>/dev/null || true
+        "$cmd" -t "$table" -X "$chain" 2>/dev/null || true
+      done
+    done
+  done
+  if command -v nft >/dev/null; then
+    for table in "ip nat" "ip6 nat"; do
+      # Only the built-in chains left, with no rules: nobody else uses it.
+      if nft list table $table >/dev/null 2>&1 \
+        && [ -z "$(nft list table $table 2>/dev/null | grep -vE '^\s*(table|chain|type|policy|\}|$)|^#')" ]; then
+        nft delete table $table 2>/dev/null || true
+      fi
+    done
+  fi
+}
+
 cmd_down() {
   local purge=0
   [ "${1:-}" = --purge ] && purge=1
@@ -634,6 +668,7 @@ cmd_down() {
   # What the node left in the kernel: Service rules, the pod bridge, the
   # node address, the kubelet's mounts.
   [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+  remove_kubelet_rules
   ip link del "$POD_BRIDGE" 2>/dev/null || true
   ip link del "$NODE_LINK" 2>/dev/null || true
   if [ -d "$DIR" ]; then

@@ -6,7 +6,9 @@
 CPU per delivery is (servers + Redis) CPU seconds per million deliveries
 (= µs per delivery); "÷ floor" sets it against the median loopback floor of
 the Chorus fanout runs of the same file (one write of the same frame per
-delivery, by a minimal program).
+delivery, by a minimal program); its latency is how long after being sent
+those writes reached the bench's readers — what no server can beat on the
+same machine with the same readers.
 """
 import json
 import statistics
@@ -31,6 +33,10 @@ def main(path):
             runs[(v["scenario"], v["target"])].append(v)
     floor = med(v.get("floor_us_per_delivery") for v in runs[("fanout", "chorus")])
     print(f"loopback floor (Chorus fanout runs, median): {fmt(floor)} µs per write")
+    fl = [v["floor_latency_ms"] for v in runs[("fanout", "chorus")] if "floor_latency_ms" in v]
+    if fl:
+        print(f"loopback floor latency (same writes, median of runs): p50 "
+              f"{fmt(med(x['p50'] for x in fl), 1)} / p99 {fmt(med(x['p99'] for x in fl), 1)} ms")
     others = med(v.get("machine", {}).get("others_cores") for vs in runs.values() for v in vs)
     print(f"other processes on the machine (median over runs): {fmt(others)} of 2 cores")
     for scenario in ("fanout", "saturate"):

@@ -304,15 +304,23 @@ pub async fn run_subscriber(
     };
     let mut last_offset: Option<u64> = None;
     let far = Instant::now() + Duration::from_secs(24 * 3600);
+    // One timer for the whole run, moved only when the stop target comes:
+    // a new timer per frame would cost the bench more than the frame.
+    let timer = tokio::time::sleep_until(far);
+    tokio::pin!(timer);
+    let mut deadline = far;
     loop {
-        let target = stop.borrow().clone();
-        if let Some(t) = &target
-            && (r.seen.len() >= t.expect.get(room).copied().unwrap_or(0)
-                || Instant::now() >= t.deadline)
-        {
-            break;
+        if let Some(t) = &*stop.borrow() {
+            if r.seen.len() >= t.expect.get(room).copied().unwrap_or(0)
+                || Instant::now() >= t.deadline
+            {
+                break;
+            }
+            if t.deadline != deadline {
+                deadline = t.deadline;
+                timer.as_mut().reset(deadline);
+            }
         }
-        let deadline = target.map_or(far, |t| t.deadline);
         tokio::select! {
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
@@ -372,7 +380,7 @@ pub async fn run_subscriber(
                 }
             },
             _ = stop.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
+            _ = &mut timer => {}
         }
     }
     let _ = ws.close(None).await;

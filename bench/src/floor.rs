@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::AsyncReadExt;
 
+use crate::hist::Histogram;
 use crate::procfs;
 
 /// The hidden `floor-writer` command (run by [`measure`]).
@@ -34,12 +35,26 @@ pub struct WriterArgs {
     pub messages: u64,
 }
 
-/// The floor measured: writer CPU per write.
-#[derive(Debug, Clone, Copy)]
+/// The floor measured: writer CPU per write, and how long after its
+/// message was due each frame reached the bench (the latency no server can
+/// beat on this machine: the same writes, read by the same kind of tasks).
+#[derive(Debug, Clone)]
 pub struct Floor {
     pub us_per_write: f64,
     pub writes: u64,
+    pub latency: Histogram,
 }
+
+/// Microseconds since the Unix epoch: the writer and the bench are two
+/// processes on one machine, so they share this clock.
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The frame's text starts with its message's send time, this many digits.
+const STAMP: usize = 20;
 
 /// Runs the writer in a child process and reads what it writes; the
 /// writer's CPU seconds per write.
@@ -75,19 +90,33 @@ pub async fn measure(
         anyhow::Ok((port, lines))
     })
     .await??;
+    let text = text.max(STAMP);
+    let header = frame_header(text).len();
+    let frame_len = header + text;
     let mut readers = Vec::with_capacity(conns);
     for _ in 0..conns {
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         readers.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
-            let mut total = 0u64;
+            let mut pending: Vec<u8> = Vec::with_capacity(2 * frame_len);
+            let mut latency = Histogram::default();
             while let Ok(n) = tcp.read(&mut buf).await {
                 if n == 0 {
                     break;
                 }
-                total += n as u64;
+                let now = wall_us();
+                pending.extend_from_slice(&buf[..n]);
+                let whole = pending.len() / frame_len * frame_len;
+                for frame in pending[..whole].chunks_exact(frame_len) {
+                    let stamp = std::str::from_utf8(&frame[header..header + STAMP])
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(now);
+                    latency.record(now.saturating_sub(stamp));
+                }
+                pending.drain(..whole);
             }
-            total
+            latency
         }));
     }
     let result = tokio::task::spawn_blocking(move || {
@@ -97,8 +126,9 @@ pub async fn measure(
         anyhow::Ok(v)
     })
     .await??;
+    let mut latency = Histogram::default();
     for r in readers {
-        r.await?;
+        latency.merge(&r.await?);
     }
     drop(child);
     let cpu = result["cpu_s"].as_f64().context("cpu_s")?;
@@ -109,6 +139,7 @@ pub async fn measure(
     Ok(Floor {
         us_per_write: cpu / writes as f64 * 1e6,
         writes,
+        latency,
     })
 }
 
@@ -124,20 +155,10 @@ pub fn write(args: &WriterArgs) -> Result<()> {
         tcp.set_nodelay(true)?;
         socks.push(tcp);
     }
-    let mut frame = Vec::with_capacity(args.text + 10);
-    frame.push(0x81);
-    match args.text {
-        n if n < 126 => frame.push(n as u8),
-        n if n < 65536 => {
-            frame.push(126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.resize(frame.len() + args.text, b'x');
+    let text = args.text.max(STAMP);
+    let mut frame = frame_header(text);
+    let header = frame.len();
+    frame.resize(header + text, b'x');
     // Let the readers settle, as the scenarios do before measuring.
     std::thread::sleep(Duration::from_millis(500));
     let before = procfs::self_cpu();
@@ -150,6 +171,9 @@ pub fn write(args: &WriterArgs) -> Result<()> {
                 std::thread::sleep(wait);
             }
         }
+        // Stamped when it is sent, as a publisher stamps a message.
+        let stamp = wall_us();
+        frame[header..header + STAMP].copy_from_slice(format!("{stamp:0STAMP$}").as_bytes());
         for tcp in &mut socks {
             tcp.write_all(&frame)?;
             writes += 1;
@@ -159,4 +183,21 @@ pub fn write(args: &WriterArgs) -> Result<()> {
     println!("{}", serde_json::json!({"cpu_s": cpu, "writes": writes}));
     std::io::stdout().flush()?;
     Ok(())
+}
+
+/// A server-to-client WebSocket text frame's header for `text` bytes.
+fn frame_header(text: usize) -> Vec<u8> {
+    let mut h = vec![0x81];
+    match text {
+        n if n < 126 => h.push(n as u8),
+        n if n < 65536 => {
+            h.push(126);
+            h.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            h.push(127);
+            h.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    h
 }

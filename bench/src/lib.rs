@@ -165,6 +165,17 @@ async fn put_floor(cli: &Cli, report: &mut Report) -> Result<Option<f64>> {
             floor.us_per_write, floor.writes
         ),
     );
+    let l = &floor.latency;
+    report.put(
+        "floor_latency_ms",
+        "loopback floor latency (ms)",
+        serde_json::json!({"p50": l.quantile(0.5) as f64 / 1e3, "p99": l.quantile(0.99) as f64 / 1e3, "max": l.max() as f64 / 1e3}),
+        format!(
+            "p50 {:.1} / p99 {:.1} ms",
+            l.quantile(0.5) as f64 / 1e3,
+            l.quantile(0.99) as f64 / 1e3
+        ),
+    );
     put_ratio(report, floor.us_per_write);
     Ok(Some(floor.us_per_write))
 }
