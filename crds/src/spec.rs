@@ -58,7 +58,7 @@ use crate::status::MessagingClusterStatus;
     printcolumn(
         name = "Delivery",
         type_ = "string",
-        description = "pubsub (at-most-once) or streams (history + recovery)",
+        description = "pubsub (at-most-once), streams (history + recovery) or kafka (an external Kafka)",
         json_path = ".spec.delivery"
     ),
     printcolumn(
@@ -82,6 +82,22 @@ use crate::status::MessagingClusterStatus;
     {
         "rule": "!has(self.autoscaling) || !has(self.autoscaling.deliveriesPerSecondPerPod) || has(self.autoscaling.connectionsPerPod)",
         "message": "spec.autoscaling.deliveriesPerSecondPerPod needs spec.autoscaling.connectionsPerPod: the operator's autoscaler reads both from the pods (the CPU autoscaler cannot)"
+    },
+    {
+        "rule": "!has(self.delivery) || self.delivery != 'kafka' || has(self.kafka)",
+        "message": "spec.kafka (with its bootstrapServers) is required when spec.delivery is kafka"
+    },
+    {
+        "rule": "!has(self.kafka) || (has(self.delivery) && self.delivery == 'kafka')",
+        "message": "spec.kafka is only used with spec.delivery: kafka; set delivery: kafka or remove spec.kafka"
+    },
+    {
+        "rule": "!has(self.delivery) || self.delivery != 'kafka' || !has(self.upstream)",
+        "message": "spec.upstream needs Redis (it writes streams chorus:upstream:<room>), which delivery: kafka does not use; remove spec.upstream"
+    },
+    {
+        "rule": "!has(self.delivery) || self.delivery != 'kafka' || !has(self.redis) || !has(self.redis.mode) || self.redis.mode == 'managed'",
+        "message": "spec.redis.mode must be left managed (the default) with delivery: kafka: the servers use Kafka only and the operator runs no Redis; remove spec.redis"
     }
 ]))]
 pub struct MessagingClusterSpec {
@@ -95,10 +111,16 @@ pub struct MessagingClusterSpec {
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
 
-    /// Message delivery: `pubsub` (at-most-once fan-out) or `streams`
-    /// (durable history with recovery).
+    /// Message delivery: `pubsub` (at-most-once fan-out), `streams`
+    /// (durable history with recovery) or `kafka` (through the topic of an
+    /// external Kafka, `spec.kafka`; no Redis).
     #[serde(default)]
     pub delivery: Delivery,
+
+    /// The external Kafka of `delivery: kafka`; required with it, refused
+    /// without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSpec>,
 
     /// Per-room history kept when `delivery: streams`.
     #[serde(default)]
@@ -171,6 +193,7 @@ impl Default for MessagingClusterSpec {
             replicas: default_replicas(),
             image: None,
             delivery: Delivery::default(),
+            kafka: None,
             history: HistorySpec::default(),
             resources: None,
             service: ServiceSpec::default(),
@@ -219,16 +242,74 @@ pub enum Delivery {
     Pubsub,
     /// Durable history with recovery through Redis Streams.
     Streams,
+    /// Fan-out, ordering and recovery through the partitions of one topic
+    /// of an external Kafka (`spec.kafka`); no Redis.
+    Kafka,
 }
 
 impl Delivery {
-    /// The value of the server's `--delivery` flag.
+    /// The value as written in the spec.
     pub fn as_str(self) -> &'static str {
         match self {
             Delivery::Pubsub => "pubsub",
             Delivery::Streams => "streams",
+            Delivery::Kafka => "kafka",
         }
     }
+
+    /// The value of the server's `--delivery` flag: its modes are the
+    /// Redis backplane's; on Kafka (`--broker kafka://…`) the servers run
+    /// `pubsub`, and Kafka keeps the history.
+    pub fn server_mode(self) -> &'static str {
+        match self {
+            Delivery::Pubsub | Delivery::Kafka => "pubsub",
+            Delivery::Streams => "streams",
+        }
+    }
+}
+
+/// An external Kafka (e.g. one run by Strimzi) that the servers fan out
+/// through: rooms hash to the partitions of one topic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// `host:port` of brokers to bootstrap from (the servers learn the
+    /// others from them); two or more keep working when one is down.
+    #[schemars(length(min = 1, max = 32), inner(pattern(r"^[^\s,/@]+:[0-9]{1,5}$")))]
+    pub bootstrap_servers: Vec<String>,
+    /// The topic that carries the rooms; absent: `chorus-<metadata.name>`.
+    /// Created by the servers when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), pattern(r"^[A-Za-z0-9._-]+$"))]
+    pub topic: Option<String>,
+    /// Partitions of the topic when the servers create it (an existing
+    /// topic keeps its own count).
+    #[serde(default = "default_kafka_partitions")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub partitions: i32,
+    /// Bound on a publish (acknowledged by every in-sync replica) and on
+    /// metadata requests, e.g. `5s`, `1500ms`; a publish not acknowledged
+    /// in time gets `outcome_unknown`.
+    #[serde(default = "default_kafka_timeout")]
+    #[schemars(pattern(r"^[1-9][0-9]{0,6}(ms|s|m)$"))]
+    pub timeout: String,
+}
+
+impl KafkaSpec {
+    /// The topic, given the MessagingCluster's name.
+    pub fn topic_of(&self, cluster: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("chorus-{cluster}"))
+    }
+}
+
+fn default_kafka_partitions() -> i32 {
+    12
+}
+
+fn default_kafka_timeout() -> String {
+    "5s".to_owned()
 }
 
 /// Room history kept in Redis Streams.
@@ -736,6 +817,25 @@ mod tests {
         assert_eq!(autoscaling.min_replicas, 2);
         assert_eq!(autoscaling.target_cpu_utilization_percentage, 70);
         assert_eq!(parsed.redis.storage.unwrap().size, "1Gi");
+    }
+
+    #[test]
+    fn kafka_fills_its_defaults_and_names_its_topic_after_the_cluster() {
+        let parsed: MessagingClusterSpec = serde_json::from_value(serde_json::json!({
+            "delivery": "kafka",
+            "kafka": {"bootstrapServers": ["kafka-0.infra:9092"]}
+        }))
+        .unwrap();
+        assert_eq!(parsed.delivery, Delivery::Kafka);
+        assert_eq!(parsed.delivery.server_mode(), "pubsub");
+        let kafka = parsed.kafka.unwrap();
+        assert_eq!((kafka.partitions, kafka.timeout.as_str()), (12, "5s"));
+        assert_eq!(kafka.topic_of("chat"), "chorus-chat");
+        let named = KafkaSpec {
+            topic: Some("rooms".into()),
+            ..kafka
+        };
+        assert_eq!(named.topic_of("chat"), "rooms");
     }
 }
 

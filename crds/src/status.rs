@@ -23,10 +23,14 @@ pub struct MessagingClusterStatus {
     /// The Redis group.
     #[serde(default)]
     pub redis: RedisStatus,
+    /// The external Kafka of `delivery: kafka`, as the server pods see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaStatus>,
     /// Where clients connect.
     #[serde(default)]
     pub endpoints: EndpointsStatus,
-    /// `Ready`, `Progressing`, `Degraded`, `RedisReady`; at most one of
+    /// `Ready`, `Progressing`, `Degraded`, `RedisReady` (`KafkaReachable`
+    /// with `delivery: kafka`), `FleetHealthy`; at most one of
     /// each type (a list-map keyed by `type`, so server-side apply merges
     /// them by type).
     #[serde(default)]
@@ -86,6 +90,9 @@ pub struct FleetPodStatus {
     pub canary_rtt: Option<String>,
     /// Its backplane works end to end (its canary comes back).
     pub broker_up: bool,
+    /// Why its backplane is down, as its `/readyz` says, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_down: Option<String>,
     /// Why it could not be read, when it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -123,6 +130,29 @@ pub struct RedisStatus {
     pub replication_lag_bytes: Option<i64>,
 }
 
+/// The external Kafka, as the server pods report it: each checks the
+/// topic's metadata every second (`chorus_broker_up`, and why not in its
+/// `/readyz`), and the operator reads them with the rest of `status.fleet`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaStatus {
+    /// Every server pod that answered reaches Kafka (false while none has
+    /// answered yet).
+    pub reachable: bool,
+    /// `spec.kafka.bootstrapServers`.
+    #[serde(default)]
+    pub bootstrap_servers: Vec<String>,
+    /// The topic that carries the rooms.
+    #[serde(default)]
+    pub topic: String,
+    /// Server pods that reach it, of those that answered.
+    #[serde(default)]
+    pub pods_reaching: i32,
+    /// What the pods say: those that cannot reach it, and why.
+    #[serde(default)]
+    pub message: String,
+}
+
 /// In-cluster URLs of the fleet.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -137,7 +167,7 @@ pub struct EndpointsStatus {
 
 /// Condition types set on a MessagingCluster.
 pub mod condition {
-    /// Every server pod is ready and Redis is ready.
+    /// Every server pod is ready and Redis is ready (Kafka reachable).
     pub const READY: &str = "Ready";
     /// A rollout or scale is under way.
     pub const PROGRESSING: &str = "Progressing";
@@ -148,4 +178,7 @@ pub mod condition {
     /// Every server pod answers and delivers through the backplane, none
     /// near its connection limit.
     pub const FLEET_HEALTHY: &str = "FleetHealthy";
+    /// `delivery: kafka`, in place of `RedisReady`: every server pod
+    /// reaches the external Kafka.
+    pub const KAFKA_REACHABLE: &str = "KafkaReachable";
 }

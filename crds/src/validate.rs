@@ -10,7 +10,7 @@
 //! the cluster may be older than the operator (installed by Helm, which
 //! never upgrades CRDs, with `--no-install-crd`).
 
-use crate::spec::{MessagingCluster, MessagingClusterSpec, RedisMode};
+use crate::spec::{Delivery, MessagingCluster, MessagingClusterSpec, RedisMode};
 
 /// Longest `metadata.name` the operator accepts: `<name>-redis` must stay a
 /// valid StatefulSet name whose pods' `controller-revision-hash` label
@@ -153,6 +153,82 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
             "must not exceed spec.autoscaling.maxReplicas",
         ));
     }
+    check_kafka(spec, errors);
+}
+
+/// `delivery: kafka` and `spec.kafka` go together; the servers parse the
+/// bootstrap servers and topic into `--broker kafka://…/<topic>`.
+fn check_kafka(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
+    let on_kafka = spec.delivery == Delivery::Kafka;
+    match &spec.kafka {
+        None if on_kafka => errors.push(ValidationError::new(
+            "spec.kafka",
+            "is required when spec.delivery is kafka (with its bootstrapServers)",
+        )),
+        None => {}
+        Some(_) if !on_kafka => errors.push(ValidationError::new(
+            "spec.kafka",
+            format!(
+                "is only used with spec.delivery: kafka (it is {}); set delivery: kafka or remove spec.kafka",
+                spec.delivery.as_str()
+            ),
+        )),
+        Some(kafka) => {
+            if kafka.bootstrap_servers.is_empty() {
+                errors.push(ValidationError::new(
+                    "spec.kafka.bootstrapServers",
+                    "needs at least one host:port",
+                ));
+            }
+            for (i, server) in kafka.bootstrap_servers.iter().enumerate() {
+                let bad_char = server.contains(|c: char| c.is_whitespace() || ",/@".contains(c));
+                let problem = if bad_char {
+                    Err(format!("{server:?} must be one host:port"))
+                } else {
+                    check_host_port(server)
+                };
+                if let Err(message) = problem {
+                    errors.push(ValidationError::new(
+                        &format!("spec.kafka.bootstrapServers[{i}]"),
+                        message,
+                    ));
+                }
+            }
+            if let Some(topic) = &kafka.topic
+                && !is_kafka_topic(topic)
+            {
+                errors.push(ValidationError::new(
+                    "spec.kafka.topic",
+                    format!("{topic:?} is not a Kafka topic name (1 to 249 of A-Z, a-z, 0-9, '.', '_', '-')"),
+                ));
+            }
+        }
+    }
+    if !on_kafka {
+        return;
+    }
+    if spec.redis.mode != RedisMode::Managed {
+        errors.push(ValidationError::new(
+            "spec.redis.mode",
+            "must be left managed (the default) with delivery: kafka: the servers use Kafka only and the operator runs no Redis; remove spec.redis",
+        ));
+    }
+    if spec.upstream.is_some() {
+        errors.push(ValidationError::new(
+            "spec.upstream",
+            "needs Redis (it writes streams chorus:upstream:<room>), which delivery: kafka does not use; remove spec.upstream",
+        ));
+    }
+}
+
+/// What Kafka accepts as a topic name.
+fn is_kafka_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && topic != "."
+        && topic != ".."
 }
 
 /// `redis://host:port[/db]` or `redis+sentinel://host:port[,host:port...]/<master>`.
@@ -382,6 +458,101 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(validate(&cluster("chat", spec)), Ok(()));
+    }
+
+    fn kafka_spec(servers: &[&str]) -> crate::spec::KafkaSpec {
+        crate::spec::KafkaSpec {
+            bootstrap_servers: servers.iter().map(|s| (*s).to_owned()).collect(),
+            topic: None,
+            partitions: 12,
+            timeout: "5s".into(),
+        }
+    }
+
+    fn on_kafka(servers: &[&str]) -> MessagingClusterSpec {
+        MessagingClusterSpec {
+            delivery: Delivery::Kafka,
+            kafka: Some(kafka_spec(servers)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kafka_delivery_needs_its_kafka_block_and_parsable_servers() {
+        assert_eq!(
+            validate(&cluster(
+                "chat",
+                on_kafka(&["kafka-0.infra:9092", "10.0.0.7:9092", "[fd00::7]:9092"])
+            )),
+            Ok(())
+        );
+        let missing = MessagingClusterSpec {
+            delivery: Delivery::Kafka,
+            ..Default::default()
+        };
+        let errors = validate(&cluster("chat", missing)).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.kafka: is required when spec.delivery is kafka (with its bootstrapServers)"
+        );
+        let unused = MessagingClusterSpec {
+            kafka: Some(kafka_spec(&["k:9092"])),
+            ..Default::default()
+        };
+        let errors = validate(&cluster("chat", unused)).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.kafka: is only used with spec.delivery: kafka (it is pubsub); set delivery: kafka or remove spec.kafka"
+        );
+        assert_eq!(
+            fields(validate(&cluster("chat", on_kafka(&[])))),
+            ["spec.kafka.bootstrapServers"]
+        );
+        for bad in [
+            "kafka",
+            "kafka:0",
+            "kafka:99999",
+            ":9092",
+            "a:1,b:2",
+            "k:9092/t",
+            "u@k:9092",
+        ] {
+            assert_eq!(
+                fields(validate(&cluster("chat", on_kafka(&["ok:9092", bad])))),
+                ["spec.kafka.bootstrapServers[1]"],
+                "{bad}"
+            );
+        }
+        let mut topic = on_kafka(&["k:9092"]);
+        for (name, ok) in [
+            ("chorus.rooms_1-a", true),
+            ("..", false),
+            ("a/b", false),
+            ("", false),
+        ] {
+            if let Some(k) = topic.kafka.as_mut() {
+                k.topic = Some(name.into());
+            }
+            let result = validate(&cluster("chat", topic.clone()));
+            assert_eq!(result.is_ok(), ok, "{name:?}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn kafka_delivery_refuses_what_needs_redis() {
+        let mut spec = on_kafka(&["k:9092"]);
+        spec.redis.mode = RedisMode::External;
+        spec.redis.external = Some(ExternalRedisSpec {
+            url: "redis://r:6379".into(),
+        });
+        spec.upstream = Some(crate::spec::UpstreamSpec {
+            rooms: vec!["*".into()],
+            max_len: 10,
+        });
+        assert_eq!(
+            fields(validate(&cluster("chat", spec))),
+            ["spec.redis.mode", "spec.upstream"]
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn every_rule_compiles() {
     let (mut rules, mut errors) = (0, Vec::new());
     count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
     assert_eq!(errors, Vec::<String>::new());
-    assert_eq!(rules, 7);
+    assert_eq!(rules, 11);
 }
 
 #[test]
@@ -97,6 +97,52 @@ fn external_mode_needs_external_and_managed_mode_refuses_it() {
     assert!(
         v[0].contains("spec.redis.external must not be set when spec.redis.mode is managed"),
         "{v:?}"
+    );
+}
+
+#[test]
+fn kafka_delivery_and_the_kafka_block_go_together_without_redis_features() {
+    let kafka = json!({"bootstrapServers": ["kafka.infra:9092"]});
+    assert_eq!(
+        violations(json!({"delivery": "kafka", "kafka": kafka})),
+        Vec::<String>::new()
+    );
+    let v = violations(json!({"delivery": "kafka"}));
+    assert!(
+        v.len() == 1
+            && v[0].contains(
+                "spec.kafka (with its bootstrapServers) is required when spec.delivery is kafka"
+            ),
+        "{v:?}"
+    );
+    for delivery in [json!("pubsub"), json!("streams"), Value::Null] {
+        let mut spec = json!({"kafka": kafka});
+        if !delivery.is_null() {
+            spec["delivery"] = delivery.clone();
+        }
+        let v = violations(spec);
+        assert!(
+            v.len() == 1 && v[0].contains("spec.kafka is only used with spec.delivery: kafka"),
+            "{delivery}: {v:?}"
+        );
+    }
+    let v = violations(
+        json!({"delivery": "kafka", "kafka": kafka, "upstream": {"rooms": ["orders:*"]}}),
+    );
+    assert!(
+        v.len() == 1 && v[0].contains("spec.upstream needs Redis"),
+        "{v:?}"
+    );
+    let v = violations(json!({"delivery": "kafka", "kafka": kafka,
+        "redis": {"mode": "external", "external": {"url": "redis://r:6379"}}}));
+    assert!(
+        v.len() == 1 && v[0].contains("spec.redis.mode must be left managed"),
+        "{v:?}"
+    );
+    // The upstream on Redis is untouched.
+    assert_eq!(
+        violations(json!({"upstream": {"rooms": ["orders:*"]}})),
+        Vec::<String>::new()
     );
 }
 

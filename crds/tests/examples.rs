@@ -15,12 +15,13 @@ use kube::core::cel::Validator;
 use serde_json::{Map, Value, json};
 
 /// Every example, so a new file without a test here fails.
-const EXAMPLES: [&str; 5] = [
+const EXAMPLES: [&str; 6] = [
     "autoscaling.yaml",
     "basic.yaml",
     "durable.yaml",
     "external-redis.yaml",
     "ingress.yaml",
+    "kafka.yaml",
 ];
 
 fn examples_dir() -> PathBuf {
@@ -228,6 +229,20 @@ fn external_redis_runs_no_redis_and_keeps_the_password_out_of_the_url() {
 }
 
 #[test]
+fn kafka_fans_out_through_an_external_kafka_topic() {
+    let Example { raw, mc } = accepted("kafka.yaml");
+    assert_eq!(mc.spec.delivery, Delivery::Kafka);
+    assert!(raw["spec"].get("redis").is_none(), "no Redis to set up");
+    let kafka = mc.spec.kafka.unwrap();
+    assert_eq!(
+        kafka.bootstrap_servers,
+        ["my-kafka-kafka-bootstrap.kafka.svc:9092"]
+    );
+    assert_eq!(kafka.topic_of("chat-kafka"), "chorus-chat");
+    assert_eq!((kafka.partitions, kafka.timeout.as_str()), (12, "5s"));
+}
+
+#[test]
 fn autoscaling_leaves_replicas_to_the_autoscaler_and_requests_cpu() {
     let Example { raw, mc } = accepted("autoscaling.yaml");
     assert!(
@@ -274,7 +289,11 @@ fn the_schema_check_catches_what_the_api_server_refuses() {
         check(json!({"replicas": 5000})),
         ["spec.replicas: 5000 is above 1000.0"]
     );
-    assert_eq!(check(json!({"delivery": "kafka"})).len(), 1);
+    assert_eq!(check(json!({"delivery": "carrier-pigeon"})).len(), 1);
+    assert_eq!(
+        check(json!({"delivery": "kafka", "kafka": {}})),
+        ["spec.kafka.bootstrapServers: is required"]
+    );
     assert_eq!(
         check(json!({"autoscaling": {"minReplicas": 2}})),
         ["spec.autoscaling.maxReplicas: is required"]

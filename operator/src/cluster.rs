@@ -6,7 +6,9 @@
 //! reference they all point back with, and the settings derived from the
 //! spec, so builders cannot fail and never re-derive them.
 
-use chorus_crds::{MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef};
+use chorus_crds::{
+    Delivery, KafkaSpec, MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 
@@ -74,8 +76,14 @@ pub fn max_connections(spec: &MessagingClusterSpec) -> i32 {
 
 impl ValidCluster {
     /// The operator runs the Redis group (Sentinel, StatefulSet, topology).
+    /// Not with `delivery: kafka`: the servers then use no Redis at all.
     pub fn managed_redis(&self) -> bool {
-        self.spec.redis.mode == RedisMode::Managed
+        self.spec.redis.mode == RedisMode::Managed && self.kafka().is_none()
+    }
+
+    /// The external Kafka the servers fan out through (`delivery: kafka`).
+    pub fn kafka(&self) -> Option<&KafkaSpec> {
+        on_kafka(&self.spec)
     }
 
     /// The generated password Secret's name, when the operator keeps one.
@@ -83,6 +91,14 @@ impl ValidCluster {
         (self.managed_redis() && self.spec.redis.password_secret_ref.is_none())
             .then_some(self.names.redis_auth_secret.as_str())
     }
+}
+
+/// `spec.kafka` when the servers use it (`delivery: kafka`; validation
+/// proved it is there).
+pub fn on_kafka(spec: &MessagingClusterSpec) -> Option<&KafkaSpec> {
+    spec.kafka
+        .as_ref()
+        .filter(|_| spec.delivery == Delivery::Kafka)
 }
 
 /// Checks the spec (`chorus_crds::validate`: what the CRD's schema and CEL
@@ -178,6 +194,16 @@ mod tests {
         let c = validate(&MessagingCluster::test().with_external_redis("redis://r:6379"))
             .expect("valid");
         assert!(!c.managed_redis());
+        assert_eq!(c.generated_secret(), None);
+        assert_eq!(c.password, None);
+    }
+
+    #[test]
+    fn kafka_delivery_runs_no_redis_and_mounts_no_password() {
+        let c =
+            validate(&MessagingCluster::test().with_kafka(&["kafka.infra:9092"])).expect("valid");
+        assert!(!c.managed_redis());
+        assert_eq!(c.kafka().map(|k| k.bootstrap_servers.len()), Some(1));
         assert_eq!(c.generated_secret(), None);
         assert_eq!(c.password, None);
     }

@@ -105,15 +105,13 @@ fn yaml<T: Serialize + k8s_openapi::Resource>(object: &T) -> Result<String, Rend
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_basic_example_renders_every_object_it_would_apply() {
-        let manifest = include_str!("../../examples/basic.yaml");
-        let out = render(manifest, "team-a", "chorus-system").expect("renders");
+    /// The rendered documents, and `Kind name` of each.
+    fn documents(out: &str) -> (Vec<serde_json::Value>, Vec<String>) {
         let docs: Vec<serde_json::Value> = out
             .split("---\n")
             .map(|d| serde_saphyr::from_str(d).expect("each document is YAML"))
             .collect();
-        let kinds: Vec<String> = docs
+        let kinds = docs
             .iter()
             .map(|d| {
                 format!(
@@ -123,6 +121,35 @@ mod tests {
                 )
             })
             .collect();
+        (docs, kinds)
+    }
+
+    #[test]
+    fn the_kafka_example_renders_the_servers_only() {
+        let manifest = include_str!("../../examples/kafka.yaml");
+        let out = render(manifest, "team-a", "chorus-system").expect("renders");
+        let (docs, kinds) = documents(&out);
+        assert_eq!(
+            kinds,
+            [
+                "ConfigMap chat-kafka-server",
+                "Deployment chat-kafka-server",
+                "Service chat-kafka",
+                "PodDisruptionBudget chat-kafka-server",
+            ]
+        );
+        assert_eq!(
+            docs[0]["data"]["CHORUS_BROKER"],
+            "kafka://my-kafka-kafka-bootstrap.kafka.svc:9092/chorus-chat"
+        );
+        assert!(!out.contains("redis-auth"), "no password Secret: {out}");
+    }
+
+    #[test]
+    fn the_basic_example_renders_every_object_it_would_apply() {
+        let manifest = include_str!("../../examples/basic.yaml");
+        let out = render(manifest, "team-a", "chorus-system").expect("renders");
+        let (docs, kinds) = documents(&out);
         assert_eq!(
             kinds,
             [

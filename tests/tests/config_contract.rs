@@ -22,6 +22,7 @@ use chorus_operator::build::config_map::{
 };
 use chorus_operator::build::meta::{SENTINEL_PORT, SERVER_PORT};
 use chorus_server::Config;
+use chorus_server::broker::kafka::KafkaUrl;
 use chorus_server::broker::redis::{Addr, RedisUrl, Target};
 use clap::{CommandFactory, Parser};
 use serde_json::{Value, json};
@@ -62,6 +63,8 @@ fn child_parses_its_environment() {
         "outbox_dsn_file": path(&config.outbox_dsn_file),
         "outbox_table": config.outbox_table.to_string(),
         "outbox_init": config.outbox_init,
+        "kafka_partitions": config.kafka_partitions,
+        "kafka_timeout_ms": config.kafka_timeout.as_millis() as u64,
     });
     println!("{MARK}{parsed}");
 }
@@ -104,6 +107,18 @@ fn crd_ttl_secs(ttl: &str) -> u64 {
         other => panic!("unit {other} is not in the CRD's pattern"),
     };
     number.parse::<u64>().unwrap() * scale
+}
+
+/// A `kafka.timeout` as the CRD defines it (`^[1-9][0-9]{0,6}(ms|s|m)$`), in ms.
+fn crd_timeout_ms(timeout: &str) -> u64 {
+    let digits = timeout.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let scale = match &timeout[digits.len()..] {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        other => panic!("unit {other} is not in the CRD's pattern"),
+    };
+    digits.parse::<u64>().unwrap() * scale
 }
 
 fn key_ref(name: &str) -> Option<SecretKeyRef> {
@@ -199,6 +214,33 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             }),
         ),
         (
+            "kafka with defaults",
+            spec(|s| {
+                s.delivery = Delivery::Kafka;
+                s.kafka = serde_json::from_value(
+                    json!({"bootstrapServers": ["kafka-0.kafka.infra.svc:9092"]}),
+                )
+                .unwrap();
+            }),
+        ),
+        (
+            "kafka",
+            spec(|s| {
+                s.delivery = Delivery::Kafka;
+                s.kafka = Some(chorus_crds::KafkaSpec {
+                    bootstrap_servers: vec![
+                        "k0.infra:9092".into(),
+                        "10.1.2.3:19092".into(),
+                        "[fd00::7]:9092".into(),
+                    ],
+                    topic: Some("chat.rooms-v1".into()),
+                    partitions: 10_000,
+                    timeout: "1500ms".into(),
+                });
+                s.auth.api_key_secret_ref = key_ref("api");
+            }),
+        ),
+        (
             "smallest limits",
             spec(|s| {
                 s.limits.max_frame_bytes = 256;
@@ -227,6 +269,13 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
 /// stable name of its pod (`<name>-sentinel-<i>.<name>-sentinel.<ns>.svc`).
 fn check_broker(case: &str, spec: &MessagingClusterSpec, broker: Value) {
     let broker = broker.as_str().unwrap_or_default();
+    if let (Delivery::Kafka, Some(kafka)) = (spec.delivery, &spec.kafka) {
+        let url = KafkaUrl::parse(broker)
+            .unwrap_or_else(|e| panic!("{case}: the server rejects CHORUS_BROKER {broker}: {e}"));
+        assert_eq!(url.servers, kafka.bootstrap_servers, "{case}: {broker}");
+        assert_eq!(url.topic, kafka.topic_of("chat"), "{case}: {broker}");
+        return;
+    }
     let url = RedisUrl::parse(broker)
         .unwrap_or_else(|e| panic!("{case}: the server rejects CHORUS_BROKER {broker}: {e}"));
     assert_eq!(url.password, None, "{case}: a password in {broker}");
@@ -273,13 +322,15 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
 
         let mut parsed = parse_in_child(&env);
         check_broker(case, &spec, parsed["broker"].take());
-        let password =
-            spec.redis.password_secret_ref.is_some() || spec.redis.mode == RedisMode::Managed;
+        let on_kafka = spec.delivery == Delivery::Kafka;
+        let password = !on_kafka
+            && (spec.redis.password_secret_ref.is_some() || spec.redis.mode == RedisMode::Managed);
+        let kafka = spec.kafka.as_ref().filter(|_| on_kafka);
         let file = |on: bool, path: &str| if on { json!(path) } else { Value::Null };
         let expected = json!({
             "listen": format!("0.0.0.0:{SERVER_PORT}"),
             "broker": null,
-            "delivery": spec.delivery.as_str(),
+            "delivery": spec.delivery.server_mode(),
             "history_size": spec.history.size,
             "history_ttl_secs": crd_ttl_secs(&spec.history.ttl),
             "max_frame_bytes": spec.limits.max_frame_bytes,
@@ -303,6 +354,9 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             "outbox_dsn_file": file(spec.outbox.is_some(), OUTBOX_DSN_FILE),
             "outbox_table": spec.outbox.as_ref().map_or("chorus_outbox", |o| o.table.as_str()),
             "outbox_init": spec.outbox.as_ref().is_some_and(|o| o.init),
+            // The server's defaults unless the spec is on Kafka.
+            "kafka_partitions": kafka.map_or(12, |k| k.partitions),
+            "kafka_timeout_ms": kafka.map_or(5000, |k| crd_timeout_ms(&k.timeout)),
         });
         assert_eq!(parsed, expected, "{case}: {env:#?}");
         assert_eq!(env["RUST_LOG"], spec.logging.level, "{case}");

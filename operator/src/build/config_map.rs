@@ -26,6 +26,10 @@ pub const GENERATED_PASSWORD_KEY: &str = "password";
 /// Redis) use, if any: the user's `passwordSecretRef`, else the generated
 /// Secret in managed mode, else none (external Redis without a password).
 pub fn redis_password_ref(spec: &MessagingClusterSpec, names: &Names) -> Option<SecretKeyRef> {
+    // On Kafka the servers use no Redis.
+    if crate::cluster::on_kafka(spec).is_some() {
+        return None;
+    }
     match (&spec.redis.password_secret_ref, spec.redis.mode) {
         (Some(r), _) => Some(r.clone()),
         (None, RedisMode::Managed) => Some(SecretKeyRef {
@@ -43,6 +47,13 @@ pub fn outbox_dsn_ref(spec: &MessagingClusterSpec) -> Option<SecretKeyRef> {
 
 /// The broker URL the servers connect to (never carries the password).
 pub fn broker_url(spec: &MessagingClusterSpec, names: &Names) -> String {
+    if let Some(kafka) = crate::cluster::on_kafka(spec) {
+        return format!(
+            "kafka://{}/{}",
+            kafka.bootstrap_servers.join(","),
+            kafka.topic_of(&names.instance)
+        );
+    }
     match (&spec.redis.external, spec.redis.mode) {
         (Some(external), RedisMode::External) => external.url.clone(),
         _ => {
@@ -67,7 +78,11 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     };
     set("CHORUS_LISTEN", format!("0.0.0.0:{SERVER_PORT}"));
     set("CHORUS_BROKER", broker_url(spec, names));
-    set("CHORUS_DELIVERY", spec.delivery.as_str().to_owned());
+    set("CHORUS_DELIVERY", spec.delivery.server_mode().to_owned());
+    if let Some(kafka) = crate::cluster::on_kafka(spec) {
+        set("CHORUS_KAFKA_PARTITIONS", kafka.partitions.to_string());
+        set("CHORUS_KAFKA_TIMEOUT", kafka.timeout.clone());
+    }
     set("CHORUS_HISTORY_SIZE", spec.history.size.to_string());
     set("CHORUS_HISTORY_TTL", spec.history.ttl.clone());
     set(
@@ -216,6 +231,34 @@ mod tests {
         let env = env_of(&MessagingCluster::test().with_external_redis("redis://r.infra:6379/1"));
         assert_eq!(env["CHORUS_BROKER"], "redis://r.infra:6379/1");
         assert!(!env.contains_key("CHORUS_REDIS_PASSWORD_FILE"));
+    }
+
+    #[test]
+    fn kafka_delivery_points_the_servers_at_the_topic_and_at_no_redis() {
+        let mut mc = MessagingCluster::test().with_kafka(&["k0.infra:9092", "k1.infra:9092"]);
+        let env = env_of(&mc);
+        assert_eq!(
+            env["CHORUS_BROKER"],
+            "kafka://k0.infra:9092,k1.infra:9092/chorus-chat"
+        );
+        assert_eq!(env["CHORUS_DELIVERY"], "pubsub", "Kafka keeps the history");
+        assert_eq!(env["CHORUS_KAFKA_PARTITIONS"], "12");
+        assert_eq!(env["CHORUS_KAFKA_TIMEOUT"], "5s");
+        assert!(!env.contains_key("CHORUS_REDIS_PASSWORD_FILE"));
+        if let Some(kafka) = mc.spec.kafka.as_mut() {
+            kafka.topic = Some("rooms.v1".into());
+            kafka.partitions = 48;
+            kafka.timeout = "1500ms".into();
+        }
+        let env = env_of(&mc);
+        assert_eq!(
+            env["CHORUS_BROKER"],
+            "kafka://k0.infra:9092,k1.infra:9092/rooms.v1"
+        );
+        assert_eq!(env["CHORUS_KAFKA_PARTITIONS"], "48");
+        assert_eq!(env["CHORUS_KAFKA_TIMEOUT"], "1500ms");
+        // The pubsub and streams paths set no Kafka flag.
+        assert!(!env_of(&MessagingCluster::test()).contains_key("CHORUS_KAFKA_PARTITIONS"));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub trait TestCluster: Sized {
     fn with_external_redis(self, url: &str) -> Self;
     fn with_password_secret(self, name: &str, key: &str) -> Self;
     fn with_generation(self, generation: i64) -> Self;
+    /// `delivery: kafka` on these bootstrap servers, other Kafka settings
+    /// at their defaults.
+    fn with_kafka(self, servers: &[&str]) -> Self;
 }
 
 impl TestCluster for MessagingCluster {
@@ -97,6 +100,15 @@ impl TestCluster for MessagingCluster {
 
     fn with_generation(mut self, generation: i64) -> Self {
         self.metadata.generation = Some(generation);
+        self
+    }
+
+    fn with_kafka(mut self, servers: &[&str]) -> Self {
+        self.spec.delivery = chorus_crds::Delivery::Kafka;
+        self.spec.kafka = Some(
+            serde_json::from_value(serde_json::json!({ "bootstrapServers": servers }))
+                .expect("a Kafka block"),
+        );
         self
     }
 }

@@ -24,7 +24,6 @@ pub mod services;
 #[cfg(test)]
 pub(crate) mod fixtures;
 
-use chorus_crds::RedisMode;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
     autoscaling::v2::HorizontalPodAutoscaler,
@@ -44,7 +43,7 @@ pub struct Resources {
     pub server_deployment: Deployment,
     pub service: Service,
     pub server_pdb: PodDisruptionBudget,
-    /// `None` when `redis.mode: external`.
+    /// `None` when `redis.mode: external` or `delivery: kafka`.
     pub redis: Option<ManagedRedis>,
     /// `None`: an existing HPA is deleted.
     pub hpa: Option<HorizontalPodAutoscaler>,
@@ -83,7 +82,7 @@ pub fn build(c: &ValidCluster) -> Resources {
     let spec = &c.spec;
     let config_map = config_map::build(c);
     let config_hash = config_map::hash(&config_map, spec);
-    let redis = (spec.redis.mode == RedisMode::Managed).then(|| ManagedRedis {
+    let redis = c.managed_redis().then(|| ManagedRedis {
         group_config: redis_group::config_map(c),
         headless_service: services::redis_headless(c),
         statefulset: redis_statefulset::build(c),
@@ -103,7 +102,7 @@ pub fn build(c: &ValidCluster) -> Resources {
             .filter(|a| a.connections_per_pod.is_none())
             .map(|a| hpa::build(c, a)),
         ingress: spec.ingress.as_ref().map(|i| ingress::build(c, i)),
-        network_policy: (spec.network_policy.enabled && spec.redis.mode == RedisMode::Managed)
+        network_policy: (spec.network_policy.enabled && c.managed_redis())
             .then(|| network_policy::build(c)),
         config_map,
         redis,
@@ -145,6 +144,33 @@ mod tests {
             "no Redis of ours to guard"
         );
         assert!(new_secret(&c, Some("pw")).is_none());
+    }
+
+    #[test]
+    fn kafka_delivery_builds_no_redis_objects_no_secret_and_no_network_policy() {
+        let c = valid(&MessagingCluster::test().with_kafka(&["kafka.infra:9092"]));
+        let resources = build(&c);
+        assert!(resources.redis.is_none(), "no Redis on Kafka");
+        assert!(
+            resources.network_policy.is_none(),
+            "no Redis of ours to guard"
+        );
+        assert!(new_secret(&c, Some("pw")).is_none());
+        let pod = resources
+            .server_deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("pod spec");
+        let volumes: Vec<String> = pod
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert!(
+            !volumes.iter().any(|v| v.contains("redis")),
+            "no Redis password mounted: {volumes:?}"
+        );
     }
 
     #[test]

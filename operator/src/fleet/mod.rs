@@ -44,6 +44,8 @@ use crate::reconcile::{Context, status::Verdict};
 pub const READ_INTERVAL: Duration = Duration::from_secs(10);
 /// How long one pod may take to answer.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest reason kept from a pod's `/readyz`.
+const MAX_REASON: usize = 200;
 /// Pods read at once.
 const READ_CONCURRENCY: usize = 16;
 /// Annotation the ReplicaSet controller reads to pick the pods a scale-in
@@ -103,11 +105,30 @@ fn pod_url(ip: &str, path: &str) -> String {
 
 async fn sample(http: reqwest::Client, pod: ListedPod) -> PodSample {
     let reading = read_pod(&http, &pod).await;
+    let broker_down = match (&reading, pod.ip.as_deref()) {
+        (Ok(r), Some(ip)) if !r.broker_up => why_not_ready(&http, &pod_url(ip, "/readyz")).await,
+        _ => None,
+    };
     PodSample {
         name: pod.name,
         ready: pod.ready,
         reading,
+        broker_down,
     }
+}
+
+/// What a pod's `/readyz` (at `url`) says when it is not ready (`broker
+/// kafka unavailable: …`), at most [`MAX_REASON`] characters; `None` when
+/// it answers ready or not at all.
+async fn why_not_ready(http: &reqwest::Client, url: &str) -> Option<String> {
+    let answer = http.get(url).timeout(READ_TIMEOUT).send().await.ok()?;
+    if answer.status().is_success() {
+        return None;
+    }
+    let text = answer.text().await.ok()?;
+    let why = text.trim();
+    let why = why.strip_prefix("not ready: ").unwrap_or(why);
+    Some(why.chars().take(MAX_REASON).collect())
 }
 
 async fn read_pod(http: &reqwest::Client, pod: &ListedPod) -> Result<reading::Reading, String> {
@@ -439,5 +460,49 @@ async fn rebalance(
     }
     if let Some(plan) = memory.autoscale.rebalance.as_mut() {
         plan.next_round = now + autoscale::REBALANCE_ROUND;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use axum::{Router, http::StatusCode, routing::get};
+
+    use super::*;
+
+    /// A server answering `/readyz` with `status` and `body`; its URL.
+    async fn readyz(status: StatusCode, body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/readyz", get(move || async move { (status, body) }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/readyz")
+    }
+
+    #[tokio::test]
+    async fn a_pods_reason_for_not_being_ready_is_read_from_its_readyz() {
+        let http = reqwest::Client::new();
+        let down = readyz(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: broker kafka unavailable: metadata: Local: Broker transport failure\n",
+        )
+        .await;
+        assert_eq!(
+            why_not_ready(&http, &down).await.as_deref(),
+            Some("broker kafka unavailable: metadata: Local: Broker transport failure")
+        );
+        let long: &'static str =
+            Box::leak(format!("not ready: {}", "x".repeat(500)).into_boxed_str());
+        let long = readyz(StatusCode::SERVICE_UNAVAILABLE, long).await;
+        assert_eq!(
+            why_not_ready(&http, &long).await.map(|w| w.len()),
+            Some(MAX_REASON)
+        );
+        let up = readyz(StatusCode::OK, "ready\n").await;
+        assert_eq!(why_not_ready(&http, &up).await, None, "back up meanwhile");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = format!("http://{}/readyz", closed.local_addr().unwrap());
+        drop(closed);
+        assert_eq!(why_not_ready(&http, &gone).await, None);
     }
 }

@@ -28,6 +28,9 @@ pub struct PodSample {
     pub ready: bool,
     /// The reading, or why there is none.
     pub reading: Result<Reading, String>,
+    /// Why its backplane is down (its `/readyz`), read only when its
+    /// reading says so.
+    pub broker_down: Option<String>,
 }
 
 /// The previous readings, for rates.
@@ -133,6 +136,7 @@ pub fn summarize(previous: &Previous, now: Instant, samples: &[PodSample]) -> Fl
                 pod.deliveries_per_second = whole(per_second);
                 pod.canary_rtt = r.canary_rtt_seconds.map(human_seconds);
                 pod.broker_up = r.broker_up;
+                pod.broker_down = s.broker_down.clone().filter(|_| !r.broker_up);
                 fleet.connections += pod.connections;
                 fleet.rooms += pod.rooms;
                 fleet.deliveries_per_second += pod.deliveries_per_second;
@@ -308,6 +312,7 @@ mod tests {
             name: name.to_owned(),
             ready: true,
             reading: r,
+            broker_down: None,
         }
     }
 
@@ -373,6 +378,29 @@ mod tests {
                 .as_deref()
                 .is_some_and(|p| p.ends_with("ms")),
             "{s1:?}"
+        );
+    }
+
+    #[test]
+    fn a_pod_whose_backplane_is_down_says_why_in_the_summary() {
+        let why = Some("broker kafka unavailable: metadata: timed out".to_owned());
+        let down = PodSample {
+            broker_down: why.clone(),
+            ..sample("chat-a", Ok(reading(1.0, 1.0, false)))
+        };
+        // A reason read while it was down, from a pod up again: dropped.
+        let up = PodSample {
+            broker_down: why.clone(),
+            ..sample("chat-b", Ok(reading(1.0, 1.0, true)))
+        };
+        let s = summarize(&Previous::default(), Instant::now(), &[down, up]);
+        assert_eq!(
+            (s.pods[0].broker_up, s.pods[0].broker_down.clone()),
+            (false, why)
+        );
+        assert_eq!(
+            (s.pods[1].broker_up, s.pods[1].broker_down.as_deref()),
+            (true, None)
         );
     }
 

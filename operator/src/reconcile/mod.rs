@@ -16,7 +16,8 @@
 //! 5. **fleet** (client, pods' HTTP): [`crate::fleet::step`] reads every
 //!    server pod's `/metrics` and acts on them: restarts a pod whose
 //!    backplane stays down, autoscales on connections, rebalances.
-//! 6. **status** (pure, then client): [`status::compute`] from what apply
+//! 6. **status** (pure, then client): [`status::compute`] (with
+//!    `delivery: kafka`, [`status::compute_kafka`]) from what apply
 //!    got back and topology and the fleet observed, [`status::patch`], and Events for the
 //!    transitions.
 //!
@@ -369,7 +370,13 @@ async fn converge(
     let fleet = crate::fleet::step(ctx, mc, c, refs.api_key.as_deref(), master_seen).await;
     // 6. status, from what apply, topology and the fleet observed
     let now = Timestamp::now();
-    let mut new_status = status::compute(mc, c, &applied, seen.as_ref(), now);
+    let mut new_status = match c.kafka() {
+        Some(_) => {
+            let pods = fleet.as_ref().map(|f| &f.status);
+            status::compute_kafka(mc, c, &applied, pods, now)
+        }
+        None => status::compute(mc, c, &applied, seen.as_ref(), now),
+    };
     status::with_fleet(&mut new_status, mc, fleet, c.generation, now);
     // Refusals first: only the user can clear them; the rest is transient.
     let mut failures: Vec<Error> = skipped.refused.into_iter().map(Error::from).collect();

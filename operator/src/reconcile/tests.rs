@@ -728,18 +728,19 @@ fn a_moving_redis_group_is_looked_at_again_within_seconds() {
     assert!(TOPOLOGY_RESYNC < PROGRESS_RESYNC);
 }
 
-#[tokio::test]
-async fn external_redis_removes_the_managed_group_and_reports_the_url() {
-    let mc = settled_cluster().with_external_redis("redis://redis.infra:6379");
-    let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
+/// The requests of a reconcile that runs no Redis group (external Redis,
+/// Kafka), up to the status: no Secret or Redis pod is read, each Redis
+/// object is looked for to be deleted (none exists), the servers are
+/// applied, then their pods listed (`pods`).
+fn without_redis_group(server_status: Value, pods: Expect) -> Vec<Expect> {
     // Each delete looks first; none of these exist.
     let d = |path: String| expect(Method::GET, &path, Reply::NotFound);
-    let mut script = vec![expect(
-        Method::PATCH,
-        &format!("{NS}/configmaps/chat-server"),
-        Reply::Echo,
-    )];
-    script.extend([
+    vec![
+        expect(
+            Method::PATCH,
+            &format!("{NS}/configmaps/chat-server"),
+            Reply::Echo,
+        ),
         d(format!("{APPS}/statefulsets/chat-redis")),
         d(format!("{APPS}/statefulsets/chat-sentinel")),
         d(format!("{NS}/configmaps/chat-redis-group")),
@@ -761,11 +762,18 @@ async fn external_redis_removes_the_managed_group_and_reports_the_url() {
         d(HPA.to_owned()),
         d(format!("{NET}/ingresses/chat")),
         d(format!("{NET}/networkpolicies/chat-redis")),
-        server_pods(),
-        // The master changes from the managed pod to the external URL: no
-        // failover event.
+        pods,
         expect(Method::PATCH, STATUS, Reply::Echo),
-    ]);
+    ]
+}
+
+#[tokio::test]
+async fn external_redis_removes_the_managed_group_and_reports_the_url() {
+    let mc = settled_cluster().with_external_redis("redis://redis.infra:6379");
+    let server_status = json!({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3});
+    // The master changes from the managed pod to the external URL: no
+    // failover event.
+    let script = without_redis_group(server_status, server_pods());
     let out = run(mc, script).await;
     assert!(out.result.is_ok(), "{:?}", out.result);
     let cm = out.body(Method::PATCH, &format!("{NS}/configmaps/chat-server"));
@@ -813,4 +821,55 @@ async fn error_policy_looks_again_at_resync_after_refusals_and_backs_off_on_tran
         text.contains(r#"chorus_operator_reconcile_errors_total{error="apply"} 3"#),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn kafka_delivery_runs_no_redis_and_reports_kafka_as_the_pods_see_it() {
+    let mc = MessagingCluster::test().with_kafka(&["kafka-0.infra:9092", "kafka-1.infra:9092"]);
+    // One server pod, scheduled but without an IP yet: it cannot be read.
+    let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                      "items": [{"metadata": {"name": "chat-server-a"}, "status": {"phase": "Pending"}}]});
+    let pods = expect(Method::GET, &format!("{NS}/pods"), Reply::Json(200, pods));
+    let mut script = without_redis_group(json!({}), pods);
+    script.push(expect(Method::POST, EVENTS, Reply::Created));
+    let out = run(mc, script).await;
+    assert!(out.result.is_ok(), "{:?}", out.result);
+    let cm = out.body(Method::PATCH, &format!("{NS}/configmaps/chat-server"));
+    assert_eq!(
+        cm["data"]["CHORUS_BROKER"],
+        "kafka://kafka-0.infra:9092,kafka-1.infra:9092/chorus-chat"
+    );
+    let deployment = out.body(Method::PATCH, &format!("{APPS}/deployments/chat-server"));
+    assert!(
+        !deployment.to_string().contains("redis"),
+        "the server pods mount no Redis password: {deployment}"
+    );
+    let kafka = &out.status()["kafka"];
+    assert_eq!(kafka["reachable"], false, "not known yet: {kafka}");
+    assert_eq!(
+        kafka["bootstrapServers"],
+        json!(["kafka-0.infra:9092", "kafka-1.infra:9092"])
+    );
+    assert_eq!(kafka["topic"], "chorus-chat");
+    let reachable = out.condition("KafkaReachable");
+    assert_eq!(
+        (reachable["status"].as_str(), reachable["reason"].as_str()),
+        (Some("False"), Some("NotReported"))
+    );
+    assert!(
+        reachable["message"]
+            .as_str()
+            .unwrap()
+            .contains("(chat-server-a: no pod IP yet)"),
+        "{reachable}"
+    );
+    assert_eq!(out.condition("Ready")["status"], "False");
+    let types: Vec<&str> = out.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    assert!(!types.contains(&"RedisReady"), "{types:?}");
+    assert_eq!(out.event_reasons(), [("Normal".into(), "Created".into())]);
 }

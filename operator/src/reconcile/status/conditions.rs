@@ -1,6 +1,6 @@
 //! One function per condition, each from the facts it needs.
 
-use chorus_crds::RedisStatus;
+use chorus_crds::{FleetStatus, KafkaStatus, RedisStatus};
 
 use crate::build::config_map::broker_url;
 use crate::cluster::ValidCluster;
@@ -278,4 +278,99 @@ pub fn redis(
             .and_then(|b| i64::try_from(b).ok());
     }
     (redis, verdict)
+}
+
+/// `Ready` with `delivery: kafka`: every server pod ready and settled, and
+/// Kafka reachable from them. Kafka is named first when it is the cause.
+pub fn ready_on_kafka(s: &Servers, progressing: &Verdict, kafka: &Verdict) -> Verdict {
+    let pods = format!("{}/{} server pods ready", s.ready, s.desired);
+    match kafka.reason {
+        _ if kafka.ok => {
+            let v = ready(s, progressing, kafka);
+            if v.ok {
+                Verdict::new(true, v.reason, format!("{pods} and Kafka reachable"))
+            } else {
+                v
+            }
+        }
+        KAFKA_NOT_REPORTED if s.ready < s.desired || progressing.ok => ready(s, progressing, kafka),
+        KAFKA_NOT_REPORTED => Verdict::new(false, KAFKA_NOT_REPORTED, kafka.message.clone()),
+        _ => Verdict::new(
+            false,
+            "KafkaUnreachable",
+            format!("{}; {pods}", kafka.message),
+        ),
+    }
+}
+
+/// `KafkaReachable`'s reason while no server pod has answered.
+pub const KAFKA_NOT_REPORTED: &str = "NotReported";
+
+/// `status.kafka` and `KafkaReachable`, from what the server pods report
+/// (`status.fleet`: each pod's `chorus_broker_up` and, when it is down,
+/// its `/readyz`): the servers check the topic's metadata every second,
+/// from where the traffic goes, so their word is what counts.
+pub fn kafka(c: &ValidCluster, fleet: Option<&FleetStatus>) -> (KafkaStatus, Verdict) {
+    let servers = c
+        .kafka()
+        .map(|k| k.bootstrap_servers.clone())
+        .unwrap_or_default();
+    let topic = c
+        .kafka()
+        .map(|k| k.topic_of(&c.names.instance))
+        .unwrap_or_default();
+    let pods = fleet.map(|f| f.pods.as_slice()).unwrap_or_default();
+    let answered: Vec<_> = pods.iter().filter(|p| p.error.is_none()).collect();
+    let up = answered.iter().filter(|p| p.broker_up).count();
+    let down: Vec<String> = answered
+        .iter()
+        .filter(|p| !p.broker_up)
+        .map(|p| match &p.broker_down {
+            Some(why) => format!("{} ({why})", p.name),
+            None => p.name.clone(),
+        })
+        .collect();
+    let at = format!("Kafka at {}, topic {topic}", servers.join(","));
+    let verdict = if answered.is_empty() {
+        let why = pods
+            .iter()
+            .find_map(|p| Some(format!(" ({}: {})", p.name, p.error.as_ref()?)))
+            .unwrap_or_default();
+        Verdict::new(
+            false,
+            KAFKA_NOT_REPORTED,
+            format!("no server pod has reported on {at} yet{why}; each checks it every second"),
+        )
+    } else if down.is_empty() {
+        Verdict::new(
+            true,
+            "KafkaReachable",
+            format!("{up} server pods reach {at}"),
+        )
+    } else if up == 0 {
+        Verdict::new(
+            false,
+            "KafkaUnreachable",
+            format!("no server pod reaches {at}: {}", down.join("; ")),
+        )
+    } else {
+        Verdict::new(
+            false,
+            "KafkaUnreachableFromSomePods",
+            format!(
+                "{}/{} server pods cannot reach {at}: {}",
+                down.len(),
+                answered.len(),
+                down.join("; ")
+            ),
+        )
+    };
+    let status = KafkaStatus {
+        reachable: verdict.ok,
+        bootstrap_servers: servers,
+        topic,
+        pods_reaching: i32::try_from(up).unwrap_or(i32::MAX),
+        message: verdict.message.clone(),
+    };
+    (status, verdict)
 }

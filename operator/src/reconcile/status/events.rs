@@ -58,10 +58,14 @@ pub fn transitions(
             ),
             RedisMode::External => " using external Redis".to_owned(),
         };
+        let backplane = match crate::cluster::on_kafka(&mc.spec) {
+            Some(kafka) => format!(" using Kafka at {}", kafka.bootstrap_servers.join(",")),
+            None => redis,
+        };
         notice(
             EventType::Normal,
             "Created",
-            format!("created {} server pods{redis}", mc.spec.replicas),
+            format!("created {} server pods{backplane}", mc.spec.replicas),
         );
     } else if let Some(was) = find(old, condition::DEGRADED).filter(|d| d.status == "True") {
         if was.reason == FailedStep::InvalidSpec.reason() {

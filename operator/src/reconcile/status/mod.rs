@@ -17,7 +17,8 @@ pub use conditions::{GroupSeen, Verdict};
 pub use events::{Notice, transitions};
 
 use chorus_crds::{
-    API_VERSION, EndpointsStatus, KIND, MessagingCluster, MessagingClusterStatus, condition,
+    API_VERSION, EndpointsStatus, FleetStatus, KIND, MessagingCluster, MessagingClusterStatus,
+    RedisStatus, condition,
 };
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -168,13 +169,50 @@ pub fn compute(
     let (redis, redis_ready) = conditions::redis(c, applied, seen);
     let progressing = conditions::progressing(&servers);
     let ready = conditions::ready(&servers, &progressing, &redis_ready);
+    let backplane = (condition::REDIS_READY, redis_ready);
+    let mut status = assemble(mc, c, &servers, ready, progressing, backplane, now);
+    status.redis = redis;
+    status
+}
+
+/// The status after a successful apply with `delivery: kafka`: no Redis;
+/// `status.kafka` and `KafkaReachable` from what the server pods report
+/// (`fleet`: `None` before they could be listed), and `Ready` needs it.
+pub fn compute_kafka(
+    mc: &MessagingCluster,
+    c: &ValidCluster,
+    applied: &Applied,
+    fleet: Option<&FleetStatus>,
+    now: Timestamp,
+) -> MessagingClusterStatus {
+    let servers = conditions::Servers::of(c, applied);
+    let (kafka, reachable) = conditions::kafka(c, fleet);
+    let progressing = conditions::progressing(&servers);
+    let ready = conditions::ready_on_kafka(&servers, &progressing, &reachable);
+    let backplane = (condition::KAFKA_REACHABLE, reachable);
+    let mut status = assemble(mc, c, &servers, ready, progressing, backplane, now);
+    status.kafka = Some(kafka);
+    status
+}
+
+/// The status from the conditions' verdicts; `backplane`: the condition
+/// of what the servers fan out through (`RedisReady`, `KafkaReachable`).
+fn assemble(
+    mc: &MessagingCluster,
+    c: &ValidCluster,
+    servers: &conditions::Servers,
+    ready: Verdict,
+    progressing: Verdict,
+    backplane: (&str, Verdict),
+    now: Timestamp,
+) -> MessagingClusterStatus {
     let at =
         |type_: &str, v: Verdict| condition(type_, v.ok, v.reason, v.message, c.generation, now);
     let mut conditions = vec![
         at(condition::READY, ready),
         at(condition::PROGRESSING, progressing),
         at(condition::DEGRADED, conditions::not_degraded()),
-        at(condition::REDIS_READY, redis_ready),
+        at(backplane.0, backplane.1),
     ];
     carry_transition_times(mc.status.as_ref(), &mut conditions);
     MessagingClusterStatus {
@@ -182,7 +220,8 @@ pub fn compute(
         replicas: servers.replicas,
         ready_replicas: servers.ready,
         selector: selector_string(&c.names, Component::Server),
-        redis,
+        redis: RedisStatus::default(),
+        kafka: None,
         endpoints: endpoints(c),
         conditions,
         fleet: None,

@@ -337,3 +337,141 @@ fn a_step_that_failed_before_observing_keeps_the_previous_observations() {
         assert_eq!(FailedStep::of_reason(step.reason()), Some(step));
     }
 }
+
+/// What the fleet step read: pods `(name, reaches Kafka, why not)`.
+fn kafka_fleet(pods: &[(&str, bool, Option<&str>)]) -> chorus_crds::FleetStatus {
+    chorus_crds::FleetStatus {
+        pods_reporting: pods.len() as i32,
+        pods: pods
+            .iter()
+            .map(|(name, up, why)| chorus_crds::FleetPodStatus {
+                name: (*name).to_owned(),
+                broker_up: *up,
+                broker_down: why.map(str::to_owned),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn on_kafka() -> MessagingCluster {
+    MessagingCluster::test().with_kafka(&["k0.infra:9092", "k1.infra:9092"])
+}
+
+#[test]
+fn kafka_reached_by_every_pod_is_ready_without_any_redis() {
+    let mc = on_kafka();
+    let fleet = kafka_fleet(&[("a", true, None), ("b", true, None), ("c", true, None)]);
+    let s = compute_kafka(&mc, &valid(&mc), &applied(3, 3, 0), Some(&fleet), now());
+    let kafka = s.kafka.clone().expect("status.kafka");
+    assert!(kafka.reachable);
+    assert_eq!(kafka.bootstrap_servers, ["k0.infra:9092", "k1.infra:9092"]);
+    assert_eq!(kafka.topic, "chorus-chat");
+    assert_eq!(kafka.pods_reaching, 3);
+    assert_eq!(
+        kafka.message,
+        "3 server pods reach Kafka at k0.infra:9092,k1.infra:9092, topic chorus-chat"
+    );
+    assert_eq!(cond(&s, "KafkaReachable").status, "True");
+    assert_eq!(cond(&s, "Ready").status, "True");
+    assert_eq!(
+        cond(&s, "Ready").message,
+        "3/3 server pods ready and Kafka reachable"
+    );
+    assert!(
+        s.conditions.iter().all(|c| c.type_ != "RedisReady"),
+        "no Redis condition: {:?}",
+        s.conditions
+    );
+    assert_eq!(s.redis, chorus_crds::RedisStatus::default());
+    let created: Vec<_> = transitions(&mc, &s, false)
+        .into_iter()
+        .map(|n| (n.reason, n.note))
+        .collect();
+    assert_eq!(
+        created,
+        [
+            (
+                "Created",
+                "created 3 server pods using Kafka at k0.infra:9092,k1.infra:9092".to_owned()
+            ),
+            (
+                "Ready",
+                "3/3 server pods ready and Kafka reachable".to_owned()
+            )
+        ]
+    );
+}
+
+#[test]
+fn kafka_down_is_named_with_each_pods_reason_in_ready_and_kafka_reachable() {
+    let mc = on_kafka();
+    let why = "broker kafka unavailable: metadata of chorus-chat: Local: Broker transport failure";
+    let fleet = kafka_fleet(&[("a", false, Some(why)), ("b", false, None)]);
+    // The pods' readiness fails with Kafka.
+    let s = compute_kafka(&mc, &valid(&mc), &applied(0, 3, 0), Some(&fleet), now());
+    let reachable = cond(&s, "KafkaReachable");
+    assert_eq!(
+        (reachable.status.as_str(), reachable.reason.as_str()),
+        ("False", "KafkaUnreachable")
+    );
+    assert_eq!(
+        reachable.message,
+        format!(
+            "no server pod reaches Kafka at k0.infra:9092,k1.infra:9092, topic chorus-chat: a ({why}); b"
+        )
+    );
+    let ready = cond(&s, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "KafkaUnreachable")
+    );
+    assert!(
+        ready.message.ends_with("; 0/3 server pods ready"),
+        "{ready:?}"
+    );
+    let kafka = s.kafka.clone().expect("status.kafka");
+    assert!(!kafka.reachable);
+    assert_eq!(kafka.pods_reaching, 0);
+    assert_eq!(kafka.message, reachable.message);
+}
+
+#[test]
+fn kafka_out_of_reach_of_some_pods_or_not_reported_yet_is_not_reachable() {
+    let mc = on_kafka();
+    let c = valid(&mc);
+    let some = kafka_fleet(&[("a", true, None), ("b", false, Some("metadata: timed out"))]);
+    let s = compute_kafka(&mc, &c, &applied(3, 3, 0), Some(&some), now());
+    assert_eq!(
+        cond(&s, "KafkaReachable").reason,
+        "KafkaUnreachableFromSomePods"
+    );
+    assert!(
+        cond(&s, "KafkaReachable")
+            .message
+            .starts_with("1/2 server pods cannot reach Kafka"),
+        "{:?}",
+        cond(&s, "KafkaReachable")
+    );
+    assert_eq!(s.kafka.as_ref().map(|k| k.pods_reaching), Some(1));
+    assert_eq!(cond(&s, "Ready").reason, "KafkaUnreachable");
+
+    // No pod has answered yet: not known, so not reachable; Ready names the
+    // pods while they start, and the missing reports once they are ready.
+    let s = compute_kafka(&mc, &c, &applied(0, 3, 0), None, now());
+    assert_eq!(cond(&s, "KafkaReachable").reason, "NotReported");
+    assert_eq!(cond(&s, "Ready").reason, "ServerPodsNotReady");
+    assert_eq!(s.kafka.as_ref().map(|k| k.reachable), Some(false));
+    let mut silent = kafka_fleet(&[("a", true, None)]);
+    silent.pods[0].error = Some("GET /metrics: timed out".into());
+    let s = compute_kafka(&mc, &c, &applied(3, 3, 0), Some(&silent), now());
+    assert_eq!(cond(&s, "Ready").reason, "NotReported");
+    assert!(
+        cond(&s, "KafkaReachable")
+            .message
+            .contains("(a: GET /metrics: timed out)"),
+        "{:?}",
+        cond(&s, "KafkaReachable")
+    );
+}
