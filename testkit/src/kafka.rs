@@ -1,5 +1,6 @@
 //! A real Apache Kafka broker (4.x, KRaft mode, one node that is both
-//! broker and controller) on a free port of 127.0.0.1, from the jars that
+//! broker and controller) on a free port of 127.0.0.1 (or of another
+//! address of this machine, [`KafkaBroker::launch_on`]), from the jars that
 //! `scripts/kafka/install.sh` copies from Maven Central into
 //! `~/.cache/chorus/kafka/<version>/lib` (installed on first use when
 //! missing). Its storage is formatted in the broker's own directory, so a
@@ -48,6 +49,8 @@ logger.broker.level=INFO
 /// [`Daemon`]; a restart keeps the data.
 pub struct KafkaBroker {
     daemon: Daemon,
+    /// The address clients use: it listens there and advertises it.
+    host: String,
 }
 
 deref_daemon!(KafkaBroker);
@@ -58,15 +61,26 @@ impl KafkaBroker {
         Self::launch().await.unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Formats a fresh storage directory, starts the broker and waits until
-    /// it answers a metadata request.
+    /// Formats a fresh storage directory, starts the broker on 127.0.0.1
+    /// and waits until it answers a metadata request.
     pub async fn launch() -> Result<Self> {
+        Self::launch_on("127.0.0.1").await
+    }
+
+    /// [`KafkaBroker::launch`] listening on (and advertising) `host`, an
+    /// address of this machine that clients elsewhere can reach, e.g. the
+    /// node IP of a one-node Kubernetes cluster on this machine for its
+    /// pods. Its controller stays on 127.0.0.1.
+    pub async fn launch_on(host: &str) -> Result<Self> {
         let lib = lib_dir().await?;
         let port = free_port();
         let controller = free_port();
         let dir = workdir("kafka")?;
         let config = dir.path().join("server.properties");
-        write(&config, &server_properties(port, controller, dir.path()))?;
+        write(
+            &config,
+            &server_properties(host, port, controller, dir.path()),
+        )?;
         let log4j = dir.path().join("log4j2.properties");
         write(&log4j, LOG4J2)?;
         let java = |main: &str, args: &[&str]| -> Vec<String> {
@@ -111,7 +125,7 @@ impl KafkaBroker {
                 source: std::io::Error::other(out.status.to_string()),
             });
         }
-        let bootstrap = format!("127.0.0.1:{port}");
+        let bootstrap = format!("{host}:{port}");
         let mut daemon = Daemon::spawn(DaemonSpec {
             port,
             proc: ProcSpec {
@@ -127,17 +141,20 @@ impl KafkaBroker {
             probe: metadata_probe(bootstrap),
         })?;
         daemon.ready(KAFKA_START_LIMIT).await?;
-        Ok(Self { daemon })
+        Ok(Self {
+            daemon,
+            host: host.to_owned(),
+        })
     }
 
     /// `host:port`, for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
-        self.addr()
+        format!("{}:{}", self.host, self.port)
     }
 
-    /// `kafka://127.0.0.1:<port>/<topic>`, a node's `--broker`.
+    /// `kafka://<host>:<port>/<topic>`, a node's `--broker`.
     pub fn url(&self, topic: &str) -> String {
-        format!("kafka://{}/{topic}", self.addr())
+        format!("kafka://{}/{topic}", self.bootstrap())
     }
 
     /// Starts the broker again on the same port with the same data, and
@@ -192,15 +209,16 @@ impl KafkaBroker {
     }
 }
 
-/// The broker's configuration: one KRaft node on loopback; internal topics
-/// with one partition and one replica, so they are created quickly.
-fn server_properties(port: u16, controller: u16, dir: &Path) -> String {
+/// The broker's configuration: one KRaft node listening on `host`, its
+/// controller on loopback; internal topics with one partition and one
+/// replica, so they are created quickly.
+fn server_properties(host: &str, port: u16, controller: u16, dir: &Path) -> String {
     format!(
         "process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller}
+advertised.listeners=PLAINTEXT://{host}:{port}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT

@@ -18,7 +18,8 @@
 //! invalid manifests, delete the cluster; then `examples/durable.yaml`
 //! through the faults of a Redis group's life ([`faults`]) and the
 //! operator's autopilot ([`autopilot`]: insights, scaling on connections,
-//! a silently cut backplane repaired). On failure it prints the
+//! a silently cut backplane repaired); then `examples/kafka.yaml` on a real
+//! Kafka on this machine, through a Kafka outage ([`kafka`]). On failure it prints the
 //! operator's log, the events and the pod states; it deletes what it
 //! created (unless `CHORUS_E2E_KEEP=1` and a step failed).
 #![allow(clippy::unwrap_used)]
@@ -29,6 +30,8 @@ mod alerts;
 mod autopilot;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/kafka.rs"]
+mod kafka;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
@@ -308,6 +311,11 @@ async fn steps(run: &Run) {
     step("7. delete the MessagingCluster", delete_cluster(run)).await;
     step("9. Redis group faults", faults::redis_group_faults(run)).await;
     step("10. the operator's autopilot", autopilot::autopilot(run)).await;
+    step(
+        "11. delivery: kafka on an external Kafka",
+        kafka::kafka_delivery(run),
+    )
+    .await;
 }
 
 async fn step(what: &str, body: impl std::future::Future<Output = ()>) {
@@ -423,6 +431,8 @@ async fn invalid_manifests(run: &Run) {
     assert!(message.contains("spec.delivery"), "{message}");
     let message = refusal(&raw, "bad-sentinels", json!({"redis": {"sentinels": 2}})).await;
     assert!(message.contains("spec.redis.sentinels"), "{message}");
+    let message = refusal(&raw, "bad-kafka", json!({"delivery": "kafka"})).await;
+    assert!(message.contains("spec.kafka"), "{message}");
     // And as a user sees it: kubectl exits non-zero naming the field.
     let bad = repo().join("target/e2e-bad.yaml");
     std::fs::write(

@@ -15,8 +15,13 @@ pub(super) fn selector(component: &str) -> String {
 
 /// The durable cluster's status conditions, by type: (status, reason).
 pub(super) async fn conditions(run: &Run) -> BTreeMap<String, (String, String)> {
+    conditions_of(run, DURABLE).await
+}
+
+/// MessagingCluster `name`'s status conditions, by type: (status, reason).
+pub(super) async fn conditions_of(run: &Run, name: &str) -> BTreeMap<String, (String, String)> {
     let mc = Api::<MessagingCluster>::namespaced(run.client.clone(), &run.ns)
-        .get(DURABLE)
+        .get(name)
         .await
         .unwrap();
     mc.status
@@ -101,17 +106,31 @@ impl Publisher {
         Self::every(url, Duration::from_millis(50))
     }
 
-    /// Publishes one message, then waits `pause`, until stopped.
+    /// Publishes one message, then waits `pause`, until stopped; each with
+    /// an idempotency key, so a retry is delivered once.
     pub(super) fn every(url: String, pause: Duration) -> Self {
+        Self::spawn(url, pause, true)
+    }
+
+    /// [`Publisher::every`] without idempotency keys: a retry after an
+    /// unknown outcome may be delivered twice, but every acknowledged
+    /// offset is one subscribers see (on Kafka, a keyed retry that a pod
+    /// not serving the room writes again is acknowledged at a position
+    /// nobody sees: the readers drop it as a repeat).
+    pub(super) fn unkeyed(url: String, pause: Duration) -> Self {
+        Self::spawn(url, pause, false)
+    }
+
+    fn spawn(url: String, pause: Duration, keyed: bool) -> Self {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut n = 0u64;
             while !*stopped.borrow() {
                 n += 1;
-                let key = format!("f-{n}");
+                let key = keyed.then(|| format!("f-{n}"));
                 while !*stopped.borrow() {
-                    match http_publish(&url, json!({"n": n}), Some(&key)).await {
+                    match http_publish(&url, json!({"n": n}), key.as_deref()).await {
                         Ok(ack) => {
                             acked.push((ack["offset"].as_u64().unwrap(), ack["epoch"].clone()));
                             break;
