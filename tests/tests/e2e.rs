@@ -22,6 +22,8 @@
 //! Kafka on this machine, through a Kafka outage ([`kafka`]). On failure it prints the
 //! operator's log, the events and the pod states; it deletes what it
 //! created (unless `CHORUS_E2E_KEEP=1` and a step failed).
+//! `CHORUS_E2E_ONLY=11` (step numbers, comma-separated) runs only those
+//! steps after the install, to work on one.
 #![allow(clippy::unwrap_used)]
 
 #[path = "e2e/alerts.rs"]
@@ -318,7 +320,24 @@ async fn steps(run: &Run) {
     .await;
 }
 
+/// Whether `CHORUS_E2E_ONLY` (step numbers, comma-separated, e.g. `11` or
+/// `5,9`) asks for this step; every step when unset. Step 1 (the operator's
+/// install) always runs: the others need it.
+fn wanted(what: &str) -> bool {
+    let number = what.split('.').next().unwrap_or(what).trim();
+    match std::env::var("CHORUS_E2E_ONLY") {
+        Ok(only) if !only.trim().is_empty() => {
+            number == "1" || only.split(',').any(|n| n.trim() == number)
+        }
+        _ => true,
+    }
+}
+
 async fn step(what: &str, body: impl std::future::Future<Output = ()>) {
+    if !wanted(what) {
+        say(format!("{what}: skipped (CHORUS_E2E_ONLY)"));
+        return;
+    }
     say(format!("{what} ..."));
     let started = Instant::now();
     body.await;
