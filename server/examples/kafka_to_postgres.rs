@@ -46,6 +46,11 @@ struct Args {
     /// How long a batch waits to fill up before it is written.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     linger: Duration,
+    /// Crash (abort) right after the n-th batch's transaction committed,
+    /// before its Kafka offsets are: to see a restart store it again
+    /// without a duplicate.
+    #[arg(long)]
+    crash_after: Option<u64>,
 }
 
 const SCHEMA: &str = r#"
@@ -80,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     consumer.subscribe(&[url.topic.as_str()])?;
     let mut db = connect(&args.postgres).await?;
     db.batch_execute(SCHEMA).await.context("create the table")?;
-    loop {
+    for written in 1.. {
         let batch = next_batch(&consumer, args.batch, args.linger).await;
         // The batch is written before anything of it is committed in
         // Kafka; a failed write is tried again with the same records.
@@ -102,8 +107,13 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        if args.crash_after == Some(written) {
+            eprintln!("crashing before committing batch {written} in Kafka");
+            std::process::abort();
+        }
         commit(&consumer, &batch)?;
     }
+    Ok(())
 }
 
 async fn connect(dsn: &str) -> anyhow::Result<Client> {

@@ -305,22 +305,24 @@ async fn ingest_survives_a_killed_node(kafka: &KafkaBroker) {
     .await;
     let mut client = viewer.client().await;
     client.subscribe("events:1").await;
+    // One burst: the node takes the records in large batches and commits
+    // each batch's offsets once all of it is published, so the kill falls
+    // between publishes and their commit.
     const N: u64 = 400;
     let p = producer(kafka);
-    let producing = tokio::spawn(async move {
-        for n in 1..=N {
-            produce(
-                &p,
-                "events",
-                None,
-                Some("events:1"),
-                &json!({ "n": n }).to_string(),
-                &[],
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    futures_util::future::join_all((1..=N).map(|n| {
+        let value = json!({ "n": n }).to_string();
+        let p = &p;
+        async move { produce(p, "events", None, Some("events:1"), &value, &[]).await }
+    }))
+    .await;
+    let ingested = async |node: &chorus_testkit::ChorusServer| {
+        chorus_tests::metric(
+            &format!("{}/metrics", node.http_base()),
+            "chorus_kafka_ingested_total",
+        )
+        .await
+    };
     let mut got = Vec::new();
     while got.len() < 50 {
         got.push(
@@ -329,6 +331,7 @@ async fn ingest_survives_a_killed_node(kafka: &KafkaBroker) {
                 .unwrap(),
         );
     }
+    let before = ingested(&doomed).await;
     doomed.kill();
     doomed.restart().await;
     while got.len() < N as usize {
@@ -338,12 +341,16 @@ async fn ingest_survives_a_killed_node(kafka: &KafkaBroker) {
                 .unwrap(),
         );
     }
-    producing.await.unwrap();
     assert_eq!(
         got,
         (1..=N).collect::<Vec<_>>(),
         "each record once, in order"
     );
+    // Records published before the kill but not committed were published
+    // again after the restart; their keys kept them from the subscriber.
+    let again = before + ingested(&doomed).await - N as f64;
+    eprintln!("records published again after the restart: {again}");
+    assert!(again > 0.0, "the kill fell between two batches");
     // Nothing after the last: redelivered records were not delivered again.
     client.sync().await;
     assert!(client.pending().is_empty(), "{:?}", client.pending());
@@ -499,21 +506,22 @@ async fn feed_consumer_group(kafka: &KafkaBroker) {
 
 // ---- the example ------------------------------------------------------------
 
-/// The example's binary, built by `cargo test` (which builds examples) or
-/// on demand here.
+/// The example's binary, built (or found up to date) by cargo: `cargo test`
+/// builds examples, but not with `--test kafka_backends` alone.
 fn example(name: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "-p", "chorus-server", "--example", name])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build --example {name}");
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "chorus-server", "--example", name])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build --example {name}");
-    }
-    path
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
 }
 
 async fn example_to_postgres(kafka: &KafkaBroker) {
@@ -527,7 +535,7 @@ async fn example_to_postgres(kafka: &KafkaBroker) {
     ])
     .await;
     let exe = example("kafka_to_postgres");
-    let run = || {
+    let run = |extra: &[&str]| {
         let child = std::process::Command::new(&exe)
             .args([
                 "--kafka",
@@ -539,6 +547,7 @@ async fn example_to_postgres(kafka: &KafkaBroker) {
                 "--batch",
                 "16",
             ])
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -552,7 +561,9 @@ async fn example_to_postgres(kafka: &KafkaBroker) {
             .flatten()
             .map_or(0, |r| r.get(0))
     };
-    let mut consumer_process = run();
+    // The first run crashes after its third batch is in the table and
+    // before its offsets are committed in Kafka.
+    let mut archiver = run(&["--crash-after", "3"]);
     let mut client = node.client().await;
     const N: u64 = 300;
     let mut sent = BTreeSet::new();
@@ -562,13 +573,14 @@ async fn example_to_postgres(kafka: &KafkaBroker) {
         assert_eq!(ok["op"], "ok", "{ok}");
         sent.insert((room, ok["offset"].as_u64().unwrap() as i64));
         if n == N / 2 {
-            // Killed mid-stream, once it has stored something.
-            wait_for("the example to store rows", SLOW, async || {
-                (count().await > 0).then_some(())
+            let crashed = wait_for("the example to crash", SLOW, async || {
+                archiver.0.try_wait().unwrap()
             })
             .await;
-            drop(consumer_process);
-            consumer_process = run();
+            assert!(!crashed.success(), "{crashed}");
+            let stored = count().await;
+            assert!(stored >= 3, "{stored} rows");
+            archiver = run(&[]);
         }
     }
     wait_for("every message to be stored", SLOW, async || {
@@ -581,5 +593,5 @@ async fn example_to_postgres(kafka: &KafkaBroker) {
         .unwrap();
     let stored: BTreeSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(stored, sent);
-    drop(consumer_process);
+    drop(archiver);
 }
