@@ -156,7 +156,8 @@ pub struct Config {
 
     /// Rooms (names, `prefix:*` or `*`; comma-separated) whose client publishes are
     /// also appended to the Redis stream `chorus:upstream:<room>` for backend
-    /// consumer groups. Needs a Redis broker.
+    /// consumer groups (needs a Redis broker), or written to the Kafka topic
+    /// of --upstream-kafka.
     #[arg(long, env = "CHORUS_UPSTREAM_ROOMS", value_delimiter = ',')]
     pub upstream_rooms: Vec<String>,
 
@@ -174,6 +175,41 @@ pub struct Config {
     /// `outcome_unknown`.
     #[arg(long, env = "CHORUS_KAFKA_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub kafka_timeout: Duration,
+
+    /// Backend Kafka topics to publish into rooms:
+    /// `kafka://host:port[,host:port…]/<topic>[,<topic>…]`. This node joins
+    /// the consumer group --kafka-ingest-group and publishes each record to
+    /// its room (header `chorus-room`, else the record key) through its
+    /// --broker, committing offsets once the publishes are acknowledged.
+    #[arg(long, env = "CHORUS_KAFKA_INGEST", value_name = "URL")]
+    pub kafka_ingest: Option<String>,
+
+    /// Consumer group of the ingest: nodes with the same group share the
+    /// topics' partitions.
+    #[arg(
+        long,
+        env = "CHORUS_KAFKA_INGEST_GROUP",
+        default_value = "chorus-ingest"
+    )]
+    pub kafka_ingest_group: String,
+
+    /// Publishes of one ingested record that may fail (a timeout, an
+    /// overloaded broker) before it goes to the dead-letter topic. Records
+    /// that can never be published (no room, a bad room name, too large)
+    /// go at once; while the broker is unavailable the record waits.
+    #[arg(long, env = "CHORUS_KAFKA_INGEST_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kafka_ingest_attempts: u32,
+
+    /// Dead-letter topic of every ingested topic. Default: `<topic>.dead-letter`
+    /// for each.
+    #[arg(long, env = "CHORUS_KAFKA_INGEST_DEAD_LETTER", value_name = "TOPIC")]
+    pub kafka_ingest_dead_letter: Option<String>,
+
+    /// Kafka topic that client publishes to --upstream-rooms are written to
+    /// (`kafka://host:port[,host:port…]/<topic>`, keyed by room), instead of
+    /// the Redis streams `chorus:upstream:<room>`. Works with any --broker.
+    #[arg(long, env = "CHORUS_UPSTREAM_KAFKA", value_name = "URL")]
+    pub upstream_kafka: Option<String>,
 
     /// Origins whose browser pages may call the HTTP API (`/api/v1/…`), e.g.
     /// `https://app.example.com` (comma-separated), or `*` for any origin.

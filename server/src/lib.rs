@@ -10,6 +10,7 @@
 //!   it stands between the sessions and the broker
 //! - [`outbox`]: the transactional outbox relay (PostgreSQL → rooms, in
 //!   commit order)
+//! - [`ingest`]: backend Kafka topics → rooms (`--kafka-ingest`)
 //! - [`config`], [`metrics`], [`auth`], [`shutdown`]; [`secret`]: secrets kept
 //!   out of `Debug`; `sync`: poison-tolerant std locks
 
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod hub;
+pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

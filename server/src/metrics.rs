@@ -132,6 +132,26 @@ pub struct Metrics {
     pub outbox_latency: Histogram,
     /// Kafka partitions this node reads (those of the rooms it serves).
     pub kafka_partitions_read: Gauge,
+    /// 1 while the Kafka ingest consumer reaches its cluster.
+    pub kafka_ingest_up: Gauge,
+    /// Records of backend topics published to their rooms.
+    pub kafka_ingested: Counter,
+    /// Records of backend topics moved to a dead-letter topic.
+    pub kafka_ingest_dead_lettered: Counter,
+    /// Records of each partition this node consumes not yet handled.
+    pub kafka_ingest_lag: Family<TopicPartition, Gauge>,
+    /// Client publishes written to the `--upstream-kafka` topic.
+    pub upstream_kafka_records: Counter,
+    /// Client publishes delivered whose `--upstream-kafka` record was not
+    /// acknowledged (the client was told `outcome_unknown`).
+    pub upstream_kafka_failed: Counter,
+}
+
+/// A partition of a Kafka topic, as a label set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: String,
 }
 
 impl Metrics {
@@ -341,7 +361,49 @@ impl Metrics {
             "Partitions of the Kafka topic this node reads: those of the rooms it serves",
             kafka_partitions_read.clone(),
         );
+        let kafka_ingest_up = Gauge::default();
+        registry.register(
+            "kafka_ingest_up",
+            "1 while the Kafka ingest consumer (--kafka-ingest) reaches its cluster, else 0",
+            kafka_ingest_up.clone(),
+        );
+        let kafka_ingested = Counter::default();
+        registry.register(
+            "kafka_ingested",
+            "Records of backend Kafka topics published to their rooms (duplicates of an idempotency key included)",
+            kafka_ingested.clone(),
+        );
+        let kafka_ingest_dead_lettered = Counter::default();
+        registry.register(
+            "kafka_ingest_dead_lettered",
+            "Records of backend Kafka topics moved to their dead-letter topic",
+            kafka_ingest_dead_lettered.clone(),
+        );
+        let kafka_ingest_lag = Family::<TopicPartition, Gauge>::default();
+        registry.register(
+            "kafka_ingest_lag",
+            "Records of a backend topic's partition that this node consumes and has not handled yet",
+            kafka_ingest_lag.clone(),
+        );
+        let upstream_kafka_records = Counter::default();
+        registry.register(
+            "upstream_kafka_records",
+            "Client publishes written to the --upstream-kafka topic (acknowledged by Kafka)",
+            upstream_kafka_records.clone(),
+        );
+        let upstream_kafka_failed = Counter::default();
+        registry.register(
+            "upstream_kafka_failed",
+            "Client publishes delivered whose --upstream-kafka record Kafka did not acknowledge (told outcome_unknown)",
+            upstream_kafka_failed.clone(),
+        );
         Self {
+            kafka_ingest_up,
+            kafka_ingested,
+            kafka_ingest_dead_lettered,
+            kafka_ingest_lag,
+            upstream_kafka_records,
+            upstream_kafka_failed,
             registry: root,
             max_connections,
             connections_closed,

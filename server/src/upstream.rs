@@ -16,12 +16,41 @@
 //!    `id` and `attempts`) and acknowledged;
 //! 3. then `XREADGROUP … >` takes new entries;
 //! 4. a handled entry is `XACK`ed; a failed one stays pending for a retry.
+//!
+//! With `--upstream-kafka` the same messages go to a Kafka topic instead,
+//! one [`UpstreamRecord`] per message; backends read it with a Kafka
+//! consumer group (`server/examples/kafka_to_postgres.rs`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+
+/// Headers of the Kafka records the feed writes (`--upstream-kafka`) and
+/// that the ingest reads (`--kafka-ingest`: room and idempotency key).
+pub const ROOM_HEADER: &str = "chorus-room";
+pub const OFFSET_HEADER: &str = "chorus-offset";
+pub const EPOCH_HEADER: &str = "chorus-epoch";
+pub const IDEMPOTENCY_KEY_HEADER: &str = "chorus-idempotency-key";
+
+/// One client publish as the Kafka feed (`--upstream-kafka`) writes it: the
+/// record's value is this as JSON, with the fields of a Redis upstream
+/// entry (`offset`, `epoch`, `data`, `from`, `ts`) plus the `room` (a Redis
+/// entry has it in its stream's name). The record's key is the room, so a
+/// room's records share a partition.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamRecord {
+    pub room: String,
+    pub offset: u64,
+    pub epoch: String,
+    /// The JSON the client published, as it published it.
+    pub data: Box<serde_json::value::RawValue>,
+    /// The publisher's session.
+    pub from: String,
+    /// Publish time, microseconds since the Unix epoch.
+    pub ts: u64,
+}
 
 pub const UPSTREAM_PREFIX: &str = "chorus:upstream:";
 pub const DEAD_LETTER_PREFIX: &str = "chorus:upstream-dead:";

@@ -21,6 +21,8 @@
 //!   lost, resume after a reconnect), pure functions
 //! - [`tracker`]: those rules applied per served room, with gap fills that
 //!   hold only their own room
+//! - [`upstream_kafka`]: around any of them, client publishes to
+//!   `--upstream-rooms` written to a Kafka topic (`--upstream-kafka`)
 //!
 //! ## Adding a broker
 //!
@@ -41,6 +43,7 @@ pub mod kafka;
 pub mod memory;
 pub mod redis;
 pub mod tracker;
+pub mod upstream_kafka;
 
 use std::sync::Arc;
 
@@ -55,6 +58,7 @@ pub use self::kafka::{KafkaBroker, KafkaOptions, KafkaUrl};
 pub use self::redis::cluster::RedisClusterBroker;
 pub use self::redis::{RedisBroker, RedisOptions, RedisUrl};
 pub use memory::MemoryBroker;
+pub use upstream_kafka::{UpstreamKafka, UpstreamKafkaOptions};
 
 /// A message to publish.
 #[derive(Debug)]

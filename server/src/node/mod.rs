@@ -27,7 +27,8 @@ use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::redis::{HistoryOptions, UpstreamOptions};
 use crate::broker::{
     Broker, BrokerError, Health, KafkaBroker, KafkaOptions, KafkaUrl, MemoryBroker, PublishRequest,
-    Published, RedisBroker, RedisClusterBroker, RedisOptions, RedisUrl,
+    Published, RedisBroker, RedisClusterBroker, RedisOptions, RedisUrl, UpstreamKafka,
+    UpstreamKafkaOptions,
 };
 use crate::config::{Config, DeliveryMode, read_secret};
 use crate::hub::{CloseReason, ConnControl, ConnId, Hub, Member};
@@ -60,9 +61,16 @@ pub enum StartError {
     #[error("Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(
-        "--upstream-rooms needs a Redis broker (--broker redis://…, redis+sentinel://… or redis+cluster://…)"
+        "--upstream-rooms needs a Redis broker (--broker redis://…, redis+sentinel://… or redis+cluster://…) \
+         or --upstream-kafka"
     )]
     UpstreamNeedsRedis,
+    #[error("--upstream-kafka needs --upstream-rooms (which rooms to feed)")]
+    UpstreamKafkaNeedsRooms,
+    #[error("--upstream-kafka: {0}")]
+    UpstreamKafkaUrl(crate::broker::kafka::UrlError),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
     #[error("--upstream-rooms: `{0}` is not a room name, `prefix:*` or `*`")]
     UpstreamPattern(String),
     #[error("auth configuration: {0}")]
@@ -88,15 +96,16 @@ pub struct Node {
     next_conn: AtomicU64,
     open: AtomicUsize,
     draining: AtomicBool,
-    /// The outbox relay's task (`--outbox`), ended with the node. Std
-    /// mutex: set once at start, taken on drop.
-    relay: Mutex<Option<AbortHandle>>,
+    /// The outbox relay's and the Kafka ingest's tasks (`--outbox`,
+    /// `--kafka-ingest`), ended with the node. Std mutex: set at start,
+    /// taken on drop.
+    tasks_to_end: Mutex<Vec<AbortHandle>>,
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(relay) = lock(&self.relay).take() {
-            relay.abort();
+        for task in lock(&self.tasks_to_end).drain(..) {
+            task.abort();
         }
     }
 }
@@ -110,9 +119,6 @@ impl Node {
             Some("memory") => {
                 if config.delivery == DeliveryMode::Streams {
                     return Err(StartError::StreamsNeedRedis);
-                }
-                if !config.upstream_rooms.is_empty() {
-                    return Err(StartError::UpstreamNeedsRedis);
                 }
                 Arc::new(
                     MemoryBroker::new(hub.clone())
@@ -136,17 +142,9 @@ impl Node {
                     // Room state and history expire together.
                     opts.room_ttl = config.history_ttl;
                 }
-                if !config.upstream_rooms.is_empty() {
-                    let rooms = config
-                        .upstream_rooms
-                        .iter()
-                        .map(|p| {
-                            Pattern::parse(p.trim())
-                                .ok_or_else(|| StartError::UpstreamPattern(p.clone()))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
+                if !config.upstream_rooms.is_empty() && config.upstream_kafka.is_none() {
                     opts.upstream = Some(UpstreamOptions {
-                        rooms,
+                        rooms: upstream_patterns(&config)?,
                         maxlen: config.upstream_maxlen,
                     });
                 }
@@ -164,9 +162,6 @@ impl Node {
                 if config.delivery == DeliveryMode::Streams {
                     return Err(StartError::StreamsNeedRedis);
                 }
-                if !config.upstream_rooms.is_empty() {
-                    return Err(StartError::UpstreamNeedsRedis);
-                }
                 let mut opts =
                     KafkaOptions::new(KafkaUrl::parse(config.broker.as_str())?, config.node_id());
                 opts.partitions = config.kafka_partitions;
@@ -176,12 +171,40 @@ impl Node {
             }
             _ => return Err(StartError::BrokerUrl(config.broker.redacted())),
         };
+        let redis = matches!(
+            config.broker.scheme(),
+            Some("redis" | "redis+sentinel" | "redis+cluster")
+        );
+        let broker: Arc<dyn Broker> = match &config.upstream_kafka {
+            Some(url) => {
+                if config.upstream_rooms.is_empty() {
+                    return Err(StartError::UpstreamKafkaNeedsRooms);
+                }
+                let opts = UpstreamKafkaOptions {
+                    url: KafkaUrl::parse(url).map_err(StartError::UpstreamKafkaUrl)?,
+                    rooms: upstream_patterns(&config)?,
+                    node_id: config.node_id(),
+                    partitions: config.kafka_partitions,
+                    op_timeout: config.kafka_timeout,
+                };
+                Arc::new(UpstreamKafka::start(broker, opts, metrics.clone())?)
+            }
+            None if !redis && !config.upstream_rooms.is_empty() => {
+                return Err(StartError::UpstreamNeedsRedis);
+            }
+            None => broker,
+        };
         let auth = Authenticator::new(auth_config(&config)?)?;
         let outbox = OutboxOptions::from_config(&config)?;
+        let ingest = crate::ingest::IngestOptions::from_config(&config)?;
         let node = Self::assemble(config, hub, broker, metrics, auth);
         if let Some(options) = outbox {
             let relay = crate::outbox::spawn(&node, options);
-            *lock(&node.relay) = Some(relay.abort_handle());
+            lock(&node.tasks_to_end).push(relay.abort_handle());
+        }
+        if let Some(options) = ingest {
+            let ingest = crate::ingest::spawn(&node, options)?;
+            lock(&node.tasks_to_end).push(ingest.abort_handle());
         }
         Ok(node)
     }
@@ -210,7 +233,7 @@ impl Node {
             next_conn: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
-            relay: Mutex::new(None),
+            tasks_to_end: Mutex::new(Vec::new()),
         })
     }
 
@@ -382,6 +405,15 @@ impl Node {
         });
         n
     }
+}
+
+/// The `--upstream-rooms` patterns.
+fn upstream_patterns(config: &Config) -> Result<Vec<Pattern>, StartError> {
+    config
+        .upstream_rooms
+        .iter()
+        .map(|p| Pattern::parse(p.trim()).ok_or_else(|| StartError::UpstreamPattern(p.clone())))
+        .collect()
 }
 
 /// After the drain's spread, how long closing handshakes and HTTP requests

@@ -148,13 +148,7 @@ impl KafkaBroker {
         deliver: Arc<dyn Deliver>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, KafkaError> {
-        let timeout_ms = opts.op_timeout.as_millis().max(1).to_string();
-        let producer: FutureProducer = client_config(&opts)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", &timeout_ms)
-            .set("linger.ms", "1")
-            .create()?;
+        let producer = reliable_producer(client_config(&opts), opts.op_timeout)?;
         // A group id only so that records come through the consumer queue:
         // partitions are assigned by hand, the group is never joined, and
         // nothing is committed.
@@ -504,7 +498,7 @@ impl HistoryRead {
 }
 
 /// A record's header as text.
-fn header<'r>(record: &'r BorrowedMessage<'_>, name: &str) -> Option<&'r str> {
+pub(crate) fn header<'r, M: Message>(record: &'r M, name: &str) -> Option<&'r str> {
     record.headers().and_then(|h| {
         h.iter()
             .find(|h| h.key == name)
@@ -630,32 +624,68 @@ impl Shared {
     }
 
     async fn create_topic(&self) -> Result<(), String> {
-        let admin: AdminClient<DefaultClientContext> = client_config(&self.opts)
-            .create()
-            .map_err(|e| e.to_string())?;
-        let topic = NewTopic::new(
+        create_topic(
+            &client_config(&self.opts),
             self.topic(),
-            self.opts.partitions as i32,
-            TopicReplication::Fixed(-1),
-        );
-        let options = AdminOptions::new().operation_timeout(Some(self.opts.op_timeout));
-        let results = admin
-            .create_topics([&topic], &options)
-            .await
-            .map_err(|e| e.to_string())?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => return Err(format!("create topic {name}: {code}")),
-            }
-        }
-        tracing::info!(
-            topic = self.topic(),
-            partitions = self.opts.partitions,
-            "created topic"
-        );
-        Ok(())
+            self.opts.partitions,
+            self.opts.op_timeout,
+        )
+        .await
     }
+}
+
+/// Creates `topic` with `partitions` partitions (the cluster's default
+/// replication) when it is missing; an existing one is left as it is.
+pub(crate) async fn create_topic(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: u32,
+    limit: Duration,
+) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
+    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+    let options = AdminOptions::new().operation_timeout(Some(limit));
+    let results = admin
+        .create_topics([&new], &options)
+        .await
+        .map_err(|e| e.to_string())?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!(topic, partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("create topic {name}: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// Waits for Kafka's answer to a produced record, a little longer than
+/// librdkafka's own `limit` (`message.timeout.ms`) on it.
+pub(crate) async fn acknowledged(
+    delivery: rdkafka::producer::DeliveryFuture,
+    limit: Duration,
+) -> Result<(), String> {
+    let limit = limit + Duration::from_secs(1);
+    match tokio::time::timeout(limit, delivery).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err((e, _)))) => Err(e.to_string()),
+        Ok(Err(_canceled)) => Err("producer stopped".to_owned()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
+/// An idempotent producer whose records are acknowledged by every in-sync
+/// replica (`acks=all`), giving up on a record after `limit`.
+pub(crate) fn reliable_producer(
+    mut config: ClientConfig,
+    limit: Duration,
+) -> Result<FutureProducer, KafkaError> {
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", limit.as_millis().max(1).to_string())
+        .set("linger.ms", "1")
+        .create()
 }
 
 /// Learns the topic, then follows the broker's health.
