@@ -303,6 +303,8 @@ async fn a_platform_teams_day_on_a_real_cluster() {
 
 async fn steps(run: &Run) {
     step("1. helm install", install_chart(run)).await;
+    // The namespace of the clusters every later step applies.
+    kubectl(&["create", "namespace", &run.ns]).await;
     step("8. invalid manifests are refused", invalid_manifests(run)).await;
     step("2. kubectl apply examples/basic.yaml", apply_basic(run)).await;
     step("3. messages across pods", messages_across_pods(run)).await;
@@ -423,7 +425,6 @@ async fn refusal(api: &Api<DynamicObject>, name: &str, spec: Value) -> String {
 }
 
 async fn invalid_manifests(run: &Run) {
-    kubectl(&["create", "namespace", &run.ns]).await;
     let raw: Api<DynamicObject> = Api::namespaced_with(
         run.client.clone(),
         &run.ns,
