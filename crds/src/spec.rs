@@ -453,20 +453,33 @@ fn default_affinity_timeout() -> i32 {
         "message": "spec.redis.external (with its url) is required when spec.redis.mode is external"
     },
     {
-        "rule": "self.mode != 'managed' || !has(self.external)",
-        "message": "spec.redis.external must not be set when spec.redis.mode is managed"
+        "rule": "self.mode == 'external' || !has(self.external)",
+        "message": "spec.redis.external must not be set when spec.redis.mode is managed or cluster"
     },
     {
         "rule": "self.sentinels % 2 == 1",
         "message": "spec.redis.sentinels must be odd (1, 3, 5...) so that a majority can agree on a failover"
     },
     {
-        "rule": "self.mode == 'external' || oldSelf.mode == 'external' || (has(self.storage) == has(oldSelf.storage) && (!has(self.storage) || self.storage == oldSelf.storage))",
+        "rule": "self.mode == 'external' || self.mode != oldSelf.mode || (has(self.storage) == has(oldSelf.storage) && (!has(self.storage) || self.storage == oldSelf.storage))",
         "message": "spec.redis.storage cannot change while the managed Redis group exists: a StatefulSet's volumes are fixed when it is created. Create a new MessagingCluster with the storage you want and move clients to it, or delete and re-create this one (its Redis data is lost)"
+    },
+    {
+        "rule": "self.mode == 'cluster' || !has(self.cluster)",
+        "message": "spec.redis.cluster is only read when spec.redis.mode is cluster: remove it, or set the mode"
+    },
+    {
+        "rule": "self.mode != 'cluster' || oldSelf.mode != 'cluster' || (has(self.cluster) ? self.cluster.shards : 3) >= (has(oldSelf.cluster) ? oldSelf.cluster.shards : 3)",
+        "message": "spec.redis.cluster.shards cannot shrink: the operator adds shards and moves slots onto them, but never empties a shard (its pods would be removed with their slots). Create a new MessagingCluster with fewer shards and move clients to it"
+    },
+    {
+        "rule": "self.mode != 'cluster' || oldSelf.mode != 'cluster' || (has(self.cluster) ? self.cluster.replicasPerShard : 1) >= (has(oldSelf.cluster) ? oldSelf.cluster.replicasPerShard : 1)",
+        "message": "spec.redis.cluster.replicasPerShard cannot shrink: removing pods could remove a shard's master with its slots"
     }
 ]))]
 pub struct RedisSpec {
-    /// `managed` (the operator runs Redis + Sentinel) or `external`.
+    /// `managed` (the operator runs Redis + Sentinel), `cluster` (the
+    /// operator runs a Redis Cluster: sharded Pub/Sub) or `external`.
     #[serde(default)]
     pub mode: RedisMode,
     /// Redis pods in the managed group (1 master + replicas).
@@ -496,6 +509,10 @@ pub struct RedisSpec {
     /// The external Redis, required when `mode: external`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalRedisSpec>,
+    /// Shape of the Redis Cluster when `mode: cluster`; absent: 3 shards of
+    /// a master and a replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<RedisClusterSpec>,
     /// Secret key holding the Redis password; absent: the operator generates
     /// one in `Secret <name>-redis-auth` and keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -512,9 +529,58 @@ impl Default for RedisSpec {
             storage: None,
             resources: default_redis_resources(),
             external: None,
+            cluster: None,
             password_secret_ref: None,
         }
     }
+}
+
+impl RedisSpec {
+    /// The cluster's shape in `mode: cluster` (the defaults when absent).
+    pub fn cluster_shape(&self) -> RedisClusterSpec {
+        self.cluster.clone().unwrap_or_default()
+    }
+}
+
+/// The shape of a managed Redis Cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisClusterSpec {
+    /// Masters, each serving an even share of the 16384 slots. May grow
+    /// (the operator adds pods and moves slots to them, a bounded number
+    /// per reconcile), never shrink.
+    #[serde(default = "default_cluster_shards")]
+    #[schemars(range(min = 3, max = 100))]
+    pub shards: i32,
+    /// Replicas of each shard's master; one takes over when the master
+    /// fails (Redis Cluster's own failover). May grow, never shrink.
+    #[serde(default = "default_replicas_per_shard")]
+    #[schemars(range(min = 0, max = 5))]
+    pub replicas_per_shard: i32,
+}
+
+impl Default for RedisClusterSpec {
+    fn default() -> Self {
+        Self {
+            shards: default_cluster_shards(),
+            replicas_per_shard: default_replicas_per_shard(),
+        }
+    }
+}
+
+impl RedisClusterSpec {
+    /// Pods of the cluster: every shard's master and replicas.
+    pub fn pods(&self) -> i32 {
+        self.shards * (1 + self.replicas_per_shard)
+    }
+}
+
+fn default_cluster_shards() -> i32 {
+    3
+}
+
+fn default_replicas_per_shard() -> i32 {
+    1
 }
 
 fn default_redis_replicas() -> i32 {
@@ -554,6 +620,9 @@ pub enum RedisMode {
     Managed,
     /// The servers use the Redis given in `external.url`.
     External,
+    /// The operator runs a Redis Cluster (`cluster`: shards and replicas)
+    /// and the servers use sharded Pub/Sub on it.
+    Cluster,
 }
 
 /// Persistent storage of the managed Redis pods.

@@ -128,6 +128,52 @@ pub struct RedisStatus {
     /// bytes of the replication stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_lag_bytes: Option<i64>,
+    /// `redis.mode: cluster`: the Redis Cluster's shards as the operator
+    /// saw them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<RedisClusterStatus>,
+}
+
+/// A managed Redis Cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisClusterStatus {
+    /// `cluster_state` of `CLUSTER INFO` (`ok` or `fail`); absent before
+    /// the cluster exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Slots served by a master (all 16384 when whole).
+    #[serde(default)]
+    pub slots_covered: i32,
+    /// Slots still to move before every shard serves an even share
+    /// (after `shards` grew).
+    #[serde(default)]
+    pub slots_to_move: i32,
+    /// Each shard: its master and replicas, by pod name.
+    #[serde(default)]
+    pub shards: Vec<ShardStatus>,
+    /// Why the cluster is not whole yet, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// One shard of a managed Redis Cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// The master's pod.
+    pub master: String,
+    /// Slots it serves.
+    pub slots: i32,
+    /// The slot ranges, e.g. `0-5460` or `0-4095,12288-13652`.
+    #[serde(default)]
+    pub slot_ranges: String,
+    /// Its replicas' pods.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// Replicas whose replication link to the master is up.
+    #[serde(default)]
+    pub replicas_linked: i32,
 }
 
 /// The external Kafka, as the server pods report it: each checks the
@@ -173,7 +219,8 @@ pub mod condition {
     pub const PROGRESSING: &str = "Progressing";
     /// The spec cannot be applied or something is broken.
     pub const DEGRADED: &str = "Degraded";
-    /// The Redis group has a master and its sentinels.
+    /// The Redis group has a master and its sentinels (`redis.mode:
+    /// cluster`: the cluster is `ok` and every slot is served).
     pub const REDIS_READY: &str = "RedisReady";
     /// Every server pod answers and delivers through the backplane, none
     /// near its connection limit.

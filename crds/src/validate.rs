@@ -17,6 +17,13 @@ use crate::spec::{Delivery, MessagingCluster, MessagingClusterSpec, RedisMode};
 /// (`<name>-redis-<10 chars>`) fits in 63 characters, and `<name>-redis-auth`
 /// and `<name>-sentinel` must be valid Service/Secret names.
 pub const MAX_NAME_LEN: usize = 46;
+/// Longest `metadata.name` in `redis.mode: cluster`: the StatefulSet is
+/// `<name>-redis-cluster`, and its pods' `controller-revision-hash` label
+/// (`<name>-redis-cluster-<10 chars>`) must fit in 63 characters.
+pub const MAX_CLUSTER_NAME_LEN: usize = 38;
+/// Fewest shards of a managed Redis Cluster (Redis Cluster needs three
+/// masters to agree on a failover).
+pub const MIN_SHARDS: i32 = 3;
 
 /// A spec the operator refuses, with the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +51,17 @@ pub fn validate(mc: &MessagingCluster) -> Result<(), Vec<ValidationError>> {
         Some(name) => {
             if let Err(e) = check_name(name) {
                 errors.push(e);
+            } else if mc.spec.redis.mode == RedisMode::Cluster && name.len() > MAX_CLUSTER_NAME_LEN
+            {
+                errors.push(ValidationError::new(
+                    "metadata.name",
+                    format!(
+                        "{name:?} is {} characters; with spec.redis.mode cluster at most \
+                         {MAX_CLUSTER_NAME_LEN} are allowed because its pods are named \
+                         {name}-redis-cluster-<n> and labelled with that name and a hash",
+                        name.len()
+                    ),
+                ));
             }
         }
         None => errors.push(ValidationError::new("metadata.name", "is required")),
@@ -94,6 +112,7 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
             )),
         }
     }
+    check_cluster(spec, errors);
     if let Some(storage) = &spec.redis.storage {
         if !is_positive_quantity(&storage.size) {
             errors.push(ValidationError::new(
@@ -229,6 +248,41 @@ fn is_kafka_topic(topic: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && topic != "."
         && topic != ".."
+}
+
+/// `redis.mode: cluster` and its shape; `redis.cluster` only in that mode.
+fn check_cluster(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
+    let redis = &spec.redis;
+    if redis.mode == RedisMode::Cluster && redis.external.is_some() {
+        errors.push(ValidationError::new(
+            "spec.redis.external",
+            "must not be set when spec.redis.mode is cluster (the operator runs the cluster)",
+        ));
+    }
+    let Some(cluster) = &redis.cluster else {
+        return;
+    };
+    if redis.mode != RedisMode::Cluster {
+        errors.push(ValidationError::new(
+            "spec.redis.cluster",
+            "is only read when spec.redis.mode is cluster: remove it, or set the mode",
+        ));
+    }
+    if cluster.shards < MIN_SHARDS {
+        errors.push(ValidationError::new(
+            "spec.redis.cluster.shards",
+            format!(
+                "{} is too few: a Redis Cluster needs at least {MIN_SHARDS} masters to agree on a failover",
+                cluster.shards
+            ),
+        ));
+    }
+    if cluster.replicas_per_shard < 0 {
+        errors.push(ValidationError::new(
+            "spec.redis.cluster.replicasPerShard",
+            "must not be negative",
+        ));
+    }
 }
 
 /// `redis://host:port[/db]` or `redis+sentinel://host:port[,host:port...]/<master>`.
@@ -394,6 +448,46 @@ mod tests {
         ] {
             assert_eq!(fields(with_url(bad)), ["spec.redis.external.url"], "{bad}");
         }
+    }
+
+    #[test]
+    fn cluster_mode_checks_its_shape_and_the_name_length() {
+        use crate::spec::RedisClusterSpec;
+        let mut spec = MessagingClusterSpec::default();
+        spec.redis.mode = RedisMode::Cluster;
+        assert_eq!(validate(&cluster("chat", spec.clone())), Ok(()), "defaults");
+        let long = "a".repeat(MAX_CLUSTER_NAME_LEN + 1);
+        let errors = validate(&cluster(&long, spec.clone())).unwrap_err();
+        assert_eq!(errors[0].field, "metadata.name");
+        assert!(errors[0].message.contains("redis-cluster"), "{errors:?}");
+        assert_eq!(
+            validate(&cluster(&"a".repeat(MAX_CLUSTER_NAME_LEN), spec.clone())),
+            Ok(())
+        );
+        spec.redis.cluster = Some(RedisClusterSpec {
+            shards: 2,
+            replicas_per_shard: 1,
+        });
+        let errors = validate(&cluster("chat", spec.clone())).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.redis.cluster.shards: 2 is too few: a Redis Cluster needs at least 3 masters to agree on a failover"
+        );
+        spec.redis.mode = RedisMode::Managed;
+        spec.redis.cluster = Some(RedisClusterSpec::default());
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.redis.cluster"]
+        );
+        spec.redis.cluster = None;
+        spec.redis.mode = RedisMode::Cluster;
+        spec.redis.external = Some(ExternalRedisSpec {
+            url: "redis+cluster://r:6379".into(),
+        });
+        assert_eq!(
+            fields(validate(&cluster("chat", spec))),
+            ["spec.redis.external"]
+        );
     }
 
     #[test]

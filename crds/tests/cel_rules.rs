@@ -63,7 +63,7 @@ fn every_rule_compiles() {
     let (mut rules, mut errors) = (0, Vec::new());
     count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
     assert_eq!(errors, Vec::<String>::new());
-    assert_eq!(rules, 11);
+    assert_eq!(rules, 14);
 }
 
 #[test]
@@ -143,6 +143,58 @@ fn kafka_delivery_and_the_kafka_block_go_together_without_redis_features() {
     assert_eq!(
         violations(json!({"upstream": {"rooms": ["orders:*"]}})),
         Vec::<String>::new()
+    );
+}
+
+#[test]
+fn cluster_mode_defaults_pass_and_its_shards_may_grow_but_never_shrink() {
+    assert_eq!(
+        violations(json!({"redis": {"mode": "cluster"}})),
+        Vec::<String>::new()
+    );
+    let v = violations(json!({"redis": {"cluster": {"shards": 4}}}));
+    assert!(
+        v.len() == 1 && v[0].contains("spec.redis.cluster is only read when"),
+        "{v:?}"
+    );
+    let v = violations(
+        json!({"redis": {"mode": "cluster", "external": {"url": "redis+cluster://r:6379"}}}),
+    );
+    assert!(v.len() == 1 && v[0].contains("must not be set"), "{v:?}");
+    let three = json!({"redis": {"mode": "cluster"}});
+    let four = json!({"redis": {"mode": "cluster", "cluster": {"shards": 4}}});
+    assert_eq!(
+        update_violations(three.clone(), four.clone()),
+        Vec::<String>::new()
+    );
+    let v = update_violations(four.clone(), three);
+    assert!(
+        v.len() == 1 && v[0].contains("spec.redis.cluster.shards cannot shrink"),
+        "{v:?}"
+    );
+    let v = update_violations(
+        four,
+        json!({"redis": {"mode": "cluster", "cluster": {"shards": 4, "replicasPerShard": 0}}}),
+    );
+    assert!(
+        v.len() == 1 && v[0].contains("replicasPerShard cannot shrink"),
+        "{v:?}"
+    );
+    // A new mode is a new StatefulSet: its storage may differ.
+    assert_eq!(
+        update_violations(
+            json!({"redis": {"storage": {"size": "1Gi"}}}),
+            json!({"redis": {"mode": "cluster", "storage": {"size": "5Gi"}}})
+        ),
+        Vec::<String>::new()
+    );
+    let v = update_violations(
+        json!({"redis": {"mode": "cluster", "storage": {"size": "1Gi"}}}),
+        json!({"redis": {"mode": "cluster", "storage": {"size": "5Gi"}}}),
+    );
+    assert!(
+        v.len() == 1 && v[0].contains("storage cannot change"),
+        "{v:?}"
     );
 }
 

@@ -15,13 +15,14 @@ use kube::core::cel::Validator;
 use serde_json::{Map, Value, json};
 
 /// Every example, so a new file without a test here fails.
-const EXAMPLES: [&str; 6] = [
+const EXAMPLES: [&str; 7] = [
     "autoscaling.yaml",
     "basic.yaml",
     "durable.yaml",
     "external-redis.yaml",
     "ingress.yaml",
     "kafka.yaml",
+    "redis-cluster.yaml",
 ];
 
 fn examples_dir() -> PathBuf {
@@ -243,6 +244,17 @@ fn kafka_fans_out_through_an_external_kafka_topic() {
 }
 
 #[test]
+fn redis_cluster_runs_three_shards_with_a_replica_each_on_volumes() {
+    let Example { mc, .. } = accepted("redis-cluster.yaml");
+    assert_eq!(mc.spec.redis.mode, RedisMode::Cluster);
+    let shape = mc.spec.redis.cluster_shape();
+    assert_eq!((shape.shards, shape.replicas_per_shard), (3, 1));
+    assert_eq!(mc.spec.delivery, Delivery::Streams);
+    assert!(mc.spec.redis.storage.is_some());
+    assert!(mc.metadata.name.unwrap().len() <= chorus_crds::validate::MAX_CLUSTER_NAME_LEN);
+}
+
+#[test]
 fn autoscaling_leaves_replicas_to_the_autoscaler_and_requests_cpu() {
     let Example { raw, mc } = accepted("autoscaling.yaml");
     assert!(
@@ -293,6 +305,10 @@ fn the_schema_check_catches_what_the_api_server_refuses() {
     assert_eq!(
         check(json!({"delivery": "kafka", "kafka": {}})),
         ["spec.kafka.bootstrapServers: is required"]
+    );
+    assert_eq!(
+        check(json!({"redis": {"mode": "cluster", "cluster": {"shards": 2}}})),
+        ["spec.redis.cluster.shards: 2 is below 3.0"]
     );
     assert_eq!(
         check(json!({"autoscaling": {"minReplicas": 2}})),

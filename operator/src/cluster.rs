@@ -86,9 +86,21 @@ impl ValidCluster {
         on_kafka(&self.spec)
     }
 
+    /// The operator runs a Redis Cluster (`redis.mode: cluster`; the CRD
+    /// refuses it with `delivery: kafka`).
+    pub fn managed_cluster(&self) -> bool {
+        self.spec.redis.mode == RedisMode::Cluster && self.kafka().is_none()
+    }
+
+    /// The operator runs Redis, as a Sentinel group or as a cluster: it
+    /// keeps the password and talks to the pods.
+    pub fn runs_redis(&self) -> bool {
+        self.managed_redis() || self.managed_cluster()
+    }
+
     /// The generated password Secret's name, when the operator keeps one.
     pub fn generated_secret(&self) -> Option<&str> {
-        (self.managed_redis() && self.spec.redis.password_secret_ref.is_none())
+        (self.runs_redis() && self.spec.redis.password_secret_ref.is_none())
             .then_some(self.names.redis_auth_secret.as_str())
     }
 }
@@ -118,6 +130,7 @@ pub fn validate(
     if owner.is_none() || mc.metadata.uid.is_none() {
         problems.push("metadata.uid: is not set (the object was never stored)".to_owned());
     }
+    problems.extend(cluster_shrink(mc));
     let names = Names::of(mc);
     if names.is_none() {
         problems.push("metadata.namespace: is required".to_owned());
@@ -135,6 +148,29 @@ pub fn validate(
             message: problems.join("; "),
         }),
     }
+}
+
+/// A managed Redis Cluster's shape never shrinks: the status names more
+/// shards serving slots than the spec asks for (the CRD in the cluster may
+/// be older than this operator and lack the rule that refuses it). Fewer
+/// pods would remove masters with their slots.
+fn cluster_shrink(mc: &MessagingCluster) -> Option<String> {
+    if mc.spec.redis.mode != RedisMode::Cluster {
+        return None;
+    }
+    let serving = mc
+        .status
+        .as_ref()
+        .and_then(|s| s.redis.cluster.as_ref())
+        .map_or(0, |c| c.shards.iter().filter(|s| s.slots > 0).count());
+    let asked = mc.spec.redis.cluster_shape().shards;
+    (usize::try_from(asked).unwrap_or(0) < serving).then(|| {
+        format!(
+            "spec.redis.cluster.shards: cannot shrink from {serving} to {asked}: the operator \
+             adds shards and moves slots onto them, but never empties a shard. Set it back to \
+             {serving} (or more)"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -206,6 +242,37 @@ mod tests {
         assert_eq!(c.kafka().map(|k| k.bootstrap_servers.len()), Some(1));
         assert_eq!(c.generated_secret(), None);
         assert_eq!(c.password, None);
+    }
+
+    #[test]
+    fn a_cluster_whose_status_serves_more_shards_than_asked_is_refused() {
+        use chorus_crds::{MessagingClusterStatus, RedisClusterStatus, ShardStatus};
+        let mut mc = MessagingCluster::test();
+        mc.spec.redis.mode = RedisMode::Cluster;
+        let shard = |master: &str| ShardStatus {
+            master: master.to_owned(),
+            slots: 4096,
+            ..Default::default()
+        };
+        let mut status = MessagingClusterStatus::default();
+        status.redis.cluster = Some(RedisClusterStatus {
+            shards: ["a", "b", "c", "d"].map(shard).to_vec(),
+            ..Default::default()
+        });
+        mc.status = Some(status);
+        let err = validate(&mc).expect_err("3 < 4");
+        assert!(
+            err.message
+                .contains("spec.redis.cluster.shards: cannot shrink from 4 to 3"),
+            "{err}"
+        );
+        mc.spec.redis.cluster = Some(chorus_crds::RedisClusterSpec {
+            shards: 4,
+            replicas_per_shard: 1,
+        });
+        let c = validate(&mc).expect("4 = 4");
+        assert!(c.managed_cluster() && c.runs_redis() && !c.managed_redis());
+        assert_eq!(c.generated_secret(), Some("chat-redis-auth"));
     }
 
     #[test]

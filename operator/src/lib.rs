@@ -10,6 +10,7 @@
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`], [`http`]: `/metrics` and `/healthz`.
 //! - [`topology`]: brings the Redis pods and sentinels to one master (talks to Redis, not Kubernetes).
+//! - [`redis_cluster`]: creates and grows a managed Redis Cluster (talks to Redis, not Kubernetes).
 
 pub mod build;
 pub mod cluster;
@@ -22,5 +23,6 @@ pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod reconcile;
+pub mod redis_cluster;
 pub mod render;
 pub mod topology;

@@ -7,7 +7,7 @@
 use chorus_crds::MessagingCluster;
 use serde::Serialize;
 
-use crate::build::{self, ManagedRedis, Resources};
+use crate::build::{self, ManagedRedis, ManagedRedisCluster, Resources};
 use crate::cluster;
 
 /// The uid written into owner references: the API server assigns the real one.
@@ -44,6 +44,7 @@ pub fn render(
         service,
         server_pdb,
         redis,
+        redis_cluster,
         hpa,
         ingress,
         network_policy,
@@ -67,6 +68,16 @@ pub fn render(
         docs.push(yaml(&sentinel_statefulset)?);
         docs.push(yaml(&redis_pdb)?);
         docs.push(yaml(&sentinel_pdb)?);
+    }
+    if let Some(ManagedRedisCluster {
+        headless_service,
+        statefulset,
+        pdb,
+    }) = redis_cluster
+    {
+        docs.push(yaml(&headless_service)?);
+        docs.push(yaml(&statefulset)?);
+        docs.push(yaml(&pdb)?);
     }
     docs.push(yaml(&server_deployment)?);
     docs.push(yaml(&service)?);
@@ -172,6 +183,27 @@ mod tests {
             out.contains("Secret chat-redis-auth"),
             "the generated Secret is named"
         );
+    }
+
+    #[test]
+    fn the_redis_cluster_example_renders_the_cluster_and_no_sentinel_group() {
+        let manifest = include_str!("../../examples/redis-cluster.yaml");
+        let out = render(manifest, "team-a", "chorus-system").expect("renders");
+        let (_, kinds) = documents(&out);
+        assert_eq!(
+            kinds,
+            [
+                "ConfigMap chat-sharded-server",
+                "Service chat-sharded-redis-cluster",
+                "StatefulSet chat-sharded-redis-cluster",
+                "PodDisruptionBudget chat-sharded-redis-cluster",
+                "Deployment chat-sharded-server",
+                "Service chat-sharded",
+                "PodDisruptionBudget chat-sharded-server",
+                "NetworkPolicy chat-sharded-redis",
+            ]
+        );
+        assert!(out.contains("Secret chat-sharded-redis-auth"));
     }
 
     #[test]

@@ -188,6 +188,16 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             }),
         ),
         (
+            "managed redis cluster",
+            spec(|s| {
+                s.redis.mode = RedisMode::Cluster;
+                s.redis.cluster = Some(chorus_crds::RedisClusterSpec {
+                    shards: 4,
+                    replicas_per_shard: 2,
+                });
+            }),
+        ),
+        (
             "external redis cluster with password",
             spec(|s| {
                 external(s, "redis+cluster://c0.infra:6379,c1.infra:6379");
@@ -281,6 +291,16 @@ fn check_broker(case: &str, spec: &MessagingClusterSpec, broker: Value) {
     assert_eq!(url.password, None, "{case}: a password in {broker}");
     match (&spec.redis.mode, &spec.redis.external) {
         (RedisMode::External, Some(external)) => assert_eq!(broker, external.url, "{case}"),
+        (RedisMode::Cluster, _) => {
+            // The first three pods as seeds, by their stable names.
+            let seeds = (0..3)
+                .map(|i| Addr {
+                    host: format!("chat-redis-cluster-{i}.chat-redis-cluster.prod.svc"),
+                    port: 6379,
+                })
+                .collect();
+            assert_eq!(url.target, Target::Cluster { seeds }, "{case}: {broker}");
+        }
         _ => {
             let sentinels = (0..spec.redis.sentinels)
                 .map(|i| Addr {
@@ -324,7 +344,7 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
         check_broker(case, &spec, parsed["broker"].take());
         let on_kafka = spec.delivery == Delivery::Kafka;
         let password = !on_kafka
-            && (spec.redis.password_secret_ref.is_some() || spec.redis.mode == RedisMode::Managed);
+            && (spec.redis.password_secret_ref.is_some() || spec.redis.mode != RedisMode::External);
         let kafka = spec.kafka.as_ref().filter(|_| on_kafka);
         let file = |on: bool, path: &str| if on { json!(path) } else { Value::Null };
         let expected = json!({

@@ -32,7 +32,7 @@ pub fn redis_password_ref(spec: &MessagingClusterSpec, names: &Names) -> Option<
     }
     match (&spec.redis.password_secret_ref, spec.redis.mode) {
         (Some(r), _) => Some(r.clone()),
-        (None, RedisMode::Managed) => Some(SecretKeyRef {
+        (None, RedisMode::Managed | RedisMode::Cluster) => Some(SecretKeyRef {
             name: names.redis_auth_secret.clone(),
             key: GENERATED_PASSWORD_KEY.to_owned(),
         }),
@@ -56,6 +56,7 @@ pub fn broker_url(spec: &MessagingClusterSpec, names: &Names) -> String {
     }
     match (&spec.redis.external, spec.redis.mode) {
         (Some(external), RedisMode::External) => external.url.clone(),
+        (_, RedisMode::Cluster) => super::redis_cluster::broker_url(names),
         _ => {
             // Every sentinel by its own name: a client that finds one
             // silent asks the next.
@@ -198,7 +199,7 @@ mod tests {
     use super::super::fixtures::{TestCluster, UID, valid};
     use super::*;
     use chorus_crds::MessagingCluster;
-    use chorus_crds::{Delivery, OutboxSpec, SecretKeyRef};
+    use chorus_crds::{Delivery, OutboxSpec, RedisMode, SecretKeyRef};
 
     fn env_of(mc: &MessagingCluster) -> BTreeMap<String, String> {
         build(&valid(mc)).data.expect("data")
@@ -224,6 +225,26 @@ mod tests {
         assert_eq!(env["CHORUS_DRAIN_SECONDS"], "30");
         assert_eq!(env["CHORUS_MAX_CONNECTIONS"], "10000");
         assert!(!env.contains_key("CHORUS_JWT_SECRET_FILE"));
+    }
+
+    #[test]
+    fn cluster_mode_points_at_the_first_three_pods_with_the_generated_password() {
+        let mut mc = MessagingCluster::test();
+        mc.spec.redis.mode = RedisMode::Cluster;
+        let env = env_of(&mc);
+        assert_eq!(
+            env["CHORUS_BROKER"],
+            "redis+cluster://chat-redis-cluster-0.chat-redis-cluster.default.svc:6379,chat-redis-cluster-1.chat-redis-cluster.default.svc:6379,chat-redis-cluster-2.chat-redis-cluster.default.svc:6379"
+        );
+        assert_eq!(env["CHORUS_REDIS_PASSWORD_FILE"], REDIS_PASSWORD_FILE);
+        // Growing the cluster does not change the servers' configuration
+        // (which would roll them): they learn new shards from CLUSTER SLOTS.
+        let base = hash(&build(&valid(&mc)), &mc.spec);
+        mc.spec.redis.cluster = Some(chorus_crds::RedisClusterSpec {
+            shards: 5,
+            replicas_per_shard: 2,
+        });
+        assert_eq!(base, hash(&build(&valid(&mc)), &mc.spec));
     }
 
     #[test]

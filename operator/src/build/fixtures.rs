@@ -112,3 +112,17 @@ impl TestCluster for MessagingCluster {
         self
     }
 }
+
+/// The plain `name=value` environment of a StatefulSet's first container.
+pub fn env_of(
+    s: &k8s_openapi::api::apps::v1::StatefulSet,
+) -> std::collections::BTreeMap<String, String> {
+    let pod = s.spec.clone().expect("spec").template.spec.expect("pod");
+    pod.containers[0]
+        .env
+        .clone()
+        .expect("env")
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}

@@ -21,6 +21,9 @@ pub const SERVER_PORT: i32 = 8080;
 pub const REDIS_PORT: i32 = 6379;
 /// Sentinel port.
 pub const SENTINEL_PORT: i32 = 26379;
+/// Redis Cluster bus port of the managed cluster's pods (Redis's default,
+/// the client port + 10000).
+pub const CLUSTER_BUS_PORT: i32 = REDIS_PORT + 10000;
 
 /// What a set of pods (and its objects) does, the `app.kubernetes.io/component` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub enum Component {
     Server,
     Redis,
     Sentinel,
+    /// The pods of a managed Redis Cluster (`redis.mode: cluster`).
+    RedisCluster,
 }
 
 impl Component {
@@ -36,6 +41,7 @@ impl Component {
             Component::Server => "server",
             Component::Redis => "redis",
             Component::Sentinel => "sentinel",
+            Component::RedisCluster => "redis-cluster",
         }
     }
 }
@@ -55,6 +61,8 @@ pub struct Names {
     pub sentinel: String,
     /// Generated password Secret.
     pub redis_auth_secret: String,
+    /// Redis Cluster StatefulSet, its headless Service and PDB.
+    pub redis_cluster: String,
 }
 
 impl Names {
@@ -68,6 +76,7 @@ impl Names {
             redis: format!("{name}-redis"),
             sentinel: format!("{name}-sentinel"),
             redis_auth_secret: format!("{name}-redis-auth"),
+            redis_cluster: format!("{name}-redis-cluster"),
             instance: name,
             namespace,
         })

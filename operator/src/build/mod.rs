@@ -15,6 +15,7 @@ pub mod overrides;
 pub mod pdb;
 pub mod pod_policy;
 pub mod redis_auth_secret;
+pub mod redis_cluster;
 pub mod redis_group;
 pub mod redis_statefulset;
 pub mod sentinel;
@@ -43,8 +44,10 @@ pub struct Resources {
     pub server_deployment: Deployment,
     pub service: Service,
     pub server_pdb: PodDisruptionBudget,
-    /// `None` when `redis.mode: external` or `delivery: kafka`.
+    /// `None` unless `redis.mode: managed` (and not with `delivery: kafka`).
     pub redis: Option<ManagedRedis>,
+    /// `None` unless `redis.mode: cluster`.
+    pub redis_cluster: Option<ManagedRedisCluster>,
     /// `None`: an existing HPA is deleted.
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// `None`: an existing Ingress is deleted.
@@ -64,6 +67,15 @@ pub struct ManagedRedis {
     pub sentinel_statefulset: StatefulSet,
     pub redis_pdb: PodDisruptionBudget,
     pub sentinel_pdb: PodDisruptionBudget,
+}
+
+/// The Redis Cluster run for a MessagingCluster in cluster mode
+/// ([`redis_cluster`]).
+#[derive(Clone, Debug)]
+pub struct ManagedRedisCluster {
+    pub headless_service: Service,
+    pub statefulset: StatefulSet,
+    pub pdb: PodDisruptionBudget,
 }
 
 /// The generated password Secret, when the dereference step found none
@@ -102,8 +114,20 @@ pub fn build(c: &ValidCluster) -> Resources {
             .filter(|a| a.connections_per_pod.is_none())
             .map(|a| hpa::build(c, a)),
         ingress: spec.ingress.as_ref().map(|i| ingress::build(c, i)),
-        network_policy: (spec.network_policy.enabled && c.managed_redis())
-            .then(|| network_policy::build(c)),
+        network_policy: if !spec.network_policy.enabled {
+            None
+        } else if c.managed_redis() {
+            Some(network_policy::build(c))
+        } else if c.managed_cluster() {
+            Some(network_policy::redis_cluster(c))
+        } else {
+            None
+        },
+        redis_cluster: c.managed_cluster().then(|| ManagedRedisCluster {
+            headless_service: redis_cluster::headless_service(c),
+            statefulset: redis_cluster::statefulset(c),
+            pdb: pdb::redis_cluster(c),
+        }),
         config_map,
         redis,
     }
@@ -128,6 +152,36 @@ mod tests {
         assert!(build(&valid(&off)).network_policy.is_none());
         let secret = new_secret(&c, Some("pw")).expect("a new generated Secret");
         assert_eq!(secret.metadata.name.as_deref(), Some("chat-redis-auth"));
+    }
+
+    #[test]
+    fn cluster_mode_builds_the_cluster_its_policy_and_a_password_but_no_sentinel_group() {
+        let mut mc = MessagingCluster::test();
+        mc.spec.redis.mode = chorus_crds::RedisMode::Cluster;
+        let c = valid(&mc);
+        let resources = build(&c);
+        assert!(resources.redis.is_none(), "no Sentinel group");
+        let cluster = resources.redis_cluster.expect("the cluster");
+        assert_eq!(
+            cluster.statefulset.metadata.name.as_deref(),
+            Some("chat-redis-cluster")
+        );
+        let policy = resources.network_policy.expect("on by default");
+        let ports: Vec<_> = policy
+            .spec
+            .and_then(|s| s.ingress)
+            .expect("rules")
+            .iter()
+            .flat_map(|r| r.ports.clone().unwrap_or_default())
+            .filter_map(|p| p.port)
+            .collect();
+        assert_eq!(ports.len(), 2, "Redis and the bus: {ports:?}");
+        assert!(new_secret(&c, Some("pw")).is_some(), "a generated password");
+        assert!(
+            build(&valid(&MessagingCluster::test()))
+                .redis_cluster
+                .is_none()
+        );
     }
 
     #[test]

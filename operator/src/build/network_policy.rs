@@ -18,7 +18,9 @@ use k8s_openapi::{
     },
 };
 
-use super::meta::{Component, MANAGED_BY, Names, REDIS_PORT, SENTINEL_PORT, object_meta};
+use super::meta::{
+    CLUSTER_BUS_PORT, Component, MANAGED_BY, Names, REDIS_PORT, SENTINEL_PORT, object_meta,
+};
 use super::redis_group::WAITING_PORT;
 use crate::cluster::ValidCluster;
 
@@ -42,13 +44,73 @@ fn instance_pods(names: &Names, components: &[Component]) -> LabelSelector {
     }
 }
 
-pub fn build(c: &ValidCluster) -> NetworkPolicy {
-    let names = &c.names;
-    let port = |p: i32| NetworkPolicyPort {
+fn tcp(p: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
         port: Some(IntOrString::Int(p)),
         protocol: Some("TCP".to_owned()),
         ..Default::default()
-    };
+    }
+}
+
+/// The operator's pods, in the operator's namespace.
+fn operator_pods(c: &ValidCluster) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_owned(),
+                c.operator_namespace.clone(),
+            )])),
+            ..Default::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/name".to_owned(),
+                MANAGED_BY.to_owned(),
+            )])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pods_of(names: &Names, components: &[Component]) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        pod_selector: Some(instance_pods(names, components)),
+        ..Default::default()
+    }
+}
+
+/// `NetworkPolicy <name>-redis` in `redis.mode: cluster`: the server pods,
+/// the cluster's own pods (replication, `MIGRATE`) and the operator reach
+/// Redis's port; only the cluster's pods reach the cluster bus.
+pub fn redis_cluster(c: &ValidCluster) -> NetworkPolicy {
+    let names = &c.names;
+    NetworkPolicy {
+        metadata: object_meta(c, &names.redis, Component::Redis),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(instance_pods(names, &[Component::RedisCluster])),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![
+                        pods_of(names, &[Component::Server, Component::RedisCluster]),
+                        operator_pods(c),
+                    ]),
+                    ports: Some(vec![tcp(REDIS_PORT)]),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![pods_of(names, &[Component::RedisCluster])]),
+                    ports: Some(vec![tcp(CLUSTER_BUS_PORT)]),
+                },
+            ]),
+            egress: None,
+        }),
+    }
+}
+
+pub fn build(c: &ValidCluster) -> NetworkPolicy {
+    let names = &c.names;
+    let port = tcp;
     NetworkPolicy {
         metadata: object_meta(c, &names.redis, Component::Redis),
         spec: Some(NetworkPolicySpec {
@@ -59,31 +121,11 @@ pub fn build(c: &ValidCluster) -> NetworkPolicy {
             policy_types: Some(vec!["Ingress".to_owned()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: Some(vec![
-                    NetworkPolicyPeer {
-                        pod_selector: Some(instance_pods(
-                            names,
-                            &[Component::Server, Component::Redis, Component::Sentinel],
-                        )),
-                        ..Default::default()
-                    },
-                    NetworkPolicyPeer {
-                        // The operator's pods, in the operator's namespace.
-                        namespace_selector: Some(LabelSelector {
-                            match_labels: Some(BTreeMap::from([(
-                                NAMESPACE_NAME_LABEL.to_owned(),
-                                c.operator_namespace.clone(),
-                            )])),
-                            ..Default::default()
-                        }),
-                        pod_selector: Some(LabelSelector {
-                            match_labels: Some(BTreeMap::from([(
-                                "app.kubernetes.io/name".to_owned(),
-                                MANAGED_BY.to_owned(),
-                            )])),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
+                    pods_of(
+                        names,
+                        &[Component::Server, Component::Redis, Component::Sentinel],
+                    ),
+                    operator_pods(c),
                 ]),
                 ports: Some(vec![
                     port(REDIS_PORT),
@@ -171,6 +213,73 @@ mod tests {
                 IntOrString::Int(6379),
                 IntOrString::Int(6380),
                 IntOrString::Int(26379)
+            ]
+        );
+    }
+
+    #[test]
+    fn in_cluster_mode_only_cluster_pods_reach_the_bus_and_servers_reach_redis() {
+        let mut mc = MessagingCluster::test();
+        mc.spec.redis.mode = chorus_crds::RedisMode::Cluster;
+        let np = redis_cluster(&valid(&mc));
+        assert_eq!(np.metadata.name.as_deref(), Some("chat-redis"));
+        let spec = np.spec.expect("spec");
+        let protected = spec
+            .pod_selector
+            .and_then(|p| p.match_expressions)
+            .expect("exprs")[0]
+            .values
+            .clone();
+        assert_eq!(protected, Some(vec!["redis-cluster".to_owned()]));
+        let rules = spec.ingress.expect("ingress");
+        let summary: Vec<(Vec<String>, Vec<IntOrString>)> = rules
+            .iter()
+            .map(|r| {
+                let from = r
+                    .from
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|p| p.pod_selector)
+                    .flat_map(|s| {
+                        s.match_expressions
+                            .unwrap_or_default()
+                            .into_iter()
+                            .flat_map(|e| e.values.unwrap_or_default())
+                            .chain(s.match_labels.unwrap_or_default().into_values())
+                    })
+                    .collect();
+                let ports = r
+                    .ports
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|p| p.port)
+                    .collect();
+                (from, ports)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    vec![
+                        "server".to_owned(),
+                        "redis-cluster".to_owned(),
+                        "chat".to_owned(),
+                        "chorus".to_owned(),
+                        "chorus-operator".to_owned()
+                    ],
+                    vec![IntOrString::Int(6379)]
+                ),
+                (
+                    vec![
+                        "redis-cluster".to_owned(),
+                        "chat".to_owned(),
+                        "chorus".to_owned()
+                    ],
+                    vec![IntOrString::Int(16379)]
+                ),
             ]
         );
     }

@@ -42,6 +42,12 @@ pub fn redis(c: &ValidCluster) -> PodDisruptionBudget {
     pdb(c, &c.names.redis, Component::Redis, 1)
 }
 
+/// `<name>-redis-cluster`: one cluster pod at a time, so a drain never
+/// takes a shard's master and its replica together.
+pub fn redis_cluster(c: &ValidCluster) -> PodDisruptionBudget {
+    pdb(c, &c.names.redis_cluster, Component::RedisCluster, 1)
+}
+
 pub fn sentinel(c: &ValidCluster) -> PodDisruptionBudget {
     let _names = &c.names;
     pdb(c, &c.names.sentinel, Component::Sentinel, 1)
@@ -70,5 +76,15 @@ mod tests {
         assert_eq!(selector["app.kubernetes.io/component"], "server");
         assert_eq!(redis(&c).metadata.name.as_deref(), Some("chat-redis"));
         assert_eq!(sentinel(&c).metadata.name.as_deref(), Some("chat-sentinel"));
+        let rc = redis_cluster(&c);
+        assert_eq!(rc.metadata.name.as_deref(), Some("chat-redis-cluster"));
+        let spec = rc.spec.expect("spec");
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(
+            spec.selector
+                .and_then(|s| s.match_labels)
+                .expect("selector")["app.kubernetes.io/component"],
+            "redis-cluster"
+        );
     }
 }

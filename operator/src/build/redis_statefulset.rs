@@ -97,10 +97,22 @@ pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-/// What both scripts read: `POD_NAME`, `REDIS_PASSWORD` from the password
-/// Secret, `CHORUS_SELF` (this pod's DNS name on the headless Service
-/// `service`, and `port`), the group folder, the master name, `/data`.
+/// What both scripts read: [`pod_env`], the group folder, the master
+/// name, `/data`.
 pub fn group_env(c: &ValidCluster, service: &str, port: i32) -> Vec<EnvVar> {
+    let mut out = pod_env(c, service, port);
+    out.extend([
+        env("CHORUS_GROUP_DIR", GROUP_DIR),
+        env("CHORUS_MASTER_NAME", SENTINEL_MASTER_NAME),
+        env("CHORUS_DATA", "/data"),
+    ]);
+    out
+}
+
+/// What every Redis pod knows of itself: `POD_NAME`, `REDIS_PASSWORD` from
+/// the password Secret, `CHORUS_SELF` (its DNS name on the headless
+/// Service `service`, and `port`).
+pub fn pod_env(c: &ValidCluster, service: &str, port: i32) -> Vec<EnvVar> {
     let mut out = vec![EnvVar {
         name: "POD_NAME".to_owned(),
         value_from: Some(EnvVarSource {
@@ -124,16 +136,21 @@ pub fn group_env(c: &ValidCluster, service: &str, port: i32) -> Vec<EnvVar> {
         }),
         ..Default::default()
     }));
-    out.extend([
-        env(
-            "CHORUS_SELF",
-            format!("$(POD_NAME).{service}.{}.svc:{port}", c.names.namespace),
-        ),
-        env("CHORUS_GROUP_DIR", GROUP_DIR),
-        env("CHORUS_MASTER_NAME", SENTINEL_MASTER_NAME),
-        env("CHORUS_DATA", "/data"),
-    ]);
+    out.push(env(
+        "CHORUS_SELF",
+        format!("$(POD_NAME).{service}.{}.svc:{port}", c.names.namespace),
+    ));
     out
+}
+
+/// A named TCP container port.
+pub fn container_port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    }
 }
 
 /// `sh <script> <command>`, as a probe or hook command.
@@ -187,27 +204,57 @@ pub fn group_volumes(c: &ValidCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
     (volumes, mounts)
 }
 
-pub fn build(c: &ValidCluster) -> StatefulSet {
-    let names = &c.names;
-    let redis = &c.spec.redis;
-    let storage = redis.storage.as_ref();
-    let (mut volumes, mut mounts) = group_volumes(c);
+/// The data volume at `/data`: an emptyDir without storage (it survives
+/// container restarts, not the pod), else a PVC per pod from the returned
+/// claim template (selector labels of `component` only: templates are
+/// immutable).
+pub fn data_volume(
+    c: &ValidCluster,
+    component: Component,
+    volumes: &mut Vec<Volume>,
+    mounts: &mut Vec<VolumeMount>,
+) -> Option<Vec<PersistentVolumeClaim>> {
     mounts.push(VolumeMount {
         name: DATA_VOLUME.to_owned(),
         mount_path: "/data".to_owned(),
         ..Default::default()
     });
-    // Without storage the data volume is an emptyDir (it survives container
-    // restarts, not the pod); with it, a PVC per pod.
-    if storage.is_none() {
+    let Some(s) = c.spec.redis.storage.as_ref() else {
         volumes.push(Volume {
             name: DATA_VOLUME.to_owned(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Default::default()
         });
-    }
-    let (pod_security, container_security) = restricted_security();
-    let (affinity, topology_spread) = spread(names, Component::Redis);
+        return None;
+    };
+    Some(vec![PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_owned()),
+            labels: Some(selector_labels(&c.names, component)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: s.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(s.size.clone()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }])
+}
+
+pub fn build(c: &ValidCluster) -> StatefulSet {
+    let names = &c.names;
+    let redis = &c.spec.redis;
+    let (mut volumes, mut mounts) = group_volumes(c);
+    let claims = data_volume(c, Component::Redis, &mut volumes, &mut mounts);
+    let (_, container_security) = restricted_security();
     let mut env_vars = group_env(c, &names.redis, REDIS_PORT);
     env_vars.extend([
         env("CHORUS_BOOTSTRAP", redis_group::redis_member(names, 0)),
@@ -215,20 +262,14 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
         env("CHORUS_REDIS_CONF", redis_conf(c)),
         env("CHORUS_PRESTOP_SECONDS", PRESTOP_SECONDS.to_string()),
     ]);
-    let port = |name: &str, number: i32| ContainerPort {
-        name: Some(name.to_owned()),
-        container_port: number,
-        protocol: Some("TCP".to_owned()),
-        ..Default::default()
-    };
     let container = Container {
         name: "redis".to_owned(),
         image: Some(redis.image.clone()),
         command: Some(script_command("redis.sh", "start")),
         env: Some(env_vars),
         ports: Some(vec![
-            port("redis", REDIS_PORT),
-            port("waiting", WAITING_PORT),
+            container_port("redis", REDIS_PORT),
+            container_port("waiting", WAITING_PORT),
         ]),
         resources: redis.resources.clone(),
         readiness_probe: Some(script_probe("redis.sh", "ready", 5, 2)),
@@ -248,91 +289,89 @@ pub fn build(c: &ValidCluster) -> StatefulSet {
         security_context: Some(container_security),
         ..Default::default()
     };
-    let claims = storage.map(|s| {
-        vec![PersistentVolumeClaim {
-            metadata: ObjectMeta {
-                name: Some(DATA_VOLUME.to_owned()),
-                // PVC templates are immutable: selector labels only, no version.
-                labels: Some(selector_labels(names, Component::Redis)),
-                ..Default::default()
-            },
-            spec: Some(PersistentVolumeClaimSpec {
-                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
-                storage_class_name: s.storage_class_name.clone(),
-                resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([(
-                        "storage".to_owned(),
-                        Quantity(s.size.clone()),
-                    )])),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]
-    });
-    let mut built = StatefulSet {
-        metadata: object_meta(c, &names.redis, Component::Redis),
-        spec: Some(StatefulSetSpec {
-            replicas: Some(redis.replicas),
-            service_name: Some(names.redis.clone()),
-            selector: label_selector(names, Component::Redis),
-            // Members decide their roles themselves: no need to start in order.
-            pod_management_policy: Some("Parallel".to_owned()),
-            update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("OnDelete".to_owned()),
-                ..Default::default()
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels(names, Component::Redis)),
-                    annotations: Some(BTreeMap::from([(
-                        SCRIPTS_HASH_ANNOTATION.to_owned(),
-                        redis_group::scripts_hash(),
-                    )])),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    security_context: Some(pod_security),
-                    affinity: Some(affinity),
-                    topology_spread_constraints: Some(topology_spread),
-                    // preStop's hand-over, then redis-server's own shutdown.
-                    termination_grace_period_seconds: Some(PRESTOP_SECONDS + 30),
-                    ..Default::default()
-                }),
-            },
-            volume_claim_templates: claims,
-            ..Default::default()
-        }),
+    let pod = PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        // preStop's hand-over, then redis-server's own shutdown.
+        termination_grace_period_seconds: Some(PRESTOP_SECONDS + 30),
         ..Default::default()
     };
-    if let Some(spec) = built.spec.as_mut() {
-        super::overrides::apply(&mut spec.template, &c.spec.pods.redis);
+    let set = RedisPods {
+        name: &names.redis,
+        component: Component::Redis,
+        replicas: redis.replicas,
+        scripts_hash: redis_group::scripts_hash(),
+        claims,
+    };
+    // Members decide their roles themselves: no need to start in order.
+    set.statefulset(c, pod)
+}
+
+/// A StatefulSet of Redis pods (a Sentinel group's members, or a Redis
+/// Cluster's nodes): started in parallel (they find or are given their
+/// roles, in no order), `OnDelete` updates (the operator decides when a
+/// pod may go), the scripts' hash on the template, Pod Security
+/// "restricted", spread over nodes and zones, then `spec.pods.redis`.
+pub struct RedisPods<'a> {
+    pub name: &'a str,
+    pub component: Component,
+    pub replicas: i32,
+    pub scripts_hash: String,
+    pub claims: Option<Vec<PersistentVolumeClaim>>,
+}
+
+impl RedisPods<'_> {
+    /// The StatefulSet running `pod` (its containers, volumes and grace
+    /// period; the security context and spreading are filled in here).
+    pub fn statefulset(self, c: &ValidCluster, mut pod: PodSpec) -> StatefulSet {
+        let names = &c.names;
+        let (pod_security, _) = restricted_security();
+        let (affinity, topology_spread) = spread(names, self.component);
+        pod.security_context = Some(pod_security);
+        pod.affinity = Some(affinity);
+        pod.topology_spread_constraints = Some(topology_spread);
+        let mut built = StatefulSet {
+            metadata: object_meta(c, self.name, self.component),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(self.replicas),
+                service_name: Some(self.name.to_owned()),
+                selector: label_selector(names, self.component),
+                pod_management_policy: Some("Parallel".to_owned()),
+                update_strategy: Some(StatefulSetUpdateStrategy {
+                    type_: Some("OnDelete".to_owned()),
+                    ..Default::default()
+                }),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels(names, self.component)),
+                        annotations: Some(BTreeMap::from([(
+                            SCRIPTS_HASH_ANNOTATION.to_owned(),
+                            self.scripts_hash,
+                        )])),
+                        ..Default::default()
+                    }),
+                    spec: Some(pod),
+                },
+                volume_claim_templates: self.claims,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        if let Some(spec) = built.spec.as_mut() {
+            super::overrides::apply(&mut spec.template, &c.spec.pods.redis);
+        }
+        built
     }
-    built
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{TestCluster, UID, valid};
+    use super::super::fixtures::{TestCluster, UID, env_of, valid};
     use super::*;
     use chorus_crds::MessagingCluster;
 
     fn sts(mc: &MessagingCluster) -> StatefulSet {
         build(&valid(mc))
-    }
-
-    fn env_of(s: &StatefulSet) -> BTreeMap<String, String> {
-        let pod = s.spec.clone().expect("spec").template.spec.expect("pod");
-        pod.containers[0]
-            .env
-            .clone()
-            .expect("env")
-            .into_iter()
-            .filter_map(|e| Some((e.name, e.value?)))
-            .collect()
     }
 
     #[test]

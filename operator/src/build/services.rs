@@ -12,7 +12,7 @@ use super::meta::{Component, REDIS_PORT, SENTINEL_PORT, object_meta, selector_la
 use super::redis_group::WAITING_PORT;
 use crate::cluster::ValidCluster;
 
-fn port(name: &str, port: i32, target: i32) -> ServicePort {
+pub(crate) fn port(name: &str, port: i32, target: i32) -> ServicePort {
     ServicePort {
         name: Some(name.to_owned()),
         port,
@@ -63,7 +63,7 @@ pub fn client(c: &ValidCluster) -> Service {
 }
 
 /// A headless Service naming every pod of `component`, ready or not.
-fn headless(
+pub(crate) fn headless(
     c: &ValidCluster,
     name: &str,
     component: Component,

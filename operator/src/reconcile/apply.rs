@@ -29,7 +29,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
 
-use crate::build::{ManagedRedis, Resources, redis_group};
+use crate::build::{ManagedRedis, ManagedRedisCluster, Resources, redis_group};
 use crate::cluster::ValidCluster;
 
 /// The field manager of everything the operator writes.
@@ -101,8 +101,10 @@ pub struct Skipped {
 #[derive(Clone, Debug)]
 pub struct Applied {
     pub server_deployment: Deployment,
-    /// `None` in external mode.
+    /// `None` unless `redis.mode: managed`.
     pub redis: Option<AppliedRedis>,
+    /// The Redis Cluster's StatefulSet; `None` unless `redis.mode: cluster`.
+    pub redis_cluster: Option<StatefulSet>,
     /// The password Secret was generated in this reconcile.
     pub generated_secret: bool,
 }
@@ -302,6 +304,7 @@ pub async fn apply_all(
         service,
         server_pdb,
         redis,
+        redis_cluster,
         hpa,
         ingress,
         network_policy,
@@ -310,7 +313,12 @@ pub async fn apply_all(
     let mut skipped = Skipped::default();
     let sk = &mut skipped;
     apply_or_skip(client, ns, config_map, sk).await?;
-    let (applied_redis, generated_secret) = match redis {
+    // Built only when the operator runs Redis and found no Secret.
+    let generated_secret = match new_secret {
+        Some(secret) => create_secret(client, ns, secret).await?,
+        None => false,
+    };
+    let applied_redis = match redis {
         Some(ManagedRedis {
             group_config,
             headless_service,
@@ -320,10 +328,6 @@ pub async fn apply_all(
             redis_pdb,
             sentinel_pdb,
         }) => {
-            let generated = match new_secret {
-                Some(secret) => create_secret(client, ns, secret).await?,
-                None => false,
-            };
             apply_or_skip(client, ns, group_config, sk).await?;
             apply_or_skip(client, ns, headless_service, sk).await?;
             let statefulset = apply_and_observe::<StatefulSet>(client, ns, statefulset, sk).await?;
@@ -332,17 +336,15 @@ pub async fn apply_all(
                 apply_and_observe::<StatefulSet>(client, ns, sentinel_statefulset, sk).await?;
             apply_or_skip(client, ns, redis_pdb, sk).await?;
             apply_or_skip(client, ns, sentinel_pdb, sk).await?;
-            (
-                Some(AppliedRedis {
-                    statefulset,
-                    sentinel_statefulset,
-                }),
-                generated,
-            )
+            Some(AppliedRedis {
+                statefulset,
+                sentinel_statefulset,
+            })
         }
         None => {
-            // External Redis: the managed group is no longer wanted. The
-            // generated Secret stays (owned, so it goes with the cluster).
+            // External Redis or a Redis Cluster: the managed group is no
+            // longer wanted. The generated Secret stays (owned, so it goes
+            // with the cluster).
             delete::<StatefulSet>(client, c, &names.redis, sk).await?;
             delete::<StatefulSet>(client, c, &names.sentinel, sk).await?;
             delete::<ConfigMap>(client, c, &redis_group::config_map_name(names), sk).await?;
@@ -350,7 +352,25 @@ pub async fn apply_all(
             delete::<Service>(client, c, &names.sentinel, sk).await?;
             delete::<PodDisruptionBudget>(client, c, &names.redis, sk).await?;
             delete::<PodDisruptionBudget>(client, c, &names.sentinel, sk).await?;
-            (None, false)
+            None
+        }
+    };
+    let applied_cluster = match redis_cluster {
+        Some(ManagedRedisCluster {
+            headless_service,
+            statefulset,
+            pdb,
+        }) => {
+            apply_or_skip(client, ns, headless_service, sk).await?;
+            let statefulset = apply_and_observe::<StatefulSet>(client, ns, statefulset, sk).await?;
+            apply_or_skip(client, ns, pdb, sk).await?;
+            Some(statefulset)
+        }
+        None => {
+            delete::<StatefulSet>(client, c, &names.redis_cluster, sk).await?;
+            delete::<Service>(client, c, &names.redis_cluster, sk).await?;
+            delete::<PodDisruptionBudget>(client, c, &names.redis_cluster, sk).await?;
+            None
         }
     };
     let server_deployment =
@@ -372,6 +392,7 @@ pub async fn apply_all(
     let applied = Applied {
         server_deployment,
         redis: applied_redis,
+        redis_cluster: applied_cluster,
         generated_secret,
     };
     Ok((applied, skipped))

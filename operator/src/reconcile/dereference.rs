@@ -7,7 +7,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
-use super::members::{self, Members, MembersError};
+use super::members::{self, MemberPod, Members, MembersError};
 use crate::build::redis_auth_secret::generate_password;
 use crate::cluster::ValidCluster;
 
@@ -33,14 +33,17 @@ pub enum DereferenceError {
 /// What the cluster refers to, as read at the start of this reconcile.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dereferenced {
-    /// The password the managed Redis group runs with (the topology step
-    /// authenticates with it); `None` for external Redis.
+    /// The password the managed Redis group or cluster runs with (the
+    /// topology and cluster steps authenticate with it); `None` for
+    /// external Redis.
     pub redis_password: Option<String>,
     /// Set when the generated password Secret does not exist yet: the
     /// password apply creates it with (and `redis_password` equals it).
     pub new_password: Option<String>,
-    /// The managed group's pods; `None` for external Redis.
+    /// The managed group's pods; `None` unless `redis.mode: managed`.
     pub members: Option<Members>,
+    /// The Redis Cluster's pods; `None` unless `redis.mode: cluster`.
+    pub cluster_pods: Option<Vec<MemberPod>>,
     /// The servers' API key, when the connection autoscaler needs it to ask
     /// pods to shed connections (`spec.auth.apiKeySecretRef`).
     pub api_key: Option<String>,
@@ -71,7 +74,7 @@ pub async fn dereference(
             })?;
         out.api_key = Some(secret_value(&secret, &r.name, &r.key)?);
     }
-    if !c.managed_redis() {
+    if !c.runs_redis() {
         return Ok(out);
     }
     if let Some(r) = &c.password {
@@ -97,7 +100,11 @@ pub async fn dereference(
             }
         }
     }
-    out.members = Some(members::observe(client, &c.names).await?);
+    if c.managed_cluster() {
+        out.cluster_pods = Some(members::observe_cluster(client, &c.names).await?);
+    } else {
+        out.members = Some(members::observe(client, &c.names).await?);
+    }
     Ok(out)
 }
 

@@ -69,47 +69,60 @@ fn member(pod: &Pod) -> Option<MemberPod> {
     })
 }
 
+/// The pods of StatefulSet `prefix` among `pods`, sorted by name.
+fn ours(prefix: &str, pods: &[Pod]) -> Vec<MemberPod> {
+    let prefix = format!("{prefix}-");
+    let mut out: Vec<MemberPod> = pods
+        .iter()
+        .filter_map(member)
+        .filter(|m| {
+            m.name
+                .strip_prefix(&prefix)
+                .is_some_and(|o| o.parse::<u32>().is_ok())
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 /// The group from the listed pods (pods of other StatefulSets left out).
 pub fn from_pods(names: &Names, redis_pods: &[Pod], sentinel_pods: &[Pod]) -> Members {
-    let ours = |prefix: &str, pods: &[Pod]| {
-        let prefix = format!("{prefix}-");
-        let mut out: Vec<MemberPod> = pods
-            .iter()
-            .filter_map(member)
-            .filter(|m| {
-                m.name
-                    .strip_prefix(&prefix)
-                    .is_some_and(|o| o.parse::<u32>().is_ok())
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    };
     Members {
         redis: ours(&names.redis, redis_pods),
         sentinels: ours(&names.sentinel, sentinel_pods),
     }
 }
 
+async fn list(
+    client: &Client,
+    names: &Names,
+    component: Component,
+) -> Result<Vec<Pod>, MembersError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
+    let selector = selector_string(names, component);
+    pods.list(&ListParams::default().labels(&selector))
+        .await
+        .map(|l| l.items)
+        .map_err(|source| MembersError::List {
+            component: component.as_str(),
+            source,
+        })
+}
+
 /// Lists the Redis and Sentinel pods of the cluster.
 pub async fn observe(client: &Client, names: &Names) -> Result<Members, MembersError> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
-    let list = |component: Component| {
-        let pods = pods.clone();
-        let selector = selector_string(names, component);
-        async move {
-            pods.list(&ListParams::default().labels(&selector))
-                .await
-                .map(|l| l.items)
-                .map_err(|source| MembersError::List {
-                    component: component.as_str(),
-                    source,
-                })
-        }
-    };
-    let redis = list(Component::Redis).await?;
-    let sentinels = list(Component::Sentinel).await?;
+    let redis = list(client, names, Component::Redis).await?;
+    let sentinels = list(client, names, Component::Sentinel).await?;
     Ok(from_pods(names, &redis, &sentinels))
+}
+
+/// Lists the pods of a managed Redis Cluster (`redis.mode: cluster`).
+pub async fn observe_cluster(
+    client: &Client,
+    names: &Names,
+) -> Result<Vec<MemberPod>, MembersError> {
+    let pods = list(client, names, Component::RedisCluster).await?;
+    Ok(ours(&names.redis_cluster, &pods))
 }
 
 #[cfg(test)]

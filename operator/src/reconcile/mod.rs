@@ -12,7 +12,9 @@
 //!    field manager `chorus-operator`, deletion of what is no longer asked
 //!    for, one-time creation of the generated password Secret.
 //! 5. **topology** (Redis, not Kubernetes): [`redis_group::step`], one
-//!    master with every sentinel monitoring it.
+//!    master with every sentinel monitoring it; in `redis.mode: cluster`,
+//!    [`redis_cluster::step`] creates the Redis Cluster, adds shards and
+//!    moves slots to them (a bounded number per reconcile).
 //! 5. **fleet** (client, pods' HTTP): [`crate::fleet::step`] reads every
 //!    server pod's `/metrics` and acts on them: restarts a pod whose
 //!    backplane stays down, autoscales on connections, rebalances.
@@ -35,6 +37,7 @@
 pub mod apply;
 pub mod dereference;
 pub mod members;
+pub mod redis_cluster;
 pub mod redis_group;
 pub mod roll;
 pub mod status;
@@ -338,6 +341,11 @@ async fn converge(
                 .await;
         }
     }
+    // 5a. a managed Redis Cluster: create, grow, move slots, repair
+    let cluster = redis_cluster::step(c, &refs).await;
+    for (type_, reason, note) in cluster.iter().flat_map(redis_cluster::notices) {
+        ctx.publish(mc, type_, reason, note).await;
+    }
     // 5b. replace one outdated Redis pod, if the group is healthy
     let update_revision = applied
         .redis
@@ -362,11 +370,13 @@ async fn converge(
     }
     let group_settled = topology_error.is_none()
         && rolled.is_none()
-        && topology.as_ref().is_none_or(|r| r.converged());
+        && topology.as_ref().is_none_or(|r| r.converged())
+        && cluster.as_ref().is_none_or(|r| r.converged());
     let seen = topology.as_ref().map(status::GroupSeen::from_report);
     // 5c. the fleet: read the server pods; restart one whose backplane
     // stays down, autoscale on connections, rebalance after a scale-out
-    let master_seen = seen.as_ref().is_some_and(|g| g.master.is_some());
+    let master_seen = seen.as_ref().is_some_and(|g| g.master.is_some())
+        || cluster.as_ref().is_some_and(|r| r.whole());
     let fleet = crate::fleet::step(ctx, mc, c, refs.api_key.as_deref(), master_seen).await;
     // 6. status, from what apply, topology and the fleet observed
     let now = Timestamp::now();
@@ -375,7 +385,14 @@ async fn converge(
             let pods = fleet.as_ref().map(|f| &f.status);
             status::compute_kafka(mc, c, &applied, pods, now)
         }
-        None => status::compute(mc, c, &applied, seen.as_ref(), now),
+        None => {
+            let redis_seen = if c.managed_cluster() {
+                status::RedisSeen::Cluster(cluster.as_ref())
+            } else {
+                status::RedisSeen::Group(seen.as_ref())
+            };
+            status::compute_with(mc, c, &applied, redis_seen, now)
+        }
     };
     status::with_fleet(&mut new_status, mc, fleet, c.generation, now);
     // Refusals first: only the user can clear them; the rest is transient.

@@ -163,6 +163,30 @@ fn redis_ready() -> Value {
     json!({"readyReplicas": 3})
 }
 
+/// The deletes of a Sentinel group's objects that do not exist: each looks first.
+fn no_sentinel_group() -> [Expect; 7] {
+    let d = |path: String| expect(Method::GET, &path, Reply::NotFound);
+    [
+        d(format!("{APPS}/statefulsets/chat-redis")),
+        d(format!("{APPS}/statefulsets/chat-sentinel")),
+        d(format!("{NS}/configmaps/chat-redis-group")),
+        d(format!("{NS}/services/chat-redis")),
+        d(format!("{NS}/services/chat-sentinel")),
+        d(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
+        d(format!("{POLICY}/poddisruptionbudgets/chat-sentinel")),
+    ]
+}
+
+/// The deletes of a Redis Cluster's objects that do not exist: each looks first.
+fn no_redis_cluster() -> [Expect; 3] {
+    let d = |path: String| expect(Method::GET, &path, Reply::NotFound);
+    [
+        d(format!("{APPS}/statefulsets/chat-redis-cluster")),
+        d(format!("{NS}/services/chat-redis-cluster")),
+        d(format!("{POLICY}/poddisruptionbudgets/chat-redis-cluster")),
+    ]
+}
+
 impl Script {
     fn build(self) -> Vec<Expect> {
         let p = |path: String| expect(Method::PATCH, &path, Reply::Echo);
@@ -215,6 +239,10 @@ impl Script {
             redis(format!("{APPS}/statefulsets/chat-sentinel")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
             p(format!("{POLICY}/poddisruptionbudgets/chat-sentinel")),
+        ]);
+        // No Redis Cluster (`redis.mode: cluster`) to remove.
+        steps.extend(no_redis_cluster());
+        steps.extend([
             expect(
                 Method::PATCH,
                 &format!("{APPS}/deployments/chat-server"),
@@ -261,6 +289,7 @@ fn settled_cluster() -> MessagingCluster {
             )
             .unwrap(),
         }),
+        redis_cluster: None,
         generated_secret: false,
     };
     let group = super::status::GroupSeen {
@@ -735,19 +764,14 @@ fn a_moving_redis_group_is_looked_at_again_within_seconds() {
 fn without_redis_group(server_status: Value, pods: Expect) -> Vec<Expect> {
     // Each delete looks first; none of these exist.
     let d = |path: String| expect(Method::GET, &path, Reply::NotFound);
-    vec![
-        expect(
-            Method::PATCH,
-            &format!("{NS}/configmaps/chat-server"),
-            Reply::Echo,
-        ),
-        d(format!("{APPS}/statefulsets/chat-redis")),
-        d(format!("{APPS}/statefulsets/chat-sentinel")),
-        d(format!("{NS}/configmaps/chat-redis-group")),
-        d(format!("{NS}/services/chat-redis")),
-        d(format!("{NS}/services/chat-sentinel")),
-        d(format!("{POLICY}/poddisruptionbudgets/chat-redis")),
-        d(format!("{POLICY}/poddisruptionbudgets/chat-sentinel")),
+    let mut script = vec![expect(
+        Method::PATCH,
+        &format!("{NS}/configmaps/chat-server"),
+        Reply::Echo,
+    )];
+    script.extend(no_sentinel_group());
+    script.extend(no_redis_cluster());
+    script.extend([
         expect(
             Method::PATCH,
             &format!("{APPS}/deployments/chat-server"),
@@ -764,7 +788,8 @@ fn without_redis_group(server_status: Value, pods: Expect) -> Vec<Expect> {
         d(format!("{NET}/networkpolicies/chat-redis")),
         pods,
         expect(Method::PATCH, STATUS, Reply::Echo),
-    ]
+    ]);
+    script
 }
 
 #[tokio::test]
@@ -781,6 +806,72 @@ async fn external_redis_removes_the_managed_group_and_reports_the_url() {
     assert_eq!(out.status()["redis"]["master"], "redis://redis.infra:6379");
     assert_eq!(out.condition("RedisReady")["reason"], "ExternalRedis");
     assert_eq!(out.event_reasons(), Vec::<(String, String)>::new());
+}
+
+#[tokio::test]
+async fn cluster_mode_applies_the_redis_cluster_and_removes_the_sentinel_group() {
+    let mut mc = MessagingCluster::test();
+    mc.spec.redis.mode = chorus_crds::RedisMode::Cluster;
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": "chat-redis-auth", "namespace": "default"},
+                        "data": {"password": "aHVudGVyMg=="}});
+    let p = |path: String| expect(Method::PATCH, &path, Reply::Echo);
+    let d = |path: String| expect(Method::GET, &path, Reply::NotFound);
+    let mut script = vec![
+        expect(
+            Method::GET,
+            &format!("{NS}/secrets/chat-redis-auth"),
+            Reply::Json(200, secret),
+        ),
+        // The cluster's pods: none yet.
+        expect(
+            Method::GET,
+            &format!("{NS}/pods"),
+            Reply::Json(200, empty_pod_list()),
+        ),
+        p(format!("{NS}/configmaps/chat-server")),
+    ];
+    script.extend(no_sentinel_group());
+    script.extend([
+        p(format!("{NS}/services/chat-redis-cluster")),
+        p(format!("{APPS}/statefulsets/chat-redis-cluster")),
+        p(format!("{POLICY}/poddisruptionbudgets/chat-redis-cluster")),
+        p(format!("{APPS}/deployments/chat-server")),
+        p(format!("{NS}/services/chat")),
+        p(format!("{POLICY}/poddisruptionbudgets/chat-server")),
+        d(HPA.to_owned()),
+        d(format!("{NET}/ingresses/chat")),
+        p(format!("{NET}/networkpolicies/chat-redis")),
+        server_pods(),
+        expect(Method::PATCH, STATUS, Reply::Echo),
+        expect(Method::POST, EVENTS, Reply::Created),
+    ]);
+    let out = run(mc, script).await;
+    assert!(out.result.is_ok(), "{:?}", out.result);
+    let pods = &out.seen[1];
+    assert!(
+        pods.query
+            .contains("app.kubernetes.io%2Fcomponent%3Dredis-cluster"),
+        "{}",
+        pods.query
+    );
+    let cm = out.body(Method::PATCH, &format!("{NS}/configmaps/chat-server"));
+    assert!(
+        cm["data"]["CHORUS_BROKER"].as_str().unwrap().starts_with(
+            "redis+cluster://chat-redis-cluster-0.chat-redis-cluster.default.svc:6379,"
+        ),
+        "{cm}"
+    );
+    let sts = out.body(
+        Method::PATCH,
+        &format!("{APPS}/statefulsets/chat-redis-cluster"),
+    );
+    assert_eq!(sts["spec"]["replicas"], 6);
+    assert_eq!(out.condition("RedisReady")["reason"], "RedisStarting");
+    assert_eq!(
+        out.event_reasons(),
+        [("Normal".to_owned(), "Created".to_owned())]
+    );
 }
 
 #[tokio::test]

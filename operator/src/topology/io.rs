@@ -20,14 +20,14 @@ use super::model::{
 use super::parse;
 
 /// One open connection to one member, remembering where it goes for errors.
-struct Conn {
+pub(crate) struct Conn {
     addr: NodeAddr,
     con: MultiplexedConnection,
     timeout: Duration,
 }
 
 impl Conn {
-    async fn open(
+    pub(crate) async fn open(
         addr: &NodeAddr,
         password: Option<&str>,
         timeout: Duration,
@@ -63,7 +63,7 @@ impl Conn {
         })
     }
 
-    async fn query<T: redis::FromRedisValue>(
+    pub(crate) async fn query<T: redis::FromRedisValue>(
         &mut self,
         name: &'static str,
         cmd: &redis::Cmd,
@@ -82,7 +82,7 @@ impl Conn {
         .await
     }
 
-    fn reply_error(&self, command: &'static str, detail: String) -> TopologyError {
+    pub(crate) fn reply_error(&self, command: &'static str, detail: String) -> TopologyError {
         TopologyError::Reply {
             addr: self.addr.clone(),
             command,

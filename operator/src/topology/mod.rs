@@ -43,7 +43,7 @@
 //! TLS.
 
 mod error;
-mod io;
+pub(crate) mod io;
 mod model;
 mod parse;
 pub mod plan;

@@ -1,6 +1,6 @@
 //! One function per condition, each from the facts it needs.
 
-use chorus_crds::{FleetStatus, KafkaStatus, RedisStatus};
+use chorus_crds::{FleetStatus, KafkaStatus, RedisClusterStatus, RedisStatus, ShardStatus};
 
 use crate::build::config_map::broker_url;
 use crate::cluster::ValidCluster;
@@ -227,6 +227,7 @@ pub fn redis(
         sentinels_ready,
         replicas_linked: None,
         replication_lag_bytes: None,
+        cluster: None,
     };
     let pods = format!(
         "{redis_ready}/{want_redis} Redis pods and {sentinels_ready}/{want_sentinels} sentinels are ready"
@@ -372,5 +373,93 @@ pub fn kafka(c: &ValidCluster, fleet: Option<&FleetStatus>) -> (KafkaStatus, Ver
         pods_reaching: i32::try_from(up).unwrap_or(i32::MAX),
         message: verdict.message.clone(),
     };
+    (status, verdict)
+}
+
+/// `status.redis` and `RedisReady` in `redis.mode: cluster`: ready when the
+/// cluster is `ok` and serves all 16384 slots (while a new shard still
+/// receives slots too: every slot is served meanwhile).
+pub fn redis_cluster(
+    c: &ValidCluster,
+    applied: &Applied,
+    report: Option<&crate::redis_cluster::ClusterReport>,
+) -> (RedisStatus, Verdict) {
+    use crate::redis_cluster::{SLOTS, ranges_text};
+    let want = crate::build::redis_cluster::pods(c);
+    let ready = applied
+        .redis_cluster
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let pods = format!("{ready}/{want} Redis Cluster pods are ready");
+    let mut status = RedisStatus {
+        ready_replicas: ready,
+        ..RedisStatus::default()
+    };
+    let Some(report) = report else {
+        return (
+            status,
+            Verdict::new(
+                false,
+                "RedisStarting",
+                format!(
+                    "{pods}; see `kubectl get pods -l app.kubernetes.io/instance={},app.kubernetes.io/component=redis-cluster`",
+                    c.names.instance
+                ),
+            ),
+        );
+    };
+    let shards: Vec<ShardStatus> = report
+        .shards
+        .iter()
+        .map(|s| ShardStatus {
+            master: s.master.clone(),
+            slots: i32::try_from(s.slots).unwrap_or(i32::MAX),
+            slot_ranges: ranges_text(&s.ranges),
+            replicas: s.replicas.clone(),
+            replicas_linked: i32::try_from(s.replicas_linked).unwrap_or(i32::MAX),
+        })
+        .collect();
+    let replicas: usize = report.shards.iter().map(|s| s.replicas.len()).sum();
+    let linked: usize = report.shards.iter().map(|s| s.replicas_linked).sum();
+    let problem = report.waiting.clone().or_else(|| {
+        (!report.unreachable.is_empty()).then(|| {
+            let names: Vec<&str> = report.unreachable.iter().map(|(n, _)| n.as_str()).collect();
+            format!("not answering: {}", names.join(", "))
+        })
+    });
+    let state = report.state.clone().unwrap_or_else(|| "unknown".to_owned());
+    let verdict = if report.whole() {
+        let moving = match report.slots_to_move {
+            0 => String::new(),
+            n => format!("; {n} slots still to move to new shards"),
+        };
+        Verdict::new(
+            true,
+            "RedisClusterReady",
+            format!(
+                "{} shards serve all {SLOTS} slots; {linked}/{replicas} replicas linked{moving}",
+                shards.len()
+            ),
+        )
+    } else {
+        Verdict::new(
+            false,
+            "RedisClusterNotReady",
+            format!(
+                "cluster_state {state}, {}/{SLOTS} slots served; {}; {pods}",
+                report.slots_covered,
+                problem.as_deref().unwrap_or("the cluster is forming")
+            ),
+        )
+    };
+    status.cluster = Some(RedisClusterStatus {
+        state: report.state.clone(),
+        slots_covered: i32::try_from(report.slots_covered).unwrap_or(0),
+        slots_to_move: i32::try_from(report.slots_to_move).unwrap_or(0),
+        shards,
+        problem,
+    });
     (status, verdict)
 }

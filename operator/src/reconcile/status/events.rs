@@ -57,6 +57,13 @@ pub fn transitions(
                 mc.spec.redis.replicas, mc.spec.redis.sentinels
             ),
             RedisMode::External => " using external Redis".to_owned(),
+            RedisMode::Cluster => {
+                let shape = mc.spec.redis.cluster_shape();
+                format!(
+                    " and a Redis Cluster of {} shards with {} replicas each",
+                    shape.shards, shape.replicas_per_shard
+                )
+            }
         };
         let backplane = match crate::cluster::on_kafka(&mc.spec) {
             Some(kafka) => format!(" using Kafka at {}", kafka.bootstrap_servers.join(",")),

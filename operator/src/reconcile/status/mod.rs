@@ -156,6 +156,17 @@ fn endpoints(c: &ValidCluster) -> EndpointsStatus {
     }
 }
 
+/// What the Redis step of a reconcile observed.
+#[derive(Clone, Copy, Debug)]
+pub enum RedisSeen<'a> {
+    /// The managed Sentinel group as the topology step saw it (or
+    /// external Redis: nothing to see).
+    Group(Option<&'a GroupSeen>),
+    /// `redis.mode: cluster`: the cluster step's report (`None` before
+    /// its pods run).
+    Cluster(Option<&'a crate::redis_cluster::ClusterReport>),
+}
+
 /// The status after a successful apply. `seen`: the managed Redis group
 /// as the topology step observed it.
 pub fn compute(
@@ -165,8 +176,22 @@ pub fn compute(
     seen: Option<&GroupSeen>,
     now: Timestamp,
 ) -> MessagingClusterStatus {
+    compute_with(mc, c, applied, RedisSeen::Group(seen), now)
+}
+
+/// [`compute`] for any kind of Redis.
+pub fn compute_with(
+    mc: &MessagingCluster,
+    c: &ValidCluster,
+    applied: &Applied,
+    seen: RedisSeen<'_>,
+    now: Timestamp,
+) -> MessagingClusterStatus {
     let servers = conditions::Servers::of(c, applied);
-    let (redis, redis_ready) = conditions::redis(c, applied, seen);
+    let (redis, redis_ready) = match seen {
+        RedisSeen::Group(group) => conditions::redis(c, applied, group),
+        RedisSeen::Cluster(report) => conditions::redis_cluster(c, applied, report),
+    };
     let progressing = conditions::progressing(&servers);
     let ready = conditions::ready(&servers, &progressing, &redis_ready);
     let backplane = (condition::REDIS_READY, redis_ready);

@@ -41,6 +41,7 @@ fn applied(ready: i32, replicas: i32, redis_ready: i32) -> Applied {
             statefulset,
             sentinel_statefulset,
         }),
+        redis_cluster: None,
         generated_secret: false,
     }
 }
