@@ -15,7 +15,8 @@
 //!   of master, replicas and sentinels with small timeouts ([`SentinelGroup`]).
 //! - [`redis_cluster`]: a Redis Cluster ([`RedisCluster`]): shards of a
 //!   master and replicas joined by `redis-cli --cluster create`, with slot
-//!   migration and master failover helpers.
+//!   migration and master failover helpers; or nodes left unjoined, for
+//!   code that builds the cluster itself (the operator).
 //! - [`postgres`]: PostgreSQL ([`Postgres`]): `initdb` into its directory,
 //!   the server on a free port (as an unprivileged user when run as root).
 //! - [`kafka`]: an Apache Kafka broker in KRaft mode ([`KafkaBroker`]),

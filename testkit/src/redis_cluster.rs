@@ -5,6 +5,8 @@
 //! test needs: move one slot to another master (in steps, so a test can act
 //! while the slot's keys are in flight), kill a shard's master and wait for
 //! its replica to take over, count a shard channel's subscribers per master.
+//! [`RedisCluster::launch_unjoined`] starts nodes that know only
+//! themselves, for code that builds the cluster itself (the operator).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,6 +26,8 @@ pub struct ClusterOptions {
     /// `cluster-node-timeout`: how soon a silent master counts as failed
     /// (its replica takes over about a second after).
     pub node_timeout: Duration,
+    /// `requirepass` and `masterauth` of every node.
+    pub password: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -33,6 +37,7 @@ impl Default for ClusterOptions {
             shards: 3,
             replicas_per_shard: 1,
             node_timeout: Duration::from_secs(2),
+            password: None,
         }
     }
 }
@@ -45,6 +50,7 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(60);
 /// failover swaps roles).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    password: Option<String>,
 }
 
 impl RedisCluster {
@@ -64,8 +70,15 @@ impl RedisCluster {
         for _ in 0..count {
             nodes.push(launch_node(&options).await?);
         }
-        let cluster = Self { nodes };
-        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        let cluster = Self {
+            nodes,
+            password: options.password.clone(),
+        };
+        let mut args: Vec<String> = Vec::new();
+        if let Some(password) = &options.password {
+            args.extend(["-a".into(), password.clone(), "--no-auth-warning".into()]);
+        }
+        args.extend(["--cluster".into(), "create".into()]);
         args.extend(cluster.nodes.iter().map(|n| n.addr()));
         args.extend([
             "--cluster-replicas".into(),
@@ -75,6 +88,28 @@ impl RedisCluster {
         redis_cli(&args).await?;
         cluster.wait_whole(START_LIMIT).await?;
         Ok(cluster)
+    }
+
+    /// `count` cluster-enabled nodes that know only themselves and serve no
+    /// slot: for code that meets them and assigns slots itself.
+    pub async fn launch_unjoined(count: usize, options: ClusterOptions) -> Result<Self> {
+        let mut cluster = Self {
+            nodes: Vec::with_capacity(count),
+            password: options.password.clone(),
+        };
+        for _ in 0..count {
+            cluster.add_unjoined(&options).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts one more node that knows only itself (a pod added by a
+    /// scale-up); returns its port.
+    pub async fn add_unjoined(&mut self, options: &ClusterOptions) -> Result<u16> {
+        let node = launch_node(options).await?;
+        let port = node.port;
+        self.nodes.push(node);
+        Ok(port)
     }
 
     /// `redis+cluster://` with every node, for the chorus nodes.
@@ -163,7 +198,7 @@ impl RedisCluster {
         let _: () = self.node(to).query(&setslot("IMPORTING", &from_id)).await;
         let _: () = self.node(from).query(&setslot("MIGRATING", &to_id)).await;
         loop {
-            let keys: Vec<String> = self
+            let keys: Vec<Vec<u8>> = self
                 .node(from)
                 .query(
                     redis::cmd("CLUSTER")
@@ -175,19 +210,12 @@ impl RedisCluster {
             if keys.is_empty() {
                 break;
             }
-            let _: Value = self
-                .node(from)
-                .query(
-                    redis::cmd("MIGRATE")
-                        .arg("127.0.0.1")
-                        .arg(to)
-                        .arg("")
-                        .arg(0)
-                        .arg(5000)
-                        .arg("KEYS")
-                        .arg(&keys),
-                )
-                .await;
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate.arg("127.0.0.1").arg(to).arg("").arg(0).arg(5000);
+            if let Some(password) = &self.password {
+                migrate.arg("AUTH").arg(password);
+            }
+            let _: Value = self.node(from).query(migrate.arg("KEYS").arg(&keys)).await;
         }
         Migration {
             slot,
@@ -311,7 +339,7 @@ impl Migration {
         let _: () = cluster.node(self.from).query(&setslot).await;
         for node in &cluster.nodes {
             // Replicas refuse SETSLOT; gossip tells them.
-            let _: redis::RedisResult<()> = query(&node.url(), &setslot).await;
+            let _: redis::RedisResult<()> = query(&node.url_with_auth(), &setslot).await;
         }
         let what = format!("every node to place slot {} on {}", self.slot, self.to);
         wait::until(&what, START_LIMIT, async || {
@@ -339,6 +367,7 @@ async fn launch_node(options: &ClusterOptions) -> Result<RedisServer> {
 /// default, its port + 10 000, may be taken (or past 65 535).
 fn node_options(options: &ClusterOptions) -> RedisOptions {
     RedisOptions {
+        password: options.password.clone(),
         extra: [
             "--cluster-enabled",
             "yes",
@@ -357,7 +386,8 @@ fn node_options(options: &ClusterOptions) -> RedisOptions {
 
 /// A live node says `cluster_state:ok` and, as a replica, is in sync.
 async fn node_ready(node: &RedisServer) -> bool {
-    let Ok(text) = query::<String>(&node.url(), redis::cmd("CLUSTER").arg("INFO")).await else {
+    let Ok(text) = query::<String>(&node.url_with_auth(), redis::cmd("CLUSTER").arg("INFO")).await
+    else {
         return false;
     };
     if crate::redis::Info::parse(&text)
@@ -377,7 +407,7 @@ async fn node_ready(node: &RedisServer) -> bool {
 
 /// A live node's `CLUSTER SLOTS`, parsed.
 async fn slots_of(node: &RedisServer) -> Option<Vec<(u16, u16, u16)>> {
-    let reply: Value = query(&node.url(), redis::cmd("CLUSTER").arg("SLOTS"))
+    let reply: Value = query(&node.url_with_auth(), redis::cmd("CLUSTER").arg("SLOTS"))
         .await
         .ok()?;
     parse_slots(&reply)
