@@ -16,10 +16,12 @@
 //! alert evaluated on the pods' real metrics, [`alerts`]), upgrade the
 //! operator, switch to streams and roll the servers under load, refuse
 //! invalid manifests, delete the cluster; then `examples/durable.yaml`
-//! through the faults of a Redis group's life ([`faults`]) and the
+//! through the faults of a Redis group's life ([`faults`]), the
 //! operator's autopilot ([`autopilot`]: insights, scaling on connections,
 //! a silently cut backplane repaired); then `examples/kafka.yaml` on a real
-//! Kafka on this machine, through a Kafka outage ([`kafka`]). On failure it prints the
+//! Kafka on this machine, through a Kafka outage ([`kafka`]); and
+//! `examples/redis-cluster.yaml` growing from 3 to 4 shards under traffic
+//! ([`redis_cluster`]). On failure it prints the
 //! operator's log, the events and the pod states; it deletes what it
 //! created (unless `CHORUS_E2E_KEEP=1` and a step failed).
 //! `CHORUS_E2E_ONLY=11` (step numbers, comma-separated) runs only those
@@ -34,6 +36,8 @@ mod autopilot;
 mod faults;
 #[path = "e2e/kafka.rs"]
 mod kafka;
+#[path = "e2e/redis_cluster.rs"]
+mod redis_cluster;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
@@ -318,6 +322,11 @@ async fn steps(run: &Run) {
     step(
         "11. delivery: kafka on an external Kafka",
         kafka::kafka_delivery(run),
+    )
+    .await;
+    step(
+        "12. a managed Redis Cluster grows from 3 to 4 shards under traffic",
+        redis_cluster::redis_cluster(run),
     )
     .await;
 }

@@ -43,12 +43,17 @@ async fn redis_ready(run: &Run) -> bool {
 
 /// The reasons of the Events about the durable cluster.
 pub(super) async fn events(run: &Run) -> Vec<String> {
+    events_of(run, DURABLE).await
+}
+
+/// The reasons of the Events about MessagingCluster `mc`.
+pub(super) async fn events_of(run: &Run, mc: &str) -> Vec<String> {
     kubectl(&[
         "get",
         "events",
         &run.ns_flag(),
         "--field-selector",
-        &format!("involvedObject.name={DURABLE}"),
+        &format!("involvedObject.name={mc}"),
         "-o",
         "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
     ])
