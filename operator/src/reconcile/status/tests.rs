@@ -476,3 +476,83 @@ fn kafka_out_of_reach_of_some_pods_or_not_reported_yet_is_not_reachable() {
         cond(&s, "KafkaReachable")
     );
 }
+
+#[test]
+fn a_redis_cluster_is_ready_only_when_ok_and_every_slot_is_served() {
+    use crate::redis_cluster::{ClusterReport, Shard};
+    let mut mc = MessagingCluster::test();
+    mc.spec.redis.mode = chorus_crds::RedisMode::Cluster;
+    let c = valid(&mc);
+    let mut applied = applied(3, 3, 0);
+    applied.redis = None;
+    applied.redis_cluster = Some(StatefulSet {
+        status: Some(StatefulSetStatus {
+            ready_replicas: Some(6),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let shard = |k: u16, master: &str, replica: &str| Shard {
+        master: master.to_owned(),
+        slots: if k == 0 { 5462 } else { 5461 },
+        ranges: if k == 0 {
+            vec![(0, 5460), (16383, 16383)]
+        } else {
+            vec![(k * 5461, k * 5461 + 5460)]
+        },
+        replicas: vec![replica.to_owned()],
+        replicas_linked: 1,
+    };
+    let mut report = ClusterReport {
+        state: Some("ok".to_owned()),
+        slots_covered: 16384,
+        shards: vec![
+            shard(0, "chat-redis-cluster-0", "chat-redis-cluster-3"),
+            shard(1, "chat-redis-cluster-1", "chat-redis-cluster-4"),
+            shard(2, "chat-redis-cluster-2", "chat-redis-cluster-5"),
+        ],
+        ..ClusterReport::default()
+    };
+    let at = |report: &ClusterReport| {
+        compute_with(&mc, &c, &applied, RedisSeen::Cluster(Some(report)), now())
+    };
+    let s = at(&report);
+    assert_eq!(cond(&s, "RedisReady").status, "True");
+    assert_eq!(cond(&s, "RedisReady").reason, "RedisClusterReady");
+    assert_eq!(cond(&s, "Ready").status, "True");
+    let cluster = s.redis.cluster.clone().expect("status.redis.cluster");
+    assert_eq!(cluster.state.as_deref(), Some("ok"));
+    assert_eq!(cluster.shards.len(), 3);
+    assert_eq!(cluster.shards[0].slot_ranges, "0-5460,16383");
+    assert_eq!(cluster.shards[2].replicas, ["chat-redis-cluster-5"]);
+    assert_eq!(s.redis.ready_replicas, 6);
+    // Slots still moving to a new shard: every slot is served, still Ready.
+    report.slots_to_move = 1000;
+    let s = at(&report);
+    assert_eq!(cond(&s, "RedisReady").status, "True");
+    assert!(
+        cond(&s, "RedisReady")
+            .message
+            .contains("1000 slots still to move")
+    );
+    // A slot unserved (a master down without a replica): not Ready.
+    report.slots_covered = 10923;
+    report.state = Some("fail".to_owned());
+    report.waiting = Some("the master of a shard (10.0.0.7:6379) does not answer".to_owned());
+    let s = at(&report);
+    assert_eq!(cond(&s, "RedisReady").status, "False");
+    assert_eq!(cond(&s, "RedisReady").reason, "RedisClusterNotReady");
+    assert!(
+        cond(&s, "RedisReady").message.contains("10923/16384"),
+        "{}",
+        cond(&s, "RedisReady").message
+    );
+    assert_eq!(cond(&s, "Ready").status, "False");
+    assert_eq!(
+        s.redis.cluster.expect("cluster").problem.as_deref(),
+        report.waiting.as_deref()
+    );
+    // Before its pods run.
+    let s = compute_with(&mc, &c, &applied, RedisSeen::Cluster(None), now());
+    assert_eq!(cond(&s, "RedisReady").reason, "RedisStarting");
+}
