@@ -111,7 +111,16 @@ pub fn plan(observed: &Observed, config: &ClusterConfig) -> Plan {
     let (new_masters, free) = empty_masters(observed, &table, &owners, config.shards);
     actions.extend(replicas(observed, &table, &owners, &new_masters, &free));
     let balance = balance(observed, anchor_seen, &owners, &new_masters, config);
-    actions.extend(balance.moves);
+    let placing = !actions.is_empty();
+    // Slots nobody serves are served at once; but slots move only in a pass
+    // of their own, after the new shards' replicas are placed (a failed
+    // move would otherwise be all a pass reports of a new shard).
+    actions.extend(
+        balance
+            .moves
+            .into_iter()
+            .filter(|a| !placing || !matches!(a, Action::MoveSlots { .. })),
+    );
     Plan {
         actions,
         waiting: balance.waiting,
@@ -430,6 +439,26 @@ fn balance(
             waiting: Some("the cluster is not ok: no slot moves until it is".to_owned()),
         };
     }
+    // A master that just joined learns who serves each slot by gossip; until
+    // it does it calls the cluster down, and a MIGRATE into it fails
+    // (`CLUSTERDOWN`).
+    let receiving = shards
+        .iter()
+        .zip(&targets)
+        .filter(|((_, s), t)| (s.len() as u32) < **t)
+        .map(|((i, _), _)| *i);
+    for i in receiving {
+        if observed.seen(i).is_some_and(|s| !s.state_ok) {
+            return Balance {
+                moves: Vec::new(),
+                gap,
+                waiting: Some(format!(
+                    "{} does not see the cluster ok yet: no slot moves to it until it does",
+                    observed.members[i].0.name
+                )),
+            };
+        }
+    }
     let mut surplus: Vec<(usize, Vec<u16>)> = shards
         .iter()
         .zip(&targets)
@@ -679,8 +708,17 @@ mod tests {
         assert_eq!(gap(&observed, &config), 4096);
         let p = plan(&observed, &config);
         assert_eq!(p.waiting, None);
-        assert_eq!(p.actions[0], Action::Replicate { on: 7, master: 6 });
-        let moved: Vec<(usize, usize, usize, bool)> = p.actions[1..]
+        // The new shard's replica first, in a pass of its own…
+        assert_eq!(p.actions, [Action::Replicate { on: 7, master: 6 }]);
+        // …then the slots, paced.
+        let mut lines = three_shards_and_replicas(2);
+        let n7 = lines.iter_mut().find(|l| l.id == "n7").unwrap();
+        n7.master_id = Some("n6".to_owned());
+        n7.flags = vec!["slave".to_owned()];
+        let observed = agreed(&config, &lines);
+        let p = plan(&observed, &config);
+        assert_eq!(p.waiting, None);
+        let moved: Vec<(usize, usize, usize, bool)> = p.actions[..]
             .iter()
             .map(|a| match a {
                 Action::MoveSlots {
@@ -696,11 +734,33 @@ mod tests {
         assert_eq!(total, 1000, "paced: {moved:?}");
         assert!(moved.iter().all(|m| m.1 == 6 && m.3), "{moved:?}");
         // The slots come from the shards' own ranges.
-        let Action::MoveSlots { from, slots, .. } = &p.actions[1] else {
+        let Action::MoveSlots { from, slots, .. } = &p.actions[0] else {
             unreachable!()
         };
         let first = [(0, 5460), (5461, 10921), (10922, 16383)][*from];
         assert!(slots.iter().all(|s| (first.0..=first.1).contains(s)));
+    }
+
+    #[test]
+    fn no_slot_moves_into_a_master_that_does_not_see_the_cluster_ok_yet() {
+        let config = config(8, 4);
+        let mut lines = three_shards_and_replicas(2);
+        let n7 = lines.iter_mut().find(|l| l.id == "n7").unwrap();
+        n7.master_id = Some("n6".to_owned());
+        n7.flags = vec!["slave".to_owned()];
+        let mut observed = agreed(&config, &lines);
+        if let Ok(seen) = &mut observed.members[6].1 {
+            seen.state_ok = false;
+        }
+        let p = plan(&observed, &config);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert!(
+            p.waiting
+                .as_deref()
+                .is_some_and(|w| w.contains("does not see the cluster ok")),
+            "{:?}",
+            p.waiting
+        );
     }
 
     #[test]
