@@ -618,7 +618,7 @@ cmd_status() {
 # The kubelet's own chains (KUBE-FIREWALL, KUBE-KUBELET-CANARY, ...), which
 # kube-proxy --cleanup leaves, and a nat table that holds nothing else: an
 # idle nat table still sends every packet through connection tracking
-# (measured: about 1.5 µs more per loopback write).
+# (measured: about 1.2 µs more per loopback write).
 remove_kubelet_rules() {
   local cmd table chain
   for cmd in iptables ip6tables; do
@@ -639,11 +639,12 @@ remove_kubelet_rules() {
     done
   done
   if command -v nft >/dev/null; then
-    for table in "ip nat" "ip6 nat"; do
+    local family
+    for family in ip ip6; do
       # Only the built-in chains left, with no rules: nobody else uses it.
-      if nft list table $table >/dev/null 2>&1 \
-        && [ -z "$(nft list table $table 2>/dev/null | grep -vE '^\s*(table|chain|type|policy|\}|$)|^#')" ]; then
-        nft delete table $table 2>/dev/null || true
+      if nft list table "$family" nat >/dev/null 2>&1 \
+        && ! nft list table "$family" nat 2>/dev/null | grep -qvE '^\s*(table|chain|type|policy|\}|$)|^#'; then
+        nft delete table "$family" nat 2>/dev/null || true
       fi
     done
   fi

@@ -35,9 +35,9 @@ pub struct WriterArgs {
     pub messages: u64,
 }
 
-/// The floor measured: writer CPU per write, and how long after its
-/// message was due each frame reached the bench (the latency no server can
-/// beat on this machine: the same writes, read by the same kind of tasks).
+/// The floor measured: writer CPU per write, and how long after it was
+/// sent each frame reached the bench (the latency no server can beat on
+/// this machine: the same writes, read by the same kind of tasks).
 #[derive(Debug, Clone)]
 pub struct Floor {
     pub us_per_write: f64,

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use fleet::{BrokerKind, Fleet, FleetSpec};
 use peers::Target;
-use report::{Report, num, show};
+use report::{Report, ms, num, show};
 use scenarios::{FailoverArgs, FanoutArgs, IdleArgs, RoomsArgs, SaturateArgs};
 
 /// Load generator for Chorus: starts a fleet (or targets running nodes),
@@ -169,11 +169,11 @@ async fn put_floor(cli: &Cli, report: &mut Report) -> Result<Option<f64>> {
     report.put(
         "floor_latency_ms",
         "loopback floor latency (ms)",
-        serde_json::json!({"p50": l.quantile(0.5) as f64 / 1e3, "p99": l.quantile(0.99) as f64 / 1e3, "max": l.max() as f64 / 1e3}),
+        json!({"p50": ms(l.quantile(0.5)), "p99": ms(l.quantile(0.99)), "max": ms(l.max())}),
         format!(
             "p50 {:.1} / p99 {:.1} ms",
-            l.quantile(0.5) as f64 / 1e3,
-            l.quantile(0.99) as f64 / 1e3
+            ms(l.quantile(0.5)),
+            ms(l.quantile(0.99))
         ),
     );
     put_ratio(report, floor.us_per_write);

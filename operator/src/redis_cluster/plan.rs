@@ -692,6 +692,16 @@ mod tests {
         lines
     }
 
+    /// Three shards with their replicas, and n6 a new empty master that n7
+    /// already replicates.
+    fn fourth_shard_with_its_replica() -> Vec<NodeLine> {
+        let mut lines = three_shards_and_replicas(2);
+        let n7 = lines.iter_mut().find(|l| l.id == "n7").unwrap();
+        n7.master_id = Some("n6".to_owned());
+        n7.flags = vec!["slave".to_owned()];
+        lines
+    }
+
     #[test]
     fn a_whole_cluster_needs_nothing() {
         let config = config(6, 3);
@@ -711,11 +721,7 @@ mod tests {
         // The new shard's replica first, in a pass of its own…
         assert_eq!(p.actions, [Action::Replicate { on: 7, master: 6 }]);
         // …then the slots, paced.
-        let mut lines = three_shards_and_replicas(2);
-        let n7 = lines.iter_mut().find(|l| l.id == "n7").unwrap();
-        n7.master_id = Some("n6".to_owned());
-        n7.flags = vec!["slave".to_owned()];
-        let observed = agreed(&config, &lines);
+        let observed = agreed(&config, &fourth_shard_with_its_replica());
         let p = plan(&observed, &config);
         assert_eq!(p.waiting, None);
         let moved: Vec<(usize, usize, usize, bool)> = p.actions[..]
@@ -744,11 +750,7 @@ mod tests {
     #[test]
     fn no_slot_moves_into_a_master_that_does_not_see_the_cluster_ok_yet() {
         let config = config(8, 4);
-        let mut lines = three_shards_and_replicas(2);
-        let n7 = lines.iter_mut().find(|l| l.id == "n7").unwrap();
-        n7.master_id = Some("n6".to_owned());
-        n7.flags = vec!["slave".to_owned()];
-        let mut observed = agreed(&config, &lines);
+        let mut observed = agreed(&config, &fourth_shard_with_its_replica());
         if let Ok(seen) = &mut observed.members[6].1 {
             seen.state_ok = false;
         }
