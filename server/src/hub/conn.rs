@@ -138,9 +138,33 @@ pub trait Wire: Send + 'static {
     ) -> Poll<io::Result<usize>>;
 }
 
-impl Wire for tokio::net::tcp::OwnedWriteHalf {
+/// The writing end of the socket as the queue holds it: a TCP socket's
+/// inline, so that the fan-out's write touches nothing of the connection's
+/// but the queue and the socket (the fan-out goes through every subscriber
+/// of a room for each message, and each allocation it follows per
+/// subscriber is a cache miss); any other wire boxed (tests).
+enum WireEnd {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Other(Box<dyn Wire>),
+}
+
+impl WireEnd {
+    /// One non-blocking `send` (again when interrupted by a signal). For a
+    /// TCP socket straight to the socket, not through tokio's readiness
+    /// (one allocation fewer to read): when the socket refuses, the
+    /// connection's task writes next through tokio, meets the refusal
+    /// itself and waits for the socket properly.
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
+        loop {
+            let res = match self {
+                WireEnd::Tcp(w) => socket2::SockRef::from(w.as_ref()).send(buf),
+                WireEnd::Other(w) => w.try_write(buf),
+            };
+            match res {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                res => return res,
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -148,7 +172,12 @@ impl Wire for tokio::net::tcp::OwnedWriteHalf {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(self), cx, bufs)
+        match self {
+            WireEnd::Tcp(w) => {
+                tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(w), cx, bufs)
+            }
+            WireEnd::Other(w) => w.poll_write_vectored(cx, bufs),
+        }
     }
 }
 
@@ -190,7 +219,7 @@ struct QueueState {
     /// exactly where the task would have written it next.
     idle: bool,
     /// The socket, once the connection has one.
-    wire: Option<Box<dyn Wire>>,
+    wire: Option<WireEnd>,
     /// Bytes in the socket's order that it has not taken yet.
     unsent: VecDeque<Bytes>,
 }
@@ -357,10 +386,15 @@ const KEEP_CAPACITY: usize = 64;
 pub struct QueueRx(Arc<SendQueue>);
 
 impl QueueRx {
-    /// Gives the queue the socket's writing end: from now on the fan-out may
-    /// write to it.
+    /// Gives the queue the TCP socket's writing end: from now on the
+    /// fan-out may write to it.
+    pub fn attach_tcp(&self, wire: tokio::net::tcp::OwnedWriteHalf) {
+        lock(&self.0.state).wire = Some(WireEnd::Tcp(wire));
+    }
+
+    /// Gives the queue some other writing end (tests).
     pub fn attach(&self, wire: Box<dyn Wire>) {
-        lock(&self.0.state).wire = Some(wire);
+        lock(&self.0.state).wire = Some(WireEnd::Other(wire));
     }
 
     /// Waits until frames are queued (moving up to `max` of them into

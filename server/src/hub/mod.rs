@@ -70,6 +70,11 @@ struct LocalRoom {
     /// Until when (µs after `Hub::started`) publishes to the room are
     /// refused: its last fan-out found most subscribers behind.
     congested_until: AtomicU64,
+    /// The room's epoch as the last delivery carried it: each delivery's
+    /// epoch is swapped for this `Arc` when equal, so that every
+    /// subscriber's mark ([`SentUpTo`]) holds the same one and compares
+    /// pointers.
+    epoch: Mutex<Arc<str>>,
 }
 
 /// A local subscriber of a room.
@@ -115,6 +120,7 @@ impl Hub {
                         subs: RwLock::new(HashMap::new()),
                         state: watch::Sender::new(SubState::Pending),
                         congested_until: AtomicU64::new(0),
+                        epoch: Mutex::new(Arc::from("")),
                     });
                     rooms.insert(room.clone(), local.clone());
                     self.metrics.rooms.set(rooms.len() as i64);
@@ -207,8 +213,16 @@ impl Hub {
 
     /// Offers `d` to every local subscriber of its room; returns to how
     /// many it went (`None` when the node does not serve the room).
-    fn fan_out(&self, d: Delivery) -> Option<u64> {
+    fn fan_out(&self, mut d: Delivery) -> Option<u64> {
         let local = lock(&self.rooms).get(&d.room).cloned()?;
+        {
+            let mut epoch = lock(&local.epoch);
+            if *epoch == d.epoch {
+                d.epoch = epoch.clone();
+            } else {
+                *epoch = d.epoch.clone();
+            }
+        }
         // Wall clocks of the publishing node and this one: a skewed clock
         // only turns direct writes on or off, never loses a message.
         let age_us = now_us().saturating_sub(d.published_at_us);

@@ -47,7 +47,7 @@ impl SentUpTo {
     /// The client has the room's messages through `offset` (an `ok` or a
     /// replay): opens the window in which older live ones are dropped.
     pub fn raise(&mut self, epoch: &Arc<str>, offset: u64) {
-        if *self.epoch == **epoch {
+        if same(&self.epoch, epoch) {
             self.offset = self.offset.max(offset);
         } else {
             self.epoch = epoch.clone();
@@ -59,17 +59,26 @@ impl SentUpTo {
     /// Whether a live message goes out; if so, it is the new mark.
     pub fn advance(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
         if self.fresh {
-            if *self.epoch == **epoch && offset <= self.offset {
+            if same(&self.epoch, epoch) && offset <= self.offset {
                 return false;
             }
             self.fresh = false;
         }
-        if *self.epoch != **epoch {
+        // The hub hands every subscriber of a room the same `Arc` for an
+        // epoch: once the mark holds it, the next comparisons are of
+        // pointers, not of strings in memory the fan-out would not touch
+        // otherwise.
+        if !Arc::ptr_eq(&self.epoch, epoch) {
             self.epoch = epoch.clone();
         }
         self.offset = offset;
         true
     }
+}
+
+/// Whether two epochs are the same (the same `Arc` usually).
+fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ pub async fn upgrade(
         // The socket and the session live here, once, for the connection's
         // whole life; the loop borrows them.
         let (mut session, mut queue) = Session::open(node, grants);
-        queue.attach(Box::new(write));
+        queue.attach_tcp(write);
         let io = SocketIo {
             read,
             out: queue.outbox(),
