@@ -104,8 +104,15 @@ pub enum IngestError {
     TopicTooLong(String),
     #[error("--kafka-ingest-dead-letter: {0}")]
     DeadLetter(UrlError),
+    /// Not a source either (rdkafka's message is all there is to say).
     #[error("--kafka-ingest: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
+}
+
+impl From<KafkaError> for IngestError {
+    fn from(e: KafkaError) -> Self {
+        IngestError::Kafka(e)
+    }
 }
 
 impl IngestOptions {

@@ -58,8 +58,9 @@ pub enum StartError {
     RedisUrl(#[from] crate::broker::redis::UrlError),
     #[error(transparent)]
     KafkaUrl(#[from] crate::broker::kafka::UrlError),
+    /// Not a source: rdkafka's message is in the text, once.
     #[error("Kafka client: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     #[error(
         "--upstream-rooms needs a Redis broker (--broker redis://…, redis+sentinel://… or redis+cluster://…) \
          or --upstream-kafka"
@@ -77,6 +78,12 @@ pub enum StartError {
     Auth(#[from] crate::auth::AuthError),
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OptionsError),
+}
+
+impl From<rdkafka::error::KafkaError> for StartError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        StartError::Kafka(e)
+    }
 }
 
 pub struct Node {
