@@ -118,4 +118,18 @@ mod tests {
         assert!(!s.advance(&e1, 6));
         assert!(s.advance(&e1, 7));
     }
+
+    #[test]
+    fn the_mark_takes_the_rooms_arc_and_an_equal_epoch_stays_the_same_epoch() {
+        let from_ok: Arc<str> = "e1".into();
+        let from_room: Arc<str> = "e1".into();
+        let mut s = SentUpTo::new();
+        s.raise(&from_ok, 5);
+        // Another Arc with the same text is the same epoch: 5 precedes.
+        assert!(!s.advance(&from_room, 5));
+        assert!(s.advance(&from_room, 6));
+        assert!(Arc::ptr_eq(&s.position().epoch, &from_room));
+        assert!(s.advance(&from_room, 7));
+        assert_eq!(s.position().offset, 7);
+    }
 }
