@@ -92,8 +92,8 @@ use crate::status::MessagingClusterStatus;
         "message": "spec.kafka is only used with spec.delivery: kafka; set delivery: kafka or remove spec.kafka"
     },
     {
-        "rule": "!has(self.delivery) || self.delivery != 'kafka' || !has(self.upstream)",
-        "message": "spec.upstream needs Redis (it writes streams chorus:upstream:<room>), which delivery: kafka does not use; remove spec.upstream"
+        "rule": "!has(self.upstream) || !has(self.upstream.topic) || (has(self.delivery) && self.delivery == 'kafka')",
+        "message": "spec.upstream.topic is only used with delivery: kafka (with Redis the feed is the streams chorus:upstream:<room>); remove it"
     },
     {
         "rule": "!has(self.delivery) || self.delivery != 'kafka' || !has(self.redis) || !has(self.redis.mode) || self.redis.mode == 'managed'",
@@ -172,8 +172,9 @@ pub struct MessagingClusterSpec {
     #[serde(default, skip_serializing_if = "crate::overrides::PodsSpec::is_empty")]
     pub pods: crate::overrides::PodsSpec,
 
-    /// Client publishes in matching rooms also go to Redis streams for
-    /// backends (`chorus:upstream:<room>`); absent: off.
+    /// Client publishes in matching rooms also go to backends: to Redis
+    /// streams `chorus:upstream:<room>`, or with `delivery: kafka` to a
+    /// Kafka topic keyed by room; absent: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamSpec>,
 
@@ -908,17 +909,34 @@ mod tests {
     }
 }
 
-/// Client publishes copied to Redis streams for backends.
+/// Client publishes copied for backends: to Redis streams, or with
+/// `delivery: kafka` to a Kafka topic.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamSpec {
     /// Room names or `prefix:*` patterns (`*`: every room).
     #[schemars(length(min = 1, max = 64))]
     pub rooms: Vec<String>,
-    /// Entries kept per room's stream (approximately).
+    /// Entries kept per room's stream (approximately; Redis only).
     #[serde(default = "default_upstream_max_len")]
     #[schemars(range(min = 1, max = 100_000_000))]
     pub max_len: i64,
+    /// With `delivery: kafka`: the topic the publishes are written to
+    /// (keyed by room, acknowledged before the publisher's `ok`); absent:
+    /// `chorus-<metadata.name>-upstream`. Created by the servers when
+    /// missing. Not used with Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), pattern(r"^[A-Za-z0-9._-]+$"))]
+    pub topic: Option<String>,
+}
+
+impl UpstreamSpec {
+    /// The Kafka topic of the feed, given the MessagingCluster's name.
+    pub fn topic_of(&self, cluster: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("chorus-{cluster}-upstream"))
+    }
 }
 
 fn default_upstream_max_len() -> i64 {

@@ -66,7 +66,7 @@ pub fn validate(mc: &MessagingCluster) -> Result<(), Vec<ValidationError>> {
         }
         None => errors.push(ValidationError::new("metadata.name", "is required")),
     }
-    check_spec(&mc.spec, &mut errors);
+    check_spec(&mc.spec, mc.metadata.name.as_deref(), &mut errors);
     if errors.is_empty() {
         Ok(())
     } else {
@@ -98,7 +98,7 @@ fn check_name(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
+fn check_spec(spec: &MessagingClusterSpec, name: Option<&str>, errors: &mut Vec<ValidationError>) {
     if spec.redis.mode == RedisMode::External {
         match &spec.redis.external {
             Some(external) => {
@@ -172,13 +172,28 @@ fn check_spec(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
             "must not exceed spec.autoscaling.maxReplicas",
         ));
     }
-    check_kafka(spec, errors);
+    check_kafka(spec, name, errors);
 }
 
 /// `delivery: kafka` and `spec.kafka` go together; the servers parse the
 /// bootstrap servers and topic into `--broker kafka://…/<topic>`.
-fn check_kafka(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
+fn check_kafka(spec: &MessagingClusterSpec, name: Option<&str>, errors: &mut Vec<ValidationError>) {
     let on_kafka = spec.delivery == Delivery::Kafka;
+    if let Some(topic) = spec.upstream.as_ref().and_then(|u| u.topic.as_ref()) {
+        if !on_kafka {
+            errors.push(ValidationError::new(
+                "spec.upstream.topic",
+                "is only used with delivery: kafka (with Redis the feed is the streams chorus:upstream:<room>); remove it",
+            ));
+        } else if !is_kafka_topic(topic) {
+            errors.push(ValidationError::new(
+                "spec.upstream.topic",
+                format!(
+                    "{topic:?} is not a Kafka topic name (1 to 249 of A-Z, a-z, 0-9, '.', '_', '-')"
+                ),
+            ));
+        }
+    }
     match &spec.kafka {
         None if on_kafka => errors.push(ValidationError::new(
             "spec.kafka",
@@ -232,11 +247,14 @@ fn check_kafka(spec: &MessagingClusterSpec, errors: &mut Vec<ValidationError>) {
             "must be left managed (the default) with delivery: kafka: the servers use Kafka only and the operator runs no Redis; remove spec.redis",
         ));
     }
-    if spec.upstream.is_some() {
-        errors.push(ValidationError::new(
-            "spec.upstream",
-            "needs Redis (it writes streams chorus:upstream:<room>), which delivery: kafka does not use; remove spec.upstream",
-        ));
+    if let (Some(upstream), Some(kafka), Some(name)) = (&spec.upstream, &spec.kafka, name) {
+        let feed = upstream.topic_of(name);
+        if feed == kafka.topic_of(name) {
+            errors.push(ValidationError::new(
+                "spec.upstream.topic",
+                format!("{feed:?} is the topic that carries the rooms (spec.kafka.topic); the feed for backends needs a topic of its own"),
+            ));
+        }
     }
 }
 
@@ -639,14 +657,56 @@ mod tests {
         spec.redis.external = Some(ExternalRedisSpec {
             url: "redis://r:6379".into(),
         });
-        spec.upstream = Some(crate::spec::UpstreamSpec {
-            rooms: vec!["*".into()],
-            max_len: 10,
-        });
         assert_eq!(
             fields(validate(&cluster("chat", spec))),
-            ["spec.redis.mode", "spec.upstream"]
+            ["spec.redis.mode"]
         );
+    }
+
+    #[test]
+    fn the_feed_for_backends_goes_to_a_kafka_topic_of_its_own() {
+        let feed = |topic: Option<&str>| {
+            Some(crate::spec::UpstreamSpec {
+                rooms: vec!["*".into()],
+                max_len: 10,
+                topic: topic.map(Into::into),
+            })
+        };
+        // On Kafka: the default topic, or a named one, is accepted.
+        let mut spec = on_kafka(&["k:9092"]);
+        spec.upstream = feed(None);
+        assert!(validate(&cluster("chat", spec.clone())).is_ok());
+        spec.upstream = feed(Some("orders.feed"));
+        assert!(validate(&cluster("chat", spec.clone())).is_ok());
+        // Not the rooms' own topic, by default or by name.
+        spec.upstream = feed(Some("chorus-chat"));
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.upstream.topic"]
+        );
+        spec.kafka.as_mut().unwrap().topic = Some("chorus-chat-upstream".into());
+        spec.upstream = feed(None);
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.upstream.topic"]
+        );
+        spec.kafka.as_mut().unwrap().topic = None;
+        spec.upstream = feed(Some("bad topic"));
+        assert_eq!(
+            fields(validate(&cluster("chat", spec))),
+            ["spec.upstream.topic"]
+        );
+        // With Redis a topic means nothing: refused.
+        let mut spec = MessagingClusterSpec {
+            upstream: feed(Some("orders.feed")),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.upstream.topic"]
+        );
+        spec.upstream = feed(None);
+        assert!(validate(&cluster("chat", spec)).is_ok());
     }
 
     #[test]

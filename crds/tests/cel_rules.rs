@@ -126,11 +126,23 @@ fn kafka_delivery_and_the_kafka_block_go_together_without_redis_features() {
             "{delivery}: {v:?}"
         );
     }
-    let v = violations(
-        json!({"delivery": "kafka", "kafka": kafka, "upstream": {"rooms": ["orders:*"]}}),
+    // The feed for backends: a topic on Kafka, streams on Redis.
+    for upstream in [
+        json!({"rooms": ["orders:*"]}),
+        json!({"rooms": ["orders:*"], "topic": "orders.feed"}),
+    ] {
+        assert_eq!(
+            violations(json!({"delivery": "kafka", "kafka": kafka, "upstream": upstream})),
+            Vec::<String>::new()
+        );
+    }
+    assert_eq!(
+        violations(json!({"upstream": {"rooms": ["orders:*"]}})),
+        Vec::<String>::new()
     );
+    let v = violations(json!({"upstream": {"rooms": ["*"], "topic": "orders.feed"}}));
     assert!(
-        v.len() == 1 && v[0].contains("spec.upstream needs Redis"),
+        v.len() == 1 && v[0].contains("spec.upstream.topic is only used with delivery: kafka"),
         "{v:?}"
     );
     let v = violations(json!({"delivery": "kafka", "kafka": kafka,

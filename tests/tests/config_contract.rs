@@ -60,6 +60,7 @@ fn child_parses_its_environment() {
         "max_publish_rate": config.max_publish_rate,
         "upstream_rooms": config.upstream_rooms,
         "upstream_maxlen": config.upstream_maxlen,
+        "upstream_kafka": config.upstream_kafka,
         "outbox_dsn_file": path(&config.outbox_dsn_file),
         "outbox_table": config.outbox_table.to_string(),
         "outbox_init": config.outbox_init,
@@ -180,6 +181,7 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
                 s.upstream = Some(chorus_crds::UpstreamSpec {
                     rooms: vec!["orders:*".into(), "support".into()],
                     max_len: 500,
+                    topic: None,
                 });
                 s.limits.max_publish_rate = 20;
                 s.auth.jwt_public_key_secret_ref = key_ref("jwt-pem");
@@ -248,6 +250,36 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
                     timeout: "1500ms".into(),
                 });
                 s.auth.api_key_secret_ref = key_ref("api");
+            }),
+        ),
+        (
+            "kafka with a feed for backends",
+            spec(|s| {
+                s.delivery = Delivery::Kafka;
+                s.kafka = serde_json::from_value(
+                    json!({"bootstrapServers": ["k0.infra:9092", "k1.infra:9092"]}),
+                )
+                .unwrap();
+                s.upstream = Some(chorus_crds::UpstreamSpec {
+                    rooms: vec!["orders:*".into()],
+                    max_len: 500,
+                    topic: None,
+                });
+            }),
+        ),
+        (
+            "kafka with a named feed topic",
+            spec(|s| {
+                s.delivery = Delivery::Kafka;
+                s.kafka = serde_json::from_value(
+                    json!({"bootstrapServers": ["k0.infra:9092"], "topic": "rooms"}),
+                )
+                .unwrap();
+                s.upstream = Some(chorus_crds::UpstreamSpec {
+                    rooms: vec!["*".into()],
+                    max_len: 100_000,
+                    topic: Some("orders.feed".into()),
+                });
             }),
         ),
         (
@@ -370,7 +402,17 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             ),
             "max_publish_rate": spec.limits.max_publish_rate,
             "upstream_rooms": spec.upstream.as_ref().map(|u| u.rooms.clone()).unwrap_or_default(),
-            "upstream_maxlen": spec.upstream.as_ref().map(|u| u.max_len).unwrap_or(100_000),
+            // Redis keeps a stream per room (its length from the spec); on
+            // Kafka the feed is a topic on the same brokers.
+            "upstream_maxlen": spec.upstream.as_ref().filter(|_| !on_kafka).map_or(100_000, |u| u.max_len),
+            "upstream_kafka": match (&spec.upstream, kafka) {
+                (Some(u), Some(k)) => json!(format!(
+                    "kafka://{}/{}",
+                    k.bootstrap_servers.join(","),
+                    u.topic_of("chat")
+                )),
+                _ => Value::Null,
+            },
             "outbox_dsn_file": file(spec.outbox.is_some(), OUTBOX_DSN_FILE),
             "outbox_table": spec.outbox.as_ref().map_or("chorus_outbox", |o| o.table.as_str()),
             "outbox_init": spec.outbox.as_ref().is_some_and(|o| o.init),

@@ -106,7 +106,18 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     }
     if let Some(upstream) = &spec.upstream {
         set("CHORUS_UPSTREAM_ROOMS", upstream.rooms.join(","));
-        set("CHORUS_UPSTREAM_MAXLEN", upstream.max_len.to_string());
+        match crate::cluster::on_kafka(spec) {
+            // The feed is a topic on the same Kafka cluster.
+            Some(kafka) => set(
+                "CHORUS_UPSTREAM_KAFKA",
+                format!(
+                    "kafka://{}/{}",
+                    kafka.bootstrap_servers.join(","),
+                    upstream.topic_of(&names.instance)
+                ),
+            ),
+            None => set("CHORUS_UPSTREAM_MAXLEN", upstream.max_len.to_string()),
+        }
     }
     if let Some(outbox) = &spec.outbox {
         set("CHORUS_OUTBOX_DSN_FILE", OUTBOX_DSN_FILE.to_owned());

@@ -5,7 +5,9 @@
 //!
 //! `examples/kafka.yaml`, pointed at it, comes up Ready with no Redis at
 //! all; messages published on either of two server pods reach both in one
-//! order; `status.kafka` says the pods reach Kafka. Kafka is then killed:
+//! order; `status.kafka` says the pods reach Kafka; with `spec.upstream`
+//! every acknowledged publish is also on the feed topic, read back from
+//! this machine as a backend's consumer would. Kafka is then killed:
 //! the status and `KafkaReachable` say so, naming the pods and why, `Ready`
 //! turns False and the pods' readiness fails. Kafka is started again: the
 //! cluster is Ready again, and every publish acknowledged through all of it
@@ -20,6 +22,8 @@ use super::*;
 
 const KAFKA_MC: &str = "chat-kafka";
 const ROOM: &str = "e2e-kafka";
+/// The feed's topic: the default for `spec.upstream` on Kafka.
+const FEED_TOPIC: &str = "chorus-chat-kafka-upstream";
 /// The bootstrap server `examples/kafka.yaml` names, replaced by ours.
 const EXAMPLE_BOOTSTRAP: &str = "my-kafka-kafka-bootstrap.kafka.svc:9092";
 
@@ -80,7 +84,9 @@ fn manifest(bootstrap: &str) -> String {
     let ours = example
         .replace(EXAMPLE_BOOTSTRAP, bootstrap)
         .replace("  replicas: 3\n", "  replicas: 2\n");
-    format!("{ours}\n  service:\n    sessionAffinity:\n      type: None\n")
+    format!(
+        "{ours}\n  service:\n    sessionAffinity:\n      type: None\n  upstream:\n    rooms: [\"{ROOM}\"]\n"
+    )
 }
 
 pub async fn kafka_delivery(run: &Run) {
@@ -138,7 +144,8 @@ pub async fn kafka_delivery(run: &Run) {
     );
     assert_eq!(condition(run, "RedisReady").await, None);
 
-    one_order_on_two_pods(run).await;
+    let published = one_order_on_two_pods(run).await;
+    fed_to_backends(run, &kafka, &published).await;
     outage(run, &mut kafka).await;
 
     let t = Instant::now();
@@ -155,8 +162,9 @@ pub async fn kafka_delivery(run: &Run) {
 
 /// Clients on each of the two pods; publishes from both, alternating: both
 /// get every message in one order, each one's `prev` no later than the
-/// message before it (nothing missed).
-async fn one_order_on_two_pods(run: &Run) {
+/// message before it (nothing missed). Returns each acknowledged publish's
+/// (offset, n).
+async fn one_order_on_two_pods(run: &Run) -> Vec<(u64, u64)> {
     let servers = ready_pods(&run.client, &run.ns, &kafka_selector("server"), 2, POD_WAIT).await;
     let mut clients = Vec::new();
     for pod in &servers {
@@ -169,9 +177,11 @@ async fn one_order_on_two_pods(run: &Run) {
         clients.push(c);
     }
     const N: usize = 20;
+    let mut published = Vec::new();
     for n in 0..N {
         let reply = clients[n % 2].publish(ROOM, json!({"n": n})).await;
         assert_eq!(reply["op"], "ok", "{reply}");
+        published.push((reply["offset"].as_u64().unwrap(), n as u64));
     }
     let mut orders = Vec::new();
     for c in &mut clients {
@@ -199,6 +209,49 @@ async fn one_order_on_two_pods(run: &Run) {
     for c in clients {
         c.close().await;
     }
+    published
+}
+
+/// The feed for backends (`spec.upstream` on Kafka): a consumer group on
+/// this machine reads the feed topic the pods wrote and finds every
+/// acknowledged publish once, keyed by its room, in publish order, with the
+/// offset its `ok` gave.
+async fn fed_to_backends(run: &Run, kafka: &KafkaBroker, published: &[(u64, u64)]) {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let t = Instant::now();
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", "e2e-backend")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[FEED_TOPIC]).unwrap();
+    let mut fed = Vec::new();
+    while fed.len() < published.len() {
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the feed topic {FEED_TOPIC} stopped after {fed:?}, expected {published:?}")
+            })
+            .unwrap();
+        assert_eq!(m.key(), Some(ROOM.as_bytes()), "keyed by room");
+        let record: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(record["room"], ROOM, "{record}");
+        fed.push((
+            record["offset"].as_u64().unwrap(),
+            record["data"]["n"].as_u64().unwrap(),
+        ));
+    }
+    assert_eq!(
+        fed, published,
+        "the feed holds what was acknowledged, once, in order"
+    );
+    run.timed(
+        "the feed topic read back by a backend's consumer",
+        t.elapsed(),
+    );
 }
 
 /// Kafka killed under traffic, then started again.
