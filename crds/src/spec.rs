@@ -92,6 +92,10 @@ use crate::status::MessagingClusterStatus;
         "message": "spec.kafka is only used with spec.delivery: kafka; set delivery: kafka or remove spec.kafka"
     },
     {
+        "rule": "!has(self.ingest) || has(self.ingest.bootstrapServers) || (has(self.delivery) && self.delivery == 'kafka')",
+        "message": "spec.ingest.bootstrapServers is required unless delivery is kafka (whose spec.kafka.bootstrapServers it then uses)"
+    },
+    {
         "rule": "!has(self.upstream) || !has(self.upstream.topic) || (has(self.delivery) && self.delivery == 'kafka')",
         "message": "spec.upstream.topic is only used with delivery: kafka (with Redis the feed is the streams chorus:upstream:<room>); remove it"
     },
@@ -178,6 +182,11 @@ pub struct MessagingClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamSpec>,
 
+    /// Backend Kafka topics whose records the server pods publish into
+    /// rooms (a consumer group shared by the pods); absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<IngestSpec>,
+
     /// A transactional outbox in PostgreSQL that every server pod relays
     /// to rooms in commit order; absent: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +217,7 @@ impl Default for MessagingClusterSpec {
             network_policy: NetworkPolicySpec::default(),
             pods: crate::overrides::PodsSpec::default(),
             upstream: None,
+            ingest: None,
             outbox: None,
             logging: LoggingSpec::default(),
         }
@@ -941,6 +951,58 @@ impl UpstreamSpec {
 
 fn default_upstream_max_len() -> i64 {
     100_000
+}
+
+/// Backend Kafka topics published into rooms (`--kafka-ingest`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestSpec {
+    /// `host:port` of the Kafka brokers to read from; absent: those of
+    /// `spec.kafka` (required unless `delivery: kafka`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), inner(pattern(r"^[^\s,/@]+:[0-9]{1,5}$")))]
+    pub bootstrap_servers: Option<Vec<String>>,
+    /// Topics to read. Each record goes to the room in its `chorus-room`
+    /// header, else its key.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 249), pattern(r"^[A-Za-z0-9._-]+$"))
+    )]
+    pub topics: Vec<String>,
+    /// Consumer group of the server pods; absent: `chorus-<metadata.name>-ingest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249))]
+    pub group: Option<String>,
+    /// Failed publishes of one record (timeouts, an overloaded broker)
+    /// before it goes to the dead-letter topic.
+    #[serde(default = "default_ingest_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub attempts: i32,
+    /// Dead-letter topic of every ingested topic; absent:
+    /// `<topic>.dead-letter` for each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), pattern(r"^[A-Za-z0-9._-]+$"))]
+    pub dead_letter_topic: Option<String>,
+}
+
+impl IngestSpec {
+    /// The consumer group, given the MessagingCluster's name.
+    pub fn group_of(&self, cluster: &str) -> String {
+        self.group
+            .clone()
+            .unwrap_or_else(|| format!("chorus-{cluster}-ingest"))
+    }
+
+    /// The brokers to read from: the ingest's own, else `spec.kafka`'s.
+    pub fn servers<'a>(&'a self, kafka: Option<&'a KafkaSpec>) -> Option<&'a [String]> {
+        self.bootstrap_servers
+            .as_deref()
+            .or(kafka.map(|k| k.bootstrap_servers.as_slice()))
+    }
+}
+
+fn default_ingest_attempts() -> i32 {
+    5
 }
 
 /// The transactional outbox the servers relay (`--outbox`).

@@ -173,6 +173,7 @@ fn check_spec(spec: &MessagingClusterSpec, name: Option<&str>, errors: &mut Vec<
         ));
     }
     check_kafka(spec, name, errors);
+    check_ingest(spec, name, errors);
 }
 
 /// `delivery: kafka` and `spec.kafka` go together; the servers parse the
@@ -185,13 +186,8 @@ fn check_kafka(spec: &MessagingClusterSpec, name: Option<&str>, errors: &mut Vec
                 "spec.upstream.topic",
                 "is only used with delivery: kafka (with Redis the feed is the streams chorus:upstream:<room>); remove it",
             ));
-        } else if !is_kafka_topic(topic) {
-            errors.push(ValidationError::new(
-                "spec.upstream.topic",
-                format!(
-                    "{topic:?} is not a Kafka topic name (1 to 249 of A-Z, a-z, 0-9, '.', '_', '-')"
-                ),
-            ));
+        } else {
+            check_topic("spec.upstream.topic", topic, errors);
         }
     }
     match &spec.kafka {
@@ -208,33 +204,9 @@ fn check_kafka(spec: &MessagingClusterSpec, name: Option<&str>, errors: &mut Vec
             ),
         )),
         Some(kafka) => {
-            if kafka.bootstrap_servers.is_empty() {
-                errors.push(ValidationError::new(
-                    "spec.kafka.bootstrapServers",
-                    "needs at least one host:port",
-                ));
-            }
-            for (i, server) in kafka.bootstrap_servers.iter().enumerate() {
-                let bad_char = server.contains(|c: char| c.is_whitespace() || ",/@".contains(c));
-                let problem = if bad_char {
-                    Err(format!("{server:?} must be one host:port"))
-                } else {
-                    check_host_port(server)
-                };
-                if let Err(message) = problem {
-                    errors.push(ValidationError::new(
-                        &format!("spec.kafka.bootstrapServers[{i}]"),
-                        message,
-                    ));
-                }
-            }
-            if let Some(topic) = &kafka.topic
-                && !is_kafka_topic(topic)
-            {
-                errors.push(ValidationError::new(
-                    "spec.kafka.topic",
-                    format!("{topic:?} is not a Kafka topic name (1 to 249 of A-Z, a-z, 0-9, '.', '_', '-')"),
-                ));
+            check_servers("spec.kafka.bootstrapServers", &kafka.bootstrap_servers, errors);
+            if let Some(topic) = &kafka.topic {
+                check_topic("spec.kafka.topic", topic, errors);
             }
         }
     }
@@ -255,6 +227,116 @@ fn check_kafka(spec: &MessagingClusterSpec, name: Option<&str>, errors: &mut Vec
                 format!("{feed:?} is the topic that carries the rooms (spec.kafka.topic); the feed for backends needs a topic of its own"),
             ));
         }
+    }
+}
+
+/// `host:port` of Kafka brokers, at least one.
+fn check_servers(field: &str, servers: &[String], errors: &mut Vec<ValidationError>) {
+    if servers.is_empty() {
+        errors.push(ValidationError::new(field, "needs at least one host:port"));
+    }
+    for (i, server) in servers.iter().enumerate() {
+        let bad_char = server.contains(|c: char| c.is_whitespace() || ",/@".contains(c));
+        let problem = if bad_char {
+            Err(format!("{server:?} must be one host:port"))
+        } else {
+            check_host_port(server)
+        };
+        if let Err(message) = problem {
+            errors.push(ValidationError::new(&format!("{field}[{i}]"), message));
+        }
+    }
+}
+
+fn check_topic(field: &str, topic: &str, errors: &mut Vec<ValidationError>) {
+    if !is_kafka_topic(topic) {
+        errors.push(ValidationError::new(
+            field,
+            format!(
+                "{topic:?} is not a Kafka topic name (1 to 249 of A-Z, a-z, 0-9, '.', '_', '-')"
+            ),
+        ));
+    }
+}
+
+/// `spec.ingest`: where it reads, and nothing it would read back in a loop
+/// (the rooms' topic, the feed for backends) or dead-letter into itself.
+fn check_ingest(
+    spec: &MessagingClusterSpec,
+    name: Option<&str>,
+    errors: &mut Vec<ValidationError>,
+) {
+    let Some(ingest) = &spec.ingest else {
+        return;
+    };
+    let kafka = spec
+        .kafka
+        .as_ref()
+        .filter(|_| spec.delivery == Delivery::Kafka);
+    match &ingest.bootstrap_servers {
+        Some(servers) => check_servers("spec.ingest.bootstrapServers", servers, errors),
+        None if kafka.is_none() => errors.push(ValidationError::new(
+            "spec.ingest.bootstrapServers",
+            "is required unless delivery is kafka (whose spec.kafka.bootstrapServers it then uses)",
+        )),
+        None => {}
+    }
+    // Only a topic on the same brokers can be the same topic.
+    let same_brokers = kafka.is_some_and(|k| {
+        ingest
+            .bootstrap_servers
+            .as_ref()
+            .is_none_or(|s| *s == k.bootstrap_servers)
+    });
+    let mut own = Vec::new();
+    if let (Some(kafka), Some(name), true) = (kafka, name, same_brokers) {
+        own.push((
+            kafka.topic_of(name),
+            "the topic that carries the rooms (spec.kafka.topic)",
+        ));
+        if let Some(upstream) = &spec.upstream {
+            own.push((
+                upstream.topic_of(name),
+                "the feed for backends (spec.upstream.topic)",
+            ));
+        }
+    }
+    if ingest.group.as_deref().is_some_and(str::is_empty) {
+        errors.push(ValidationError::new(
+            "spec.ingest.group",
+            "must not be empty",
+        ));
+    }
+    for (i, topic) in ingest.topics.iter().enumerate() {
+        let field = format!("spec.ingest.topics[{i}]");
+        check_topic(&field, topic, errors);
+        if ingest.topics[..i].contains(topic) {
+            errors.push(ValidationError::new(
+                &field,
+                format!("{topic:?} is listed twice"),
+            ));
+        }
+        if let Some((_, what)) = own.iter().find(|(t, _)| t == topic) {
+            errors.push(ValidationError::new(
+                &field,
+                format!("{topic:?} is {what}: the pods would publish what they read back into it"),
+            ));
+        }
+    }
+    if let Some(dead) = &ingest.dead_letter_topic {
+        check_topic("spec.ingest.deadLetterTopic", dead, errors);
+        if ingest.topics.contains(dead) {
+            errors.push(ValidationError::new(
+                "spec.ingest.deadLetterTopic",
+                format!("{dead:?} is also read (spec.ingest.topics): dead letters would come back"),
+            ));
+        }
+    }
+    if ingest.topics.is_empty() {
+        errors.push(ValidationError::new(
+            "spec.ingest.topics",
+            "needs at least one topic",
+        ));
     }
 }
 
@@ -660,6 +742,64 @@ mod tests {
         assert_eq!(
             fields(validate(&cluster("chat", spec))),
             ["spec.redis.mode"]
+        );
+    }
+
+    #[test]
+    fn the_ingest_reads_named_topics_and_never_its_own() {
+        let ingest = |servers: Option<&[&str]>, topics: &[&str]| {
+            Some(crate::spec::IngestSpec {
+                bootstrap_servers: servers.map(|s| s.iter().map(|s| s.to_string()).collect()),
+                topics: topics.iter().map(|t| t.to_string()).collect(),
+                group: None,
+                attempts: 5,
+                dead_letter_topic: None,
+            })
+        };
+        // With Redis the brokers are needed; on Kafka they default to spec.kafka's.
+        let mut redis = MessagingClusterSpec {
+            ingest: ingest(None, &["orders.events"]),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(validate(&cluster("chat", redis.clone()))),
+            ["spec.ingest.bootstrapServers"]
+        );
+        redis.ingest = ingest(Some(&["k:9092"]), &["orders.events", "billing.events"]);
+        assert!(validate(&cluster("chat", redis.clone())).is_ok());
+        redis.ingest = ingest(Some(&["k"]), &["bad topic", "a", "a"]);
+        assert_eq!(
+            fields(validate(&cluster("chat", redis.clone()))),
+            [
+                "spec.ingest.bootstrapServers[0]",
+                "spec.ingest.topics[0]",
+                "spec.ingest.topics[2]"
+            ]
+        );
+        let mut spec = on_kafka(&["k:9092"]);
+        spec.ingest = ingest(None, &["orders.events"]);
+        assert!(validate(&cluster("chat", spec.clone())).is_ok());
+        // Not the rooms' topic nor the feed's on the same brokers: a loop.
+        spec.upstream = Some(crate::spec::UpstreamSpec {
+            rooms: vec!["*".into()],
+            max_len: 10,
+            topic: None,
+        });
+        spec.ingest = ingest(None, &["chorus-chat", "chorus-chat-upstream", "ok"]);
+        assert_eq!(
+            fields(validate(&cluster("chat", spec.clone()))),
+            ["spec.ingest.topics[0]", "spec.ingest.topics[1]"]
+        );
+        // On other brokers the same names are other topics.
+        spec.ingest = ingest(Some(&["other:9092"]), &["chorus-chat"]);
+        assert!(validate(&cluster("chat", spec.clone())).is_ok());
+        // Dead letters never go into a topic it reads.
+        let mut with_dead = ingest(None, &["orders.events"]).unwrap();
+        with_dead.dead_letter_topic = Some("orders.events".into());
+        spec.ingest = Some(with_dead);
+        assert_eq!(
+            fields(validate(&cluster("chat", spec))),
+            ["spec.ingest.deadLetterTopic"]
         );
     }
 

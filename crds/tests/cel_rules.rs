@@ -63,7 +63,7 @@ fn every_rule_compiles() {
     let (mut rules, mut errors) = (0, Vec::new());
     count_rules_and_errors(&compile_schema(&schema()), &mut rules, &mut errors);
     assert_eq!(errors, Vec::<String>::new());
-    assert_eq!(rules, 14);
+    assert_eq!(rules, 15);
 }
 
 #[test]
@@ -139,6 +139,25 @@ fn kafka_delivery_and_the_kafka_block_go_together_without_redis_features() {
     assert_eq!(
         violations(json!({"upstream": {"rooms": ["orders:*"]}})),
         Vec::<String>::new()
+    );
+    // The ingest: brokers of its own, or those of delivery: kafka.
+    assert_eq!(
+        violations(
+            json!({"delivery": "kafka", "kafka": kafka, "ingest": {"topics": ["orders.events"]}})
+        ),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        violations(
+            json!({"ingest": {"bootstrapServers": ["k:9092"], "topics": ["orders.events"]}})
+        ),
+        Vec::<String>::new()
+    );
+    let v = violations(json!({"ingest": {"topics": ["orders.events"]}}));
+    assert!(
+        v.len() == 1
+            && v[0].contains("spec.ingest.bootstrapServers is required unless delivery is kafka"),
+        "{v:?}"
     );
     let v = violations(json!({"upstream": {"rooms": ["*"], "topic": "orders.feed"}}));
     assert!(

@@ -61,6 +61,14 @@ fn child_parses_its_environment() {
         "upstream_rooms": config.upstream_rooms,
         "upstream_maxlen": config.upstream_maxlen,
         "upstream_kafka": config.upstream_kafka,
+        "kafka_ingest": config.kafka_ingest,
+        "kafka_ingest_group": config.kafka_ingest_group,
+        "kafka_ingest_attempts": config.kafka_ingest_attempts,
+        "kafka_ingest_dead_letter": config.kafka_ingest_dead_letter,
+        // As the node reads it at start-up (brokers, topics, dead letter).
+        "kafka_ingest_parses": chorus_server::ingest::IngestOptions::from_config(&config)
+            .map(|o| o.is_some())
+            .map_err(|e| e.to_string()),
         "outbox_dsn_file": path(&config.outbox_dsn_file),
         "outbox_table": config.outbox_table.to_string(),
         "outbox_init": config.outbox_init,
@@ -268,6 +276,27 @@ fn specs() -> Vec<(&'static str, MessagingClusterSpec)> {
             }),
         ),
         (
+            "ingest from a Kafka beside Redis",
+            spec(|s| {
+                s.ingest = Some(chorus_crds::IngestSpec {
+                    bootstrap_servers: Some(vec!["k0.infra:9092".into(), "10.1.2.3:19092".into()]),
+                    topics: vec!["orders.events".into(), "billing.events".into()],
+                    group: Some("chat-ingest-v2".into()),
+                    attempts: 100,
+                    dead_letter_topic: Some("ingest.dead".into()),
+                });
+            }),
+        ),
+        (
+            "kafka with ingest on its own brokers",
+            spec(|s| {
+                s.delivery = Delivery::Kafka;
+                s.kafka =
+                    serde_json::from_value(json!({"bootstrapServers": ["k0.infra:9092"]})).unwrap();
+                s.ingest = serde_json::from_value(json!({"topics": ["orders.events"]})).unwrap();
+            }),
+        ),
+        (
             "kafka with a named feed topic",
             spec(|s| {
                 s.delivery = Delivery::Kafka;
@@ -405,6 +434,16 @@ fn every_variable_the_operator_sets_parses_and_means_what_the_spec_says() {
             // Redis keeps a stream per room (its length from the spec); on
             // Kafka the feed is a topic on the same brokers.
             "upstream_maxlen": spec.upstream.as_ref().filter(|_| !on_kafka).map_or(100_000, |u| u.max_len),
+            "kafka_ingest": spec.ingest.as_ref().map(|i| format!(
+                "kafka://{}/{}",
+                i.servers(kafka).unwrap().join(","),
+                i.topics.join(",")
+            )),
+            // The server's defaults without spec.ingest.
+            "kafka_ingest_group": spec.ingest.as_ref().map_or("chorus-ingest".to_owned(), |i| i.group_of("chat")),
+            "kafka_ingest_attempts": spec.ingest.as_ref().map_or(5, |i| i.attempts),
+            "kafka_ingest_dead_letter": spec.ingest.as_ref().and_then(|i| i.dead_letter_topic.clone()),
+            "kafka_ingest_parses": {"Ok": spec.ingest.is_some()},
             "upstream_kafka": match (&spec.upstream, kafka) {
                 (Some(u), Some(k)) => json!(format!(
                     "kafka://{}/{}",

@@ -119,6 +119,22 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
             None => set("CHORUS_UPSTREAM_MAXLEN", upstream.max_len.to_string()),
         }
     }
+    if let Some(ingest) = &spec.ingest
+        && let Some(servers) = ingest.servers(crate::cluster::on_kafka(spec))
+    {
+        set(
+            "CHORUS_KAFKA_INGEST",
+            format!("kafka://{}/{}", servers.join(","), ingest.topics.join(",")),
+        );
+        set(
+            "CHORUS_KAFKA_INGEST_GROUP",
+            ingest.group_of(&names.instance),
+        );
+        set("CHORUS_KAFKA_INGEST_ATTEMPTS", ingest.attempts.to_string());
+        if let Some(dead) = &ingest.dead_letter_topic {
+            set("CHORUS_KAFKA_INGEST_DEAD_LETTER", dead.clone());
+        }
+    }
     if let Some(outbox) = &spec.outbox {
         set("CHORUS_OUTBOX_DSN_FILE", OUTBOX_DSN_FILE.to_owned());
         set("CHORUS_OUTBOX_TABLE", outbox.table.clone());

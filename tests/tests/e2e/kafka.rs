@@ -7,7 +7,9 @@
 //! all; messages published on either of two server pods reach both in one
 //! order; `status.kafka` says the pods reach Kafka; with `spec.upstream`
 //! every acknowledged publish is also on the feed topic, read back from
-//! this machine as a backend's consumer would. Kafka is then killed:
+//! this machine as a backend's consumer would; with `spec.ingest` records a
+//! backend writes to a topic reach the room's subscribers, in order. Kafka
+//! is then killed:
 //! the status and `KafkaReachable` say so, naming the pods and why, `Ready`
 //! turns False and the pods' readiness fails. Kafka is started again: the
 //! cluster is Ready again, and every publish acknowledged through all of it
@@ -24,6 +26,8 @@ const KAFKA_MC: &str = "chat-kafka";
 const ROOM: &str = "e2e-kafka";
 /// The feed's topic: the default for `spec.upstream` on Kafka.
 const FEED_TOPIC: &str = "chorus-chat-kafka-upstream";
+/// The topic `spec.ingest` reads.
+const INGEST_TOPIC: &str = "e2e-ingest";
 /// The bootstrap server `examples/kafka.yaml` names, replaced by ours.
 const EXAMPLE_BOOTSTRAP: &str = "my-kafka-kafka-bootstrap.kafka.svc:9092";
 
@@ -85,7 +89,7 @@ fn manifest(bootstrap: &str) -> String {
         .replace(EXAMPLE_BOOTSTRAP, bootstrap)
         .replace("  replicas: 3\n", "  replicas: 2\n");
     format!(
-        "{ours}\n  service:\n    sessionAffinity:\n      type: None\n  upstream:\n    rooms: [\"{ROOM}\"]\n"
+        "{ours}\n  service:\n    sessionAffinity:\n      type: None\n  upstream:\n    rooms: [\"{ROOM}\"]\n  ingest:\n    topics: [\"{INGEST_TOPIC}\"]\n"
     )
 }
 
@@ -98,6 +102,7 @@ pub async fn kafka_delivery(run: &Run) {
     run.timed("Kafka started on the node IP", t.elapsed());
     say(format!("Kafka at {}", kafka.bootstrap()));
 
+    kafka.create_topic(INGEST_TOPIC, 2).await;
     let t = Instant::now();
     let path = repo().join("target/e2e-kafka.yaml");
     std::fs::write(&path, manifest(&kafka.bootstrap())).unwrap();
@@ -146,6 +151,7 @@ pub async fn kafka_delivery(run: &Run) {
 
     let published = one_order_on_two_pods(run).await;
     fed_to_backends(run, &kafka, &published).await;
+    ingested_from_backends(run, &kafka).await;
     outage(run, &mut kafka).await;
 
     let t = Instant::now();
@@ -252,6 +258,50 @@ async fn fed_to_backends(run: &Run, kafka: &KafkaBroker, published: &[(u64, u64)
         "the feed topic read back by a backend's consumer",
         t.elapsed(),
     );
+}
+
+/// The ingest (`spec.ingest`): a backend writes records keyed by the room
+/// to the ingested topic from this machine; a subscriber on a server pod
+/// gets each once, as the room's messages, in the order written.
+async fn ingested_from_backends(run: &Run, kafka: &KafkaBroker) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let servers = ready_pods(&run.client, &run.ns, &kafka_selector("server"), 2, POD_WAIT).await;
+    let ip = pod_ip(&servers[0]).unwrap();
+    let mut c = WsClient::connect(&format!("ws://{ip}:8080/ws"))
+        .await
+        .unwrap();
+    c.subscribe(ROOM).await;
+    let t = Instant::now();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()
+        .unwrap();
+    const N: u64 = 5;
+    for n in 1000..1000 + N {
+        let value = json!({"n": n}).to_string();
+        let record = FutureRecord::to(INGEST_TOPIC).key(ROOM).payload(&value);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {INGEST_TOPIC}: {e}"));
+    }
+    let got: Vec<u64> = {
+        let mut got = Vec::new();
+        for _ in 0..N {
+            got.push(c.message().await["data"]["n"].as_u64().unwrap());
+        }
+        got
+    };
+    assert_eq!(
+        got,
+        (1000..1000 + N).collect::<Vec<_>>(),
+        "ingested once, in order"
+    );
+    run.timed(
+        "records written to the ingested topic until the subscriber had them",
+        t.elapsed(),
+    );
+    c.close().await;
 }
 
 /// Kafka killed under traffic, then started again.
