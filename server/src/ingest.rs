@@ -186,6 +186,7 @@ pub fn spawn(node: &Arc<Node>, opts: IngestOptions) -> Result<JoinHandle<()>, In
         .create()?;
     let topics: Vec<&str> = opts.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
+    node.metrics.kafka_ingest_topics.set(topics.len() as i64);
     let producer = reliable_producer(opts.client_config(), opts.op_timeout)?;
     let ingest = Ingest {
         node: Arc::downgrade(node),

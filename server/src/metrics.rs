@@ -134,6 +134,9 @@ pub struct Metrics {
     pub kafka_partitions_read: Gauge,
     /// 1 while the Kafka ingest consumer reaches its cluster.
     pub kafka_ingest_up: Gauge,
+    /// Topics the Kafka ingest reads (0: the ingest is off), so that a 0 in
+    /// `kafka_ingest_up` means down only where there is an ingest.
+    pub kafka_ingest_topics: Gauge,
     /// Records of backend topics published to their rooms.
     pub kafka_ingested: Counter,
     /// Records of backend topics moved to a dead-letter topic.
@@ -367,6 +370,12 @@ impl Metrics {
             "1 while the Kafka ingest consumer (--kafka-ingest) reaches its cluster, else 0",
             kafka_ingest_up.clone(),
         );
+        let kafka_ingest_topics = Gauge::default();
+        registry.register(
+            "kafka_ingest_topics",
+            "Topics the Kafka ingest (--kafka-ingest) of this node reads; 0 when it is off",
+            kafka_ingest_topics.clone(),
+        );
         let kafka_ingested = Counter::default();
         registry.register(
             "kafka_ingested",
@@ -399,6 +408,7 @@ impl Metrics {
         );
         Self {
             kafka_ingest_up,
+            kafka_ingest_topics,
             kafka_ingested,
             kafka_ingest_dead_lettered,
             kafka_ingest_lag,

@@ -332,6 +332,20 @@ async fn ingest_survives_a_killed_node(kafka: &KafkaBroker) {
         );
     }
     let before = ingested(&doomed).await;
+    // What tells the ingest's `up` gauge apart from "no ingest" (alerts).
+    assert_eq!(
+        chorus_tests::metric(
+            &format!("{}/metrics", doomed.http_base()),
+            "chorus_kafka_ingest_topics",
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        viewer.metric("chorus_kafka_ingest_topics").await,
+        0.0,
+        "a node without --kafka-ingest"
+    );
     doomed.kill();
     doomed.restart().await;
     while got.len() < N as usize {

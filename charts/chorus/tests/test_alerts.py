@@ -163,6 +163,33 @@ CASES = {
             [8, 15, 20],
         ),
     ],
+    "ChorusKafkaIngestDown": [
+        fires(
+            "the ingest's cluster unreachable",
+            {f"chorus_kafka_ingest_up{{{POD}}}": "1x3 0x12", f"chorus_kafka_ingest_topics{{{POD}}}": "2x15"},
+            5,
+            POD_LABELS,
+            "Chorus pod chat/chat-0: the Kafka ingest cannot reach its cluster",
+            quiet_at=[3],
+        ),
+        quiet("a pod without an ingest", {f"chorus_kafka_ingest_up{{{POD}}}": "0x15", f"chorus_kafka_ingest_topics{{{POD}}}": "0x15"}, [3, 5, 7]),
+        quiet(
+            "a 30 s reconnect",
+            {f"chorus_kafka_ingest_up{{{POD}}}": "1x3 0 1x10", f"chorus_kafka_ingest_topics{{{POD}}}": "2x15"},
+            [2.5, 3, 5],
+        ),
+    ],
+    "ChorusKafkaIngestDeadLetters": [
+        fires(
+            "a poison record",
+            {f"chorus_kafka_ingest_dead_lettered_total{{{POD}}}": "0x4 1x20"},
+            3.5,
+            POD_LABELS,
+            "Chorus pod chat/chat-0 dead-lettered 1 ingested records in 10 minutes",
+            quiet_at=[1.5],
+        ),
+        quiet("records all published", {f"chorus_kafka_ingest_dead_lettered_total{{{POD}}}": "0x20"}, [3, 6, 9]),
+    ],
     "ChorusRedisReplicationBroken": [
         fires(
             "one of two replicas unlinked",

@@ -34,6 +34,8 @@ ALERTS = {
     "ChorusSlowConsumerDrops",  # slow-consumer drops rising
     "ChorusConnectionLimitNear",  # connection limit near
     "ChorusRedisReplicationBroken",  # replication broken
+    "ChorusKafkaIngestDown",  # an ingest cannot reach its Kafka
+    "ChorusKafkaIngestDeadLetters",  # ingested records dead-lettered
     "ChorusReconcileErrors",  # reconcile errors
 }
 
