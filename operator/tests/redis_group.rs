@@ -10,6 +10,7 @@
 //! machine; nothing sleeps a fixed time.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,15 +33,28 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A port whose neighbour (the waiting room) is free too.
-fn free_pair() -> u16 {
+/// `span` free ports in a row, below the kernel's ephemeral range (32768
+/// and up): a port picked there is never handed to an outgoing connection
+/// (the test's redis-cli calls, a replica's link, a sentinel's) between the
+/// pick and the member binding it, as one from `127.0.0.1:0` can be — a
+/// member that then cannot move to its port (or get it back after a
+/// restart) stops, and the group never settles. In a pod the ports are
+/// fixed and outside that range.
+fn free_ports(span: u16) -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries running side by side start at different places.
+    let base = (std::process::id() % 1000) as u16 * 20;
     loop {
-        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = a.local_addr().expect("addr").port();
-        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let port = 12_000 + (base + NEXT.fetch_add(span, Ordering::Relaxed)) % 20_000;
+        if (0..span).all(|k| TcpListener::bind(("127.0.0.1", port + k)).is_ok()) {
             return port;
         }
     }
+}
+
+/// A port whose neighbour (the waiting room) is free too.
+fn free_pair() -> u16 {
+    free_ports(2)
 }
 
 /// One script run (and the redis-server it starts), in a process group of
@@ -146,7 +160,7 @@ impl Group {
             sentinel,
         };
         let redis = (0..3).map(|i| member(i, free_pair(), false)).collect();
-        let sentinels = (0..3).map(|i| member(i, free_port(), true)).collect();
+        let sentinels = (0..3).map(|i| member(i, free_ports(1), true)).collect();
         Self {
             redis,
             sentinels,
@@ -304,10 +318,58 @@ async fn every_member_holds(g: &Group, n: u64, what: &str) {
     .await;
 }
 
+/// What each member and sentinel says, and the end of its script's log:
+/// printed when a group does not settle (the group's directory goes with
+/// it).
+fn describe(g: &Group) -> String {
+    let mut out = String::new();
+    for m in g.redis.iter().chain(&g.sentinels) {
+        let what = if m.sentinel {
+            format!("names {:?}", sentinel_master(&m.addr))
+        } else {
+            format!(
+                "role {:?}, {:?}",
+                role(&m.addr),
+                cli(&m.addr, &["INFO", "replication"]).map(|i| {
+                    i.lines()
+                        .filter(|l| l.starts_with("master_port") || l.starts_with("master_link_status"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+            )
+        };
+        let name = if m.sentinel { "sentinel.sh" } else { "redis.sh" };
+        let log = std::fs::read_to_string(m.data.join(format!("{name}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        out += &format!("--- {} {}: {what}\n", name, m.addr);
+        for line in tail.iter().rev() {
+            out += &format!("    {line}\n");
+        }
+    }
+    out
+}
+
+/// Waits until the group is [`settled`]; on a timeout says what each
+/// member and sentinel says.
+async fn settle(g: &Group, what: &str) -> usize {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(master) = settled(g) {
+            return master;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            describe(g)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn bootstrapped(tag: &str) -> Group {
     let mut g = Group::new(tag);
     g.start_all();
-    let master = eventually("a new group to elect pod 0 and settle", || settled(&g)).await;
+    let master = settle(&g, "a new group to elect pod 0 and settle").await;
     assert_eq!(master, 0, "a new group starts with pod 0 as master");
     g
 }
@@ -361,10 +423,7 @@ async fn all_members_restarted_at_once_come_back_with_one_master() {
     for i in 0..3 {
         g.start_redis(i);
     }
-    eventually("one master again, with every replica linked", || {
-        settled(&g)
-    })
-    .await;
+    settle(&g, "one master again, with every replica linked").await;
 }
 
 #[tokio::test]
