@@ -10,9 +10,9 @@
 //! machine; nothing sleeps a fixed time.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use chorus_operator::topology::{NodeAddr, TopologyConfig, reconcile_topology};
@@ -332,13 +332,19 @@ fn describe(g: &Group) -> String {
                 role(&m.addr),
                 cli(&m.addr, &["INFO", "replication"]).map(|i| {
                     i.lines()
-                        .filter(|l| l.starts_with("master_port") || l.starts_with("master_link_status"))
+                        .filter(|l| {
+                            l.starts_with("master_port") || l.starts_with("master_link_status")
+                        })
                         .collect::<Vec<_>>()
                         .join(" ")
                 })
             )
         };
-        let name = if m.sentinel { "sentinel.sh" } else { "redis.sh" };
+        let name = if m.sentinel {
+            "sentinel.sh"
+        } else {
+            "redis.sh"
+        };
         let log = std::fs::read_to_string(m.data.join(format!("{name}.log"))).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
         out += &format!("--- {} {}: {what}\n", name, m.addr);
