@@ -229,6 +229,13 @@ impl MessagingClusterSpec {
     pub fn image(&self) -> String {
         self.image.clone().unwrap_or_else(default_server_image)
     }
+
+    /// `spec.kafka` when the servers use it (`delivery: kafka`).
+    pub fn on_kafka(&self) -> Option<&KafkaSpec> {
+        self.kafka
+            .as_ref()
+            .filter(|_| self.delivery == Delivery::Kafka)
+    }
 }
 
 /// The server image matching this operator's version.

@@ -269,10 +269,7 @@ fn check_ingest(
     let Some(ingest) = &spec.ingest else {
         return;
     };
-    let kafka = spec
-        .kafka
-        .as_ref()
-        .filter(|_| spec.delivery == Delivery::Kafka);
+    let kafka = spec.on_kafka();
     match &ingest.bootstrap_servers {
         Some(servers) => check_servers("spec.ingest.bootstrapServers", servers, errors),
         None if kafka.is_none() => errors.push(ValidationError::new(

@@ -6,9 +6,7 @@
 //! reference they all point back with, and the settings derived from the
 //! spec, so builders cannot fail and never re-derive them.
 
-use chorus_crds::{
-    Delivery, KafkaSpec, MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef,
-};
+use chorus_crds::{KafkaSpec, MessagingCluster, MessagingClusterSpec, RedisMode, SecretKeyRef};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 
@@ -108,9 +106,7 @@ impl ValidCluster {
 /// `spec.kafka` when the servers use it (`delivery: kafka`; validation
 /// proved it is there).
 pub fn on_kafka(spec: &MessagingClusterSpec) -> Option<&KafkaSpec> {
-    spec.kafka
-        .as_ref()
-        .filter(|_| spec.delivery == Delivery::Kafka)
+    spec.on_kafka()
 }
 
 /// Checks the spec (`chorus_crds::validate`: what the CRD's schema and CEL

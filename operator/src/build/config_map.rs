@@ -45,14 +45,15 @@ pub fn outbox_dsn_ref(spec: &MessagingClusterSpec) -> Option<SecretKeyRef> {
     spec.outbox.as_ref().map(|o| o.dsn_secret_ref.clone())
 }
 
+/// `kafka://<servers>/<topics>` as the servers' Kafka flags take it.
+fn kafka_url(servers: &[String], topics: &str) -> String {
+    format!("kafka://{}/{topics}", servers.join(","))
+}
+
 /// The broker URL the servers connect to (never carries the password).
 pub fn broker_url(spec: &MessagingClusterSpec, names: &Names) -> String {
     if let Some(kafka) = crate::cluster::on_kafka(spec) {
-        return format!(
-            "kafka://{}/{}",
-            kafka.bootstrap_servers.join(","),
-            kafka.topic_of(&names.instance)
-        );
+        return kafka_url(&kafka.bootstrap_servers, &kafka.topic_of(&names.instance));
     }
     match (&spec.redis.external, spec.redis.mode) {
         (Some(external), RedisMode::External) => external.url.clone(),
@@ -110,10 +111,9 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
             // The feed is a topic on the same Kafka cluster.
             Some(kafka) => set(
                 "CHORUS_UPSTREAM_KAFKA",
-                format!(
-                    "kafka://{}/{}",
-                    kafka.bootstrap_servers.join(","),
-                    upstream.topic_of(&names.instance)
+                kafka_url(
+                    &kafka.bootstrap_servers,
+                    &upstream.topic_of(&names.instance),
                 ),
             ),
             None => set("CHORUS_UPSTREAM_MAXLEN", upstream.max_len.to_string()),
@@ -124,7 +124,7 @@ pub fn server_env(spec: &MessagingClusterSpec, names: &Names) -> BTreeMap<String
     {
         set(
             "CHORUS_KAFKA_INGEST",
-            format!("kafka://{}/{}", servers.join(","), ingest.topics.join(",")),
+            kafka_url(servers, &ingest.topics.join(",")),
         );
         set(
             "CHORUS_KAFKA_INGEST_GROUP",

@@ -123,8 +123,9 @@ impl ConnHandle {
     }
 }
 
-/// The writing end of a connection's socket, as the fan-out and the
-/// connection's task share it (behind the send queue's lock).
+/// A writing end other than a TCP socket (tests), as the fan-out and the
+/// connection's task share it (behind the send queue's lock); a TCP socket
+/// is held inline ([`QueueRx::attach_tcp`]).
 pub trait Wire: Send + 'static {
     /// Writes what the socket takes now, without waiting (`WouldBlock` when
     /// it takes nothing).
